@@ -1,0 +1,3 @@
+from flexinfer.cli import main
+
+main()
