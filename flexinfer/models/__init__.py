@@ -1,0 +1,42 @@
+"""One module per architecture, each with the same small contract: ROPE_MODE, QKV_BIAS,
+tensor_specs(cfg, tied, qkv_bias), build_layer(...), build_head(...)."""
+
+from types import ModuleType
+
+from flexinfer.models import llama, qwen2
+
+ARCHS: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2}
+
+from flexinfer.config import ModelConfig  # noqa: E402
+from flexinfer.errors import GGUFError  # noqa: E402
+from flexinfer.gguf_file import GGML_TYPES, GGUFFile, TensorInfo  # noqa: E402
+
+# Types ggml's CPU backend multiplies by (the storage types; Q8_1/Q8_K and integers are not).
+WEIGHT_TYPES = frozenset(t for t, (name, _, _) in GGML_TYPES.items()
+                         if name not in ("Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64"))
+F32 = 0
+
+
+def specs_for(g: GGUFFile, cfg: ModelConfig) -> list:
+    """The architecture's tensor specs for this file, checked against it before any allocation:
+    every required tensor present, with the shape and a type the architecture can compute."""
+    arch = ARCHS[cfg.arch]
+    tied = "output.weight" not in g.tensors
+    specs = arch.tensor_specs(cfg, tied, arch.QKV_BIAS)
+    for s in specs:
+        t = g.tensors.get(s.name)
+        if t is None:
+            raise GGUFError(g.path, f"tensor '{s.name}' is missing ({cfg.arch} needs it)")
+        _check_one(g, s, t)
+    return specs
+
+
+def _check_one(g: GGUFFile, s, t: TensorInfo) -> None:
+    if tuple(t.shape) != s.shape:
+        raise GGUFError(g.path, f"tensor '{s.name}' has shape {list(t.shape)}, "
+                                f"expected {list(s.shape)}")
+    if not s.quantizable and t.type != F32:
+        raise GGUFError(g.path, f"tensor '{s.name}' is {t.type_name}, expected F32")
+    if t.type not in WEIGHT_TYPES:
+        raise GGUFError(g.path, f"tensor '{s.name}' has type {t.type_name}, which cannot be "
+                                "used as a weight")

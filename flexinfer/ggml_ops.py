@@ -1,0 +1,289 @@
+"""The native boundary: the only module that imports ggml or ctypes.
+
+Everything flexinfer does with native memory goes through here: the CPU backend and its persistent
+thread pool, host buffers the engine allocates (plain or of the CPU_REPACK type), tensor headers that
+point into those buffers, graph building (`Ops`), graph memory (`Allocator`), and the few libc calls
+(mlock) that Python's os module lacks. Model code builds graphs with `Ops` methods named like the ggml
+ops they wrap and never sees a ctypes object.
+
+Two ggml-python 0.0.45 quirks are handled here and nowhere else:
+- `ggml_backend_cpu_buffer_type()` is bound with a 32-bit return type and truncates the pointer; we
+  take the CPU device's buffer type from the registry instead.
+- the repack buffer type announces every tensor it converts on ggml's log at debug level; the log is
+  filtered to warnings and errors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import ggml
+
+Tensor = ggml.ggml_tensor_p  # opaque to callers: they pass these between Ops methods
+TYPE_F32, TYPE_F16, TYPE_I32, TYPE_I64 = 0, 1, 26, 27
+ROPE_NORM, ROPE_NEOX = 0, ggml.GGML_ROPE_TYPE_NEOX
+KQ_MASK_PAD = ggml.GGML_KQ_MASK_PAD  # rows of the attention mask are padded to this
+_LOG_WARN = 3
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@ggml.ggml_log_callback
+def _log(level, text, _user):
+    if level >= _LOG_WARN and level != 5 and text:  # 5 = GGML_LOG_LEVEL_CONT
+        sys.stderr.write("ggml: " + text.decode(errors="replace"))
+
+
+ggml.ggml_log_set(_log, None)
+
+
+def _cpu_device():
+    return ggml.ggml_backend_reg_dev_get(ggml.ggml_backend_cpu_reg(), 0)
+
+
+def _buffer_types() -> tuple[int, int | None]:
+    """(plain CPU buffer type, CPU_REPACK buffer type or None). AMX is never used: it crashes on
+    batches of two or more tokens on these machines, in llama.cpp and ggml-python alike."""
+    reg, dev = ggml.ggml_backend_cpu_reg(), _cpu_device()
+    fn_addr = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    repack = None
+    if fn_addr:
+        fn = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn_addr)
+        extra = fn(dev)
+        i = 0
+        while extra and extra[i]:
+            if ggml.ggml_backend_buft_name(extra[i]) == b"CPU_REPACK":
+                repack = extra[i]
+            i += 1
+    return ggml.ggml_backend_dev_buffer_type(dev), repack
+
+
+CPU_BUFT, REPACK_BUFT = _buffer_types()
+
+
+class Backend:
+    """The CPU backend with a persistent thread pool (a pool per compute call would spawn threads for
+    every layer of every token). ggml releases the GIL while it computes, so I/O threads overlap."""
+
+    def __init__(self, n_threads: int):
+        self.n_threads = n_threads
+        self._backend = ggml.ggml_backend_cpu_init()
+        params = ggml.ggml_threadpool_params_default(n_threads)
+        self._pool = ggml.ggml_threadpool_new(ctypes.byref(params))
+        ggml.ggml_backend_cpu_set_threadpool(self._backend, self._pool)
+        ggml.ggml_backend_cpu_set_n_threads(self._backend, n_threads)
+
+    def compute(self, graph) -> None:
+        status = ggml.ggml_backend_graph_compute(self._backend, graph)
+        if status != 0:
+            raise RuntimeError(f"ggml graph compute failed with status {status}")
+
+    def close(self) -> None:
+        if self._backend:
+            ggml.ggml_backend_free(self._backend)
+            ggml.ggml_threadpool_free(self._pool)
+            self._backend = self._pool = None
+
+
+class Buffer:
+    """Host memory the engine allocates as a ggml backend buffer, plain or CPU_REPACK. Tensors placed
+    in a repack buffer are converted to the interleaved layout when uploaded."""
+
+    def __init__(self, size: int, repack: bool = False):
+        buft = REPACK_BUFT if repack else CPU_BUFT
+        if buft is None:
+            raise RuntimeError("this ggml build has no CPU_REPACK buffer type")
+        self.size = max(size, 1)
+        self.repack = repack
+        self._buf = ggml.ggml_backend_buft_alloc_buffer(buft, self.size + 4096)
+        if not self._buf:
+            raise MemoryError(f"cannot allocate a {self.size} byte buffer")
+        raw = ggml.ggml_backend_buffer_get_base(self._buf)
+        self.base = (raw + 4095) & ~4095  # page-aligned, so O_DIRECT can read straight into it
+        self.handle = self._buf
+
+    def free(self) -> None:
+        if self._buf:
+            ggml.ggml_backend_buffer_free(self._buf)
+            self._buf = self.handle = None
+
+
+def memview(addr: int, nbytes: int) -> memoryview:
+    """A writable memoryview over native memory, for os.preadv and numpy."""
+    return memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
+
+
+def mlock(addr: int, nbytes: int) -> int:
+    """Lock pages in RAM. Returns 0 or the errno (EPERM/ENOMEM when RLIMIT_MEMLOCK refuses)."""
+    if _libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes)) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def munlock(addr: int, nbytes: int) -> None:
+    _libc.munlock(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes))
+
+
+def copy(dst: int, src: int, nbytes: int) -> None:
+    ctypes.memmove(dst, src, nbytes)
+
+
+class TensorTable:
+    """A no_alloc context of tensor headers (weights, KV cache, inputs) whose data the engine sets."""
+
+    def __init__(self, capacity: int):
+        params = ggml.ggml_init_params(mem_size=ggml.ggml_tensor_overhead() * capacity,
+                                       mem_buffer=None, no_alloc=True)
+        self._ctx = ggml.ggml_init(params)
+
+    def new(self, name: str, type_id: int, shape: tuple[int, ...]) -> Tensor:
+        ne = (ctypes.c_int64 * len(shape))(*shape)
+        t = ggml.ggml_new_tensor(self._ctx, type_id, len(shape), ne)
+        ggml.ggml_set_name(t, name.encode()[:63])
+        return t
+
+    def free(self) -> None:
+        if self._ctx:
+            ggml.ggml_free(self._ctx)
+            self._ctx = None
+
+
+def nbytes(t: Tensor) -> int:
+    return ggml.ggml_nbytes(t)
+
+
+def place(t: Tensor, buf: Buffer, addr: int) -> bool:
+    """Give tensor t the bytes at addr inside buf. Returns True when ggml will repack it on upload
+    (the repack type sets `extra` only for the types and shapes it converts)."""
+    c = t.contents
+    c.buffer, c.data, c.extra = None, None, None
+    if buf.repack:
+        ggml.ggml_backend_tensor_alloc(buf.handle, t, addr)
+        if c.extra:
+            return True
+        c.buffer = None  # a type the repack buffer does not convert: plain host memory
+    c.data = addr
+    return False
+
+
+@dataclass
+class Placement:
+    """Where a tensor points; saved so streaming can re-point a tensor at a slot in one step."""
+
+    data: int
+    buffer: int | None
+    extra: int | None
+
+
+def placement(t: Tensor) -> Placement:
+    c = t.contents
+    return Placement(c.data, c.buffer, c.extra)
+
+
+def point(t: Tensor, p: Placement) -> None:
+    c = t.contents
+    c.data, c.buffer, c.extra = p.data, p.buffer, p.extra
+
+
+def upload(t: Tensor, src_addr: int, size: int) -> None:
+    """Copy size bytes from src into t, converting to the repacked layout if t is in a repack buffer."""
+    if t.contents.extra:
+        ggml.ggml_backend_tensor_set(t, ctypes.c_void_p(src_addr), 0, size)
+    else:
+        ctypes.memmove(t.contents.data, src_addr, size)
+
+
+def data_addr(t: Tensor) -> int:
+    return t.contents.data or 0
+
+
+def as_numpy(t: Tensor, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A copy of a tensor's contents (shape in numpy order)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(memview(t.contents.data, n), dtype=dtype).reshape(shape).copy()
+
+
+class Ops:
+    """Builds one graph in its own context. Method names follow ggml's ops."""
+
+    def __init__(self, max_nodes: int = 2048):
+        size = ggml.ggml_tensor_overhead() * max_nodes + ggml.ggml_graph_overhead()
+        self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=size, mem_buffer=None,
+                                                         no_alloc=True))
+        self.graph = ggml.ggml_new_graph(self._ctx)
+
+    def free(self) -> None:
+        if self._ctx:
+            ggml.ggml_free(self._ctx)
+            self._ctx = self.graph = None
+
+    def expand(self, t: Tensor) -> None:
+        ggml.ggml_build_forward_expand(self.graph, t)
+
+    def output(self, t: Tensor) -> Tensor:
+        ggml.ggml_set_output(t)
+        self.expand(t)
+        return t
+
+    def mul_mat(self, a, b): return ggml.ggml_mul_mat(self._ctx, a, b)
+    def add(self, a, b): return ggml.ggml_add(self._ctx, a, b)
+    def mul(self, a, b): return ggml.ggml_mul(self._ctx, a, b)
+    def scale(self, a, s: float): return ggml.ggml_scale(self._ctx, a, s)
+    def rms_norm(self, a, eps: float): return ggml.ggml_rms_norm(self._ctx, a, eps)
+    def swiglu(self, gate, up): return ggml.ggml_swiglu_split(self._ctx, gate, up)
+    def get_rows(self, a, rows): return ggml.ggml_get_rows(self._ctx, a, rows)
+    def set_rows(self, dst, src, rows): return ggml.ggml_set_rows(self._ctx, dst, src, rows)
+    def cpy(self, a, b): return ggml.ggml_cpy(self._ctx, a, b)
+    def cont(self, a): return ggml.ggml_cont(self._ctx, a)
+    def reshape_2d(self, a, n0, n1): return ggml.ggml_reshape_2d(self._ctx, a, n0, n1)
+    def reshape_3d(self, a, n0, n1, n2): return ggml.ggml_reshape_3d(self._ctx, a, n0, n1, n2)
+    def permute(self, a, *axes): return ggml.ggml_permute(self._ctx, a, *axes)
+
+    def view_2d(self, a, n0, n1, nb1, offset=0):
+        return ggml.ggml_view_2d(self._ctx, a, n0, n1, nb1, offset)
+
+    def view_3d(self, a, n0, n1, n2, nb1, nb2, offset=0):
+        return ggml.ggml_view_3d(self._ctx, a, n0, n1, n2, nb1, nb2, offset)
+
+    def rope(self, a, pos, n_rot: int, mode: int, n_ctx_orig: int, base: float, freq_scale: float,
+             freq_factors=None):
+        return ggml.ggml_rope_ext(self._ctx, a, pos, freq_factors, n_rot, mode, n_ctx_orig, base,
+                                  freq_scale, 0.0, 1.0, 32.0, 1.0)
+
+    def flash_attn(self, q, k, v, mask, scale: float):
+        out = ggml.ggml_flash_attn_ext(self._ctx, q, k, v, mask, scale, 0.0, 0.0)
+        ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
+        return out
+
+
+def row_stride(t: Tensor) -> int:
+    return t.contents.nb[1]
+
+
+class Allocator:
+    """Graph memory for intermediates. Reserved once for the worst case graph, so later graphs are
+    placed in the same buffer and never move what earlier cached graphs point at."""
+
+    def __init__(self):
+        self._galloc = ggml.ggml_gallocr_new(CPU_BUFT)
+
+    def reserve(self, ops: Ops) -> None:
+        if not ggml.ggml_gallocr_reserve(self._galloc, ops.graph):
+            raise MemoryError("cannot reserve the compute buffer")
+
+    def alloc(self, ops: Ops) -> None:
+        if not ggml.ggml_gallocr_alloc_graph(self._galloc, ops.graph):
+            raise MemoryError("cannot allocate the compute graph")
+
+    def size(self) -> int:
+        return ggml.ggml_gallocr_get_buffer_size(self._galloc, 0)
+
+    def free(self) -> None:
+        if self._galloc:
+            ggml.ggml_gallocr_free(self._galloc)
+            self._galloc = None
