@@ -1,0 +1,100 @@
+"""`flexinfer synth OUT.gguf --preset llama2-7b`: write a synthetic model (cli.py wires it in).
+
+Also runnable alone: python -m flexinfer.bench.cli_synth OUT.gguf --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flexinfer.bench import synth
+from flexinfer.bench.synth_blocks import supported_types
+from flexinfer.errors import FlexInferError
+
+# flag -> SynthSpec field; a flag left out keeps the preset's value
+SPEC_FLAGS = {"arch": "arch", "layers": "n_layer", "embd": "n_embd", "ff": "n_ff",
+              "heads": "n_head", "kv_heads": "n_head_kv", "vocab": "n_vocab", "type": "type",
+              "seed": "seed", "ctx": "ctx_len", "rope_base": "rope_base",
+              "vocab_file": "vocab_file"}
+
+
+def add_synth_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("synth", help="write a synthetic GGUF model (random weights, real "
+                                            "shapes and tokenizer) for benchmarks and tests")
+    p.add_argument("out", help="output .gguf path")
+    p.add_argument("--preset", choices=sorted(synth.PRESETS), default="tiny",
+                   help="model shape to start from (default tiny); flags below override it")
+    p.add_argument("--arch", choices=synth.ARCHS)
+    for flag in ("layers", "embd", "ff", "heads", "kv-heads", "vocab", "seed", "ctx"):
+        p.add_argument(f"--{flag}", type=int)
+    p.add_argument("--type", choices=[t.lower() for t in supported_types()],
+                   help="type of every matrix (default q4_0); norms stay f32")
+    p.add_argument("--override", action="append", default=[], metavar="ROLE=TYPE",
+                   help="per-role type, e.g. output=q6_k or blk.0.ffn_down=q8_0 (repeatable)")
+    p.add_argument("--tied", action="store_true", help="no output.weight: reuse token_embd")
+    p.add_argument("--rope-base", type=float)
+    p.add_argument("--vocab-file", help="vocab-only GGUF to copy the tokenizer from")
+    p.set_defaults(func=synth_main)
+    return p
+
+
+def spec_from_args(args) -> synth.SynthSpec:
+    changes = {field: getattr(args, flag) for flag, field in SPEC_FLAGS.items()
+               if getattr(args, flag, None) is not None}
+    if args.tied:
+        changes["tied"] = True
+    if args.override:
+        changes["overrides"] = dict(parse_override(o) for o in args.override)
+    return synth.preset(args.preset, **changes)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    name, sep, ttype = text.partition("=")
+    if not sep or not name or not ttype:
+        raise FlexInferError(f"--override {text!r}: expected ROLE=TYPE, e.g. output=q6_k")
+    return name, ttype
+
+
+class ProgressLine:
+    """`synth: 1.21/3.79 GB  32%  2.1 s` on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.last = stream, time.monotonic(), 0.0
+
+    def __call__(self, done: int, total: int):
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        pct = 100 * done / total if total else 100
+        self.stream.write(f"\rsynth: {done / 1e9:.2f}/{total / 1e9:.2f} GB  {pct:3.0f}%  "
+                          f"{now - self.start:.1f} s")
+        self.stream.flush()
+
+
+def synth_main(args) -> int:
+    spec = spec_from_args(args)
+    line = ProgressLine()
+    path = synth.write_synthetic(args.out, spec, progress=line)
+    seconds = time.monotonic() - line.start
+    size = path.stat().st_size
+    sys.stderr.write(f"\nsynth: wrote {path} ({size / 1e9:.2f} GB) in {seconds:.1f} s "
+                     f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="flexinfer")
+    add_synth_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["synth", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return synth_main(args)
+    except FlexInferError as e:
+        print(f"flexinfer: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
