@@ -107,6 +107,9 @@ class Buffer:
         self.base = (raw + 4095) & ~4095  # page-aligned, so O_DIRECT can read straight into it
         self.handle = self._buf
 
+    def clear(self) -> None:
+        ggml.ggml_backend_buffer_clear(self._buf, 0)
+
     def free(self) -> None:
         if self._buf:
             ggml.ggml_backend_buffer_free(self._buf)
@@ -198,6 +201,24 @@ def upload(t: Tensor, src_addr: int, size: int) -> None:
         ctypes.memmove(t.contents.data, src_addr, size)
 
 
+_PROBE: dict[tuple, bool] = {}
+
+
+def repacks(type_id: int, shape: tuple[int, ...]) -> bool:
+    """Whether the CPU_REPACK buffer converts a weight of this type and shape (probed once each)."""
+    key = (type_id, *shape)
+    if REPACK_BUFT is None or len(shape) != 2:
+        return False
+    if key not in _PROBE:
+        table = TensorTable(1)
+        t = table.new("probe", type_id, shape)
+        buf = Buffer(nbytes(t), repack=True)  # virtual memory only: nothing is written
+        _PROBE[key] = place(t, buf, buf.base)
+        buf.free()
+        table.free()
+    return _PROBE[key]
+
+
 def data_addr(t: Tensor) -> int:
     return t.contents.data or 0
 
@@ -211,11 +232,12 @@ def as_numpy(t: Tensor, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 class Ops:
     """Builds one graph in its own context. Method names follow ggml's ops."""
 
-    def __init__(self, max_nodes: int = 2048):
-        size = ggml.ggml_tensor_overhead() * max_nodes + ggml.ggml_graph_overhead()
+    def __init__(self, max_nodes: int = 256):
+        size = (ggml.ggml_tensor_overhead() * max_nodes
+                + ggml.ggml_graph_overhead_custom(max_nodes, False))
         self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=size, mem_buffer=None,
                                                          no_alloc=True))
-        self.graph = ggml.ggml_new_graph(self._ctx)
+        self.graph = ggml.ggml_new_graph_custom(self._ctx, max_nodes, False)
 
     def free(self) -> None:
         if self._ctx:
@@ -230,7 +252,26 @@ class Ops:
         self.expand(t)
         return t
 
-    def mul_mat(self, a, b): return ggml.ggml_mul_mat(self._ctx, a, b)
+    def mul_mat(self, a, b):
+        """a may be a tuple of row blocks (resident rows, streamed rows): their products are stacked
+        along the output dimension; every output row is the same dot product as unsplit."""
+        if not isinstance(a, tuple):
+            return ggml.ggml_mul_mat(self._ctx, a, b)
+        out = ggml.ggml_mul_mat(self._ctx, a[0], b)
+        for part in a[1:]:
+            out = ggml.ggml_concat(self._ctx, out, ggml.ggml_mul_mat(self._ctx, part, b), 0)
+        return out
+
+    def input(self, type_id: int, shape: tuple[int, ...], addr: int) -> Tensor:
+        """A tensor over engine-owned memory (the allocator leaves tensors with data alone)."""
+        ne = (ctypes.c_int64 * len(shape))(*shape)
+        t = ggml.ggml_new_tensor(self._ctx, type_id, len(shape), ne)
+        t.contents.data = addr
+        return t
+
+    def work_size(self, n_threads: int) -> int:
+        """Scratch the CPU backend needs to compute this graph (quantized activations, FA rows)."""
+        return ggml.ggml_graph_plan(self.graph, n_threads, None).work_size
     def add(self, a, b): return ggml.ggml_add(self._ctx, a, b)
     def mul(self, a, b): return ggml.ggml_mul(self._ctx, a, b)
     def scale(self, a, s: float): return ggml.ggml_scale(self._ctx, a, s)

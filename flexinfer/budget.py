@@ -1,0 +1,71 @@
+"""The memory budget: parsed from `--memory-budget`, or found the way a small device would want it
+(the cgroup limit, else MemAvailable), and the runtime overhead that the planner subtracts from it."""
+
+from __future__ import annotations
+
+import re
+
+from flexinfer.cgroup import cgroup_limit_bytes
+from flexinfer.errors import FlexInferError
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?)?B?\s*$", re.IGNORECASE)
+HEADROOM = 48 << 20  # bytes kept free for transient allocations (logits copies, sampler, Python)
+
+
+def parse_size(text: str, option: str = "--memory-budget") -> int:
+    """'1.5GiB', '800M', '2G', '123456' -> bytes. K/M/G are decimal, KiB/MiB/GiB binary."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise FlexInferError(f"{option}: cannot read {text!r} as a size (examples: 1.5GiB, 800M, "
+                             "2000000000)")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    if value < 1:
+        raise FlexInferError(f"{option}: {text!r} is not a positive size")
+    return int(value)
+
+
+def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def resolve_budget(option: int | str | None) -> tuple[int, str]:
+    """(bytes, source): the flag when given, else the tighter of the cgroup limit and MemAvailable."""
+    if option is not None:
+        return (parse_size(option) if isinstance(option, str) else int(option)), "--memory-budget"
+    found = [(v, s) for v, s in ((cgroup_limit_bytes(), "cgroup limit"),
+                                 (mem_available(), "MemAvailable")) if v]
+    if not found:
+        return 1 << 62, "unlimited (no cgroup limit or MemAvailable found)"
+    return min(found)
+
+
+def rss_bytes(status: str = "/proc/self/status") -> int:
+    """Resident set size now: the interpreter, libraries, tokenizer: what the planner cannot move."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_bytes(status: str = "/proc/self/status") -> int:
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,99 @@
+"""Reading weight bytes from the model file with O_DIRECT, so streamed weights never fill the page cache.
+
+O_DIRECT wants the file offset, the length and the destination address aligned to the logical block
+size; 4096 covers every disk seen so far. A tensor's bytes are read as the aligned span that covers
+them, into an aligned buffer, and the caller is told where inside it the tensor starts. Where the
+filesystem refuses O_DIRECT (tmpfs, some network filesystems) reads are buffered and followed by
+posix_fadvise(DONTNEED), which drops the pages again; that fallback is reported once through `note`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+from flexinfer.errors import StreamError
+from flexinfer.ggml_ops import memview
+
+ALIGN = 4096  # bytes; O_DIRECT offset, length and address alignment
+
+
+def align_down(n: int) -> int:
+    return n & ~(ALIGN - 1)
+
+
+def align_up(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def span(offset: int, nbytes: int) -> tuple[int, int]:
+    """(aligned start, aligned length) of the block span covering [offset, offset + nbytes)."""
+    start = align_down(offset)
+    return start, align_up(offset + nbytes) - start
+
+
+class DirectReader:
+    """Positional reads of a model file. Thread-safe: preadv carries its own offset."""
+
+    def __init__(self, path: str, expect_size: int, direct: bool = True, note=None):
+        self.path, self.expect_size = path, expect_size
+        self.direct = False
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise StreamError(f"{path}: cannot open: {e.strerror}") from None
+        if not self.direct:
+            try:
+                self.fd = os.open(path, flags)
+            except OSError as e:
+                raise StreamError(f"{path}: cannot open: {e.strerror}") from None
+            if direct and note:
+                note(f"{path}: O_DIRECT refused by this filesystem; using buffered reads "
+                     "with posix_fadvise(DONTNEED)")
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        size = os.fstat(self.fd).st_size
+        if size != self.expect_size:
+            raise StreamError(f"{self.path}: file changed size from {self.expect_size} to {size} "
+                              "bytes while in use")
+
+    def read_span(self, dst: int, offset: int, nbytes: int) -> int:
+        """Read the aligned span covering [offset, offset+nbytes) into dst (ALIGN-aligned, with
+        room for span(offset, nbytes)[1] bytes). Returns the address where the bytes start."""
+        start, length = span(offset, nbytes)
+        need = offset + nbytes - start  # the span may run past EOF; those bytes are not needed
+        got = self._pread_full(dst, start, length, need)
+        if got < need:
+            raise StreamError(f"{self.path}: short read at offset {offset}: {got - (offset - start)}"
+                              f" of {nbytes} bytes (file truncated or changed while in use?)")
+        with self._lock:
+            self.bytes_read += got
+        if not self.direct:
+            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+        return dst + (offset - start)
+
+    def _pread_full(self, dst: int, start: int, length: int, need: int) -> int:
+        done = 0
+        while done < need:
+            try:
+                n = os.preadv(self.fd, [memview(dst + done, length - done)], start + done)
+            except OSError as e:
+                raise StreamError(f"{self.path}: read failed at offset {start + done}: "
+                                  f"{e.strerror or e}") from None
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,191 @@
+"""forward(tokens, pos) -> logits: for each layer get, compute, release.
+
+Graphs are built once per (batch size, KV bucket) and kept: a decode step rebuilds nothing, it only
+rewrites the inputs (token row, position, cache row, mask) in engine-owned memory and runs one cached
+graph per layer. Streaming re-points weight headers at slots; the graphs hold the headers, so they stay
+valid. Every layer graph ends by writing the new residual stream back into the same x buffer.
+
+The layer-at-a-time structure is the same whether weights are resident or streamed, so a streamed run
+executes exactly the ops of a resident one: its logits are identical, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flexinfer import ggml_ops
+from flexinfer.config import ModelConfig
+from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_I64, Allocator,
+                                Backend, Buffer, Ops, Tensor)
+from flexinfer.kv_cache import KVCache
+from flexinfer.models.llama import Batch
+
+KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
+MAX_LOGIT_ROWS = 64  # logits for every position are computed this many rows at a time
+MAX_GRAPH_SETS = 8  # cached (batch size, bucket) graph sets; decode uses one per bucket
+
+
+def _pad(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass
+class GraphSet:
+    embed: Ops
+    layers: list[Ops]
+    head: Ops
+    logits: Tensor
+    n_out: int
+
+    def free(self) -> None:
+        for ops in [self.embed, self.head, *self.layers]:
+            ops.free()
+
+
+class Inputs:
+    """Engine-owned input memory, sized once for the largest batch: numpy views write it."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int, embd_row_bytes: int):
+        self.n_ubatch, self.n_ctx = n_ubatch, n_ctx
+        pad = _pad(n_ubatch, KQ_MASK_PAD)
+        sizes = {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
+                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
+                 "mask": 2 * n_ctx * pad}
+        self.addr, off = {}, 0
+        self._buf = Buffer(sum(_pad(s, 64) for s in sizes.values()))
+        for k, s in sizes.items():
+            self.addr[k] = self._buf.base + off
+            off += _pad(s, 64)
+        self.nbytes = off
+        mv = ggml_ops.memview
+        self.pos = np.frombuffer(mv(self.addr["pos"], sizes["pos"]), dtype=np.int32)
+        self.rows = np.frombuffer(mv(self.addr["rows"], sizes["rows"]), dtype=np.int64)
+        np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)[:] = np.arange(n_ubatch)
+        self._mask = mv(self.addr["mask"], sizes["mask"])
+
+    def set_batch(self, pos: int, T: int, n_kv: int) -> None:
+        self.pos[:T] = np.arange(pos, pos + T)
+        self.rows[:T] = self.pos[:T]
+        t_pad = _pad(T, KQ_MASK_PAD)
+        mask = np.frombuffer(self._mask, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
+        visible = np.arange(n_kv)[None, :] <= (pos + np.arange(t_pad))[:, None]
+        visible[T:] = False
+        mask[:] = np.where(visible, np.float16(0), np.float16(-np.inf))
+
+    def close(self) -> None:
+        del self.pos, self.rows, self._mask
+        self._buf.free()
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, arch, store, kv: KVCache, backend: Backend, n_ubatch: int):
+        self.cfg, self.arch, self.store, self.kv, self.backend = cfg, arch, store, kv, backend
+        self.n_ubatch = min(n_ubatch, kv.n_ctx)
+        self.inputs = Inputs(cfg, kv.n_ctx, self.n_ubatch, store.embd_row_bytes)
+        self.alloc = Allocator()
+        self._sets: dict[tuple[int, int, int], GraphSet] = {}
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Size the compute buffer for the largest graphs once, so it never moves afterwards."""
+        worst = self._build(self.n_ubatch, self.kv.n_ctx, min(self.n_ubatch, MAX_LOGIT_ROWS),
+                            alloc=False)
+        for ops in (worst.layers[0], worst.head):
+            self.alloc.reserve(ops)
+        self.compute_bytes = self.alloc.size()
+        worst.free()
+
+    def _build(self, T: int, n_kv: int, n_out: int, alloc: bool = True) -> GraphSet:
+        cfg, a = self.cfg, self.inputs.addr
+        layers = []
+        for il in range(cfg.n_layer):
+            ops = Ops()
+            batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
+                          ops.input(TYPE_I64, (T,), a["rows"]),
+                          ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]))
+            x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
+            out = self.arch.build_layer(ops, cfg, self.store.layers[il], x, batch, self.kv.k[il],
+                                        self.kv.v[il], self.arch.ROPE_MODE)
+            ops.output(ops.cpy(out, x))
+            layers.append(ops)
+            if not alloc:
+                break
+        embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out)
+        if alloc:
+            for ops in (embed, *layers, head):
+                self.alloc.alloc(ops)
+        return GraphSet(embed, layers, head, logits, n_out)
+
+    def _embed_graph(self, T: int) -> Ops:
+        ops, a = Ops(16), self.inputs.addr
+        rows = ops.input(self.store.embd_type, (self.cfg.n_embd, T), a["emb"])
+        idx = ops.input(TYPE_I32, (T,), a["idx"])
+        x = ops.input(TYPE_F32, (self.cfg.n_embd, T), a["x"])
+        ops.output(ops.cpy(ops.get_rows(rows, idx), x))
+        return ops
+
+    def _head_graph(self, T: int, n_out: int) -> tuple[Ops, Tensor]:
+        ops, e = Ops(32), self.cfg.n_embd
+        x = ops.input(TYPE_F32, (e, T), self.inputs.addr["x"])
+        if n_out < T:  # only the last n_out positions
+            x = ops.view_2d(x, e, n_out, 4 * e, 4 * e * (T - n_out))
+        w = self.store.layers[self.cfg.n_layer]
+        logits = self.arch.build_head(ops, self.cfg, w["output_norm.weight"], w["output.weight"], x)
+        return ops, ops.output(logits)
+
+    def _graphs(self, T: int, n_kv: int, n_out: int) -> GraphSet:
+        key = (T, n_kv, n_out)
+        gs = self._sets.get(key)
+        if gs is None:
+            if len(self._sets) >= MAX_GRAPH_SETS:
+                for old in self._sets.values():
+                    old.free()
+                self._sets.clear()
+            gs = self._sets[key] = self._build(T, n_kv, n_out)
+        return gs
+
+    def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions pos.. through the model; returns float32 logits of the last token
+        (1, n_vocab), or of every token (len(tokens), n_vocab) with all_logits."""
+        step = min(self.n_ubatch, MAX_LOGIT_ROWS) if all_logits else self.n_ubatch
+        out = []
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i:i + step]
+            last = i + step >= len(tokens)
+            n_out = len(chunk) if all_logits else (1 if last else 0)
+            logits = self._forward_chunk(chunk, pos + i, n_out)
+            if n_out:
+                out.append(logits)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _forward_chunk(self, tokens: list[int], pos: int, n_out: int) -> np.ndarray | None:
+        T = len(tokens)
+        n_kv = min(self.kv.n_ctx, _pad(pos + T, KV_BUCKET))
+        gs = self._graphs(T, n_kv, max(n_out, 1))
+        self.store.embed_rows(tokens, self.inputs.addr["emb"])
+        self.inputs.set_batch(pos, T, n_kv)
+        self.backend.compute(gs.embed.graph)
+        try:
+            for il, ops in enumerate(gs.layers):
+                self.store.get(il)
+                self.backend.compute(ops.graph)
+                self.store.release(il)
+            self.store.get(self.cfg.n_layer)  # even when unused: the prefetch order includes it
+            if n_out:
+                self.backend.compute(gs.head.graph)
+            self.store.release(self.cfg.n_layer)
+        except BaseException:
+            self.store.reset()  # the prefetcher restarts at layer 0 for the next forward pass
+            raise
+        if not n_out:
+            return None
+        return ggml_ops.as_numpy(gs.logits, (gs.n_out, self.cfg.n_vocab))
+
+    def close(self) -> None:
+        for gs in self._sets.values():
+            gs.free()
+        self._sets.clear()
+        self.alloc.free()
+        self.inputs.close()

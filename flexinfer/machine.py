@@ -1,0 +1,127 @@
+"""Calibration: how fast this machine reads the model's disk and multiplies its weights.
+
+Measured once and cached in $FLEXINFER_HOME/machine.json, keyed by CPU model, thread count, weight
+type and disk device, so a later run plans without measuring. Disk bandwidth is read with O_DIRECT
+(no page cache involved); compute is timed on a 4096x4096 matrix of the model's main weight type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flexinfer import ggml_ops
+from flexinfer.direct_io import ALIGN, DirectReader
+from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
+from flexinfer.gguf_file import GGUFFile, row_bytes
+from flexinfer.hub import home
+from flexinfer.planner import Machine
+
+DISK_SAMPLE = 256 << 20  # bytes read to measure the disk (about 0.15 s at 1.6 GB/s)
+CHUNK = 8 << 20  # bytes per O_DIRECT read, as the streaming reads of large tensors
+CAL_DIM = 4096  # the calibration matrix is CAL_DIM x CAL_DIM
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _cache_path():
+    return home() / "machine.json"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(data: dict) -> None:
+    try:
+        p = _cache_path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, p)
+    except OSError:
+        pass  # a read-only home only costs a re-measure next time
+
+
+def measure_disk(path: str, size: int) -> float:
+    reader = DirectReader(path, size)
+    buf = Buffer(CHUNK + 2 * ALIGN)
+    try:
+        n = min(DISK_SAMPLE, size - CHUNK)
+        t0 = time.perf_counter()
+        for off in range(0, max(n, 1), CHUNK):
+            reader.read_span(buf.base, off, CHUNK)
+        return reader.bytes_read / max(time.perf_counter() - t0, 1e-6)
+    finally:
+        buf.free()
+        reader.close()
+
+
+def measure_compute(type_id: int, repack: bool, n_threads: int) -> tuple[float, float]:
+    """(weight bytes/s of a mat-vec, repack bytes/s) for a CAL_DIM^2 matrix of this type."""
+    table, backend = TensorTable(4), Backend(n_threads)
+    shape = (CAL_DIM, CAL_DIM)
+    use_repack = repack and ggml_ops.repacks(type_id, shape)
+    nbytes = row_bytes(type_id, CAL_DIM) * CAL_DIM
+    w, buf, src = table.new("w", type_id, shape), Buffer(nbytes, use_repack), Buffer(nbytes)
+    xbuf = Buffer(4 * CAL_DIM)
+    try:
+        ggml_ops.memview(src.base, nbytes)[:] = bytes(nbytes)  # zeros: finite in every type
+        ggml_ops.place(w, buf, buf.base)
+        ggml_ops.upload(w, src.base, nbytes)  # first touch
+        t0 = time.perf_counter()
+        ggml_ops.upload(w, src.base, nbytes)
+        repack_bw = nbytes / max(time.perf_counter() - t0, 1e-9)
+        ops = Ops(8)
+        ops.output(ops.mul_mat(w, ops.input(TYPE_F32, (CAL_DIM, 1), xbuf.base)))
+        alloc = ggml_ops.Allocator()
+        alloc.alloc(ops)
+        backend.compute(ops.graph)
+        reps, t0 = 20, time.perf_counter()
+        for _ in range(reps):
+            backend.compute(ops.graph)
+        compute_bw = reps * nbytes / max(time.perf_counter() - t0, 1e-9)
+        alloc.free()
+        ops.free()
+        return compute_bw, repack_bw
+    finally:
+        for b in (buf, src, xbuf):
+            b.free()
+        table.free()
+        backend.close()
+
+
+def main_type(g: GGUFFile) -> int:
+    sizes: dict[int, int] = {}
+    for t in g.tensors.values():
+        if len(t.shape) == 2 and t.name != "token_embd.weight":
+            sizes[t.type] = sizes.get(t.type, 0) + t.nbytes
+    return max(sizes, key=sizes.get) if sizes else TYPE_F32
+
+
+def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False) -> Machine:
+    cache = _load_cache()
+    dev = os.stat(g.path).st_dev
+    tid = main_type(g)
+    ckey = f"{_cpu_model()}|t{n_threads}|type{tid}|repack{int(repack)}"
+    dkey = f"disk|{dev}"
+    if refresh or ckey not in cache:
+        cache[ckey] = measure_compute(tid, repack, n_threads)
+    if refresh or dkey not in cache:
+        cache[dkey] = measure_disk(g.path, g.file_size)
+    _save_cache(cache)
+    compute_bw, repack_bw = cache[ckey]
+    return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw)

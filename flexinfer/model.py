@@ -1,0 +1,200 @@
+"""load(path, **options) -> Model: the Python API, and the one place the parts are wired together.
+
+File to token: check the file (nothing allocated yet) -> tokenizer -> measure the fixed costs and plan
+the budget -> load resident weights and start the prefetcher -> generate.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flexinfer import ggml_ops, machine
+from flexinfer.budget import HEADROOM, resolve_budget, rss_bytes
+from flexinfer.config import ModelConfig
+from flexinfer.direct_io import DirectReader
+from flexinfer.engine import MAX_LOGIT_ROWS, Engine
+from flexinfer.errors import FlexInferError
+from flexinfer.ggml_ops import Backend
+from flexinfer.kv_cache import KVCache, kv_bytes
+from flexinfer.model_check import check_model
+from flexinfer.models import ARCHS
+from flexinfer.planner import BudgetError, Plan, plan
+from flexinfer.stats import Stats
+from flexinfer.tokenizer import Tokenizer
+from flexinfer.weights import WeightStore, matrices
+
+OFFLOAD_MODES = ("flexinfer", "prefetch", "sync", "mmap")
+DEFAULT_CTX = 4096  # like llama.cpp's default; never more than the model was trained for
+
+
+@dataclass(frozen=True)
+class Options:
+    n_ctx: int | None = None  # context length; default min(4096, trained)
+    n_threads: int | None = None  # compute threads; default: every core
+    memory_budget: int | str | None = None  # bytes or "1.5GiB"; default cgroup limit/MemAvailable
+    offload: str = "flexinfer"  # flexinfer | prefetch | sync | mmap
+    balance: bool = True  # False: lock whole layers from the first (ablation)
+    preserve: str = "auto"  # auto | ffn | attn
+    prefetch_window: int | None = None  # slots in the ring; default chosen by the planner
+    repack: bool = True  # use ggml's repacked kernels where the type allows
+    n_ubatch: int = 512  # prompt tokens per batch
+    direct_io: bool = True  # O_DIRECT reads
+    notes: list = field(default_factory=list)
+
+
+def _check_options(o: Options) -> None:
+    if o.offload not in OFFLOAD_MODES:
+        raise FlexInferError(f"--offload: {o.offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    if o.preserve not in ("auto", "ffn", "attn"):
+        raise FlexInferError(f"--preserve: {o.preserve!r} is not one of auto, ffn, attn")
+    for name, v, lo in (("--ctx-size", o.n_ctx, 1), ("--threads", o.n_threads, 1),
+                        ("--prefetch-window", o.prefetch_window, 1), ("n_ubatch", o.n_ubatch, 1)):
+        if v is not None and (not isinstance(v, int) or v < lo):
+            raise FlexInferError(f"{name}: must be a whole number >= {lo}, got {v!r}")
+
+
+def _compute_estimate(cfg: ModelConfig, n_ctx: int, n_ubatch: int, n_threads: int) -> int:
+    """Upper estimate of graph memory + CPU work buffer for the largest batch (checked after load
+    against what the allocator really reserved; the stats report both)."""
+    T = min(n_ubatch, n_ctx)
+    layer = 4 * T * (3 * cfg.n_embd + 3 * cfg.n_ff + 2 * cfg.n_embd_kv)
+    head = 4 * min(T, MAX_LOGIT_ROWS) * cfg.n_vocab + 4 * T * cfg.n_embd
+    work = 2 * T * cfg.n_ff + n_threads * 16 * (n_ctx + cfg.head_dim)
+    return max(layer, head) + work
+
+
+class Model:
+    """A loaded model. Use as a context manager or call close(): it owns threads and memory."""
+
+    def __init__(self, path: str, **options):
+        opts = Options(**options)
+        _check_options(opts)
+        t0 = time.perf_counter()
+        self.path = os.fspath(path)
+        self.g, self.cfg, self.specs = check_model(self.path)
+        self.tokenizer = Tokenizer.from_gguf(self.g)
+        self.arch = ARCHS[self.cfg.arch]
+        self.n_ctx = opts.n_ctx or min(DEFAULT_CTX, self.cfg.n_ctx_train)
+        self.n_threads = opts.n_threads or os.cpu_count() or 1
+        self.stats = Stats()
+        self._closed = False
+        self._engine = self._store = self._kv = self._backend = self._reader = None
+        try:
+            self._load(opts)
+        except BaseException:
+            self.close()
+            raise
+        self.stats.load_s = time.perf_counter() - t0
+
+    def _note(self, text: str) -> None:
+        if text not in self.stats.notes:
+            self.stats.notes.append(text)
+            print(f"flexinfer: {text}", file=sys.stderr)
+
+    def _load(self, o: Options) -> None:
+        budget, source = resolve_budget(o.memory_budget)
+        repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
+        mats = matrices(self.g, self.cfg, self.specs,
+                        lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+        kv = kv_bytes(self.cfg, self.n_ctx)
+        vectors = sum(self.g.tensors[s.name].nbytes for s in self.specs if len(s.shape) == 1)
+        fixed = (rss_bytes() + kv + vectors + HEADROOM
+                 + _compute_estimate(self.cfg, self.n_ctx, o.n_ubatch, self.n_threads))
+        mach = machine.calibrate(self.g, repack, self.n_threads)
+        try:
+            self.plan: Plan = plan(mats, budget, fixed, mach, mode=o.offload,
+                                   preserve=o.preserve, balance=o.balance,
+                                   window=o.prefetch_window)
+        except BudgetError as e:
+            raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working "
+                                 f"set for {os.path.basename(self.path)} at context {self.n_ctx}: "
+                                 f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
+        self.stats.set_plan(self.plan, budget, source, mach)
+        self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
+                                    note=self._note)
+        self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
+                                  reader=self._reader)
+        self._store.load(o.offload)
+        if self._store.mlock_errno:
+            self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
+                       "resident weights are not locked")
+        self._kv = KVCache(self.cfg, self.n_ctx)
+        self._backend = Backend(self.n_threads)
+        self._engine = Engine(self.cfg, self.arch, self._store, self._kv, self._backend, o.n_ubatch)
+        self.stats.compute_bytes = self._engine.compute_bytes
+
+    # ---- the API
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits, one row per position: (len(ids), n_vocab)."""
+        self._check_tokens(ids)
+        return self._forward(list(ids), 0, all_logits=True)
+
+    def _check_tokens(self, ids) -> None:
+        if not ids:
+            raise FlexInferError("no tokens to evaluate")
+        if len(ids) > self.n_ctx:
+            raise FlexInferError(f"{len(ids)} tokens do not fit the context of {self.n_ctx} "
+                                 "(use --ctx-size or --truncate)")
+        bad = [t for t in ids if not 0 <= t < self.cfg.n_vocab]
+        if bad:
+            raise FlexInferError(f"token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{self.cfg.n_vocab - 1})")
+
+    def _forward(self, ids: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
+        if self._closed:
+            raise FlexInferError("the model is closed")
+        return self._engine.forward(ids, pos, all_logits)
+
+    def generate(self, prompt, **kw):
+        from flexinfer.generate import generate
+        return generate(self, prompt, **kw)
+
+    def chat(self, messages: list[dict], **kw):
+        from flexinfer.generate import chat
+        return chat(self, messages, **kw)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for part in (self._engine, self._store, self._kv, self._backend, self._reader):
+            if part is not None:
+                part.close()
+
+    @property
+    def prefetch_threads_alive(self) -> int:
+        p = self._store.prefetcher if self._store else None
+        return p.alive if p else 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def load(path, **options) -> Model:
+    """Load a GGUF model. Options: n_ctx, n_threads, memory_budget, offload, balance, preserve,
+    prefetch_window, repack, n_ubatch, direct_io (see Options)."""
+    return Model(path, **options)

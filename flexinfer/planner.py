@@ -1,0 +1,246 @@
+"""plan(tensors, budget, fixed, machine) -> Plan: which weight rows stay resident, the prefetch window,
+and the predicted tokens/s. A pure function of sizes and machine speeds: nothing here touches a file.
+
+The budget is spent as FlexInfer spends it:
+- balanced locking: every layer streams about the same number of bytes S, so I/O and compute stay
+  overlapped layer after layer (fixing whole layers in memory leaves I/O waits: --no-balance);
+- flexible preservation: inside each layer, which tensors (by role) stay resident follows a priority
+  order; FFN-first at high budgets, attention-first at low ones. Rather than a fixed threshold, every
+  candidate order is simulated with the cost model and the fastest is kept (`preserve="auto"`).
+- granularity is rows: a tensor may keep rows [0, r) resident and stream rows [r, N). Output rows are
+  independent dot products, so splitting rows changes no bit of the result; r is a multiple of
+  ROW_ALIGN so the 8x8-interleaved repacked layout stays whole.
+
+Memory, for a per-layer streamed amount S:
+  fixed + resident(S) + window * slot(S) + staging(S) <= budget, with slot(S) = max_l streamed_l.
+A larger S frees resident bytes faster than it grows the slots (there are more layers than slots),
+so the smallest S that fits is found by bisection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROW_ALIGN = 16  # rows; repacked Q4_0/Q4_K interleave 8 rows, 16 keeps every kernel's tiling whole
+STAGING_BUFFERS = 2  # the reader fills one while the converter repacks the other
+POLICIES = {
+    "ffn": ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_output", "output"),
+    "attn": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output"),
+    "kv-ffn": ("attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_output", "output"),
+    "ffn-attn": ("ffn_down", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "output"),
+}
+
+
+@dataclass(frozen=True)
+class PlanTensor:
+    name: str  # GGUF name; "output.weight" or the tied "token_embd.weight" for the head
+    layer: int  # block index; n_layer for the output head
+    kind: str  # "ffn_up", "attn_q", ... "output": the policy key
+    rows: int  # ne1: rows of the matrix
+    row_bytes: int  # bytes per row on disk
+    repacked: bool  # converted to the interleaved layout on upload (CPU work per streamed byte)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class Machine:
+    disk_bw: float  # bytes/s, O_DIRECT sequential reads
+    compute_bw: float  # weight bytes/s a decode step multiplies through, all resident
+    repack_bw: float  # bytes/s the converter repacks
+    read_latency: float = 100e-6  # s per read request, on top of the bandwidth
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # flexinfer | prefetch | sync | mmap | resident
+    budget_bytes: int
+    fixed_bytes: int  # runtime overhead + KV cache + compute buffers, measured by the caller
+    resident_rows: dict[str, int]  # name -> r: rows [0, r) resident, [r, rows) streamed
+    window: int  # slots in the prefetch ring (0: nothing streams)
+    slot_bytes: int  # one slot holds the streamed part of any one layer
+    staging_bytes: int  # each of STAGING_BUFFERS read buffers
+    resident_bytes: int  # weight bytes kept in memory
+    streamed_per_layer: tuple[int, ...]  # bytes streamed for block 0..n_layer-1 and the head
+    policy: str  # the preservation order chosen
+    t_io: float  # s per token reading streamed bytes
+    t_cpu: float  # s per token computing (plus repacking streamed bytes)
+    predicted_s: float  # s per token, simulated
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(self.streamed_per_layer)
+
+    @property
+    def bound_tok_s(self) -> float:
+        return 1.0 / max(self.t_io_bound, self.t_cpu_bound)
+
+    @property
+    def predicted_tok_s(self) -> float:
+        return 1.0 / self.predicted_s if self.predicted_s > 0 else float("inf")
+
+    # the paper's bound, from bytes not resident (budget shortfall) and pure compute
+    t_io_bound: float = 0.0
+    t_cpu_bound: float = 0.0
+
+    def total_bytes(self) -> int:
+        return (self.fixed_bytes + self.resident_bytes + self.window * self.slot_bytes
+                + STAGING_BUFFERS * self.staging_bytes)
+
+
+class BudgetError(ValueError):
+    """The budget is below the minimum working set; `minimum` says how much is needed."""
+
+    def __init__(self, minimum: int, budget: int):
+        self.minimum, self.budget = minimum, budget
+        super().__init__(f"budget {budget} bytes is below the minimum working set {minimum} bytes")
+
+
+def _layers(tensors: list[PlanTensor]) -> dict[int, list[PlanTensor]]:
+    out: dict[int, list[PlanTensor]] = {}
+    for t in tensors:
+        out.setdefault(t.layer, []).append(t)
+    return out
+
+
+def _fill(layer: list[PlanTensor], keep: int, order: tuple[str, ...]) -> dict[str, int]:
+    """Resident rows per tensor when `keep` bytes of this layer stay resident, by priority order."""
+    rank = {k: i for i, k in enumerate(order)}
+    rows = {}
+    for t in sorted(layer, key=lambda t: rank.get(t.kind, len(order))):
+        r = min(t.rows, max(0, keep) // t.row_bytes)
+        r = t.rows if r == t.rows else r - r % ROW_ALIGN
+        rows[t.name] = r
+        keep -= r * t.row_bytes
+    return rows
+
+
+def _assign(layers, target_stream: int, order, whole_layers: bool) -> dict[str, int]:
+    rows = {}
+    if whole_layers:  # --no-balance: keep whole layers from the first, stream the rest
+        budget = target_stream  # here: resident bytes to place, first layers first
+        for l in sorted(layers):
+            size = sum(t.nbytes for t in layers[l])
+            rows.update(_fill(layers[l], min(size, budget), order))
+            budget -= min(size, budget)
+        return rows
+    for l, ts in layers.items():
+        size = sum(t.nbytes for t in ts)
+        rows.update(_fill(ts, size - target_stream, order))
+    return rows
+
+
+def _streamed(layers, rows) -> dict[int, int]:
+    return {l: sum((t.rows - rows[t.name]) * t.row_bytes for t in ts) for l, ts in layers.items()}
+
+
+def simulate(loads: list[tuple[float, float]], computes: list[float], window: int,
+             tokens: int = 4) -> float:
+    """Seconds per token in steady state for a layer pipeline: one reader thread (io), one converter
+    (repack, which shares the cores with compute), compute in layer order, `window` slots."""
+    n = len(computes)
+    read_end = conv_end = 0.0
+    comp_end: list[float] = []
+    for k in range(n * tokens):
+        io, conv = loads[k % n]
+        slot_free = comp_end[k - window] if window and k >= window and io > 0 else 0.0
+        if io > 0:
+            read_end = max(read_end, slot_free) + io
+            conv_end = max(conv_end, read_end) + conv
+        ready = conv_end if io > 0 else 0.0
+        start = max(ready, comp_end[-1] if comp_end else 0.0)
+        comp_end.append(start + computes[k % n] + conv)
+    last, prev = comp_end[-1], comp_end[-1 - n]
+    return last - prev
+
+
+def _cost(layers, rows, machine: Machine, window: int, sync: bool) -> tuple[float, float, float]:
+    loads, computes = [], []
+    for l in sorted(layers):
+        ts = layers[l]
+        streamed = [(t.rows - rows[t.name]) * t.row_bytes for t in ts]
+        io = sum(streamed) / machine.disk_bw + sum(1 for s in streamed if s) * machine.read_latency
+        conv = sum(s for s, t in zip(streamed, ts) if t.repacked) / machine.repack_bw
+        loads.append((io, conv))
+        computes.append(sum(t.nbytes for t in ts) / machine.compute_bw)
+    t_io = sum(io for io, _ in loads)
+    t_cpu = sum(computes) + sum(c for _, c in loads)
+    if sync:
+        return t_io, t_cpu, t_io + t_cpu
+    return t_io, t_cpu, simulate(loads, computes, window)
+
+
+def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *,
+         mode: str = "flexinfer", preserve: str = "auto", balance: bool = True,
+         window: int | None = None) -> Plan:
+    """Choose resident rows and the window for `tensors` (the matrices of every layer and the head;
+    vectors are in `fixed`). Raises BudgetError when even streaming everything does not fit."""
+    layers = _layers(tensors)
+    total = sum(t.nbytes for t in tensors)
+    largest_layer = max(sum(t.nbytes for t in ts) for ts in layers.values())
+    biggest = max(t.nbytes for t in tensors)
+    t_cpu_bound = total / machine.compute_bw
+    t_io_bound = max(0, total - budget) / machine.disk_bw  # the paper's bound: model - budget
+
+    def finish(rows, win, policy, notes=()):
+        streamed = _streamed(layers, rows)
+        slot = max(streamed.values())
+        win = min(win, sum(1 for s in streamed.values() if s)) if slot else 0
+        stg = _staging(tensors, rows) if slot else 0
+        t_io, t_cpu, pred = _cost(layers, rows, machine, win, mode == "sync")
+        return Plan(mode, budget, fixed, rows, win, slot, stg, total - sum(streamed.values()),
+                    tuple(streamed[l] for l in sorted(streamed)), policy, t_io, t_cpu, pred,
+                    tuple(notes), t_io_bound, t_cpu_bound)
+
+    all_rows = {t.name: t.rows for t in tensors}
+    if mode == "mmap":
+        return finish({t.name: t.rows for t in tensors}, 0, "mmap", ("the OS pages weights in",))
+    if mode != "prefetch" and fixed + total <= budget:
+        return finish(all_rows, 0, "all-resident")
+    win = window or (1 if mode == "sync" else 2)
+    minimum = fixed + win * largest_layer + STAGING_BUFFERS * (biggest + 8192)
+    if minimum > budget:
+        raise BudgetError(minimum, budget)
+    orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
+    if mode == "prefetch":  # asynchronous, nothing locked
+        return finish({t.name: 0 for t in tensors}, win, "none")
+    best = None
+    for name, order in orders.items():
+        rows = _solve(layers, tensors, budget - fixed, win, order, balance)
+        cand = finish(rows, win, name if balance else f"{name}, whole layers")
+        if cand.total_bytes() <= budget and (best is None or cand.predicted_s < best.predicted_s):
+            best = cand
+    if best is None:
+        raise BudgetError(minimum, budget)
+    return best
+
+
+def _staging(tensors, rows) -> int:
+    """One staging buffer holds the largest streamed part plus alignment slack on both ends."""
+    return max((t.rows - rows[t.name]) * t.row_bytes for t in tensors) + 8192
+
+
+def _solve(layers, tensors, room: int, win: int, order, balance: bool) -> dict[str, int]:
+    """Smallest per-layer streamed amount (or, unbalanced, largest resident prefix) that fits."""
+    def used(rows):
+        streamed = _streamed(layers, rows)
+        resident = sum(t.nbytes for t in tensors) - sum(streamed.values())
+        stg = _staging(tensors, rows) if any(streamed.values()) else 0
+        n_str = sum(1 for s in streamed.values() if s)
+        return resident + min(win, n_str) * max(streamed.values()) + STAGING_BUFFERS * stg
+
+    hi = max(sum(t.nbytes for t in ts) for ts in layers.values())
+    if not balance:
+        lo, top = 0, sum(t.nbytes for t in tensors)  # resident bytes, whole layers first
+        while top - lo > 4096:
+            mid = (lo + top) // 2
+            lo, top = (mid, top) if used(_assign(layers, mid, order, True)) <= room else (lo, mid)
+        return _assign(layers, lo, order, True)
+    lo = 0
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if used(_assign(layers, mid, order, False)) <= room else (mid, hi)
+    return _assign(layers, hi, order, False)

@@ -1,0 +1,156 @@
+"""The only module that starts threads: it fills a ring of slots with layers, ahead of compute.
+
+Two threads, so reading and converting overlap:
+- the reader reads each job (a streamed tensor part) into a free staging buffer, in layer order;
+- the converter uploads it into the layer's slot (ggml repacks it on the way) and frees the buffer.
+Layer k of the endless sequence order[0], order[1], ..., order[n-1], order[0], ... (decoding wraps
+from the last layer to the first of the next token) goes to slot k % window, and only once the
+layer that used that slot before has been released by the consumer. So no slot is reused while in
+use, reads keep their order, and the reader stays up to `window` layers ahead.
+
+The consumer calls acquire(layer) before computing a layer and release(layer) right after. Any error
+in a thread is kept and raised by the next acquire; close() stops and joins both threads.
+With threaded=False (the `sync` ablation) acquire loads the layer itself: no overlap at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from flexinfer.errors import FlexInferError, StreamError
+
+POLL_S = 0.05  # the consumer wakes this often while waiting, so Ctrl-C is seen within a second
+
+
+class Prefetcher:
+    def __init__(self, order: list[int], window: int, jobs: Callable[[int], list[Any]],
+                 read: Callable[[Any, int], int], upload: Callable[[Any, int, int], None],
+                 n_staging: int = 2, threaded: bool = True):
+        assert 0 < window <= len(order), "a layer must never be loaded while its slot is in use"
+        self.order, self.window, self.threaded = order, window, threaded
+        self._jobs, self._read, self._upload = jobs, read, upload
+        self._n_staging = n_staging
+        self._cv = threading.Condition()
+        self.stall_s = 0.0  # consumer time spent waiting for I/O
+        self.io_busy_s = 0.0  # reader time spent reading
+        self._threads: list[threading.Thread] = []
+        self._reset_state()
+        if threaded:
+            self._start()
+
+    def _reset_state(self) -> None:
+        self._released = 0  # layers the consumer has released: the next one to acquire
+        self._done = -1  # the highest sequence number fully loaded
+        self._stop = False
+        self._error: BaseException | None = None
+        self._free_staging = deque(range(self._n_staging))
+        self._queue: deque = deque()
+
+    def _start(self) -> None:
+        self._threads = [threading.Thread(target=self._guard, args=(f,), name=f"flexinfer-{n}",
+                                          daemon=True)
+                         for n, f in (("reader", self._reader), ("converter", self._converter))]
+        for t in self._threads:
+            t.start()
+
+    def _guard(self, loop) -> None:
+        try:
+            loop()
+        except BaseException as e:  # noqa: BLE001 - every thread error must reach the caller
+            with self._cv:
+                self._error = self._error or e
+                self._cv.notify_all()
+
+    def _wait(self, ready: Callable[[], bool]) -> bool:
+        """Wait (holding the lock) until ready() or stop; False when stopped or failed."""
+        while not ready():
+            if self._stop or self._error:
+                return False
+            self._cv.wait(POLL_S)
+        return not (self._stop or self._error)
+
+    def _reader(self) -> None:
+        seq = 0
+        while True:
+            layer = self.order[seq % len(self.order)]
+            with self._cv:
+                if not self._wait(lambda: seq < self._released + self.window):
+                    return
+            jobs = self._jobs(layer)
+            for i, job in enumerate(jobs):
+                with self._cv:
+                    if not self._wait(lambda: bool(self._free_staging)):
+                        return
+                    stage = self._free_staging.popleft()
+                t0 = time.perf_counter()
+                src = self._read(job, stage)
+                self.io_busy_s += time.perf_counter() - t0
+                with self._cv:
+                    self._queue.append((seq, job, stage, src, i == len(jobs) - 1))
+                    self._cv.notify_all()
+            seq += 1
+
+    def _converter(self) -> None:
+        while True:
+            with self._cv:
+                if not self._wait(lambda: bool(self._queue)):
+                    return
+                seq, job, stage, src, last = self._queue.popleft()
+            self._upload(job, seq % self.window, src)
+            with self._cv:
+                self._free_staging.append(stage)
+                if last:
+                    self._done = seq
+                self._cv.notify_all()
+
+    def acquire(self, layer: int) -> None:
+        seq = self._released
+        expect = self.order[seq % len(self.order)]
+        if layer != expect:
+            raise RuntimeError(f"prefetch order broken: layer {layer} asked, {expect} due")
+        if not self.threaded:
+            self._load_inline(layer)
+            return
+        t0 = time.perf_counter()
+        with self._cv:
+            ok = self._wait(lambda: self._done >= seq)
+            error = self._error
+        self.stall_s += time.perf_counter() - t0
+        if not ok:
+            if isinstance(error, FlexInferError):
+                raise error
+            raise StreamError(f"weight streaming stopped: {error!r}") if error else \
+                StreamError("weight streaming was closed")
+
+    def _load_inline(self, layer: int) -> None:
+        t0 = time.perf_counter()
+        for job in self._jobs(layer):
+            self._upload(job, 0, self._read(job, 0))
+        self.stall_s += time.perf_counter() - t0
+
+    def release(self, layer: int) -> None:
+        with self._cv:
+            self._released += 1
+            self._cv.notify_all()
+
+    def reset(self) -> None:
+        """Restart from the first layer (after a forward pass was abandoned half way)."""
+        self.close()
+        self._reset_state()
+        if self.threaded:
+            self._start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    @property
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)

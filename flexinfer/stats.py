@@ -1,0 +1,66 @@
+"""Counters for one model: what was planned, what was read, how long compute and stalls took."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flexinfer.budget import peak_rss_bytes
+
+
+@dataclass
+class Stats:
+    load_s: float = 0.0  # file check to ready, seconds
+    budget_bytes: int = 0
+    budget_source: str = ""  # "--memory-budget", "cgroup limit", "MemAvailable"
+    offload_mode: str = ""
+    resident_bytes: int = 0  # weight bytes kept in memory
+    compute_bytes: int = 0  # graph memory the allocator reserved
+    plan_summary: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # things said once on stderr (O_DIRECT refused, ...)
+
+    def set_plan(self, plan, budget: int, source: str, machine) -> None:
+        self.budget_bytes, self.budget_source = budget, source
+        self.offload_mode, self.resident_bytes = plan.mode, plan.resident_bytes
+        self.plan_summary = {
+            "policy": plan.policy, "window": plan.window,
+            "streamed_bytes_per_token": plan.streamed_bytes,
+            "predicted_tokens_per_s": round(plan.predicted_tok_s, 3),
+            "bound_tokens_per_s": round(plan.bound_tok_s, 3),
+            "disk_bytes_per_s": round(machine.disk_bw), "compute_bytes_per_s": round(machine.compute_bw),
+        }
+
+
+@dataclass
+class RunTimes:
+    """One generate call: prompt and decode timings, and the streaming counters over the decode."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    bytes_read: int = 0  # during decode
+    io_busy_s: float = 0.0  # reader thread time in reads, during decode
+    stall_s: float = 0.0  # compute waiting for weights, during decode
+
+    def as_dict(self, stats: Stats) -> dict:
+        n = max(self.decode_tokens, 1)
+        decode_tps = self.decode_tokens / self.decode_s if self.decode_s else 0.0
+        return {
+            "prefill_tokens_per_s": _r(self.prompt_tokens / self.prefill_s if self.prefill_s else 0),
+            "decode_tokens_per_s": _r(decode_tps),
+            "load_s": _r(stats.load_s),
+            "peak_memory_bytes": peak_rss_bytes(),
+            "bytes_read_per_token": int(self.bytes_read / n),
+            "io_gbps": _r(self.bytes_read / self.io_busy_s / 1e9 if self.io_busy_s else 0.0),
+            "compute_s_per_token": _r(max(self.decode_s - self.stall_s, 0) / n),
+            "stall_fraction": _r(self.stall_s / self.decode_s if self.decode_s else 0.0),
+            "resident_bytes": stats.resident_bytes,
+            "budget_bytes": stats.budget_bytes,
+            "budget_source": stats.budget_source,
+            "offload_mode": stats.offload_mode,
+            "plan": stats.plan_summary,
+        }
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
