@@ -97,23 +97,8 @@ class Model:
             print(f"flexinfer: {text}", file=sys.stderr)
 
     def _load(self, o: Options) -> None:
-        budget, source = resolve_budget(o.memory_budget)
-        repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
-        mats = matrices(self.g, self.cfg, self.specs,
-                        lambda info: repack and ggml_ops.repacks(info.type, info.shape))
-        kv = kv_bytes(self.cfg, self.n_ctx)
-        vectors = sum(self.g.tensors[s.name].nbytes for s in self.specs if len(s.shape) == 1)
-        fixed = (rss_bytes() + kv + vectors + HEADROOM
-                 + _compute_estimate(self.cfg, self.n_ctx, o.n_ubatch, self.n_threads))
-        mach = machine.calibrate(self.g, repack, self.n_threads)
-        try:
-            self.plan: Plan = plan(mats, budget, fixed, mach, mode=o.offload,
-                                   preserve=o.preserve, balance=o.balance,
-                                   window=o.prefetch_window)
-        except BudgetError as e:
-            raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working "
-                                 f"set for {os.path.basename(self.path)} at context {self.n_ctx}: "
-                                 f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
+        self.plan, budget, source, mach, repack = make_plan(self.g, self.cfg, self.specs, o,
+                                                            self.n_ctx, self.n_threads)
         self.stats.set_plan(self.plan, budget, source, mach)
         self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
                                     note=self._note)
@@ -188,6 +173,26 @@ class Model:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int):
+    """Budget -> Plan, from sizes and calibration only (no weight is read). Returns
+    (plan, budget_bytes, budget_source, machine, repack)."""
+    budget, source = resolve_budget(o.memory_budget)
+    repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
+    mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+    vectors = sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1)
+    fixed = (rss_bytes() + kv_bytes(cfg, n_ctx) + vectors + HEADROOM
+             + _compute_estimate(cfg, n_ctx, o.n_ubatch, n_threads))
+    mach = machine.calibrate(g, repack, n_threads)
+    try:
+        p = plan(mats, budget, fixed, mach, mode=o.offload, preserve=o.preserve,
+                 balance=o.balance, window=o.prefetch_window)
+    except BudgetError as e:
+        raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working set "
+                             f"for {os.path.basename(g.path)} at context {n_ctx}: "
+                             f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
+    return p, budget, source, mach, repack
 
 
 def _gb(n: int) -> str:

@@ -68,6 +68,9 @@ class Plan:
     t_io: float  # s per token reading streamed bytes
     t_cpu: float  # s per token computing (plus repacking streamed bytes)
     predicted_s: float  # s per token, simulated
+    t_io_bound: float  # the paper's bound: (model bytes - budget) / disk bandwidth
+    t_cpu_bound: float  # ... and all-resident compute time per token
+    layer_bytes: tuple[int, ...]  # matrix bytes of block 0..n_layer-1 and the head
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -82,9 +85,6 @@ class Plan:
     def predicted_tok_s(self) -> float:
         return 1.0 / self.predicted_s if self.predicted_s > 0 else float("inf")
 
-    # the paper's bound, from bytes not resident (budget shortfall) and pure compute
-    t_io_bound: float = 0.0
-    t_cpu_bound: float = 0.0
 
     def total_bytes(self) -> int:
         return (self.fixed_bytes + self.resident_bytes + self.window * self.slot_bytes
@@ -191,9 +191,13 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
         win = min(win, sum(1 for s in streamed.values() if s)) if slot else 0
         stg = _staging(tensors, rows) if slot else 0
         t_io, t_cpu, pred = _cost(layers, rows, machine, win, mode == "sync")
-        return Plan(mode, budget, fixed, rows, win, slot, stg, total - sum(streamed.values()),
-                    tuple(streamed[l] for l in sorted(streamed)), policy, t_io, t_cpu, pred,
-                    tuple(notes), t_io_bound, t_cpu_bound)
+        return Plan(
+            mode=mode, budget_bytes=budget, fixed_bytes=fixed, resident_rows=rows, window=win,
+            slot_bytes=slot, staging_bytes=stg, resident_bytes=total - sum(streamed.values()),
+            streamed_per_layer=tuple(streamed[l] for l in sorted(streamed)), policy=policy,
+            t_io=t_io, t_cpu=t_cpu, predicted_s=pred, t_io_bound=t_io_bound,
+            t_cpu_bound=t_cpu_bound, notes=tuple(notes),
+            layer_bytes=tuple(sum(t.nbytes for t in layers[l]) for l in sorted(layers)))
 
     all_rows = {t.name: t.rows for t in tensors}
     if mode == "mmap":

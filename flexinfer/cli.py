@@ -1,0 +1,141 @@
+"""Command line: argument parsing, wiring and printing. No logic of its own.
+
+Every user error is one line on stderr (naming the file or option) and exit code 2; Ctrl-C keeps
+what was already printed and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flexinfer.errors import FlexInferError
+
+EXIT_USAGE, EXIT_INTERRUPT = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        raise FlexInferError(f"{self.prog}: {message}")
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (128)")
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.8,
+                   help="0 is greedy (0.8)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("-s", "--seed", type=int, default=None, help="same seed, same output")
+
+
+def _model_args(p) -> None:
+    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (4096)")
+    p.add_argument("--memory-budget", default=None,
+                   help="cap for the whole process, e.g. 1.5GiB, 800M (default: cgroup limit or "
+                        "MemAvailable)")
+    p.add_argument("--offload", default="flexinfer", choices=("flexinfer", "prefetch", "sync", "mmap"))
+    p.add_argument("--no-balance", action="store_true", help="lock whole layers from the first")
+    p.add_argument("--preserve", default="auto", choices=("auto", "ffn", "attn"))
+    p.add_argument("--prefetch-window", type=int, default=None, help="layers read ahead")
+    p.add_argument("--no-repack", action="store_true", help="plain kernels, no repacked weights")
+
+
+def _options(a) -> dict:
+    return dict(n_ctx=a.ctx_size, n_threads=a.threads, memory_budget=a.memory_budget,
+                offload=a.offload, balance=not a.no_balance, preserve=a.preserve,
+                prefetch_window=a.prefetch_window, repack=not a.no_repack)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="flexinfer", description="Run GGUF models on CPU under a memory budget.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="generate text")
+    run.add_argument("model", nargs="?", default=None, help="a .gguf path or a cached name")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", default=None)
+    src.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    _sampling_args(run)
+    _model_args(run)
+    run.add_argument("--chat", action="store_true", help="use the model's chat template")
+    run.add_argument("--system", default=None, help="system prompt (with --chat)")
+    run.add_argument("--truncate", action="store_true", help="keep the end of a too-long prompt")
+    run.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
+    tok = sub.add_parser("tokenize", help="text on stdin -> token ids")
+    tok.add_argument("model")
+    tok.add_argument("--no-bos", action="store_true")
+    tok.add_argument("--json", action="store_true", help="stdin: a JSON list of strings")
+    pl = sub.add_parser("plan", help="print the memory plan without running")
+    pl.add_argument("model")
+    _model_args(pl)
+    pl.add_argument("--json", action="store_true")
+    pull = sub.add_parser("pull", help="download a known model into the cache")
+    pull.add_argument("name")
+    sub.add_parser("models", help="list cached models")
+    _add_optional(sub)
+    return ap
+
+
+def _add_optional(sub) -> None:
+    """Subcommands from the bench package (synthetic models, sweeps)."""
+    from flexinfer.bench.cli_synth import add_synth_parser
+    add_synth_parser(sub)
+    try:
+        from flexinfer.bench.harness import add_bench_parser
+    except ImportError:  # the harness needs the bench extra (matplotlib)
+        return
+    add_bench_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = build_parser().parse_args(argv)
+        code = COMMANDS[args.command](args)
+    except FlexInferError as e:
+        sys.stdout.flush()
+        print(f"flexinfer: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\nflexinfer: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPT
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
+def _run(a) -> int:
+    from flexinfer.cli_run import run_command
+    return run_command(a, _options(a))
+
+
+def _tokenize(a) -> int:
+    from flexinfer.cli_run import tokenize_command
+    return tokenize_command(a)
+
+
+def _plan(a) -> int:
+    from flexinfer.cli_run import plan_command
+    return plan_command(a, _options(a))
+
+
+def _pull(a) -> int:
+    from flexinfer.hub import pull
+    print(pull(a.name))
+    return 0
+
+
+def _models(a) -> int:
+    from flexinfer.hub import list_models
+    for name, path, size in list_models():
+        print(f"{name}\t{size / 1e6:.1f} MB\t{path}")
+    return 0
+
+
+COMMANDS = {"run": _run, "tokenize": _tokenize, "plan": _plan, "pull": _pull, "models": _models,
+            "synth": lambda a: a.func(a), "bench": lambda a: a.func(a)}

@@ -1,0 +1,173 @@
+"""The bodies of `run`, `tokenize` and `plan`: wiring the API to stdin/stdout/stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from flexinfer.errors import FlexInferError
+from flexinfer.stats import RunTimes
+
+
+def _read_prompt(a) -> str | None:
+    if a.file is None:
+        return a.prompt
+    try:
+        with open(a.file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlexInferError(f"{a.file}: cannot read the prompt file: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+
+
+def _sampling(a) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed, truncate=a.truncate)
+
+
+def run_command(a, options: dict) -> int:
+    from flexinfer.hub import resolve
+    from flexinfer.model import load
+    prompt = _read_prompt(a)
+    if prompt is None and not a.chat:
+        raise FlexInferError("run: give a prompt with -p TEXT or -f FILE (or use --chat)")
+    if a.system is not None and not a.chat:
+        raise FlexInferError("run: --system needs --chat")
+    with load(resolve(a.model), **options) as model:
+        if a.chat and prompt is None:
+            return _interactive(model, a)
+        messages = _messages(a.system, prompt) if a.chat else None
+        return _one_shot(model, a, prompt, messages)
+
+
+def _messages(system: str | None, user: str) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}]
+
+
+def _one_shot(model, a, prompt: str, messages) -> int:
+    from flexinfer.generate import chat_prompt, generate
+    ids = chat_prompt(model, messages) if messages else model.tokenize(prompt)
+    times, tokens, text = RunTimes(), [], []
+    interrupted = False
+    try:
+        for piece in generate(model, ids, times=times, **_sampling(a)):
+            if piece.token >= 0:
+                tokens.append(piece.token)
+            text.append(piece.text)
+            if not a.json:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    stats = times.as_dict(model.stats)
+    if a.json:
+        out = {"prompt_tokens": ids, "tokens": tokens, "text": "".join(text), **stats}
+        if interrupted:
+            out["interrupted"] = True
+        print(json.dumps(out))
+    else:
+        print()
+        print(_stats_line(times, stats), file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
+    return 0
+
+
+def _interactive(model, a) -> int:
+    from flexinfer.generate import chat
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        times = RunTimes()
+        for piece in chat(model, messages, times=times, **_sampling(a)):
+            reply.append(piece.text)
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        print(_stats_line(times, times.as_dict(model.stats)), file=sys.stderr)
+
+
+def _stats_line(times: RunTimes, s: dict) -> str:
+    gb = 1e9
+    line = (f"flexinfer: load {s['load_s']:.2f} s | prompt {times.prompt_tokens} tok "
+            f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {times.decode_tokens} tok "
+            f"{s['decode_tokens_per_s']:.2f} tok/s | peak {s['peak_memory_bytes'] / gb:.2f} GB | "
+            f"budget {s['budget_bytes'] / gb:.2f} GB ({s['budget_source']}) | "
+            f"{s['offload_mode']}, resident {s['resident_bytes'] / gb:.2f} GB")
+    if s["bytes_read_per_token"]:
+        line += (f", read {s['bytes_read_per_token'] / gb:.3f} GB/token at {s['io_gbps']:.2f} GB/s"
+                 f", stall {100 * s['stall_fraction']:.0f}%")
+    return line
+
+
+def tokenize_command(a) -> int:
+    from flexinfer.gguf_file import read_gguf
+    from flexinfer.tokenizer import Tokenizer
+    from flexinfer.vocab_check import check_tokenizer_metadata
+    g = read_gguf(a.model)
+    check_tokenizer_metadata(g)
+    tok = Tokenizer.from_gguf(g)
+    add_bos = False if a.no_bos else None
+    data = sys.stdin.read()
+    if not a.json:
+        print(" ".join(map(str, tok.encode(data, add_bos=add_bos))))
+        return 0
+    try:
+        texts = json.loads(data)
+    except ValueError as e:
+        raise FlexInferError(f"tokenize --json: stdin is not JSON: {e}") from None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise FlexInferError("tokenize --json: stdin must be a JSON list of strings")
+    print(json.dumps([tok.encode(t, add_bos=add_bos) for t in texts]))
+    return 0
+
+
+def plan_command(a, options: dict) -> int:
+    from flexinfer.hub import resolve
+    from flexinfer.model import DEFAULT_CTX, Options, _check_options, make_plan
+    from flexinfer.model_check import check_model
+    import os
+    o = Options(**options)
+    _check_options(o)
+    g, cfg, specs = check_model(resolve(a.model))
+    n_ctx = o.n_ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
+    p, budget, source, mach, _ = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
+    report = plan_report(p, budget, source, mach, g.file_size, n_ctx)
+    if a.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for k, v in report.items():
+        if k != "layers":
+            print(f"{k:28} {v}")
+    print("layer  resident_bytes  streamed_bytes")
+    for row in report["layers"]:
+        print(f"{row['layer']:>5}  {row['resident_bytes']:>14}  {row['streamed_bytes']:>14}")
+    return 0
+
+
+def plan_report(p, budget: int, source: str, mach, model_bytes: int, n_ctx: int) -> dict:
+    per_layer_total = p.layer_bytes
+    return {
+        "budget_bytes": budget, "budget_source": source, "mode": p.mode, "policy": p.policy,
+        "context": n_ctx, "model_bytes": model_bytes, "fixed_bytes": p.fixed_bytes,
+        "resident_bytes": p.resident_bytes, "streamed_bytes_per_token": p.streamed_bytes,
+        "window": p.window, "slot_bytes": p.slot_bytes, "planned_total_bytes": p.total_bytes(),
+        "disk_bytes_per_s": round(mach.disk_bw), "compute_bytes_per_s": round(mach.compute_bw),
+        "t_io_s": round(p.t_io, 4), "t_cpu_s": round(p.t_cpu, 4),
+        "predicted_tokens_per_s": round(p.predicted_tok_s, 3),
+        "bound_tokens_per_s": round(p.bound_tok_s, 3),
+        "layers": [{"layer": "head" if i == len(p.streamed_per_layer) - 1 else i,
+                    "resident_bytes": per_layer_total[i] - s, "streamed_bytes": s}
+                   for i, s in enumerate(p.streamed_per_layer)],
+    }

@@ -1,0 +1,121 @@
+"""Generation as a ladder of small steps (mlx-lm's generate_step): encode, prefill, then decode one
+token at a time, yielding each piece of text with its token id as soon as it exists."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from flexinfer.chat import DEFAULT_CHATML, render_chat
+from flexinfer.errors import FlexInferError
+from flexinfer.sampler import make_sampler
+from flexinfer.stats import RunTimes
+from flexinfer.tokenizer import StreamDecoder
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str  # the text this token completes ("" while a multi-byte character is split)
+    token: int  # the token id
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int = 128  # -n: stop after this many generated tokens
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None  # same seed, same output
+    truncate: bool = False  # cut a prompt longer than the context instead of refusing it
+
+
+def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int, truncate: bool) -> list[int]:
+    """The prompt must leave room for at least one generated token."""
+    room = n_ctx - 1
+    if len(ids) <= room:
+        return ids
+    if not truncate:
+        raise FlexInferError(f"the prompt is {len(ids)} tokens but the context holds {n_ctx} "
+                             "(use a larger --ctx-size, or --truncate to keep its end)")
+    keep = max(1, n_ctx - max(1, min(max_tokens, n_ctx // 2)))
+    return ids[-keep:]
+
+
+def prefill(model, ids: list[int], times: RunTimes):
+    t0 = time.perf_counter()
+    logits = model._forward(ids, 0)[-1]
+    times.prompt_tokens, times.prefill_s = len(ids), time.perf_counter() - t0
+    return logits
+
+
+def _counters(model) -> tuple[int, float, float]:
+    store = model._store
+    p = store.prefetcher if store else None
+    return (model._reader.bytes_read if model._reader else 0,
+            p.io_busy_s if p else 0.0, p.stall_s if p else 0.0)
+
+
+def generate_ids(model, ids: list[int], opts: SamplingOptions,
+                 times: RunTimes | None = None) -> Iterator[int]:
+    """Yield generated token ids until an end-of-generation token, max_tokens, or a full context."""
+    times = times if times is not None else RunTimes()
+    model._check_tokens(ids)
+    sampler = make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p,
+                           opts.repeat_penalty, opts.repeat_last_n, opts.seed)
+    history = list(ids)
+    logits = prefill(model, ids, times)
+    r0, io0, st0 = _counters(model)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(opts.max_tokens):
+            tok = sampler(logits, history)
+            if tok in model.tokenizer.eog_ids:
+                return
+            history.append(tok)
+            times.decode_tokens += 1
+            yield tok
+            if len(history) >= model.n_ctx:
+                return
+            logits = model._forward([tok], len(history) - 1)[-1]
+    finally:
+        r1, io1, st1 = _counters(model)
+        times.decode_s = time.perf_counter() - t0
+        times.bytes_read, times.io_busy_s, times.stall_s = r1 - r0, io1 - io0, st1 - st0
+
+
+def generate(model, prompt: str | list[int], *, add_bos: bool | None = None,
+             special: bool = False, times: RunTimes | None = None, **sampling) -> Iterator[Piece]:
+    """Text (or ids) in, pieces of text out, as they are made."""
+    opts = SamplingOptions(**sampling)
+    if opts.max_tokens < 0:
+        raise FlexInferError(f"--max-tokens must be >= 0, got {opts.max_tokens}")
+    ids = model.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) \
+        else list(prompt)
+    ids = fit_prompt(ids, model.n_ctx, opts.max_tokens, opts.truncate)
+    decoder = StreamDecoder(model.tokenizer)
+    for tok in generate_ids(model, ids, opts, times):
+        yield Piece(decoder.feed(tok), tok)
+    tail = decoder.flush()
+    if tail:
+        yield Piece(tail, -1)
+
+
+def chat_prompt(model, messages: list[dict]) -> list[int]:
+    """Render the model's chat template (sandboxed) and tokenize it with control tokens parsed."""
+    md, tok = model.g.metadata, model.tokenizer
+    template = md.get("tokenizer.chat_template") or DEFAULT_CHATML
+    text = render_chat(template, messages, source=model.path,
+                       bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+                       eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
+    ids = model.tokenize(text, special=True)
+    if len(ids) > 1 and ids[0] == ids[1] == tok.bos_id:  # the template wrote BOS too
+        ids = ids[1:]
+    return ids
+
+
+def chat(model, messages: list[dict], **kw) -> Iterator[Piece]:
+    return generate(model, chat_prompt(model, messages), **kw)
