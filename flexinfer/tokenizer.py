@@ -214,20 +214,23 @@ def _bpe_merges(v: Vocab) -> list[tuple[str, str]]:
     return pairs
 
 
-def _bpe_model(index, merges, **kw) -> models.BPE:
+def _bpe_model(v: Vocab, index: dict[str, int], merges: list[tuple[str, str]], **kw) -> models.BPE:
     try:
         return models.BPE(vocab=index, merges=merges, **kw)
     except Exception:  # a merge of tokens the vocabulary lacks: llama.cpp cannot use it either
         ok = [(a, b) for a, b in merges if a in index and b in index and a + b in index]
+    try:
         return models.BPE(vocab=index, merges=ok, **kw)
+    except Exception as e:
+        raise GGUFError(v.path, f"{_K}tokens: cannot build a BPE model from them ({e})") from None
 
 
 def _build_hf(v: Vocab, pre: PreTokenizer | None, index: dict[str, int]) -> HFTokenizer:
     if pre is None:  # SentencePiece: the whole fragment is one word; bytes for unknown characters
         unk = v.tokens[v.ids["unk"]] if v.ids.get("unk") is not None else None
-        return HFTokenizer(_bpe_model(index, _spm_merges(v, index), byte_fallback=True,
+        return HFTokenizer(_bpe_model(v, index, _spm_merges(v, index), byte_fallback=True,
                                       unk_token=unk))
-    hf = HFTokenizer(_bpe_model(index, _bpe_merges(v), ignore_merges=pre.ignore_merges))
+    hf = HFTokenizer(_bpe_model(v, index, _bpe_merges(v), ignore_merges=pre.ignore_merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [*splitters(pre), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return hf
@@ -325,7 +328,7 @@ class Tokenizer:
         bos = self.add_bos if add_bos is None else add_bos
         eos = (self.add_eos and add_bos is not False) if add_eos is None else add_eos
         ids = [self._need("bos")] if bos else []
-        for frag in self._partition(text, parse_special):
+        for frag in self._partition(_valid_utf8(text), parse_special):
             if isinstance(frag, int):
                 ids.append(frag)
             else:
@@ -401,6 +404,15 @@ class Tokenizer:
             raw = raw[1:]
         text = raw.decode("utf-8", errors="replace")
         return _clean_spaces(text) if self.clean_spaces else text
+
+
+def _valid_utf8(text: str) -> str:
+    """Lone surrogates (from undecodable input) become U+FFFD, as llama.cpp treats invalid UTF-8."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _byte_level_decode(text: str) -> bytes:

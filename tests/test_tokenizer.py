@@ -361,6 +361,11 @@ def test_malformed_metadata_is_a_gguf_error(what, md, key, value, message):
     assert "\n" not in str(err.value)
 
 
+def test_lone_surrogates_encode_as_replacement_characters():
+    tok = Tokenizer.from_metadata(bpe_metadata())
+    assert tok.encode("a\udcff") == tok.encode("a\ufffd\ufffd\ufffd")  # its 3 UTF-8 bytes
+
+
 def test_token_id_out_of_range_in_decode():
     tok = Tokenizer.from_metadata(bpe_metadata())
     with pytest.raises(FlexInferError, match="token id 999 is outside the vocabulary"):
