@@ -315,7 +315,8 @@ class Tokenizer:
     def _phi3_rstrip(self, index: dict[str, int]) -> frozenset[int]:
         """Special tokens after which whitespace is dropped: llama.cpp does this for phi-3."""
         strip = {i for _, i in self._specials} | ({index["</s>"]} if "</s>" in index else set())
-        return frozenset(strip - {index[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in index})
+        keep = {index[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in index}
+        return frozenset(strip - keep)
 
     # -- encoding --------------------------------------------------------------------------
 
