@@ -49,7 +49,7 @@ def _one_shot(model, a, prompt: str, messages) -> int:
     from flexinfer.generate import chat_prompt, generate
     ids = chat_prompt(model, messages) if messages else model.tokenize(prompt)
     times, tokens, text = RunTimes(), [], []
-    interrupted = False
+    interrupted, error = False, None
     try:
         for piece in generate(model, ids, times=times, **_sampling(a)):
             if piece.token >= 0:
@@ -60,17 +60,22 @@ def _one_shot(model, a, prompt: str, messages) -> int:
                 sys.stdout.flush()
     except KeyboardInterrupt:
         interrupted = True
+    except FlexInferError as e:  # an I/O fault mid-generation: keep what was made, then report
+        error = e
     stats = times.as_dict(model.stats)
     if a.json:
         out = {"prompt_tokens": ids, "tokens": tokens, "text": "".join(text), **stats}
-        if interrupted:
-            out["interrupted"] = True
+        if interrupted or error:
+            out["interrupted" if interrupted else "error"] = True if interrupted else str(error)
         print(json.dumps(out))
     else:
         print()
-        print(_stats_line(times, stats), file=sys.stderr)
+        if not error:
+            print(_stats_line(times, stats), file=sys.stderr)
     if interrupted:
         raise KeyboardInterrupt
+    if error:
+        raise error
     return 0
 
 

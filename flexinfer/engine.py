@@ -87,6 +87,7 @@ class Engine:
         self.alloc = Allocator()
         self._sets: dict[tuple[int, int, int], GraphSet] = {}
         self._reserve()
+        self._graphs(1, min(kv.n_ctx, KV_BUCKET), 1)  # the decode graphs, built before timing
 
     def _reserve(self) -> None:
         """Size the compute buffer for the largest graphs once, so it never moves afterwards."""

@@ -210,6 +210,7 @@ class WeightStore:
         """Copy the token_embd rows of `tokens` (raw, still quantized) to dst, one after another."""
         info = self._embd
         rb = row_bytes(info.type, info.shape[0])
+        self.reader.check_unchanged()
         view = ggml_ops.memview(dst, rb * len(tokens))
         for i, tok in enumerate(tokens):
             got = os.preadv(self._rows_fd, [view[i * rb:(i + 1) * rb]], info.offset + tok * rb)
