@@ -1,0 +1,135 @@
+"""`flexinfer bench MODEL --budgets 1G,1.5G,2G --modes mmap,...,flexinfer [--peer llama.cpp]
+--out DIR`: throughput against memory budget (cli.py wires it in).
+
+Also runnable alone: python -m flexinfer.bench.cli_bench MODEL --budgets ... --out DIR
+Sizes are binary: 1.5G = 1.5 GiB = 1.5 * 2^30 bytes (K, M, G, T; a trailing B or iB is allowed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shlex
+import sys
+
+from flexinfer.bench import sweep
+from flexinfer.errors import FlexInferError
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise FlexInferError(f"--budgets: {text!r} is not a size (e.g. 1.5G, 800M, 2147483648)")
+    return int(float(m[1]) * UNITS[m[2].upper()])
+
+
+def parse_list(text: str, flag: str, convert) -> tuple:
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise FlexInferError(f"{flag}: empty list")
+    return tuple(convert(t.strip()) for t in items)
+
+
+def positive_int(flag: str):
+    def convert(text: str) -> int:
+        if not text.isdigit() or int(text) <= 0:
+            raise FlexInferError(f"{flag}: {text!r} is not a positive integer")
+        return int(text)
+    return convert
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="throughput against memory budget for every offload "
+                                            "mode (and llama.cpp), as a table and a plot")
+    p.add_argument("model", help="GGUF model file")
+    p.add_argument("--budgets", required=True, help="comma-separated sizes, e.g. 1G,1.5G,2G,3G")
+    p.add_argument("--modes", default=",".join(sweep.MODES),
+                   help=f"comma-separated, from {', '.join(sweep.MODES)} (default: all; "
+                        "'' with --peer: the peer alone)")
+    p.add_argument("--peer", action="append", default=[], choices=sorted(sweep.PEERS),
+                   help="also run llama.cpp (mmap and repack) through llama-cpp-python")
+    p.add_argument("--tokens", "-n", default="32", help="tokens generated per point (default 32)")
+    p.add_argument("--prompt-tokens", default="16", help="comma-separated prompt lengths; each "
+                   "is its own set of points and prefill table; decode uses the first (default 16)")
+    p.add_argument("--threads", "-t", default="2", help="compute threads (default 2)")
+    p.add_argument("--ctx", "-c", default="0", help="context length (default: prompt + tokens, "
+                   "rounded up to 256)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point (1800)")
+    p.add_argument("--disk-bw", help="disk bandwidth, e.g. 1.6G (per second); default: measure")
+    p.add_argument("--t-cpu", type=float, help="decode s/token fully resident; default: measure")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=bench_main)
+    return p
+
+
+def peer_modes(peers: list[str], log) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The peers' modes, or a note per peer that cannot run here."""
+    modes, notes = [], []
+    for peer in peers:
+        if importlib.util.find_spec("llama_cpp") is None:
+            notes.append(f"peer {peer} skipped: llama_cpp is not importable "
+                         "(pip install 'flexinfer[peers]')")
+            log(f"bench: {notes[-1]}")
+        else:
+            modes += sweep.PEERS[peer]
+    return tuple(modes), tuple(notes)
+
+
+def options_from_args(args, log=sweep._stderr) -> sweep.BenchOptions:
+    if not os.path.isfile(args.model):
+        raise FlexInferError(f"{args.model}: no such model file")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())  # "": peers only
+    unknown = [m for m in modes if m not in sweep.MODES]
+    if unknown:
+        raise FlexInferError(f"--modes: {', '.join(unknown)} unknown "
+                             f"(use {', '.join(sweep.MODES)})")
+    extra, notes = peer_modes(args.peer, log)
+    if not modes + extra:
+        raise FlexInferError("--modes: nothing to run (no mode, and no peer that can run)")
+    opts = sweep.BenchOptions(
+        model=args.model, budgets=tuple(sorted(parse_list(args.budgets, "--budgets", parse_size))),
+        modes=modes + extra, out_dir=args.out,
+        tokens=positive_int("--tokens")(args.tokens),
+        prompt_tokens=parse_list(args.prompt_tokens, "--prompt-tokens",
+                                 positive_int("--prompt-tokens")),
+        threads=positive_int("--threads")(args.threads),
+        ctx=positive_int("--ctx")(args.ctx) if args.ctx != "0" else None,
+        timeout_s=args.timeout, disk_bw=parse_size(args.disk_bw) if args.disk_bw else None,
+        t_cpu=args.t_cpu, command_line=shlex.join(sys.argv), notes=notes)
+    check_ctx(opts)
+    return opts
+
+
+def check_ctx(opts: sweep.BenchOptions):
+    need = max(opts.prompt_tokens) + opts.tokens + 1
+    if opts.ctx and opts.ctx < need:
+        raise FlexInferError(f"--ctx {opts.ctx} cannot hold a prompt of {max(opts.prompt_tokens)} "
+                             f"and {opts.tokens} generated tokens (needs {need})")
+
+
+def bench_main(args) -> int:
+    opts = options_from_args(args)
+    results = sweep.run_sweep(opts)
+    ok = sum(r["status"] == "ok" for r in results["rows"])
+    sys.stderr.write(f"bench: {ok}/{len(results['rows'])} points ok; wrote results.json, "
+                     f"results.md, throughput.png in {opts.out_dir}\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="flexinfer")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return bench_main(args)
+    except FlexInferError as e:
+        print(f"flexinfer: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
