@@ -82,12 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional(sub) -> None:
     """Subcommands from the bench package (synthetic models, sweeps)."""
+    from flexinfer.bench.cli_bench import add_bench_parser
     from flexinfer.bench.cli_synth import add_synth_parser
     add_synth_parser(sub)
-    try:
-        from flexinfer.bench.harness import add_bench_parser
-    except ImportError:  # the harness needs the bench extra (matplotlib)
-        return
     add_bench_parser(sub)
 
 

@@ -15,16 +15,15 @@ import shlex
 import sys
 
 from flexinfer.bench import sweep
+from flexinfer.budget import parse_size as budget_parse_size
 from flexinfer.errors import FlexInferError
 
-UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise FlexInferError(f"--budgets: {text!r} is not a size (e.g. 1.5G, 800M, 2147483648)")
-    return int(float(m[1]) * UNITS[m[2].upper()])
+def parse_size(text: str, option: str = "--budgets") -> int:
+    """The same sizes as --memory-budget: K/M/G decimal (the paper's and the issue's GB), KiB/MiB/GiB
+    binary, so a sweep point and a run with the same words get the same bytes."""
+    return budget_parse_size(text, option)
 
 
 def parse_list(text: str, flag: str, convert) -> tuple:
@@ -101,7 +100,7 @@ def options_from_args(args, log=sweep._stderr) -> sweep.BenchOptions:
                                  positive_int("--prompt-tokens")),
         threads=positive_int("--threads")(args.threads),
         ctx=positive_int("--ctx")(args.ctx) if args.ctx != "0" else None,
-        timeout_s=args.timeout, disk_bw=parse_size(args.disk_bw) if args.disk_bw else None,
+        timeout_s=args.timeout, disk_bw=parse_size(args.disk_bw, "--disk-bw") if args.disk_bw else None,
         t_cpu=args.t_cpu, command_line=shlex.join(sys.argv), notes=notes)
     check_ctx(opts)
     return opts
