@@ -39,10 +39,12 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> ModelConfig:
-        m, arch = g.metadata, g.architecture
-        if arch not in ARCHITECTURES:
-            raise GGUFError(g.path, f"metadata 'general.architecture': {arch!r} is not supported "
-                                    f"(supported: {', '.join(ARCHITECTURES)})")
+        m, arch = g.metadata, g.metadata.get("general.architecture")
+        if arch is None:
+            raise GGUFError(g.path, "metadata 'general.architecture' is missing")
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:  # a crafted file may hold a list
+            raise GGUFError(g.path, f"metadata 'general.architecture': {_show(arch)} is not "
+                                    f"supported (supported: {', '.join(ARCHITECTURES)})")
 
         def get(key, kind, default=None, lo=None, hi=None):
             full = f"{arch}.{key}"
@@ -53,7 +55,8 @@ class ModelConfig:
             if kind is int:
                 ok = ok and float(v).is_integer()
             if not ok or not math.isfinite(v):
-                raise GGUFError(g.path, f"metadata '{full}': {_show(v)} is not a {kind.__name__}")
+                noun = "an integer" if kind is int else "a finite number"
+                raise GGUFError(g.path, f"metadata '{full}': {_show(v)} is not {noun}")
             v = kind(v)
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 raise GGUFError(g.path, f"metadata '{full}': {v} is out of range [{lo}, {hi}]")
@@ -70,6 +73,9 @@ class ModelConfig:
                                     f"does not divide head_count {n_head}")
         head_dim = n_embd // n_head
         scaling = m.get(f"{arch}.rope.scaling.type", "none")
+        if not isinstance(scaling, str):
+            raise GGUFError(g.path, f"metadata '{arch}.rope.scaling.type': {_show(scaling)} is "
+                                    "not a string")
         factor = get("rope.scaling.factor", float, 1.0, lo=1e-6, hi=1e6)
         embd = g.tensors.get("token_embd.weight")
         return cls(
@@ -95,5 +101,5 @@ def _even(g: GGUFFile, arch: str, n_rot: int) -> int:
 
 
 def _show(v) -> str:
-    s = repr(v)
+    s = repr(v).replace("\n", " ")  # numpy breaks long reprs over lines; messages are one line
     return s if len(s) < 40 else s[:37] + "..."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,10 @@ MAX_TENSORS = 1 << 16  # a 70B llama has 723
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME is 64 including the NUL
 MAX_ARRAY_DEPTH = 2  # arrays of arrays exist (merges in old files); deeper is hostile
+# Elements in one metadata array: the largest vocabularies have ~260k tokens and merges. With the
+# bytes-left check this also bounds memory: a list of 4M two-byte strings is ~250 MB of Python.
+MAX_ARRAY = 1 << 22
+MAX_NESTED = 1 << 16  # arrays in one array of arrays: each is a Python object ten times its bytes
 
 # GGML type id -> (name, block size in elements, bytes per block). Checked against ggml in the tests.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -89,6 +94,17 @@ class GGUFFile:
         return self.metadata.get("general.architecture", "")
 
 
+def show_name(name: str) -> str:
+    """A key or tensor name from the file, fit for a one-line message: quoted, escaped, short."""
+    return repr(name if len(name) <= 80 else name[:80] + "...")
+
+
+def _show(v) -> str:
+    """A metadata value for a one-line message: its repr, cut short (it may be a 150k-item list)."""
+    s = repr(v).replace("\n", " ")
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
 def row_bytes(type_id: int, ne0: int) -> int:
     """Bytes of one row of ne0 elements (ne0 must be a multiple of the block size)."""
     _, blck, size = GGML_TYPES[type_id]
@@ -120,8 +136,10 @@ class _Cursor:
     def u32(self, what): return self.scalar("<I", what)
     def u64(self, what): return self.scalar("<Q", what)
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = None) -> str:
         n = self.u64(what)
+        if limit is not None and n > limit:
+            self.fail(f"{what}: length {n} exceeds {limit} bytes")
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
@@ -132,29 +150,35 @@ class _Cursor:
 
 
 def _value(c: _Cursor, vtype: int, key: str, depth: int = 0):
+    where = f"metadata {show_name(key)}"
     if vtype in _SCALARS:
-        return c.scalar(_SCALARS[vtype][1], f"metadata '{key}'")
+        return c.scalar(_SCALARS[vtype][1], where)
     if vtype == _STRING:
-        return c.string(f"metadata '{key}'")
+        return c.string(where)
     if vtype != _ARRAY:
-        c.fail(f"metadata '{key}': unknown value type {vtype}")
+        c.fail(f"{where}: unknown value type {vtype}")
     if depth >= MAX_ARRAY_DEPTH:
-        c.fail(f"metadata '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}")
-    etype = c.u32(f"metadata '{key}' array type")
-    count = c.u64(f"metadata '{key}' array length")
+        c.fail(f"{where}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
+    etype = c.u32(f"{where} array type")
+    count = c.u64(f"{where} array length")
+    if count > MAX_ARRAY:
+        c.fail(f"{where}: array length {count} exceeds {MAX_ARRAY}")
     if etype in _NUMPY:
         size = struct.calcsize(_SCALARS[etype][1])
-        c.need(count * size, f"metadata '{key}' array of {count} {_SCALARS[etype][0]}")
+        c.need(count * size, f"{where} array of {count} {_SCALARS[etype][0]}")
         arr = np.frombuffer(c.buf, dtype=_NUMPY[etype], count=count, offset=c.pos).copy()
         c.pos += count * size
         return arr.astype(bool) if etype == 7 else arr
-    if etype not in (_STRING, _ARRAY):
-        c.fail(f"metadata '{key}': unknown array element type {etype}")
-    # every element takes at least 8 bytes (a string or array length), so a count that cannot fit
-    # in what is left is refused before the loop starts
-    c.need(count * 8, f"metadata '{key}' array of {count} elements")
     if etype == _STRING:
+        # every string takes at least 8 bytes (its length): a count that cannot fit in what is
+        # left is refused before the loop starts
+        c.need(count * 8, f"{where} array of {count} strings")
         return _strings(c, count, key)
+    if etype != _ARRAY:
+        c.fail(f"{where}: unknown array element type {etype}")
+    if count > MAX_NESTED:
+        c.fail(f"{where}: array of {count} arrays exceeds {MAX_NESTED}")
+    c.need(count * 12, f"{where} array of {count} arrays")  # each: u32 type + u64 count
     return [_value(c, _ARRAY, key, depth + 1) for _ in range(count)]
 
 
@@ -164,26 +188,26 @@ def _strings(c: _Cursor, count: int, key: str) -> list[str]:
     for i in range(count):  # the hot loop of a 150k vocabulary: kept flat
         if end - pos < 8:
             c.pos = pos
-            c.need(8, f"metadata '{key}'[{i}]")
+            c.need(8, f"metadata {show_name(key)}[{i}]")
         (n,) = unpack(buf, pos)
         pos += 8
         if n > end - pos:
             c.pos = pos
-            c.need(n, f"metadata '{key}'[{i}]")
+            c.need(n, f"metadata {show_name(key)}[{i}]")
         try:
             out.append(str(buf[pos:pos + n], "utf-8"))
         except UnicodeDecodeError as e:
-            c.fail(f"metadata '{key}'[{i}]: string is not valid UTF-8 ({e.reason})")
+            c.fail(f"metadata {show_name(key)}[{i}]: string is not valid UTF-8 ({e.reason})")
         pos += n
     c.pos = pos
     return out
 
 
-def _tensor_info(c: _Cursor, seen: set[str]) -> tuple[str, int, tuple[int, ...], int]:
-    name = c.string("tensor name")
-    where = f"tensor '{name[:80]}'"
-    if not name or len(name.encode()) > MAX_NAME:
-        c.fail(f"{where}: name must be 1 to {MAX_NAME} bytes")
+def _tensor_info(c: _Cursor, seen: set[str], i: int) -> tuple[str, int, tuple[int, ...], int]:
+    name = c.string(f"tensor #{i} name", limit=MAX_NAME)
+    where = f"tensor {show_name(name)}"
+    if not name:
+        c.fail(f"tensor #{i}: name is empty")
     if name in seen:
         c.fail(f"{where}: name appears twice")
     seen.add(name)
@@ -198,7 +222,7 @@ def _tensor_info(c: _Cursor, seen: set[str]) -> tuple[str, int, tuple[int, ...],
 
 def _check_tensor(path: str, name: str, ttype: int, shape: tuple[int, ...]) -> int:
     """Returns the tensor's byte size after checking its type and shape."""
-    where = f"tensor '{name}'"
+    where = f"tensor {show_name(name)}"
     if ttype not in GGML_TYPES:
         raise GGUFError(path, f"{where}: unknown ggml type {ttype}")
     tname, blck, size = GGML_TYPES[ttype]
@@ -218,7 +242,7 @@ def _check_tensor(path: str, name: str, ttype: int, shape: tuple[int, ...]) -> i
 def _alignment(path: str, metadata: dict) -> int:
     a = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(a, int) or isinstance(a, bool) or a <= 0 or a & (a - 1) or a > MAX_ALIGNMENT:
-        raise GGUFError(path, f"metadata 'general.alignment': {a!r} is not a power of two "
+        raise GGUFError(path, f"metadata 'general.alignment': {_show(a)} is not a power of two "
                               f"from 1 to {MAX_ALIGNMENT}")
     return a
 
@@ -228,18 +252,29 @@ def _place_tensors(path, raw, data_offset, alignment, file_size) -> dict[str, Te
     for name, ttype, shape, rel in raw:
         nbytes = _check_tensor(path, name, ttype, shape)
         if rel % alignment:
-            raise GGUFError(path, f"tensor '{name}': offset {rel} is not a multiple of the "
-                                  f"alignment {alignment}")
+            raise GGUFError(path, f"tensor {show_name(name)}: offset {rel} is not a multiple of "
+                                  f"the alignment {alignment}")
         tensors[name] = TensorInfo(name, ttype, shape, data_offset + rel, nbytes)
-    spans = sorted(tensors.values(), key=lambda t: t.offset)
+    _check_spans(path, sorted(tensors.values(), key=lambda t: t.offset), file_size)
+    return tensors
+
+
+def _check_spans(path: str, spans: list[TensorInfo], file_size: int) -> None:
+    """Tensors sorted by offset must not overlap and must end inside the file."""
     for a, b in zip(spans, spans[1:]):
         if a.offset + a.nbytes > b.offset:
-            raise GGUFError(path, f"tensor '{a.name}' overlaps tensor '{b.name}'")
-    if spans and spans[-1].offset + spans[-1].nbytes > file_size:
-        last = spans[-1]
-        raise GGUFError(path, f"tensor '{last.name}' ends at byte {last.offset + last.nbytes} "
-                              f"but the file has {file_size} bytes (incomplete download?)")
-    return tensors
+            raise GGUFError(path, f"tensor {show_name(a.name)} overlaps tensor "
+                                  f"{show_name(b.name)}")
+    # sorted and disjoint: the first tensor past the end is the one to blame. A file cut short
+    # ends inside a tensor (or at a tensor's start); a crafted offset points far beyond the end.
+    for t in spans:
+        end, where = t.offset + t.nbytes, f"tensor {show_name(t.name)}"
+        if end > file_size and t.offset > file_size:
+            raise GGUFError(path, f"{where}: data at bytes {t.offset}..{end} lies beyond the end "
+                                  f"of the file ({file_size} bytes): bad offset or truncated file")
+        if end > file_size:
+            raise GGUFError(path, f"{where} ends at byte {end} but the file has {file_size} "
+                                  "bytes (truncated file, incomplete download?)")
 
 
 def _parse(buf, path: str, file_size: int) -> GGUFFile:
@@ -250,25 +285,27 @@ def _parse(buf, path: str, file_size: int) -> GGUFFile:
     c.pos = 4
     version = c.u32("version")
     if version not in SUPPORTED_VERSIONS:
-        c.fail(f"GGUF version {version} is not supported (only {SUPPORTED_VERSIONS})")
+        c.fail(f"GGUF version {version} is not supported "
+               f"(only {' and '.join(map(str, SUPPORTED_VERSIONS))})")
     n_tensors, n_kv = c.u64("tensor count"), c.u64("metadata count")
     if n_tensors > MAX_TENSORS:
         c.fail(f"tensor count {n_tensors} exceeds {MAX_TENSORS}")
     if n_kv > MAX_KV:
         c.fail(f"metadata count {n_kv} exceeds {MAX_KV}")
     metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = c.string("metadata key")
+    key = ""
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}" + (f" (after {show_name(key)})" if i else ""))
         if key in metadata:
-            c.fail(f"metadata '{key}' appears twice")
-        metadata[key] = _value(c, c.u32(f"metadata '{key}' type"), key)
+            c.fail(f"metadata {show_name(key)} appears twice")
+        metadata[key] = _value(c, c.u32(f"metadata {show_name(key)} type"), key)
     seen: set[str] = set()
-    raw = [_tensor_info(c, seen) for _ in range(n_tensors)]
+    raw = [_tensor_info(c, seen, i) for i in range(n_tensors)]
     alignment = _alignment(path, metadata)
     data_offset = (c.pos + alignment - 1) // alignment * alignment
     if n_tensors and data_offset > file_size:
-        c.fail(f"tensor data section starts at {data_offset} beyond the end of the file "
-               f"({file_size} bytes)")
+        c.fail(f"tensor data section starts at byte {data_offset}, beyond the end of the file "
+               f"({file_size} bytes; truncated file?)")
     tensors = _place_tensors(path, raw, data_offset, alignment, file_size)
     return GGUFFile(path, version, metadata, tensors, alignment, data_offset, file_size)
 
@@ -277,6 +314,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse and validate the header of a GGUF file. Raises GGUFError naming the file on any fault."""
     path = os.fspath(path)
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block open(), a device might never end
+            raise GGUFError(path, "is a directory" if stat.S_ISDIR(mode) else "not a regular file")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:

@@ -19,7 +19,8 @@ F32 = 0
 
 def specs_for(g: GGUFFile, cfg: ModelConfig) -> list:
     """The architecture's tensor specs for this file, checked against it before any allocation:
-    every required tensor present, with the shape and a type the architecture can compute."""
+    every required tensor present, with the shape and a type the architecture can compute, and
+    as many embedding rows (and output columns) as the tokenizer has tokens."""
     arch = ARCHS[cfg.arch]
     tied = "output.weight" not in g.tensors
     specs = arch.tensor_specs(cfg, tied, arch.QKV_BIAS)
@@ -28,6 +29,10 @@ def specs_for(g: GGUFFile, cfg: ModelConfig) -> list:
         if t is None:
             raise GGUFError(g.path, f"tensor '{s.name}' is missing ({cfg.arch} needs it)")
         _check_one(g, s, t)
+    tokens = g.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != cfg.n_vocab:  # output.weight matched above
+        raise GGUFError(g.path, f"tensor 'token_embd.weight' has {cfg.n_vocab} rows but "
+                                f"'tokenizer.ggml.tokens' has {len(tokens)} tokens")
     return specs
 
 
