@@ -14,7 +14,8 @@ The budget is spent as FlexInfer spends it:
 Memory, for a per-layer streamed amount S:
   fixed + resident(S) + window * slot(S) + staging(S) <= budget, with slot(S) = max_l streamed_l.
 A larger S frees resident bytes faster than it grows the slots (there are more layers than slots),
-so the smallest S that fits is found by bisection.
+so the smallest S that fits is found by bisection, up to the S where that stops being true (a
+layer much larger than the rest, see _solve).
 """
 
 from __future__ import annotations
@@ -138,23 +139,32 @@ def _streamed(layers, rows) -> dict[int, int]:
 
 
 def simulate(loads: list[tuple[float, float]], computes: list[float], window: int,
-             tokens: int = 4) -> float:
+             tokens: int = 5) -> float:
     """Seconds per token in steady state for a layer pipeline: one reader thread (io), one converter
-    (repack, which shares the cores with compute), compute in layer order, `window` slots."""
+    (repack, which shares the cores with compute), compute in layer order, `window` slots.
+
+    Only layers with io > 0 take a slot, as in the prefetcher: the j-th streamed layer may be read
+    once the (j - window)-th streamed layer has been computed, so the reader works ahead through
+    resident layers (and across the token boundary) instead of waiting for them.
+    The pipeline can settle into a cycle longer than one token, so the first token (the warm-up)
+    is dropped and the others are averaged."""
+    assert tokens >= 2, "one warm-up token, then at least one measured"
     n = len(computes)
     read_end = conv_end = 0.0
     comp_end: list[float] = []
+    streamed: list[int] = []  # positions k of the streamed layers so far
     for k in range(n * tokens):
         io, conv = loads[k % n]
-        slot_free = comp_end[k - window] if window and k >= window and io > 0 else 0.0
+        ready = 0.0
         if io > 0:
+            slot_free = comp_end[streamed[-window]] if window and len(streamed) >= window else 0.0
             read_end = max(read_end, slot_free) + io
             conv_end = max(conv_end, read_end) + conv
-        ready = conv_end if io > 0 else 0.0
+            ready = conv_end
+            streamed.append(k)
         start = max(ready, comp_end[-1] if comp_end else 0.0)
         comp_end.append(start + computes[k % n] + conv)
-    last, prev = comp_end[-1], comp_end[-1 - n]
-    return last - prev
+    return (comp_end[-1] - comp_end[n - 1]) / (tokens - 1)
 
 
 def _cost(layers, rows, machine: Machine, window: int, sync: bool) -> tuple[float, float, float]:
@@ -191,6 +201,9 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
         win = min(win, sum(1 for s in streamed.values() if s)) if slot else 0
         stg = _staging(tensors, rows) if slot else 0
         t_io, t_cpu, pred = _cost(layers, rows, machine, win, mode == "sync")
+        if mode == "mmap":  # page faults block the computing thread: sync I/O of what misses
+            t_io = max(0, total - max(0, budget - fixed)) / machine.disk_bw
+            pred = t_io + t_cpu
         return Plan(
             mode=mode, budget_bytes=budget, fixed_bytes=fixed, resident_rows=rows, window=win,
             slot_bytes=slot, staging_bytes=stg, resident_bytes=total - sum(streamed.values()),
@@ -201,24 +214,28 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
 
     all_rows = {t.name: t.rows for t in tensors}
     if mode == "mmap":
-        return finish({t.name: t.rows for t in tensors}, 0, "mmap", ("the OS pages weights in",))
+        note = "the OS pages weights in; predicted as if the page cache kept budget - fixed bytes"
+        return finish(all_rows, 0, "mmap", (note,))
     if mode != "prefetch" and fixed + total <= budget:
         return finish(all_rows, 0, "all-resident")
-    win = window or (1 if mode == "sync" else 2)
-    minimum = fixed + win * largest_layer + STAGING_BUFFERS * (biggest + 8192)
-    if minimum > budget:
-        raise BudgetError(minimum, budget)
+    win = min(window or (1 if mode == "sync" else 2), len(layers))  # more slots than layers: unused
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked
+        minimum = fixed + win * largest_layer + STAGING_BUFFERS * (biggest + 8192)
+        if minimum > budget:
+            raise BudgetError(minimum, budget)
         return finish({t.name: 0 for t in tensors}, win, "none")
-    best = None
+    best, minimum = None, None
     for name, order in orders.items():
-        rows = _solve(layers, tensors, budget - fixed, win, order, balance)
+        rows, least = _solve(layers, tensors, budget - fixed, win, order, balance)
+        minimum = fixed + least if minimum is None else min(minimum, fixed + least)
+        if rows is None:
+            continue
         cand = finish(rows, win, name if balance else f"{name}, whole layers")
         if cand.total_bytes() <= budget and (best is None or cand.predicted_s < best.predicted_s):
             best = cand
-    if best is None:
-        raise BudgetError(minimum, budget)
+    if best is None:  # keeping everything resident always works, whatever the window
+        raise BudgetError(min(minimum, fixed + total), budget)
     return best
 
 
@@ -227,24 +244,46 @@ def _staging(tensors, rows) -> int:
     return max((t.rows - rows[t.name]) * t.row_bytes for t in tensors) + 8192
 
 
-def _solve(layers, tensors, room: int, win: int, order, balance: bool) -> dict[str, int]:
-    """Smallest per-layer streamed amount (or, unbalanced, largest resident prefix) that fits."""
-    def used(rows):
-        streamed = _streamed(layers, rows)
-        resident = sum(t.nbytes for t in tensors) - sum(streamed.values())
-        stg = _staging(tensors, rows) if any(streamed.values()) else 0
-        n_str = sum(1 for s in streamed.values() if s)
-        return resident + min(win, n_str) * max(streamed.values()) + STAGING_BUFFERS * stg
+def _used(layers, tensors, win: int, rows) -> int:
+    """Bytes a plan takes beyond `fixed`: resident rows, the slots and the staging buffers."""
+    streamed = _streamed(layers, rows)
+    resident = sum(t.nbytes for t in tensors) - sum(streamed.values())
+    stg = _staging(tensors, rows) if any(streamed.values()) else 0
+    n_str = sum(1 for s in streamed.values() if s)
+    return resident + min(win, n_str) * max(streamed.values()) + STAGING_BUFFERS * stg
 
-    hi = max(sum(t.nbytes for t in ts) for ts in layers.values())
+
+def _solve(layers, tensors, room: int, win: int, order, balance: bool):
+    """(rows, least): the smallest per-layer streamed amount (or, unbalanced, the largest resident
+    prefix) that fits in `room`, None when nothing fits; and the least room any choice needs.
+
+    Balanced, the room used as a function of the streamed amount S falls while every layer larger
+    than S gives up S and only `win` slots (and the staging) grow with it; once S passes the size of
+    all but a few layers, it rises again. A tied head (token_embd as output) is often 8x a block
+    (SmolLM2: 17.7 MB vs 2.2 MB), so streaming it whole would need 2 slots and 2 staging buffers of
+    the head, more than the model. The bottom of that valley lies at a layer size; only the falling
+    side below it is bisected."""
+    def used(rows):
+        return _used(layers, tensors, win, rows)
+
     if not balance:
+        least = used(_assign(layers, 0, order, True))
+        if least > room:
+            return None, least
         lo, top = 0, sum(t.nbytes for t in tensors)  # resident bytes, whole layers first
         while top - lo > 4096:
             mid = (lo + top) // 2
             lo, top = (mid, top) if used(_assign(layers, mid, order, True)) <= room else (lo, mid)
-        return _assign(layers, lo, order, True)
+        return _assign(layers, lo, order, True), least
+    # below the size of the (win + STAGING_BUFFERS + 1)-th largest layer, more layers give up bytes
+    # than slots and staging take: only the largest sizes can be the bottom
+    sizes = sorted((sum(t.nbytes for t in ts) for ts in layers.values()), reverse=True)
+    tops = set(sizes[:win + STAGING_BUFFERS + 1])
+    least, hi = min((used(_assign(layers, s, order, False)), s) for s in tops)
+    if least > room:
+        return None, least
     lo = 0
     while hi - lo > 4096:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if used(_assign(layers, mid, order, False)) <= room else (mid, hi)
-    return _assign(layers, hi, order, False)
+    return _assign(layers, hi, order, False), least

@@ -1,0 +1,395 @@
+"""Planner invariants: a pure function of sizes, so every claim is checked on model shapes alone.
+
+Shapes: Llama-2-7B in Q4_0 (32 identical blocks, a head smaller than a block), a SmolLM2-135M-like
+Q4_1 model whose tied head (token_embd, 17.7 MB) is 8x a block (2.2 MB), and a mixed-quant model
+(every other block has Q6_K attn_v/ffn_down, so blocks differ in size; a head of 32003 rows, not a
+multiple of ROW_ALIGN). Machine speeds are those of the brief: 1.6 GB/s disk, 14 GB/s compute,
+8 GB/s repack.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexinfer.planner import (POLICIES, ROW_ALIGN, STAGING_BUFFERS, BudgetError, Machine,
+                               PlanTensor, plan, simulate)
+
+MACHINE = Machine(disk_bw=1.6e9, compute_bw=14e9, repack_bw=8e9)
+ATTN = ("attn_q", "attn_k", "attn_v", "attn_output")
+FFN = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+def _t(layer, kind, rows, row_bytes, repacked=True, name=None):
+    return PlanTensor(name or f"blk.{layer}.{kind}.weight", layer, kind, rows, row_bytes, repacked)
+
+
+def llama7b() -> list[PlanTensor]:
+    """4096 x 4096 Q4_0 rows are 128 blocks of 18 bytes = 2304; ffn_down rows (11008) are 6192."""
+    out = []
+    for il in range(32):
+        out += [_t(il, k, 4096, 2304) for k in ATTN]
+        out += [_t(il, "ffn_gate", 11008, 2304), _t(il, "ffn_up", 11008, 2304),
+                _t(il, "ffn_down", 4096, 6192)]
+    return out + [_t(32, "output", 32000, 2304, name="output.weight")]
+
+
+def smollm2() -> list[PlanTensor]:
+    """n_embd 576 (Q4_1 rows: 18 blocks of 20 bytes = 360), n_ff 1536 (ffn_down rows 960), GQA 9/3
+    heads, tied head of 49152 rows; Q4_1 is not repacked."""
+    out = []
+    for il in range(30):
+        out += [_t(il, "attn_q", 576, 360, False), _t(il, "attn_k", 192, 360, False),
+                _t(il, "attn_v", 192, 360, False), _t(il, "attn_output", 576, 360, False),
+                _t(il, "ffn_gate", 1536, 360, False), _t(il, "ffn_up", 1536, 360, False),
+                _t(il, "ffn_down", 576, 960, False)]
+    return out + [_t(30, "output", 49152, 360, False, name="token_embd.weight")]
+
+
+def mixed() -> list[PlanTensor]:
+    """Q4_K_M-like: even blocks keep attn_v and ffn_down in Q6_K (3360 / 9030 bytes a row)."""
+    out = []
+    for il in range(12):
+        big = il % 2 == 0
+        out += [_t(il, "attn_q", 4096, 2304), _t(il, "attn_k", 1024, 2304),
+                _t(il, "attn_v", 1024, 3360 if big else 2304), _t(il, "attn_output", 4096, 2304),
+                _t(il, "ffn_gate", 11008, 2304), _t(il, "ffn_up", 11008, 2304),
+                _t(il, "ffn_down", 4096, 9030 if big else 6192, repacked=not big)]
+    return out + [_t(12, "output", 32003, 3360, False, name="output.weight")]
+
+
+SHAPES = {"llama7b": (llama7b(), 300_000_000), "smollm2": (smollm2(), 12_000_000),
+          "mixed": (mixed(), 150_000_000)}  # (tensors, fixed bytes)
+
+
+def total(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+def budget_at(shape: str, frac: float) -> tuple[list[PlanTensor], int, int]:
+    tensors, fixed = SHAPES[shape]
+    return tensors, fixed, fixed + int(frac * total(tensors))
+
+
+def resident_per_layer(p) -> list[int]:
+    return [b - s for b, s in zip(p.layer_bytes, p.streamed_per_layer)]
+
+
+def streamed_parts(tensors, p) -> list[int]:
+    return [(t.rows - p.resident_rows[t.name]) * t.row_bytes for t in tensors]
+
+
+shapes = st.sampled_from(sorted(SHAPES))
+fracs = st.floats(0.0, 1.1)
+modes = st.sampled_from(["flexinfer", "sync", "prefetch"])
+windows = st.sampled_from([None, 1, 3])
+FAST = settings(max_examples=40, deadline=None)
+
+
+# ---- never over budget
+@FAST
+@given(shapes, fracs, modes, st.booleans(), st.sampled_from(["auto", "ffn", "attn"]), windows)
+def test_never_over_budget(shape, frac, mode, balance, preserve, window):
+    tensors, fixed, budget = budget_at(shape, frac)
+    kw = dict(mode=mode, preserve=preserve, balance=balance, window=window)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, **kw)
+    except BudgetError as e:
+        assert e.minimum > budget and e.budget == budget
+        p = plan(tensors, e.minimum, fixed, MACHINE, **kw)  # the minimum it names is enough
+        assert p.total_bytes() <= e.minimum
+        return
+    assert p.total_bytes() <= budget
+
+
+def test_minimum_working_set_is_well_below_a_model_with_a_large_tied_head():
+    """Streaming SmolLM2's 17.7 MB head whole would need 2 slots and 2 staging buffers of it (71 MB,
+    84% of the model); keeping head rows resident and streaming a block's worth needs far less."""
+    tensors, fixed = SHAPES["smollm2"]
+    with pytest.raises(BudgetError) as e:
+        plan(tensors, fixed + 1, fixed, MACHINE)
+    assert e.value.minimum - fixed < 0.35 * total(tensors)
+    with pytest.raises(BudgetError):
+        plan(tensors, e.value.minimum - 1, fixed, MACHINE)
+    p = plan(tensors, e.value.minimum, fixed, MACHINE)
+    assert p.streamed_per_layer[-1] < p.layer_bytes[-1]  # head rows resident at the minimum
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("extra", [0, 1, 10**9])
+def test_whole_model_that_fits_stays_resident(shape, extra):
+    tensors, fixed = SHAPES[shape]
+    p = plan(tensors, fixed + total(tensors) + extra, fixed, MACHINE)
+    assert (p.window, p.streamed_bytes, p.slot_bytes, p.staging_bytes) == (0, 0, 0, 0)
+    assert p.resident_bytes == total(tensors)
+    assert all(p.resident_rows[t.name] == t.rows for t in tensors)
+    assert p.predicted_s == pytest.approx(total(tensors) / MACHINE.compute_bw)
+
+
+# ---- slots, staging, rows
+@FAST
+@given(shapes, fracs, st.booleans(), windows)
+def test_every_streamed_part_fits_its_slot_and_staging(shape, frac, balance, window):
+    tensors, fixed, budget = budget_at(shape, frac)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, balance=balance, window=window)
+    except BudgetError:
+        return
+    assert all(s <= p.slot_bytes for s in p.streamed_per_layer)
+    assert p.slot_bytes == max(p.streamed_per_layer)
+    assert p.staging_bytes >= max(streamed_parts(tensors, p))
+    assert p.resident_bytes + p.streamed_bytes == total(tensors)
+    n_streamed = sum(1 for s in p.streamed_per_layer if s)
+    assert (p.window >= 1) == (n_streamed > 0) and p.window <= n_streamed
+    assert p.total_bytes() == (fixed + p.resident_bytes + p.window * p.slot_bytes
+                               + STAGING_BUFFERS * p.staging_bytes)
+
+
+@FAST
+@given(shapes, fracs, st.booleans(), st.sampled_from(sorted(POLICIES)))
+def test_resident_rows_are_whole_row_groups(shape, frac, balance, preserve):
+    tensors, fixed, budget = budget_at(shape, frac)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, balance=balance, preserve=preserve)
+    except BudgetError:
+        return
+    assert set(p.resident_rows) == {t.name for t in tensors}
+    for t in tensors:
+        r = p.resident_rows[t.name]
+        assert 0 <= r <= t.rows and (r == t.rows or r % ROW_ALIGN == 0), (t.name, r)
+
+
+# ---- balance
+@FAST
+@given(shapes, st.floats(0.0, 1.0), st.sampled_from(sorted(POLICIES)))
+def test_balanced_blocks_stream_the_same_bytes(shape, frac, preserve):
+    """Every block keeps `size - S` bytes, filled tensor by tensor in policy order and rounded down
+    to ROW_ALIGN rows: only the first tensor cut short loses bytes, less than ROW_ALIGN of its rows,
+    and the tensors after it can only take from what is left. So a block that keeps anything streams
+    S + [0, ROW_ALIGN * largest row_bytes). A block that keeps nothing (smaller than S, or not even
+    one row group of its first tensor fits) streams its size, which is no more than the others."""
+    tensors, fixed, budget = budget_at(shape, frac)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, balance=True, preserve=preserve)
+    except BudgetError:
+        return
+    blocks = list(zip(p.streamed_per_layer[:-1], p.layer_bytes[:-1]))  # the head is apart
+    tol = ROW_ALIGN * max(t.row_bytes for t in tensors if t.kind != "output")
+    top = max(s for s, _ in blocks)
+    keeping = [s for s, size in blocks if s < size]
+    assert all(top - s < tol for s in keeping), (top, keeping, tol)
+    assert all(s <= top for s, size in blocks)
+    if shape == "llama7b":  # identical blocks: identical cuts
+        assert len({s for s, _ in blocks}) == 1
+
+
+@FAST
+@given(shapes, st.floats(0.0, 1.0))
+def test_unbalanced_keeps_whole_layers_from_the_first(shape, frac):
+    tensors, fixed, budget = budget_at(shape, frac)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, balance=False)
+    except BudgetError:
+        return
+    res = resident_per_layer(p)
+    for i in range(len(res) - 1):  # anything resident in layer i+1 means layer i is whole
+        assert res[i + 1] == 0 or res[i] == p.layer_bytes[i], (i, res)
+    if shape == "llama7b":
+        assert all(res[i] >= res[i + 1] for i in range(31))
+
+
+# ---- more memory never hurts
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("balance", [True, False])
+def test_more_budget_never_means_less_resident_or_slower(shape, balance):
+    tensors, fixed = SHAPES[shape]
+    prev = None
+    for i in range(41):
+        budget = fixed + int(total(tensors) * (0.25 + i * 0.02))
+        try:
+            p = plan(tensors, budget, fixed, MACHINE, balance=balance)
+        except BudgetError:
+            assert prev is None  # once a budget works, every larger one does
+            continue
+        if prev is not None:
+            assert p.resident_bytes >= prev.resident_bytes, budget
+            assert p.predicted_tok_s >= prev.predicted_tok_s * (1 - 1e-9), budget
+        prev = p
+    assert prev.policy == "all-resident"
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes, st.floats(0.0, 1.1), st.floats(0.0, 0.3))
+def test_monotone_for_any_pair_of_budgets(shape, frac, more):
+    tensors, fixed, budget = budget_at(shape, frac)
+    try:
+        lo = plan(tensors, budget, fixed, MACHINE)
+    except BudgetError:
+        return
+    hi = plan(tensors, budget + int(more * total(tensors)), fixed, MACHINE)
+    assert hi.resident_bytes >= lo.resident_bytes
+    assert hi.predicted_tok_s >= lo.predicted_tok_s * (1 - 1e-9)
+
+
+# ---- flexible preservation
+def _full(p, tensors, kinds) -> bool:
+    return all(p.resident_rows[t.name] == t.rows for t in tensors if t.kind in kinds)
+
+
+def test_ffn_policy_at_a_high_budget_keeps_ffn_and_streams_attention():
+    tensors, fixed, budget = budget_at("llama7b", 0.9)
+    p = plan(tensors, budget, fixed, MACHINE, preserve="ffn")
+    blocks = [t for t in tensors if t.kind != "output"]
+    assert p.policy == "ffn" and p.streamed_bytes > 0
+    assert _full(p, blocks, FFN)
+    assert all(p.resident_rows[t.name] < t.rows for t in blocks if t.kind == "attn_output")
+
+
+def test_attn_policy_at_a_low_budget_keeps_attention_and_streams_ffn():
+    """At 30% of the model a block keeps ~24 MB, less than its 37.7 MB of attention: all of it goes
+    to attention (attn_q first, whole), no FFN row stays; the ffn policy does the opposite."""
+    tensors, fixed, budget = budget_at("llama7b", 0.3)
+    blocks = [t for t in tensors if t.kind != "output"]
+    p = plan(tensors, budget, fixed, MACHINE, preserve="attn")
+    assert p.policy == "attn" and 0 < resident_per_layer(p)[0]
+    assert all(p.resident_rows[t.name] == 0 for t in blocks if t.kind in FFN)
+    assert _full(p, blocks, ("attn_q",))
+    q = plan(tensors, budget, fixed, MACHINE, preserve="ffn")
+    assert all(q.resident_rows[t.name] == 0 for t in blocks if t.kind in ATTN + ("ffn_down",))
+    assert all(q.resident_rows[t.name] > 0 for t in blocks if t.kind == "ffn_gate")
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("frac", [0.4, 0.6, 0.9, 0.98])
+def test_auto_takes_the_fastest_candidate(shape, frac):
+    tensors, fixed, budget = budget_at(shape, frac)
+    auto = plan(tensors, budget, fixed, MACHINE, preserve="auto")
+    each = {name: plan(tensors, budget, fixed, MACHINE, preserve=name) for name in POLICIES}
+    assert auto.policy in POLICIES
+    assert auto.predicted_s == min(p.predicted_s for p in each.values())
+    assert auto.resident_rows == each[auto.policy].resident_rows
+
+
+def test_auto_keeps_attention_at_a_low_budget():
+    """Streaming FFN leaves 3 reads a block, streaming attention first 5: the paper's low-memory
+    choice falls out of the per-read latency."""
+    tensors, fixed, budget = budget_at("llama7b", 0.3)
+    assert plan(tensors, budget, fixed, MACHINE).policy == "attn"
+
+
+# ---- simulate: the pipeline model
+def test_simulate_io_bound_is_the_sum_of_reads():
+    loads, computes = [(0.1, 0.0)] * 33, [0.001] * 33
+    assert simulate(loads, computes, 2) == pytest.approx(33 * 0.1, rel=1e-9)
+
+
+def test_simulate_compute_bound_is_the_sum_of_compute_and_conversion():
+    loads, computes = [(0.001, 0.002)] * 33, [0.1] * 33
+    assert simulate(loads, computes, 2) == pytest.approx(33 * (0.1 + 0.002), rel=1e-9)
+
+
+def test_simulate_window_one_cannot_overlap_a_layer_with_its_read():
+    loads, computes = [(0.1, 0.0)] * 8, [0.1] * 8
+    assert simulate(loads, computes, 1) == pytest.approx(8 * 0.2)
+    assert simulate(loads, computes, 2) == pytest.approx(8 * 0.1)
+
+
+def test_simulate_reader_works_ahead_through_resident_layers():
+    """One streamed layer among resident ones: its next read overlaps the resident layers, as the
+    prefetcher does (a slot is freed by the streamed layer `window` streamed layers back)."""
+    loads, computes = [(0.0, 0.0)] * 3 + [(1.0, 0.0)], [1.0] * 4
+    assert simulate(loads, computes, 1) == pytest.approx(4.0)
+
+
+def test_simulate_averages_a_pipeline_that_cycles_over_two_tokens():
+    """This pipeline alternates 1.7 s and 1.9 s tokens; one measured token would say either."""
+    loads, computes = [(0.7, 0.3), (0.0, 0.0), (1.0, 0.1)], [0.2, 0.5, 0.5]
+    assert simulate(loads, computes, 2) == pytest.approx(1.8)
+    assert simulate(loads, computes, 2, tokens=9) == pytest.approx(1.8)
+
+
+def test_simulate_unbalanced_is_clearly_slower_than_balanced():
+    """Same bytes read per token: half the layers resident and the others read at 2x compute, versus
+    every layer reading its share. Balanced overlaps all of it; unbalanced computes the resident
+    half with only `window` reads to overlap, then waits on I/O."""
+    n, c = 32, 0.01
+    unbalanced = [(0.0, 0.0)] * 16 + [(2 * c, 0.0)] * 16
+    balanced = [(c, 0.0)] * n
+    t_bal, t_unb = simulate(balanced, [c] * n, 2), simulate(unbalanced, [c] * n, 2)
+    assert t_bal == pytest.approx(n * c)
+    assert t_unb > 1.3 * t_bal
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 0.2), st.floats(0.001, 1)),
+                min_size=1, max_size=12), st.integers(2, 4))
+def test_simulate_is_never_faster_than_its_busiest_resource_and_balance_attains_it(layers, window):
+    loads = [(io, conv if io else 0.0) for io, conv, _ in layers]
+    computes = [c for _, _, c in layers]
+    window = min(window, len(layers))
+    t_io, t_cpu = sum(io for io, _ in loads), sum(computes) + sum(cv for _, cv in loads)
+    assert simulate(loads, computes, window) >= max(t_io, t_cpu) * (1 - 1e-9)
+    n, c = len(layers), sum(computes) / len(layers)
+    if window >= 2 and t_io > 0:  # the same reads, spread evenly over even layers
+        assert simulate([(t_io / n, 0.0)] * n, [c] * n, window) == pytest.approx(
+            max(t_io, c * n), rel=1e-9)
+
+
+# ---- modes
+@pytest.mark.parametrize("frac", [0.3, 0.8, 1.5])
+def test_prefetch_mode_keeps_nothing_resident(frac):
+    tensors, fixed, budget = budget_at("llama7b", frac)
+    p = plan(tensors, budget, fixed, MACHINE, mode="prefetch")
+    assert p.resident_bytes == 0 and all(r == 0 for r in p.resident_rows.values())
+    assert p.streamed_bytes == total(tensors) and p.window == 2
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.5, 1.5])
+def test_mmap_mode_streams_nothing_and_pages_what_does_not_fit(frac):
+    tensors, fixed, budget = budget_at("llama7b", frac)
+    p = plan(tensors, budget, fixed, MACHINE, mode="mmap")
+    assert (p.streamed_bytes, p.window, p.slot_bytes, p.staging_bytes) == (0, 0, 0, 0)
+    paged = max(0, total(tensors) - (budget - fixed))
+    assert p.t_io == pytest.approx(paged / MACHINE.disk_bw)
+    assert p.predicted_s == pytest.approx(p.t_io + p.t_cpu)
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.8])
+def test_sync_mode_adds_io_and_compute(frac):
+    tensors, fixed, budget = budget_at("llama7b", frac)
+    p = plan(tensors, budget, fixed, MACHINE, mode="sync")
+    assert p.window == 1 and p.streamed_bytes > 0
+    assert p.predicted_s == p.t_io + p.t_cpu
+    assert p.predicted_s > plan(tensors, budget, fixed, MACHINE).predicted_s
+
+
+def test_window_larger_than_the_model_is_capped():
+    """A window past the 13 layers of `mixed` buys nothing: it must not inflate the minimum."""
+    tensors, fixed = SHAPES["mixed"]
+    minima = []
+    for window in (13, 100):
+        with pytest.raises(BudgetError) as e:
+            plan(tensors, fixed, fixed, MACHINE, window=window)
+        minima.append(e.value.minimum)
+    assert minima[0] == minima[1] <= fixed + total(tensors)  # all resident beats 13 slots
+    p = plan(tensors, minima[1], fixed, MACHINE, window=100)
+    assert p.total_bytes() <= minima[1]
+
+
+# ---- the paper's bound
+@settings(max_examples=60, deadline=None)
+@given(shapes, fracs, st.sampled_from(["flexinfer", "sync", "prefetch", "mmap"]), st.booleans())
+def test_prediction_never_beats_the_bound(shape, frac, mode, balance):
+    tensors, fixed, budget = budget_at(shape, frac)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, mode=mode, balance=balance)
+    except BudgetError:
+        return
+    assert p.t_io_bound == max(0, total(tensors) - budget) / MACHINE.disk_bw
+    assert p.t_cpu_bound == total(tensors) / MACHINE.compute_bw
+    assert p.bound_tok_s == 1 / max(p.t_io_bound, p.t_cpu_bound)
+    assert p.predicted_tok_s <= p.bound_tok_s * 1.0001
+    assert math.isfinite(p.predicted_tok_s) and p.predicted_s >= max(p.t_io, p.t_cpu) * (1 - 1e-9)
