@@ -8,9 +8,11 @@ from the last layer to the first of the next token) goes to slot k % window, and
 layer that used that slot before has been released by the consumer. So no slot is reused while in
 use, reads keep their order, and the reader stays up to `window` layers ahead.
 
-The consumer calls acquire(layer) before computing a layer and release(layer) right after. Any error
-in a thread is kept and raised by the next acquire; close() stops and joins both threads.
-With threaded=False (the `sync` ablation) acquire loads the layer itself: no overlap at all.
+The consumer calls acquire(layer) before computing a layer and release(layer) right after; either
+out of order is a bug (RuntimeError). Any error in a thread is kept and raised by the next acquire:
+a FlexInferError as it is, anything else as a StreamError naming the thread, with the original as
+its cause. close() stops and joins both threads. With threaded=False (the `sync` ablation) acquire
+loads the layer itself: no overlap at all, errors reported the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Prefetcher:
                  read: Callable[[Any, int], int], upload: Callable[[Any, int, int], None],
                  n_staging: int = 2, threaded: bool = True):
         assert 0 < window <= len(order), "a layer must never be loaded while its slot is in use"
+        assert n_staging > 0, "the reader needs a staging buffer to read into"
         self.order, self.window, self.threaded = order, window, threaded
         self._jobs, self._read, self._upload = jobs, read, upload
         self._n_staging = n_staging
@@ -43,9 +46,11 @@ class Prefetcher:
 
     def _reset_state(self) -> None:
         self._released = 0  # layers the consumer has released: the next one to acquire
+        self._held = False  # the consumer has acquired layer number _released and not released it
         self._done = -1  # the highest sequence number fully loaded
         self._stop = False
         self._error: BaseException | None = None
+        self._error_in = ""  # the thread it happened in
         self._free_staging = deque(range(self._n_staging))
         self._queue: deque = deque()
 
@@ -61,7 +66,8 @@ class Prefetcher:
             loop()
         except BaseException as e:  # noqa: BLE001 - every thread error must reach the caller
             with self._cv:
-                self._error = self._error or e
+                if self._error is None:
+                    self._error, self._error_in = e, threading.current_thread().name
                 self._cv.notify_all()
 
     def _wait(self, ready: Callable[[], bool]) -> bool:
@@ -80,6 +86,10 @@ class Prefetcher:
                 if not self._wait(lambda: seq < self._released + self.window):
                     return
             jobs = self._jobs(layer)
+            if not jobs:  # nothing to read: still mark it loaded, in order, through the converter
+                with self._cv:
+                    self._queue.append((seq, None, None, None, True))
+                    self._cv.notify_all()
             for i, job in enumerate(jobs):
                 with self._cv:
                     if not self._wait(lambda: bool(self._free_staging)):
@@ -99,9 +109,11 @@ class Prefetcher:
                 if not self._wait(lambda: bool(self._queue)):
                     return
                 seq, job, stage, src, last = self._queue.popleft()
-            self._upload(job, seq % self.window, src)
+            if job is not None:
+                self._upload(job, seq % self.window, src)
             with self._cv:
-                self._free_staging.append(stage)
+                if stage is not None:
+                    self._free_staging.append(stage)
                 if last:
                     self._done = seq
                 self._cv.notify_all()
@@ -112,26 +124,43 @@ class Prefetcher:
         if layer != expect:
             raise RuntimeError(f"prefetch order broken: layer {layer} asked, {expect} due")
         if not self.threaded:
-            self._load_inline(layer)
+            try:
+                self._load_inline(layer)
+            except FlexInferError:
+                raise
+            except Exception as e:  # as the threads report it: one error type reaches the user
+                raise StreamError(f"weight streaming failed (layer {layer}): "
+                                  f"{type(e).__name__}: {e}") from e
+            self._held = True
             return
         t0 = time.perf_counter()
         with self._cv:
             ok = self._wait(lambda: self._done >= seq)
             error = self._error
         self.stall_s += time.perf_counter() - t0
-        if not ok:
-            if isinstance(error, FlexInferError):
-                raise error
-            raise StreamError(f"weight streaming stopped: {error!r}") if error else \
-                StreamError("weight streaming was closed")
+        if ok:
+            self._held = True
+            return
+        if isinstance(error, FlexInferError):
+            raise error
+        if error is None:
+            raise StreamError(f"weight streaming was closed (layer {layer} asked)")
+        raise StreamError(f"weight streaming failed in {self._error_in} (layer {layer} awaited): "
+                          f"{type(error).__name__}: {error}") from error
 
     def _load_inline(self, layer: int) -> None:
         t0 = time.perf_counter()
         for job in self._jobs(layer):
-            self._upload(job, 0, self._read(job, 0))
+            t1 = time.perf_counter()
+            src = self._read(job, 0)
+            self.io_busy_s += time.perf_counter() - t1
+            self._upload(job, 0, src)
         self.stall_s += time.perf_counter() - t0
 
     def release(self, layer: int) -> None:
+        if not self._held or layer != self.order[self._released % len(self.order)]:
+            raise RuntimeError(f"prefetch order broken: layer {layer} released, not acquired")
+        self._held = False
         with self._cv:
             self._released += 1
             self._cv.notify_all()

@@ -1,0 +1,364 @@
+"""Prefetcher with fake I/O: no ggml, no file. A small weight store stands in for weights.py.
+
+read(job, stage) copies a job's bytes (here a tag: layer, part, how many times it was read) into a
+staging buffer and returns its "address"; upload(job, slot, src) copies the staging buffer into a
+slot and points the part's header at it, as weights.py does. The consumer checks, between acquire
+and release, that every part of its layer is in a slot, is this pass's copy, and stays unchanged
+while it computes.
+"""
+
+from __future__ import annotations
+
+import _thread
+import errno
+import threading
+import time
+
+import pytest
+
+from flexinfer.errors import FlexInferError, StreamError
+from flexinfer.prefetch import Prefetcher
+
+
+def flexinfer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("flexinfer-")}
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind():
+    """Every test's prefetchers; closed after WATCHDOG_S so that a broken prefetcher fails a test
+    (acquire raises "closed") instead of hanging the run; no flexinfer-* thread outlives a test."""
+    before = flexinfer_threads()
+    made: list[Prefetcher] = []
+    watchdog = threading.Timer(WATCHDOG_S, lambda: [p.close() for p in list(made)])
+    watchdog.start()
+    yield made
+    watchdog.cancel()
+    for p in made:  # a failed test must not leak threads into the next one
+        p.close()
+    assert not flexinfer_threads() - before
+
+
+WATCHDOG_S = 10.0
+
+
+class Store:
+    """A miniature weight store: `parts` jobs per layer, `window` slots, `n_staging` buffers."""
+
+    def __init__(self, order, parts=2, window=2, n_staging=2, read_s=0.0, upload_s=0.0,
+                 fail=None, threaded=True, made=None, gate=None, empty=(), upload_error=None):
+        self.order, self.parts, self.window = order, parts, window
+        self.read_s, self.upload_s, self.fail = read_s, upload_s, fail  # fail: (k, exception)
+        self.gate, self.empty, self.upload_error = gate, empty, upload_error
+        self.staging = [None] * n_staging
+        self.slots: list[dict] = [{} for _ in range(window)]
+        self.header: dict = {}  # job -> slot its rows are in
+        self.times_read: dict = {}
+        self.reads: list = []  # jobs in read order
+        self.read_threads: set = set()
+        self.lock = threading.Lock()
+        self.held: set = set()  # slots the consumer is computing from
+        self.released = 0  # layers the consumer has released (counted before release())
+        self.violations: list[str] = []
+        self.layer_reads = 0  # layer visits the reader started
+        self.p = Prefetcher(order, window, self.jobs, self.read, self.upload, n_staging, threaded)
+        if made is not None:
+            made.append(self.p)
+
+    def jobs(self, layer):
+        return [] if layer in self.empty else [(layer, i) for i in range(self.parts)]
+
+    def read(self, job, stage):
+        if self.gate is not None:
+            self.gate.wait(5.0)  # a read stuck on a slow disk, until the test lets it go
+        with self.lock:
+            if self.fail and len(self.reads) == self.fail[0]:
+                raise self.fail[1]
+            if job[1] == 0:
+                if self.layer_reads >= self.released + self.window:
+                    self.violations.append(f"read visit {self.layer_reads} with "
+                                           f"{self.released} released, window {self.window}")
+                self.layer_reads += 1
+            self.reads.append(job)
+            self.read_threads.add(threading.get_ident())
+            self.times_read[job] = self.times_read.get(job, 0) + 1
+            tag = (*job, self.times_read[job])
+        time.sleep(self.read_s)
+        self.staging[stage] = tag
+        return stage
+
+    def upload(self, job, slot, src):
+        if self.upload_error is not None:
+            raise self.upload_error
+        time.sleep(self.upload_s)
+        with self.lock:
+            tag = self.staging[src]
+            if tag[:2] != job:
+                self.violations.append(f"staging {src} held {tag} when {job} was uploaded")
+            if slot in self.held:
+                self.violations.append(f"slot {slot} written with {job} while in use")
+            self.slots[slot][job] = tag
+            self.header[job] = slot
+
+    def in_slots(self, layer) -> list:
+        """What the headers of `layer`'s parts point at now (call with the lock held)."""
+        return [self.slots[self.header[(layer, i)]].get((layer, i)) for i in range(self.parts)]
+
+    def consume(self, layers: int, compute_s: float = 0.0, first: int = 0,
+                count_visits: bool = True) -> None:
+        """Acquire, check, compute, check again, release: `layers` layers from visit `first`.
+        The parts must be the latest read and (count_visits) the read of this pass over the layers,
+        not a copy left from the previous token."""
+        for k in range(first, first + layers):
+            layer, visit = self.order[k % len(self.order)], k // len(self.order) + 1
+            self.p.acquire(layer)
+            with self.lock:
+                slots = {self.header[(layer, i)] for i in range(self.parts)}
+                seen = self.in_slots(layer)
+                latest = [(layer, i, self.times_read[(layer, i)]) for i in range(self.parts)]
+                self.held |= slots
+            assert seen == latest, (k, seen, latest)
+            if count_visits:
+                assert seen == [(layer, i, visit) for i in range(self.parts)], (k, seen)
+            assert slots == {k % self.window}, (k, slots)
+            time.sleep(compute_s)
+            with self.lock:
+                again = self.in_slots(layer)
+                self.held -= slots
+                self.released += 1
+            assert again == seen, f"layer {layer} changed under the consumer: {seen} -> {again}"
+            self.p.release(layer)
+
+
+ORDER = [0, 1, 2, 3, 4]
+
+
+def wait_for(cond, timeout=2.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+# ---- order, slots, window
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_reads_follow_layer_order_and_wrap_across_tokens(no_thread_left_behind, window):
+    s = Store(ORDER, window=window, made=no_thread_left_behind)
+    s.consume(4 * len(ORDER))
+    s.p.close()
+    expected = [(layer, i) for _ in range(5) for layer in ORDER for i in range(2)]
+    n = len(s.reads)
+    assert s.reads == expected[:n] and n >= 4 * len(ORDER) * 2
+    assert n <= (4 * len(ORDER) + window) * 2  # at most `window` layers read past the end
+    assert not s.violations
+    assert s.read_threads and threading.get_ident() not in s.read_threads
+
+
+@pytest.mark.parametrize("window,n_staging", [(1, 1), (2, 2), (3, 1), (4, 3)])
+def test_no_slot_rewritten_while_the_consumer_computes_from_it(no_thread_left_behind, window,
+                                                                n_staging):
+    """A slow consumer and a fast reader: the reader is always waiting to reuse a slot."""
+    s = Store(ORDER, parts=3, window=window, n_staging=n_staging, made=no_thread_left_behind)
+    s.consume(3 * len(ORDER), compute_s=0.003)
+    assert not s.violations, s.violations[:3]
+
+
+def test_no_slot_rewritten_with_a_slow_reader_and_slow_converter(no_thread_left_behind):
+    s = Store([2, 5, 7], parts=2, window=2, read_s=0.002, upload_s=0.002,
+              made=no_thread_left_behind)
+    s.consume(12, compute_s=0.001)
+    assert not s.violations, s.violations[:3]
+    assert s.p.io_busy_s > 0.002 * 20 and s.p.stall_s > 0
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_reader_stops_window_layers_ahead_of_a_stalled_consumer(no_thread_left_behind, window):
+    s = Store(ORDER, window=window, made=no_thread_left_behind)
+    assert wait_for(lambda: len(s.reads) == window * 2)
+    time.sleep(0.15)  # three poll periods: nothing more may be read
+    assert s.reads == [(layer, i) for layer in ORDER[:window] for i in range(2)]
+    s.consume(1)  # one layer released: exactly one more layer read
+    assert wait_for(lambda: len(s.reads) == (window + 1) * 2)
+    time.sleep(0.1)
+    assert len(s.reads) == (window + 1) * 2 and not s.violations
+
+
+def test_a_layer_with_nothing_to_read_does_not_stall(no_thread_left_behind):
+    s = Store(ORDER, empty=(2,), made=no_thread_left_behind)
+    for _ in range(2):
+        for layer in ORDER:
+            s.p.acquire(layer)
+            s.p.release(layer)
+    assert (2, 0) not in s.reads
+
+
+# ---- errors reach the caller
+def failing(exc, k, parts=2):
+    return dict(parts=parts, fail=(k, exc))
+
+
+@pytest.mark.parametrize("k", [0, 3, 7])
+def test_an_os_error_in_the_reader_reaches_acquire(no_thread_left_behind, k):
+    err = OSError(errno.EIO, "Input/output error")
+    s = Store(ORDER, **failing(err, k), made=no_thread_left_behind)
+    with pytest.raises(StreamError) as e:
+        s.consume(3 * len(ORDER))
+    assert "Input/output error" in str(e.value) and "flexinfer-reader" in str(e.value)
+    assert e.value.__cause__ is err and isinstance(e.value, FlexInferError)
+    assert wait_for(lambda: s.p.alive == 0, 1.0)  # both threads end on their own
+    with pytest.raises(StreamError):  # and the error stays until reset()
+        s.p.acquire(s.order[s.p._released % len(s.order)])
+    s.p.close()
+    assert s.p.alive == 0
+
+
+@pytest.mark.parametrize("err", [StreamError("m.gguf: short read at offset 4096 (truncated?)"),
+                                 FlexInferError("m.gguf: changed while in use")])
+def test_a_flexinfer_error_in_the_reader_is_raised_as_is(no_thread_left_behind, err):
+    s = Store(ORDER, **failing(err, 4), made=no_thread_left_behind)
+    with pytest.raises(FlexInferError) as e:
+        s.consume(len(ORDER))
+    assert e.value is err
+    s.p.close()
+
+
+def test_an_error_in_the_converter_reaches_acquire(no_thread_left_behind):
+    s = Store(ORDER, upload_error=ValueError("ggml refused the tensor"),
+              made=no_thread_left_behind)
+    with pytest.raises(StreamError, match="flexinfer-converter.*ggml refused the tensor"):
+        s.p.acquire(0)
+    s.p.close()
+
+
+def test_a_slow_read_that_fails_wakes_a_waiting_consumer(no_thread_left_behind):
+    s = Store(ORDER, read_s=0.05, **failing(OSError(errno.EIO, "EIO"), 1),
+              made=no_thread_left_behind)
+    t0 = time.monotonic()
+    with pytest.raises(StreamError):
+        s.consume(3)
+    assert time.monotonic() - t0 < 1.0
+    s.p.close()
+
+
+# ---- close, reset, guards
+def test_close_is_prompt_while_reader_waits_for_a_slot_and_converter_for_work(
+        no_thread_left_behind):
+    s = Store(ORDER, window=2, made=no_thread_left_behind)
+    assert wait_for(lambda: len(s.reads) == 4)  # both slots filled, nobody consumes
+    time.sleep(0.02)
+    t0 = time.monotonic()
+    s.p.close()
+    assert time.monotonic() - t0 < 1.0 and s.p.alive == 0
+    s.p.close()  # twice is fine
+    with pytest.raises(StreamError, match="closed"):
+        s.p.acquire(0)
+
+
+def test_close_is_prompt_while_reader_waits_for_staging(no_thread_left_behind):
+    """One staging buffer and a slow converter: the reader waits for the buffer to come back."""
+    s = Store(ORDER, parts=4, window=3, n_staging=1, upload_s=0.05, made=no_thread_left_behind)
+    assert wait_for(lambda: len(s.reads) >= 2)
+    t0 = time.monotonic()
+    s.p.close()
+    assert time.monotonic() - t0 < 1.0 and s.p.alive == 0
+
+
+def test_reset_restarts_from_the_first_layer(no_thread_left_behind):
+    s = Store(ORDER, window=3, made=no_thread_left_behind)
+    s.consume(7)  # a token and a half, then abandoned mid-layer
+    s.p.acquire(ORDER[2])
+    n = len(s.reads)
+    s.p.reset()
+    with pytest.raises(RuntimeError):
+        s.p.acquire(ORDER[3])
+    s.released, s.held = 0, set()
+    s.consume(len(ORDER) + 2, count_visits=False)  # some parts were read before the reset
+    assert s.reads[n:n + 4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # (the fake's window count cannot restart in step with the new reader: its check is left out)
+    assert not [v for v in s.violations if not v.startswith("read visit")]
+    s.p.close()
+
+
+def test_reset_is_prompt_while_the_reader_waits(no_thread_left_behind):
+    s = Store(ORDER, window=2, made=no_thread_left_behind)
+    assert wait_for(lambda: len(s.reads) == 4)
+    t0 = time.monotonic()
+    s.p.reset()
+    assert time.monotonic() - t0 < 1.0 and s.p.alive == 2
+    s.p.close()
+
+
+def test_acquire_of_the_wrong_layer_is_a_bug(no_thread_left_behind):
+    s = Store(ORDER, made=no_thread_left_behind)
+    with pytest.raises(RuntimeError, match="layer 1 asked, 0 due"):
+        s.p.acquire(1)
+    s.consume(len(ORDER) + 1)  # nothing was disturbed
+    with pytest.raises(RuntimeError, match="layer 2 asked, 1 due"):
+        s.p.acquire(2)
+    s.p.close()
+
+
+def test_release_without_acquire_is_a_bug(no_thread_left_behind):
+    s = Store(ORDER, made=no_thread_left_behind)
+    with pytest.raises(RuntimeError):
+        s.p.release(0)  # would let the reader overwrite a slot the consumer never had
+    s.p.acquire(0)
+    with pytest.raises(RuntimeError):
+        s.p.release(1)
+    s.p.release(0)
+    with pytest.raises(RuntimeError):
+        s.p.release(0)
+    s.consume(len(ORDER) - 1, first=1)
+    s.p.close()
+
+
+# ---- sync mode
+def test_sync_mode_loads_inline_and_starts_no_thread(no_thread_left_behind):
+    before = set(threading.enumerate())
+    s = Store(ORDER, window=1, n_staging=1, read_s=0.001, threaded=False,
+              made=no_thread_left_behind)
+    assert set(threading.enumerate()) <= before and s.p.alive == 0
+    s.consume(2 * len(ORDER))
+    assert s.read_threads == {threading.get_ident()}
+    assert s.reads == [(layer, i) for _ in range(2) for layer in ORDER for i in range(2)]
+    assert set(s.header.values()) == {0} and s.p.stall_s >= s.p.io_busy_s >= 0.001 * 20
+    s.p.reset()
+    assert set(threading.enumerate()) <= before
+    s.p.close()
+
+
+def test_sync_mode_errors_reach_the_caller_as_in_threaded_mode(no_thread_left_behind):
+    err = OSError(errno.EIO, "Input/output error")
+    s = Store(ORDER, window=1, n_staging=1, threaded=False, **failing(err, 3),
+              made=no_thread_left_behind)
+    with pytest.raises(StreamError, match="layer 1.*Input/output error") as e:
+        s.consume(len(ORDER))
+    assert e.value.__cause__ is err
+    s.p.reset()
+    s.fail, s.times_read = None, {}
+    s.consume(len(ORDER))
+
+
+# ---- Ctrl-C
+def test_ctrl_c_while_waiting_in_acquire(no_thread_left_behind):
+    """interrupt_main sets the flag a SIGINT sets; the consumer polls, so it is seen at once."""
+    gate = threading.Event()
+    before = flexinfer_threads()
+    s = Store(ORDER, gate=gate, made=no_thread_left_behind)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.p.acquire(0)
+        waited = time.monotonic() - t0
+    finally:
+        timer.cancel()
+        gate.set()
+    assert waited < 1.2
+    t0 = time.monotonic()
+    s.p.close()
+    assert time.monotonic() - t0 < 1.0 and s.p.alive == 0
+    assert flexinfer_threads() <= before
