@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 ROW_ALIGN = 16  # rows; repacked Q4_0/Q4_K interleave 8 rows, 16 keeps every kernel's tiling whole
 STAGING_BUFFERS = 2  # the reader fills one while the converter repacks the other
+STREAM_CHUNK = 16 << 20  # bytes: a streamed part is read (and staged) in pieces of at most this;
+# large enough for full disk bandwidth, small enough that staging does not scale with the largest
+# tensor (a 7B's 74 MB output matrix would otherwise need two 74 MB staging buffers)
 POLICIES = {
     "ffn": ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_output", "output"),
     "attn": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output"),
@@ -191,7 +194,6 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     layers = _layers(tensors)
     total = sum(t.nbytes for t in tensors)
     largest_layer = max(sum(t.nbytes for t in ts) for ts in layers.values())
-    biggest = max(t.nbytes for t in tensors)
     t_cpu_bound = total / machine.compute_bw
     t_io_bound = max(0, total - budget) / machine.disk_bw  # the paper's bound: model - budget
 
@@ -221,6 +223,7 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     win = min(window or (1 if mode == "sync" else 2), len(layers))  # more slots than layers: unused
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked
+        biggest = max(min(t.rows, chunk_rows(t.row_bytes)) * t.row_bytes for t in tensors)
         minimum = fixed + win * largest_layer + STAGING_BUFFERS * (biggest + 8192)
         if minimum > budget:
             raise BudgetError(minimum, budget)
@@ -239,9 +242,15 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     return best
 
 
+def chunk_rows(row_bytes: int) -> int:
+    """Rows per streamed piece: whole ROW_ALIGN groups, at most STREAM_CHUNK bytes (or one group)."""
+    return max(ROW_ALIGN, STREAM_CHUNK // row_bytes // ROW_ALIGN * ROW_ALIGN)
+
+
 def _staging(tensors, rows) -> int:
-    """One staging buffer holds the largest streamed part plus alignment slack on both ends."""
-    return max((t.rows - rows[t.name]) * t.row_bytes for t in tensors) + 8192
+    """One staging buffer holds the largest streamed piece plus alignment slack on both ends."""
+    return max(min(t.rows - rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+               for t in tensors) + 8192
 
 
 def _used(layers, tensors, win: int, rows) -> int:

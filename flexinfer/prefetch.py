@@ -39,6 +39,7 @@ class Prefetcher:
         self._cv = threading.Condition()
         self.stall_s = 0.0  # consumer time spent waiting for I/O
         self.io_busy_s = 0.0  # reader time spent reading
+        self.layers_loaded = 0  # layer loads completed (a layer counts again on every token)
         self._threads: list[threading.Thread] = []
         self._reset_state()
         if threaded:
@@ -116,6 +117,7 @@ class Prefetcher:
                     self._free_staging.append(stage)
                 if last:
                     self._done = seq
+                    self.layers_loaded += 1
                 self._cv.notify_all()
 
     def acquire(self, layer: int) -> None:
@@ -155,6 +157,7 @@ class Prefetcher:
             src = self._read(job, 0)
             self.io_busy_s += time.perf_counter() - t1
             self._upload(job, 0, src)
+        self.layers_loaded += 1
         self.stall_s += time.perf_counter() - t0
 
     def release(self, layer: int) -> None:

@@ -24,7 +24,7 @@ from flexinfer.direct_io import ALIGN, DirectReader
 from flexinfer.errors import StreamError
 from flexinfer.gguf_file import GGUFFile, TensorInfo, row_bytes
 from flexinfer.ggml_ops import Buffer, Tensor, TensorTable
-from flexinfer.planner import STAGING_BUFFERS, Plan, PlanTensor
+from flexinfer.planner import STAGING_BUFFERS, Plan, PlanTensor, chunk_rows
 from flexinfer.prefetch import Prefetcher
 
 HEAD_KINDS = ("output",)
@@ -42,6 +42,13 @@ class Part:
     header: Tensor
     offset: int  # absolute file offset of its first row
     nbytes: int
+    repack: bool  # the whole tensor is repackable: every part of it uses the repacked kernels
+
+    def place(self, buf: Buffer, addr: int) -> None:
+        if self.repack:
+            ggml_ops.place(self.header, buf, addr)
+        else:  # plain memory, even inside a repack buffer: same kernels as the resident run
+            ggml_ops.point(self.header, ggml_ops.Placement(addr, None, None))
 
 
 def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTensor]:
@@ -107,18 +114,20 @@ class WeightStore:
         if r > 0:
             parts.append(self._part(info, 0, r))
             self._resident.append(parts[-1])
-        if r < n:
-            parts.append(self._part(info, r, n))
+        step = chunk_rows(row_bytes(info.type, info.shape[0]))
+        for r0 in range(r, n, step):  # streamed rows, in pieces of at most STREAM_CHUNK bytes
+            parts.append(self._part(info, r0, min(n, r0 + step)))
             self._streamed.setdefault(layer, []).append(parts[-1])
         self.layers[layer][key] = parts[0].header if len(parts) == 1 else tuple(p.header for p in parts)
 
     def _part(self, info: TensorInfo, r0: int, r1: int, vector: bool = False) -> Part:
         if vector:
             h = self._table.new(info.name, info.type, info.shape)
-            return Part(h, info.offset, info.nbytes)
+            return Part(h, info.offset, info.nbytes, False)
         rb = row_bytes(info.type, info.shape[0])
         h = self._table.new(f"{info.name}[{r0}:{r1}]", info.type, (info.shape[0], r1 - r0))
-        return Part(h, info.offset + r0 * rb, (r1 - r0) * rb)
+        repack = self.repack and ggml_ops.repacks(info.type, info.shape)
+        return Part(h, info.offset + r0 * rb, (r1 - r0) * rb, repack)
 
     # ---- loading
     def load(self, mode: str, note=None) -> None:
@@ -149,7 +158,7 @@ class WeightStore:
         try:
             addr = buf.base
             for p in self._resident:
-                ggml_ops.place(p.header, buf, addr)
+                p.place(buf, addr)
                 src = self.reader.read_span(stage.base, p.offset, p.nbytes)
                 ggml_ops.upload(p.header, src, p.nbytes)
                 addr += _a(p.nbytes)
@@ -189,7 +198,7 @@ class WeightStore:
     def _upload(self, job, slot: int, src: int) -> None:
         part, off = job
         buf = self._slots[slot]
-        ggml_ops.place(part.header, buf, buf.base + off)
+        part.place(buf, buf.base + off)
         ggml_ops.upload(part.header, src, part.nbytes)
 
     # ---- use

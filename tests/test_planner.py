@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexinfer.planner import (POLICIES, ROW_ALIGN, STAGING_BUFFERS, BudgetError, Machine,
-                               PlanTensor, plan, simulate)
+                               PlanTensor, chunk_rows, plan, simulate)
 
 MACHINE = Machine(disk_bw=1.6e9, compute_bw=14e9, repack_bw=8e9)
 ATTN = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -79,7 +79,9 @@ def resident_per_layer(p) -> list[int]:
 
 
 def streamed_parts(tensors, p) -> list[int]:
-    return [(t.rows - p.resident_rows[t.name]) * t.row_bytes for t in tensors]
+    """Bytes of the largest piece each tensor streams in (parts are read in STREAM_CHUNK pieces)."""
+    return [min(t.rows - p.resident_rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+            for t in tensors]
 
 
 shapes = st.sampled_from(sorted(SHAPES))

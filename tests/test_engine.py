@@ -1,0 +1,159 @@
+"""The engine on small synthetic models: it computes every architecture and quant type, and streaming
+changes no bit of the result, in every offload mode and at every budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+import flexinfer.model as fm
+from flexinfer.errors import FlexInferError
+from flexinfer.planner import ROW_ALIGN, plan as real_plan
+
+PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889]
+
+
+def _squeeze_budget(monkeypatch, fraction: float, window: int = 2):
+    """Replace the planner's choice by a plan that keeps `fraction` of every matrix's rows resident
+    (in ROW_ALIGN groups, varied per tensor so parts of every size occur) and streams the rest.
+    Tiny models are smaller than the process's memory noise, and bit-exactness is a property of
+    the streaming machinery, not of the budget policy (tests/test_planner.py covers that)."""
+    def plan(mats, budget, fixed, mach, **kw):
+        base = real_plan(mats, 1 << 50, fixed, mach, **{**kw, "mode": "flexinfer"})
+        rows = {}
+        for i, t in enumerate(mats):
+            f = 0.0 if kw.get("mode") == "prefetch" else min(1.0, fraction * (0.5 + (i % 3) / 2))
+            r = int(t.rows * f) // ROW_ALIGN * ROW_ALIGN
+            rows[t.name] = t.rows if f >= 1.0 else r
+        return dataclasses.replace(base, resident_rows=rows, window=window, mode=kw["mode"],
+                                   policy=kw.get("preserve", "auto"))
+    monkeypatch.setattr(fm, "plan", plan)
+
+
+class Run:
+    def __init__(self, plan, streamed: int):
+        self.plan, self.streamed = plan, streamed  # streamed layer loads the forward pass used
+
+
+def _logits(path, prompt=PROMPT, **opts):
+    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+        ids = [t % m.cfg.n_vocab for t in prompt]
+        out = m.logits(ids)
+        assert m.prefetch_threads_alive in (0, 2)
+        p = m._store.prefetcher
+        run = Run(m.plan, p.layers_loaded if p else 0)
+    return out, run
+
+
+MODELS = ["tiny_llama_path", "tiny_qwen2_path", "tiny_llama_tied_path", "tiny_mixed_path"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_resident_logits_are_finite_and_shaped(model, request):
+    path = request.getfixturevalue(model)
+    logits, run = _logits(path)
+    assert logits.shape[0] == len(PROMPT)
+    assert np.isfinite(logits).all()
+    assert run.streamed == 0
+    assert logits.std() > 0  # a broken graph tends to give constant rows
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("mode,fraction,balance", [
+    ("flexinfer", 0.0, True), ("flexinfer", 0.35, True), ("flexinfer", 0.8, True),
+    ("flexinfer", 0.5, False), ("prefetch", 0.0, True), ("sync", 0.4, True)])
+def test_streaming_is_bit_exact(model, mode, fraction, balance, request, monkeypatch):
+    path = request.getfixturevalue(model)
+    resident, _ = _logits(path)
+    _squeeze_budget(monkeypatch, fraction)
+    streamed, run = _logits(path, offload=mode, balance=balance, preserve="auto")
+    assert run.streamed > 0, "the test plan must force streaming"
+    assert np.array_equal(streamed, resident)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_mixed_path"])
+def test_mmap_matches_resident_without_repack(model, request):
+    path = request.getfixturevalue(model)
+    plain, _ = _logits(path, repack=False)
+    mapped, run = _logits(path, offload="mmap")
+    assert run.plan.mode == "mmap" and run.streamed == 0
+    assert np.array_equal(mapped, plain)
+
+
+def test_repack_changes_only_rounding(tiny_llama_path):
+    repacked, _ = _logits(tiny_llama_path)
+    plain, _ = _logits(tiny_llama_path, repack=False)
+    assert np.abs(repacked - plain).max() < 1e-2 * max(1.0, np.abs(plain).max())
+
+
+@pytest.mark.parametrize("preserve", ["ffn", "attn"])
+def test_preserve_policies_are_bit_exact(tiny_mixed_path, preserve, monkeypatch):
+    resident, _ = _logits(tiny_mixed_path)
+    _squeeze_budget(monkeypatch, 0.5)
+    streamed, run = _logits(tiny_mixed_path, preserve=preserve)
+    assert run.plan.policy == preserve and run.streamed > 0
+    assert np.array_equal(streamed, resident)
+
+
+def test_decode_equals_batch(tiny_qwen2_path):
+    """Token-by-token decoding through the KV cache gives the batch's logits (same kernels: the
+    batch of one)."""
+    with fm.load(tiny_qwen2_path, n_ctx=64, n_threads=2) as m:
+        batch = m.logits(PROMPT[:6])
+    with fm.load(tiny_qwen2_path, n_ctx=64, n_threads=2) as m:
+        steps = np.concatenate([m._forward([t], i) for i, t in enumerate(PROMPT[:6])])
+    assert np.allclose(steps, batch, atol=1e-3 * np.abs(batch).max())
+
+
+def test_greedy_generation_is_deterministic_and_streams_the_same(tiny_llama_path, monkeypatch):
+    def run(**opts):
+        with fm.load(tiny_llama_path, n_ctx=64, n_threads=2, **opts) as m:
+            return [p.token for p in m.generate(PROMPT, max_tokens=12, temperature=0)]
+    first = run()
+    assert len(first) > 0 and first == run()
+    _squeeze_budget(monkeypatch, 0.3)
+    assert run() == first
+
+
+def test_close_stops_every_thread(tiny_llama_path, monkeypatch):
+    _squeeze_budget(monkeypatch, 0.2)
+    before = {t.name for t in threading.enumerate()}
+    m = fm.load(tiny_llama_path, n_ctx=64, n_threads=2)
+    m.logits(PROMPT[:4])
+    assert m.prefetch_threads_alive == 2
+    m.close()
+    m.close()  # idempotent
+    left = {t.name for t in threading.enumerate()} - before
+    assert not [n for n in left if n.startswith("flexinfer")]
+    with pytest.raises(FlexInferError, match="closed"):
+        m.logits(PROMPT[:2])
+
+
+def test_prompt_longer_than_context(tiny_llama_path):
+    with fm.load(tiny_llama_path, n_ctx=16, n_threads=2) as m:
+        long = list(range(100, 140))
+        with pytest.raises(FlexInferError, match="context"):
+            list(m.generate(long, max_tokens=4, temperature=0))
+        pieces = list(m.generate(long, max_tokens=4, temperature=0, truncate=True))
+        assert 0 < len([p for p in pieces if p.token >= 0]) <= 4
+
+
+def test_bad_token_ids_are_refused(tiny_llama_path):
+    with fm.load(tiny_llama_path, n_ctx=16, n_threads=2) as m:
+        with pytest.raises(FlexInferError, match="vocabulary"):
+            m.logits([1, 10**9])
+
+
+def test_budget_below_minimum_names_the_minimum(tiny_llama_path):
+    with pytest.raises(FlexInferError, match=r"minimum working set .* \d+\.\d+ GB"):
+        fm.load(tiny_llama_path, n_ctx=64, memory_budget="10M")
+
+
+def test_bad_options_are_one_line_errors(tiny_llama_path):
+    for opts, frag in [({"offload": "nope"}, "--offload"), ({"preserve": "x"}, "--preserve"),
+                       ({"n_ctx": 0}, "--ctx-size"), ({"memory_budget": "lots"}, "--memory-budget")]:
+        with pytest.raises(FlexInferError, match=frag):
+            fm.load(tiny_llama_path, **opts)

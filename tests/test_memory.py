@@ -1,0 +1,64 @@
+"""Memory truth: the engine runs in a child process inside a real memory cgroup whose limit equals
+the budget, streams, and ends without an OOM kill, with the cgroup's peak (anonymous memory, locked
+memory and page cache together) at or under the budget, and with the resident run's tokens."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from flexinfer.cgroup import cgroup_unavailable_reason, run_limited
+
+REASON = cgroup_unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no writable memory cgroup: {REASON}")
+
+
+def _run(model, budget: int | None, *extra) -> tuple[dict, object]:
+    argv = [sys.executable, "-m", "flexinfer", "run", str(model), "-p", "The capital of France is",
+            "-n", "24", "--temp", "0", "-c", "256", "-t", "2", "--json", *extra]
+    if budget:
+        argv += ["--memory-budget", str(budget)]
+    r = run_limited(argv, budget, timeout=300)
+    assert r.returncode == 0 and not r.oom_killed, (r.returncode, r.oom_killed, r.stderr[-500:])
+    return json.loads(r.stdout.strip().splitlines()[-1]), r
+
+
+def _plan(model, budget: int, mode: str = "flexinfer") -> dict:
+    """The plan at `budget`; below the mode's minimum working set, the plan at that minimum (read
+    from the one-line error, rounded up by 10 MB)."""
+    argv = [sys.executable, "-m", "flexinfer", "plan", str(model), "-c", "256", "-t", "2",
+            "--offload", mode, "--json", "--memory-budget"]
+    r = run_limited(argv + [str(budget)], None, timeout=120)
+    if r.returncode == 2 and "minimum working set" in r.stderr:
+        minimum = float(re.search(r"minimum working set .*: ([\d.]+) GB", r.stderr).group(1))
+        r = run_limited(argv + [str(int(minimum * 1e9) + 10_000_000)], None, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("mode", ["flexinfer", "prefetch", "sync"])
+def test_streaming_run_stays_under_the_cgroup_limit(smollm2_path, mode):
+    resident, _ = _run(smollm2_path, None)
+    full = _plan(smollm2_path, 1 << 40)
+    weights = full["resident_bytes"]
+    # a budget that holds the fixed costs and about 60% of the weights: streaming is needed
+    budget = _plan(smollm2_path, full["fixed_bytes"] + int(0.6 * weights), mode)["budget_bytes"]
+    if mode != "prefetch":  # prefetch streams everything at any budget, by definition
+        assert budget < full["fixed_bytes"] + weights
+    out, run = _run(smollm2_path, budget, "--offload", mode)
+    assert out["budget_bytes"] == budget
+    assert out["resident_bytes"] < weights and out["bytes_read_per_token"] > 0
+    assert run.peak_bytes is not None and run.peak_bytes <= budget
+    assert out["tokens"] == resident["tokens"]
+
+
+def test_budget_below_minimum_is_a_clear_error(smollm2_path):
+    argv = [sys.executable, "-m", "flexinfer", "run", str(smollm2_path), "-p", "hi", "-n", "1",
+            "--memory-budget", "50M"]
+    r = run_limited(argv, None, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "minimum working set" in lines[0] and "GB" in lines[0]
