@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from flexinfer.errors import FlexInferError
@@ -142,13 +143,15 @@ def plan_command(a, options: dict) -> int:
     from flexinfer.hub import resolve
     from flexinfer.model import DEFAULT_CTX, Options, _check_options, make_plan
     from flexinfer.model_check import check_model
-    import os
+    from flexinfer.tokenizer import Tokenizer
     o = Options(**options)
     _check_options(o)
     g, cfg, specs = check_model(resolve(a.model))
+    tokenizer = Tokenizer.from_gguf(g)  # built as `run` builds it, so the measured RSS matches
     n_ctx = o.n_ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
     p, budget, source, mach, _ = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
     report = plan_report(p, budget, source, mach, g.file_size, n_ctx)
+    del tokenizer
     if a.json:
         print(json.dumps(report, indent=1))
         return 0
