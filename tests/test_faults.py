@@ -40,11 +40,15 @@ class FaultyReader(dio.DirectReader):
         return super()._pread_full(dst, start, length, need)
 
 
-def _generate_until_error(model, n=40):
+def _generate_until_error(model, n=40, arm_after=None):
+    """Generate, arming the faulty reader after `arm_after` tokens; returns the tokens made and the
+    error message."""
     got = []
     with pytest.raises(FlexInferError) as err:
         for piece in model.generate(PROMPT, max_tokens=n, temperature=0):
             got.append(piece.token)
+            if arm_after is not None and len(got) == arm_after:
+                FaultyReader.armed = True
     return got, str(err.value)
 
 
@@ -54,15 +58,14 @@ def test_read_fault_during_generation(tiny_llama_path, monkeypatch, kind, frag):
     monkeypatch.setattr(fm, "DirectReader", FaultyReader)
     monkeypatch.setattr(FaultyReader, "kind", kind)
     monkeypatch.setattr(FaultyReader, "reads", 0)
-    monkeypatch.setattr(FaultyReader, "fail_at", 12)
+    monkeypatch.setattr(FaultyReader, "fail_at", 3)
     model = fm.load(tiny_llama_path, n_ctx=64, n_threads=2)
-    FaultyReader.armed = True
     try:
         t0 = time.monotonic()
-        got, msg = _generate_until_error(model)
+        got, msg = _generate_until_error(model, arm_after=2)
         assert time.monotonic() - t0 < 10
         assert frag in msg and str(tiny_llama_path) in msg
-        assert len(got) >= 1, "tokens made before the fault are kept"
+        assert len(got) >= 2, "tokens made before the fault are kept"
     finally:
         FaultyReader.armed = False
         model.close()
