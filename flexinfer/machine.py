@@ -60,10 +60,10 @@ def measure_disk(path: str, size: int) -> float:
     reader = DirectReader(path, size)
     buf = Buffer(CHUNK + 2 * ALIGN)
     try:
-        n = min(DISK_SAMPLE, size - CHUNK)
+        n = min(DISK_SAMPLE, size)
         t0 = time.perf_counter()
-        for off in range(0, max(n, 1), CHUNK):
-            reader.read_span(buf.base, off, CHUNK)
+        for off in range(0, n, CHUNK):
+            reader.read_span(buf.base, off, min(CHUNK, n - off))
         return reader.bytes_read / max(time.perf_counter() - t0, 1e-6)
     finally:
         buf.free()
