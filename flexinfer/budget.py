@@ -11,7 +11,8 @@ from flexinfer.errors import FlexInferError
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?)?B?\s*$", re.IGNORECASE)
-HEADROOM = 48 << 20  # bytes kept free for transient allocations (logits copies, sampler, Python)
+HEADROOM = 24 << 20  # bytes kept free for transient allocations (logits copies, sampler, Python);
+# VmRSS, which `runtime` comes from, already overcounts: it includes shared library pages
 
 
 def parse_size(text: str, option: str = "--memory-budget") -> int:

@@ -169,6 +169,7 @@ def plan_report(p, budget: int, source: str, mach, model_bytes: int, n_ctx: int)
     return {
         "budget_bytes": budget, "budget_source": source, "mode": p.mode, "policy": p.policy,
         "context": n_ctx, "model_bytes": model_bytes, "fixed_bytes": p.fixed_bytes,
+        **{f"fixed_{k}_bytes": v for k, v in p.fixed_parts.items()},
         "resident_bytes": p.resident_bytes, "streamed_bytes_per_token": p.streamed_bytes,
         "window": p.window, "slot_bytes": p.slot_bytes, "planned_total_bytes": p.total_bytes(),
         "disk_bytes_per_s": round(mach.disk_bw), "compute_bytes_per_s": round(mach.compute_bw),

@@ -18,7 +18,8 @@ import numpy as np
 from flexinfer import ggml_ops
 from flexinfer.config import ModelConfig
 from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_I64, Allocator,
-                                Backend, Buffer, Ops, Tensor)
+                                Backend, Buffer, Ops, Tensor, TensorTable)
+from flexinfer.gguf_file import row_bytes
 from flexinfer.kv_cache import KVCache
 from flexinfer.models.llama import Batch
 
@@ -80,14 +81,16 @@ class Inputs:
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, arch, store, kv: KVCache, backend: Backend, n_ubatch: int):
+    def __init__(self, cfg: ModelConfig, arch, store, kv: KVCache, backend: Backend | None,
+                 n_ubatch: int, warm: bool = True):
         self.cfg, self.arch, self.store, self.kv, self.backend = cfg, arch, store, kv, backend
         self.n_ubatch = min(n_ubatch, kv.n_ctx)
         self.inputs = Inputs(cfg, kv.n_ctx, self.n_ubatch, store.embd_row_bytes)
         self.alloc = Allocator()
         self._sets: dict[tuple[int, int, int], GraphSet] = {}
         self._reserve()
-        self._graphs(1, min(kv.n_ctx, KV_BUCKET), 1)  # the decode graphs, built before timing
+        if warm:
+            self._graphs(1, min(kv.n_ctx, KV_BUCKET), 1)  # the decode graphs, built before timing
 
     def _reserve(self) -> None:
         """Size the compute buffer for the largest graphs once, so it never moves afterwards."""
@@ -95,7 +98,9 @@ class Engine:
                             alloc=False)
         for ops in (worst.layers[0], worst.head):
             self.alloc.reserve(ops)
-        self.compute_bytes = self.alloc.size()
+        self.work_bytes = max(ops.work_size(self.backend.n_threads if self.backend else 1)
+                              for ops in (worst.layers[0], worst.head))
+        self.compute_bytes = self.alloc.size() + self.work_bytes
         worst.free()
 
     def _build(self, T: int, n_kv: int, n_out: int, alloc: bool = True) -> GraphSet:
@@ -190,3 +195,66 @@ class Engine:
         self._sets.clear()
         self.alloc.free()
         self.inputs.close()
+
+
+class _HeaderStore:
+    """Weight headers with the file's types and shapes and a placeholder data address: enough for
+    the allocator to size graphs (it never reads weights), without a byte of weight memory."""
+
+    def __init__(self, g, cfg: ModelConfig, specs, n_layer_graphs: int = 1):
+        self._table = TensorTable(len(specs) + 4)
+        self.layers: list[dict] = [{} for _ in range(cfg.n_layer + 1)]
+        for s in specs:
+            layer = cfg.n_layer if s.layer is None else s.layer
+            if s.role == "embd" or layer >= n_layer_graphs and layer != cfg.n_layer:
+                continue
+            info = g.tensors[s.name]
+            key = s.name.split(".", 2)[-1] if s.name.startswith("blk.") else s.name
+            self.layers[layer][key] = self._header(info)
+        embd = g.tensors["token_embd.weight"]
+        self.layers[cfg.n_layer].setdefault("output.weight", self._header(embd))
+        self.embd_type, self.embd_row_bytes = embd.type, row_bytes(embd.type, embd.shape[0])
+
+    def _header(self, info):
+        t = self._table.new(info.name, info.type, info.shape)
+        ggml_ops.point(t, ggml_ops.Placement(_PLACEHOLDER, None, None))
+        return t
+
+    def close(self) -> None:
+        self._table.free()
+
+
+_PLACEHOLDER = 1 << 12  # never dereferenced: the allocator skips tensors that have data
+
+
+class _HeaderKV:
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        self.n_ctx = n_ctx
+        self._table = TensorTable(2)
+        self.k = [self._table.new("k", TYPE_F16, (cfg.n_embd_kv, n_ctx))] * cfg.n_layer
+        self.v = [self._table.new("v", TYPE_F16, (cfg.n_embd_kv, n_ctx))] * cfg.n_layer
+        for t in (self.k[0], self.v[0]):
+            ggml_ops.point(t, ggml_ops.Placement(_PLACEHOLDER, None, None))
+
+    def close(self) -> None:
+        self._table.free()
+
+
+def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch: int,
+                          n_threads: int) -> int:
+    """Graph memory + CPU work buffer the engine will reserve, measured on header-only weights, so
+    the planner subtracts the real figure (the 7B at n_ubatch 256: 45 MB) before any weight loads."""
+    store, kv = _HeaderStore(g, cfg, specs), _HeaderKV(cfg, n_ctx)
+
+    class _Threads:
+        pass
+    threads = _Threads()
+    threads.n_threads = n_threads
+    try:
+        eng = Engine(cfg, arch, store, kv, threads, n_ubatch, warm=False)
+        size = eng.compute_bytes + eng.inputs.nbytes
+        eng.close()
+        return size
+    finally:
+        store.close()
+        kv.close()

@@ -6,6 +6,7 @@ the budget -> load resident weights and start the prefetcher -> generate.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from flexinfer import ggml_ops, machine
 from flexinfer.budget import HEADROOM, resolve_budget, rss_bytes
 from flexinfer.config import ModelConfig
 from flexinfer.direct_io import DirectReader
-from flexinfer.engine import MAX_LOGIT_ROWS, Engine
+from flexinfer.engine import Engine, measure_compute_bytes
 from flexinfer.errors import FlexInferError
 from flexinfer.ggml_ops import Backend
 from flexinfer.kv_cache import KVCache, kv_bytes
@@ -56,16 +57,6 @@ def _check_options(o: Options) -> None:
                         ("--prefetch-window", o.prefetch_window, 1), ("n_ubatch", o.n_ubatch, 1)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise FlexInferError(f"{name}: must be a whole number >= {lo}, got {v!r}")
-
-
-def _compute_estimate(cfg: ModelConfig, n_ctx: int, n_ubatch: int, n_threads: int) -> int:
-    """Upper estimate of graph memory + CPU work buffer for the largest batch (checked after load
-    against what the allocator really reserved; the stats report both)."""
-    T = min(n_ubatch, n_ctx)
-    layer = 4 * T * (3 * cfg.n_embd + 3 * cfg.n_ff + 2 * cfg.n_embd_kv)
-    head = 4 * min(T, MAX_LOGIT_ROWS) * cfg.n_vocab + 4 * T * cfg.n_embd
-    work = 2 * T * cfg.n_ff + n_threads * 16 * (n_ctx + cfg.head_dim)
-    return max(layer, head) + work
 
 
 class Model:
@@ -181,9 +172,15 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
     budget, source = resolve_budget(o.memory_budget)
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
     mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
-    vectors = sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1)
-    fixed = (rss_bytes() + kv_bytes(cfg, n_ctx) + vectors + HEADROOM
-             + _compute_estimate(cfg, n_ctx, o.n_ubatch, n_threads))
+    fixed_parts = {  # what the weights cannot use, in bytes
+        "runtime": rss_bytes(),  # interpreter, libraries, tokenizer: resident now
+        "kv_cache": kv_bytes(cfg, n_ctx),
+        "compute": measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, o.n_ubatch,
+                                         n_threads),
+        "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
+        "headroom": HEADROOM,
+    }
+    fixed = sum(fixed_parts.values())
     mach = machine.calibrate(g, repack, n_threads)
     try:
         p = plan(mats, budget, fixed, mach, mode=o.offload, preserve=o.preserve,
@@ -192,7 +189,7 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
         raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working set "
                              f"for {os.path.basename(g.path)} at context {n_ctx}: "
                              f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
-    return p, budget, source, mach, repack
+    return dataclasses.replace(p, fixed_parts=fixed_parts), budget, source, mach, repack
 
 
 def _gb(n: int) -> str:

@@ -76,6 +76,7 @@ class Plan:
     t_cpu_bound: float  # ... and all-resident compute time per token
     layer_bytes: tuple[int, ...]  # matrix bytes of block 0..n_layer-1 and the head
     notes: tuple[str, ...] = field(default=())
+    fixed_parts: dict = field(default_factory=dict)  # the caller's breakdown of fixed_bytes
 
     @property
     def streamed_bytes(self) -> int:

@@ -60,8 +60,9 @@ def main(argv=None) -> int:
           " tokens) | all decode runs |")
     print("|---|---|---|---|")
     for k, v in runs.items():
+        each = ", ".join(f"{x['decode_tokens_per_s']:.2f}" for x in v)
         print(f"| {k} | {med[k]['decode_tokens_per_s']:.2f} | {med[k]['prefill_tokens_per_s']:.1f}"
-              f" | {', '.join(f'{x['decode_tokens_per_s']:.2f}' for x in v)} |")
+              f" | {each} |")
     print(f"\nflexinfer / llama.cpp decode: **{ratio:.2f}x**")
     return 0
 
