@@ -19,6 +19,7 @@ from flexinfer.cgroup import LimitedRun
 from flexinfer.errors import FlexInferError
 
 GiB = 1 << 30
+GB = 10**9  # the bench labels budgets in decimal GB
 
 
 def fake_json(decode: float, prefill: float = 50.0) -> str:
@@ -36,8 +37,8 @@ def mode_of(argv: list[str]) -> str:
 
 
 class FakeRunner:
-    """Resident run: 10 tokens/s. sync @ 1 GiB: OOM; prefetch @ 1 GiB: crash; mmap @ 2 GiB:
-    timeout; anything else: budget GiB * 0.2 tokens/s (constrained as told)."""
+    """Resident run: 10 tokens/s. sync @ 1 GB: OOM; prefetch @ 1 GB: crash; mmap @ 2 GB:
+    timeout; anything else: budget GB * 0.2 tokens/s (constrained as told)."""
 
     def __init__(self, constrained: bool = True):
         self.constrained, self.calls = constrained, []
@@ -47,13 +48,13 @@ class FakeRunner:
         mode, c = mode_of(argv), self.constrained and limit is not None
         if limit is None:
             return LimitedRun(0, fake_json(10.0), "", None, False, 1.0, False)
-        if (mode, limit) == ("sync", GiB):
-            return LimitedRun(-9, "", "", GiB, True, 2.0, c)
-        if (mode, limit) == ("prefetch", GiB):
+        if (mode, limit) == ("sync", GB):
+            return LimitedRun(-9, "", "", GB, True, 2.0, c)
+        if (mode, limit) == ("prefetch", GB):
             return LimitedRun(1, "", "Traceback:\n  ...\nRuntimeError: boom\n", 9, False, 1.0, c)
-        if (mode, limit) == ("mmap", 2 * GiB):
+        if (mode, limit) == ("mmap", 2 * GB):
             return LimitedRun(-9, "", "", 7, False, 9.0, c, timed_out=True)
-        return LimitedRun(0, "log line\n" + fake_json(limit / GiB * 0.2), "", limit // 2, False,
+        return LimitedRun(0, "log line\n" + fake_json(limit / GB * 0.2), "", limit // 2, False,
                           1.0, c)
 
 
@@ -61,13 +62,13 @@ class FakeRunner:
 def model(tmp_path):
     path = tmp_path / "model.gguf"
     with open(path, "wb") as f:
-        f.truncate(3 * GiB)  # sparse: 3 GiB long, no disk used
+        f.truncate(3 * GB)  # sparse: 3 GB long, no disk used
     return path
 
 
 def options(model, out, **kw) -> BenchOptions:
-    base = dict(model=str(model), budgets=(GiB, 2 * GiB, 4 * GiB), modes=sweep.MODES,
-                out_dir=str(out), tokens=4, disk_bw=float(GiB), command_line="flexinfer bench x")
+    base = dict(model=str(model), budgets=(GB, 2 * GB, 4 * GB), modes=sweep.MODES,
+                out_dir=str(out), tokens=4, disk_bw=float(GB), command_line="flexinfer bench x")
     return BenchOptions(**{**base, **kw})
 
 
@@ -84,17 +85,17 @@ def test_sweep_rows_table_and_plot(model, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == results["rows"] and len(saved["rows"]) == 15
     assert saved["machine"]["t_cpu_s_per_token"] == pytest.approx(0.1)
-    assert saved["machine"]["disk_bw_bytes_per_s"] == GiB and saved["machine"]["cores"] == 2
-    assert saved["model"]["bytes"] == 3 * GiB and saved["command"] == "flexinfer bench x"
+    assert saved["machine"]["disk_bw_bytes_per_s"] == GB and saved["machine"]["cores"] == 2
+    assert saved["model"]["bytes"] == 3 * GB and saved["command"] == "flexinfer bench x"
     row = {(r["mode"], r["budget_bytes"]): r for r in saved["rows"]}
-    fx = row[("flexinfer", 2 * GiB)]
+    fx = row[("flexinfer", 2 * GB)]
     assert fx["status"] == "ok" and fx["constrained"] and fx["decode_tokens_per_s"] == 0.4
-    assert fx["bound_tokens_per_s"] == pytest.approx(1.0)  # 1 GiB left over at 1 GiB/s
+    assert fx["bound_tokens_per_s"] == pytest.approx(1.0)  # 1 GB left over at 1 GB/s
     assert fx["ratio_to_bound"] == pytest.approx(0.4)
-    assert fx["peak_memory_bytes"] == 123 and fx["cgroup_peak_bytes"] == GiB
-    assert row[("flexinfer", 4 * GiB)]["bound_tokens_per_s"] == pytest.approx(10.0)  # T_cpu
+    assert fx["peak_memory_bytes"] == 123 and fx["cgroup_peak_bytes"] == GB
+    assert row[("flexinfer", 4 * GB)]["bound_tokens_per_s"] == pytest.approx(10.0)  # T_cpu
     md = (out / "results.md").read_text()
-    assert "| budget GiB | mmap | sync | prefetch | no-balance | flexinfer | bound |" in md
+    assert "| budget GB | mmap | sync | prefetch | no-balance | flexinfer | bound |" in md
     assert "| 2.00 | timeout | 0.40 | 0.40 | 0.40 | 0.40 | 1.00 |" in md
     assert "| 2.00 | timeout | 40% | 40% | 40% | 40% |" in md
     assert "## Prefill tokens/s (prompt 16 tokens)" in md
@@ -104,15 +105,15 @@ def test_sweep_rows_table_and_plot(model, tmp_path):
 def test_failures_are_rows_and_the_sweep_goes_on(model, tmp_path):
     results = run_sweep(options(model, tmp_path), deps(FakeRunner()))
     row = {(r["mode"], r["budget_bytes"]): r for r in results["rows"]}
-    assert row[("sync", GiB)]["status"] == "oom"
-    assert row[("prefetch", GiB)]["status"] == "crashed: RuntimeError: boom"
-    assert row[("mmap", 2 * GiB)]["status"] == "timeout"
-    assert row[("sync", GiB)]["decode_tokens_per_s"] is None
-    assert row[("flexinfer", 4 * GiB)]["status"] == "ok"  # points after the failures still ran
+    assert row[("sync", GB)]["status"] == "oom"
+    assert row[("prefetch", GB)]["status"] == "crashed: RuntimeError: boom"
+    assert row[("mmap", 2 * GB)]["status"] == "timeout"
+    assert row[("sync", GB)]["decode_tokens_per_s"] is None
+    assert row[("flexinfer", 4 * GB)]["status"] == "ok"  # points after the failures still ran
     assert sum(r["status"] == "ok" for r in results["rows"]) == 12
     md = (tmp_path / "results.md").read_text()
     assert "| 1.00 | 0.20 | oom | crashed | 0.20 | 0.20 | 0.50 |" in md
-    assert "- prefetch @ 1.00 GiB, prompt 16: crashed: RuntimeError: boom" in md
+    assert "- prefetch @ 1.00 GB, prompt 16: crashed: RuntimeError: boom" in md
 
 
 def test_unconstrained_runs_are_marked_and_said_once(model, tmp_path):
@@ -134,18 +135,18 @@ def test_failed_resident_run_leaves_io_only_bounds(model, tmp_path):
     assert results["resident_run"]["status"] == "crashed: ImportError: no engine yet"
     assert "T_cpu failed" in results["notes"][0]
     bounds = [r["bound_tokens_per_s"] for r in results["rows"]]
-    assert bounds[0] == pytest.approx(0.5) and bounds[2] is None  # 4 GiB: no I/O, T_cpu unknown
+    assert bounds[0] == pytest.approx(0.5) and bounds[2] is None  # 4 GB: no I/O, T_cpu unknown
     assert "| 4.00 | 0.80 | ? |" in (tmp_path / "results.md").read_text()
 
 
 def test_every_point_gets_its_budget_as_limit_and_flag(model, tmp_path):
     runner = FakeRunner()
-    run_sweep(options(model, tmp_path, modes=("sync", "no-balance"), budgets=(GiB,)),
+    run_sweep(options(model, tmp_path, modes=("sync", "no-balance"), budgets=(GB,)),
               deps(runner))
     (resident, _, _), *points = runner.calls
     assert "--memory-budget" not in resident and "--offload" in resident
     for argv, limit, timeout in points:
-        assert argv[argv.index("--memory-budget") + 1] == str(GiB) and limit == GiB
+        assert argv[argv.index("--memory-budget") + 1] == str(GB) and limit == GB
         assert timeout == 1800.0
     assert points[1][0][points[1][0].index("--offload") + 1] == "flexinfer"
     assert "--no-balance" in points[1][0]
@@ -156,7 +157,7 @@ def test_prompt_lengths_are_points_with_prefill_tables(model, tmp_path):
     runner = FakeRunner()
     results = run_sweep(opts, deps(runner))
     assert [(r["prompt_tokens"], r["budget_bytes"]) for r in results["rows"]] == [
-        (8, GiB), (8, 2 * GiB), (8, 4 * GiB), (64, GiB), (64, 2 * GiB), (64, 4 * GiB)]
+        (8, GB), (8, 2 * GB), (8, 4 * GB), (64, GB), (64, 2 * GB), (64, 4 * GB)]
     assert len(runner.calls) == 6  # t_cpu given: no resident run
     prompt = runner.calls[3][0][-1]
     assert prompt.split() == ["the"] * 64
@@ -165,27 +166,27 @@ def test_prompt_lengths_are_points_with_prefill_tables(model, tmp_path):
 
 
 def test_commands():
-    opts = BenchOptions("m.gguf", (GiB,), sweep.MODES, "out", tokens=32, prompt_tokens=(200,))
-    argv = sweep.flexinfer_command(opts, Point("prefetch", GiB, 200))
+    opts = BenchOptions("m.gguf", (GB,), sweep.MODES, "out", tokens=32, prompt_tokens=(200,))
+    argv = sweep.flexinfer_command(opts, Point("prefetch", GB, 200))
     assert argv[:5] == [sys.executable, "-m", "flexinfer", "run", "m.gguf"]
     for flag, value in (("-n", "32"), ("-t", "2"), ("-c", "256"), ("--temp", "0"),
-                        ("--memory-budget", str(GiB)), ("--offload", "prefetch")):
+                        ("--memory-budget", str(GB)), ("--offload", "prefetch")):
         assert argv[argv.index(flag) + 1] == value
     assert "--json" in argv and argv[-2] == "-p"
-    peer = sweep.peer_command(opts, Point("llama.cpp-repack", GiB, 200))
+    peer = sweep.peer_command(opts, Point("llama.cpp-repack", GB, 200))
     assert peer[1:4] == ["-m", "flexinfer.bench.peer_llamacpp", "m.gguf"] and "--repack" in peer
     assert sweep.context_length(BenchOptions("m", (1,), (), "o", tokens=32,
                                              prompt_tokens=(512,))) == 768
 
 
 def test_bound():
-    assert bound_tokens_per_s(4 * GiB, GiB, 0.1, GiB) == pytest.approx(1 / 3)
-    assert bound_tokens_per_s(4 * GiB, 8 * GiB, 0.1, GiB) == pytest.approx(10)
-    assert bound_tokens_per_s(4 * GiB, None, None, GiB) is None
+    assert bound_tokens_per_s(4 * GB, GB, 0.1, GB) == pytest.approx(1 / 3)
+    assert bound_tokens_per_s(4 * GB, 8 * GB, 0.1, GB) == pytest.approx(10)
+    assert bound_tokens_per_s(4 * GB, None, None, GB) is None
 
 
 @pytest.mark.parametrize("text, value", [("1.5G", 1_500_000_000), ("800M", 800_000_000),
-                                         ("2147483648", 2 * GiB), ("1GiB", GiB), ("2gb", 2 * 10**9),
+                                         ("2147483648", 2 * GiB), ("1GiB", GiB), ("2gb", 2 * GB),
                                          ("1.5GiB", 3 * GiB // 2)])
 def test_parse_size(text, value):
     assert cli_bench.parse_size(text) == value

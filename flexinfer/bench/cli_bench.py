@@ -2,7 +2,7 @@
 --out DIR`: throughput against memory budget (cli.py wires it in).
 
 Also runnable alone: python -m flexinfer.bench.cli_bench MODEL --budgets ... --out DIR
-Sizes are binary: 1.5G = 1.5 GiB = 1.5 * 2^30 bytes (K, M, G, T; a trailing B or iB is allowed).
+Sizes as --memory-budget reads them: 1.5G = 1.5 * 10^9 bytes, 1.5GiB = 1.5 * 2^30 bytes.
 """
 
 from __future__ import annotations

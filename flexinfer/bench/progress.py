@@ -1,6 +1,6 @@
 """A one-line progress bar on stderr: points done / total, elapsed, estimated time left.
 
-    bench [########------------]  4/10  elapsed 3:12  left ~4:48  sync @ 1.50 GiB, P=16
+    bench [########------------]  4/10  elapsed 3:12  left ~4:48  sync @ 1.50 GB, P=16
 
 Redrawn in place with \\r when stderr is a terminal; one line per point otherwise (logs, CI).
 """

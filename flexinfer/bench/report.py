@@ -13,12 +13,12 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-GiB = 1 << 30
+GB = 10**9  # budgets are decimal GB, as the issue and the paper state them
 MARKERS = ("s", "o", "v", "^", "D", "P", "X", "*")  # mmap, sync, prefetch, no-balance, flexinfer...
 
 
 def gib(n: int | None) -> str:
-    return "unlimited" if n is None else f"{n / GiB:.2f}"
+    return "unlimited" if n is None else f"{n / GB:.2f}"
 
 
 def disk_fields(disk, disk_bw: float) -> dict:
@@ -78,7 +78,7 @@ def cell(row: dict | None, key: str, fmt: str) -> str:
 def table(rows: list[dict], modes: list[str], key: str, fmt: str, bound: bool) -> list[str]:
     by = {(r["budget_bytes"], r["mode"]): r for r in rows}
     budgets = sorted({r["budget_bytes"] for r in rows}, key=lambda b: (b is None, b))
-    head = ["budget GiB", *modes] + (["bound"] if bound else [])
+    head = ["budget GB", *modes] + (["bound"] if bound else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in budgets:
         cells = [cell(by.get((b, m)), key, fmt) for m in modes]
@@ -114,10 +114,10 @@ def markdown(results: dict) -> str:
 def _notes(results: dict) -> list[str]:
     lines = [f"- {n}" for n in results["notes"]]
     failed = [r for r in results["rows"] if r["status"] != "ok"]
-    lines += [f"- {r['mode']} @ {gib(r['budget_bytes'])} GiB, prompt {r['prompt_tokens']}: "
+    lines += [f"- {r['mode']} @ {gib(r['budget_bytes'])} GB, prompt {r['prompt_tokens']}: "
               f"{r['status']}" for r in failed]
     lines.append("- bound = 1 / max(T_cpu, max(0, model bytes - budget) / disk bandwidth); "
-                 "budgets in GiB (2^30 bytes); every point a fresh process in a memory cgroup "
+                 "budgets in GB (10^9 bytes); every point a fresh process in a memory cgroup "
                  "limited to its budget, page cache dropped first.")
     return ["## Notes", "", *lines]
 
@@ -129,7 +129,7 @@ def _fmt(value, fmt: str) -> str:
 # ---- plot ----
 
 def bound_curve(results: dict, budgets: list[int], n: int = 200) -> list[tuple[float, float]]:
-    """(GiB, tokens/s) of the bound over the budgets' range, dense enough to show its knee."""
+    """(GB, tokens/s) of the bound over the budgets' range, dense enough to show its knee."""
     m = results["machine"]
     if not budgets:
         return []
@@ -137,11 +137,11 @@ def bound_curve(results: dict, budgets: list[int], n: int = 200) -> list[tuple[f
     xs = [lo + (hi - lo) * i / (n - 1) for i in range(n)] if hi > lo else [lo]
     ys = [bound_tokens_per_s(results["model"]["bytes"], int(x), m.get("t_cpu_s_per_token"),
                              m.get("disk_bw_bytes_per_s")) for x in xs]
-    return [(x / GiB, y if y is not None else math.nan) for x, y in zip(xs, ys)]
+    return [(x / GB, y if y is not None else math.nan) for x, y in zip(xs, ys)]
 
 
 def plot(results: dict, path: Path):
-    """tokens/s against budget GiB: one line per mode with markers, the bound dashed."""
+    """tokens/s against budget GB: one line per mode with markers, the bound dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +151,7 @@ def plot(results: dict, path: Path):
     rows = [r for r in results["rows"] if r["prompt_tokens"] == first and r["budget_bytes"]]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, mode in enumerate(results["options"]["modes"]):
-        pts = sorted((r["budget_bytes"] / GiB, r["decode_tokens_per_s"] or math.nan)
+        pts = sorted((r["budget_bytes"] / GB, r["decode_tokens_per_s"] or math.nan)
                      for r in rows if r["mode"] == mode)
         if pts:
             ax.plot(*zip(*pts), marker=MARKERS[i % len(MARKERS)], label=mode)
@@ -159,7 +159,7 @@ def plot(results: dict, path: Path):
     if curve:
         ax.plot(*zip(*curve), "k--", label="bound")
     name = Path(results["model"]["path"]).name
-    ax.set(xlabel="memory budget (GiB)", ylabel="decode tokens/s", ylim=(0, None),
+    ax.set(xlabel="memory budget (GB)", ylabel="decode tokens/s", ylim=(0, None),
            title=f"{name} ({results['model']['bytes'] / 1e9:.2f} GB)")
     ax.grid(alpha=0.3)
     ax.legend()

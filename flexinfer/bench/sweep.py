@@ -235,7 +235,7 @@ def run_sweep(opts: BenchOptions, deps: Deps = Deps()) -> dict:
     results = report.new_results(opts, model_bytes, machine, resident, notes)
     try:
         for point in points:
-            bar.start(f"{point.mode} @ {report.gib(point.budget_bytes)} GiB, "
+            bar.start(f"{point.mode} @ {report.gib(point.budget_bytes)} GB, "
                       f"P={point.prompt_tokens}")
             bound = bound_tokens_per_s(model_bytes, point.budget_bytes, t_cpu, disk_bw)
             results["rows"].append(dataclasses.asdict(run_point(opts, deps, point, bound)))
