@@ -14,7 +14,8 @@ import time
 from flexinfer import ggml_ops
 from flexinfer.direct_io import ALIGN, DirectReader
 from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
-from flexinfer.gguf_file import GGUFFile, row_bytes
+from flexinfer.errors import FlexInferError
+from flexinfer.gguf_file import GGUFFile, read_gguf, row_bytes
 from flexinfer.hub import home
 from flexinfer.planner import Machine
 
@@ -125,3 +126,23 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False) 
     _save_cache(cache)
     compute_bw, repack_bw = cache[ckey]
     return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw)
+
+
+def record_calibration(path: str, n_threads: int, disk_bw: float | None,
+                       t_cpu: float | None, repack: bool = True) -> None:
+    """Store bandwidths measured elsewhere (the bench's disk passes, its resident decode run) as
+    this machine's calibration, so later plans predict from the same run's numbers."""
+    try:
+        g = read_gguf(path)
+    except FlexInferError:
+        return
+    cache = _load_cache()
+    if disk_bw:
+        cache[f"disk|{os.stat(path).st_dev}"] = disk_bw
+    ckey = f"{_cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}"
+    if t_cpu and ckey in cache:
+        matrix_bytes = sum(t.nbytes for t in g.tensors.values()
+                           if len(t.shape) == 2 and (t.name != "token_embd.weight"
+                                                     or "output.weight" not in g.tensors))
+        cache[ckey] = [matrix_bytes / t_cpu, cache[ckey][1]]
+    _save_cache(cache)

@@ -73,7 +73,7 @@ def options(model, out, **kw) -> BenchOptions:
 
 
 def deps(runner, reason=None, log=None) -> Deps:
-    return Deps(run=runner, drop_caches=lambda: True, cgroup_reason=lambda: reason,
+    return Deps(run=runner, calibrate=lambda *a: None, drop_caches=lambda: True, cgroup_reason=lambda: reason,
                 machine=lambda: {"cores": 2, "cpu_model": "fake", "kernel": "6.0"},
                 log=log or (lambda s: None), progress_stream=io.StringIO())
 

@@ -27,6 +27,7 @@ from flexinfer.bench import report
 from flexinfer.bench.report import bound_tokens_per_s
 from flexinfer.bench.machine import machine_info, measure_disk_bandwidth
 from flexinfer.bench.progress import ProgressBar
+from flexinfer.machine import record_calibration
 from flexinfer.cgroup import LimitedRun, cgroup_unavailable_reason, drop_page_cache, run_limited
 
 MODES = ("mmap", "sync", "prefetch", "no-balance", "flexinfer")
@@ -79,6 +80,7 @@ class Row:
     load_s: float | None = None
     seconds: float = 0.0  # wall time of the whole process
     command: list[str] = field(default_factory=list)
+    predicted_tokens_per_s: float | None = None  # what `flexinfer plan` predicted for this point
 
 
 # ---- commands ----
@@ -132,6 +134,9 @@ class Deps:
     machine: Callable[[], dict] = machine_info
     log: Callable[[str], None] = _stderr
     progress_stream: object = None  # default sys.stderr
+    # stores the same-run disk bandwidth and T_cpu in the machine cache that every point's plan
+    # reads, so predictions use this run's calibration
+    calibrate: Callable = record_calibration
 
 
 # ---- one point ----
@@ -170,7 +175,7 @@ def make_row(point: Point, run: LimitedRun, argv: list[str], bound: float | None
                decode / bound if decode and bound else None,
                r.get("peak_memory_bytes", run.peak_bytes), run.peak_bytes,
                r.get("bytes_read_per_token"), r.get("io_gbps"), r.get("stall_fraction"),
-               r.get("load_s"), run.seconds, argv)
+               r.get("load_s"), run.seconds, argv, (r.get("plan") or {}).get("predicted_tokens_per_s"))
 
 
 def run_point(opts: BenchOptions, deps: Deps, point: Point, bound: float | None) -> Row:
@@ -231,6 +236,7 @@ def run_sweep(opts: BenchOptions, deps: Deps = Deps()) -> dict:
         bar.start("resident run for T_cpu")
         t_cpu, resident = measure_t_cpu(opts, deps, notes)
         bar.step()
+    deps.calibrate(opts.model, opts.threads, disk_bw, t_cpu)
     machine = {**deps.machine(), **report.disk_fields(disk, disk_bw), "t_cpu_s_per_token": t_cpu}
     results = report.new_results(opts, model_bytes, machine, resident, notes)
     try:
