@@ -65,22 +65,18 @@ def pull(name: str, progress: bool = True) -> Path:
 
 
 def resolve(model: str | None) -> Path:
-    """The .gguf file to run: None -> the default model (pulled on first run); an existing file;
-    or a cached model by file name, by name without .gguf, or by its KNOWN short name."""
-    if model is None:
-        cached = _cached(DEFAULT_MODEL)
-        if cached is not None:
-            return cached
-        print(f"flexinfer: pulling {DEFAULT_MODEL} (first run) ...", file=sys.stderr, flush=True)
-        return pull(DEFAULT_MODEL)
-    path = Path(model).expanduser()
-    if path.is_file():
+    """The .gguf file to run: an existing file; a cached model by file name, by name without
+    .gguf, or by its KNOWN short name; a KNOWN model not cached yet is pulled (None: the default)."""
+    name = DEFAULT_MODEL if model is None else model
+    path = Path(name).expanduser()
+    if model is not None and path.is_file():
         return path
-    cached = _cached(model)
+    cached = _cached(name)
     if cached is not None:
         return cached
-    if model in KNOWN:
-        raise FlexInferError(f"model '{model}' is not downloaded yet: run `flexinfer pull {model}`")
+    if name in KNOWN:  # like `ollama run`: a known model is pulled on first use
+        print(f"flexinfer: pulling {name} (first run) ...", file=sys.stderr, flush=True)
+        return pull(name)
     raise FlexInferError(f"model '{model}' not found: not a file and not a cached model "
                          "(see `flexinfer models`)")
 

