@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="use the model's chat template")
     run.add_argument("--system", default=None, help="system prompt (with --chat)")
     run.add_argument("--truncate", action="store_true", help="keep the end of a too-long prompt")
+    run.add_argument("--ignore-eos", action="store_true", help="generate past end-of-generation")
     run.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
     tok = sub.add_parser("tokenize", help="text on stdin -> token ids")
     tok.add_argument("model")

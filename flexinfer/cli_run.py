@@ -23,7 +23,8 @@ def _read_prompt(a) -> str | None:
 
 def _sampling(a) -> dict:
     return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed, truncate=a.truncate)
+                min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed, truncate=a.truncate,
+                ignore_eos=a.ignore_eos)
 
 
 def run_command(a, options: dict) -> int:

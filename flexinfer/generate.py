@@ -31,6 +31,7 @@ class SamplingOptions:
     repeat_last_n: int = 64
     seed: int | None = None  # same seed, same output
     truncate: bool = False  # cut a prompt longer than the context instead of refusing it
+    ignore_eos: bool = False  # keep generating past end-of-generation tokens (benchmarks)
 
 
 def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int, truncate: bool) -> list[int]:
@@ -52,11 +53,11 @@ def prefill(model, ids: list[int], times: RunTimes):
     return logits
 
 
-def _counters(model) -> tuple[int, float, float]:
+def _counters(model) -> tuple[int, float, float, float]:
     store = model._store
     p = store.prefetcher if store else None
     return (model._reader.bytes_read if model._reader else 0,
-            p.io_busy_s if p else 0.0, p.stall_s if p else 0.0)
+            p.io_busy_s if p else 0.0, p.stall_s if p else 0.0, p.convert_busy_s if p else 0.0)
 
 
 def generate_ids(model, ids: list[int], opts: SamplingOptions,
@@ -68,12 +69,12 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
                            opts.repeat_penalty, opts.repeat_last_n, opts.seed)
     history = list(ids)
     logits = prefill(model, ids, times)
-    r0, io0, st0 = _counters(model)
+    r0, io0, st0, cv0 = _counters(model)
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
             tok = sampler(logits, history)
-            if tok in model.tokenizer.eog_ids:
+            if tok in model.tokenizer.eog_ids and not opts.ignore_eos:
                 return
             history.append(tok)
             times.decode_tokens += 1
@@ -82,9 +83,10 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
                 return
             logits = model._forward([tok], len(history) - 1)[-1]
     finally:
-        r1, io1, st1 = _counters(model)
+        r1, io1, st1, cv1 = _counters(model)
         times.decode_s = time.perf_counter() - t0
         times.bytes_read, times.io_busy_s, times.stall_s = r1 - r0, io1 - io0, st1 - st0
+        times.convert_s = cv1 - cv0
 
 
 def generate(model, prompt: str | list[int], *, add_bos: bool | None = None,

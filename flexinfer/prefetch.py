@@ -40,6 +40,7 @@ class Prefetcher:
         self.stall_s = 0.0  # consumer time spent waiting for I/O
         self.io_busy_s = 0.0  # reader time spent reading
         self.layers_loaded = 0  # layer loads completed (a layer counts again on every token)
+        self.convert_busy_s = 0.0  # converter time spent uploading (repacking) into slots
         self._threads: list[threading.Thread] = []
         self._reset_state()
         if threaded:
@@ -111,7 +112,9 @@ class Prefetcher:
                     return
                 seq, job, stage, src, last = self._queue.popleft()
             if job is not None:
+                t0 = time.perf_counter()
                 self._upload(job, seq % self.window, src)
+                self.convert_busy_s += time.perf_counter() - t0
             with self._cv:
                 if stage is not None:
                     self._free_staging.append(stage)

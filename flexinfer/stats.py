@@ -41,6 +41,7 @@ class RunTimes:
     bytes_read: int = 0  # during decode
     io_busy_s: float = 0.0  # reader thread time in reads, during decode
     stall_s: float = 0.0  # compute waiting for weights, during decode
+    convert_s: float = 0.0  # converter thread time uploading (repacking) streamed weights
 
     def as_dict(self, stats: Stats) -> dict:
         n = max(self.decode_tokens, 1)
@@ -54,6 +55,7 @@ class RunTimes:
             "io_gbps": _r(self.bytes_read / self.io_busy_s / 1e9 if self.io_busy_s else 0.0),
             "compute_s_per_token": _r(max(self.decode_s - self.stall_s, 0) / n),
             "stall_fraction": _r(self.stall_s / self.decode_s if self.decode_s else 0.0),
+            "convert_s_per_token": _r(self.convert_s / n),
             "resident_bytes": stats.resident_bytes,
             "budget_bytes": stats.budget_bytes,
             "budget_source": stats.budget_source,
