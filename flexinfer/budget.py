@@ -28,14 +28,7 @@ def parse_size(text: str, option: str = "--memory-budget") -> int:
 
 
 def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _kib(meminfo, "MemAvailable") or None
 
 
 def resolve_budget(option: int | str | None) -> tuple[int, str]:
@@ -49,24 +42,27 @@ def resolve_budget(option: int | str | None) -> tuple[int, str]:
     return min(found)
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The text after `key:` on the first line of a /proc file that starts with it, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":") or line.startswith(key + "\t"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _kib(path: str, key: str) -> int:
+    value = proc_field(path, key)  # "123456 kB"
+    return int(value.split()[0]) * 1024 if value else 0
+
+
 def rss_bytes(status: str = "/proc/self/status") -> int:
     """Resident set size now: the interpreter, libraries, tokenizer: what the planner cannot move."""
-    try:
-        with open(status) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _kib(status, "VmRSS")
 
 
 def peak_rss_bytes(status: str = "/proc/self/status") -> int:
-    try:
-        with open(status) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _kib(status, "VmHWM")

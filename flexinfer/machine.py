@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 
 from flexinfer import ggml_ops
+from flexinfer.budget import proc_field
 from flexinfer.direct_io import ALIGN, DirectReader
 from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
 from flexinfer.errors import FlexInferError
@@ -24,15 +26,8 @@ CHUNK = 8 << 20  # bytes per O_DIRECT read, as the streaming reads of large tens
 CAL_DIM = 4096  # the calibration matrix is CAL_DIM x CAL_DIM
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+def cpu_model() -> str:
+    return proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
 
 
 def _cache_path():
@@ -117,7 +112,7 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False) 
     cache = _load_cache()
     dev = os.stat(g.path).st_dev
     tid = main_type(g)
-    ckey = f"{_cpu_model()}|t{n_threads}|type{tid}|repack{int(repack)}"
+    ckey = f"{cpu_model()}|t{n_threads}|type{tid}|repack{int(repack)}"
     dkey = f"disk|{dev}"
     if refresh or ckey not in cache:
         cache[ckey] = measure_compute(tid, repack, n_threads)
@@ -139,7 +134,7 @@ def record_calibration(path: str, n_threads: int, disk_bw: float | None,
     cache = _load_cache()
     if disk_bw:
         cache[f"disk|{os.stat(path).st_dev}"] = disk_bw
-    ckey = f"{_cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}"
+    ckey = f"{cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}"
     if t_cpu and ckey in cache:
         matrix_bytes = sum(t.nbytes for t in g.tensors.values()
                            if len(t.shape) == 2 and (t.name != "token_embd.weight"

@@ -7,10 +7,12 @@ import math
 
 import numpy as np
 import pytest
+
+from flexinfer import cli
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from flexinfer.bench import cli_synth, synth
+from flexinfer.bench import synth
 from flexinfer.bench.synth import SynthSpec, tensor_plan, write_synthetic
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import read_gguf
@@ -196,10 +198,17 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "m.gguf"
     argv = [str(out), "--preset", "tiny", "--layers", "1", "--type", "q8_0", "--tied",
             "--override", "ffn_down=f16"]
-    assert cli_synth.main(argv) == 0
+    assert _flexinfer(["synth", *argv]) == 0
     g = read_gguf(out)
     assert g.metadata["llama.block_count"] == 1 and "output.weight" not in g.tensors
     assert g.tensors["blk.0.ffn_down.weight"].type_name == "F16"
     assert g.tensors["blk.0.ffn_up.weight"].type_name == "Q8_0"
     assert "wrote" in capsys.readouterr().err
-    assert cli_synth.main([str(out), "--override", "ffn_down"]) == 2
+    assert _flexinfer(["synth", str(out), "--override", "ffn_down"]) == 2
+
+
+def _flexinfer(argv) -> int:
+    """`flexinfer ARGV` in-process: the exit code main() ends with."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    return done.value.code

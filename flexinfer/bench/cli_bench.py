@@ -1,7 +1,6 @@
 """`flexinfer bench MODEL --budgets 1G,1.5G,2G --modes mmap,...,flexinfer [--peer llama.cpp]
 --out DIR`: throughput against memory budget (cli.py wires it in).
 
-Also runnable alone: python -m flexinfer.bench.cli_bench MODEL --budgets ... --out DIR
 Sizes as --memory-budget reads them: 1.5G = 1.5 * 10^9 bytes, 1.5GiB = 1.5 * 2^30 bytes.
 """
 
@@ -121,17 +120,3 @@ def bench_main(args) -> int:
                      f"results.md, throughput.png in {opts.out_dir}\n")
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="flexinfer")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return bench_main(args)
-    except FlexInferError as e:
-        print(f"flexinfer: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

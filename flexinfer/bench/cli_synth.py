@@ -1,6 +1,5 @@
 """`flexinfer synth OUT.gguf --preset llama2-7b`: write a synthetic model (cli.py wires it in).
 
-Also runnable alone: python -m flexinfer.bench.cli_synth OUT.gguf --preset tiny
 """
 
 from __future__ import annotations
@@ -84,17 +83,3 @@ def synth_main(args) -> int:
                      f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)\n")
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="flexinfer")
-    add_synth_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["synth", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return synth_main(args)
-    except FlexInferError as e:
-        print(f"flexinfer: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

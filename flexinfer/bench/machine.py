@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from flexinfer.cgroup import drop_page_cache
 from flexinfer.errors import FlexInferError
+from flexinfer.machine import cpu_model
 
 BLOCK = 4 << 20  # 4 MiB reads: at 1.6 GB/s a read takes 2.6 ms, syscall cost is noise
 MAX_BYTES = 8 << 30  # a pass reads the whole model (up to 8 GiB): streaming reads every region,
@@ -80,17 +81,6 @@ def _read_span(fd: int, size: int, block: int) -> int:
         return done
     finally:
         buf.close()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def memory_total_bytes() -> int | None:
