@@ -7,7 +7,6 @@ what was already printed and exits 130.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -24,7 +24,7 @@ from flexinfer.ggml_ops import Backend
 from flexinfer.kv_cache import KVCache, kv_bytes
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
-from flexinfer.planner import BudgetError, Plan, plan
+from flexinfer.planner import BudgetError, plan
 from flexinfer.stats import Stats
 from flexinfer.tokenizer import Tokenizer
 from flexinfer.weights import WeightStore, matrices
