@@ -161,17 +161,17 @@ def nbytes(t: Tensor) -> int:
 
 
 def place(t: Tensor, buf: Buffer, addr: int) -> bool:
-    """Give tensor t the bytes at addr inside buf. Returns True when ggml will repack it on upload
-    (the repack type sets `extra` only for the types and shapes it converts)."""
+    """Give tensor t the bytes at addr inside buf. Returns True when ggml will repack it on upload.
+
+    The header is never cleared on the way: the prefetcher re-points headers while the main thread
+    may be building a graph, and ggml's allocator would take a weight whose data is NULL for an
+    intermediate and allocate it (seen as GGML_ASSERT(tensor->buffer == NULL) in CI). So instead of
+    ggml_backend_tensor_alloc on the shared header, the `extra` pointer the repack buffer sets is
+    probed once per type and shape on a private tensor, and the three fields are written directly."""
     c = t.contents
-    c.buffer, c.data, c.extra = None, None, None
-    if buf.repack:
-        ggml.ggml_backend_tensor_alloc(buf.handle, t, addr)
-        if c.extra:
-            return True
-        c.buffer = None  # a type the repack buffer does not convert: plain host memory
-    c.data = addr
-    return False
+    extra = repack_traits(c.type, (c.ne[0], c.ne[1])) if buf.repack else None
+    point(t, Placement(addr, buf.handle if extra else None, extra))
+    return extra is not None
 
 
 @dataclass
@@ -201,22 +201,29 @@ def upload(t: Tensor, src_addr: int, size: int) -> None:
         ctypes.memmove(t.contents.data, src_addr, size)
 
 
-_PROBE: dict[tuple, bool] = {}
+_TRAITS: dict[tuple, int | None] = {}
+
+
+def repack_traits(type_id: int, shape: tuple[int, ...]) -> int | None:
+    """The `extra` (repack traits) ggml's CPU_REPACK buffer gives a weight of this type and shape,
+    None when it does not convert it. Probed once each on a private tensor (virtual memory only)."""
+    key = (type_id, *shape)
+    if REPACK_BUFT is None or len(shape) != 2:
+        return None
+    if key not in _TRAITS:
+        table = TensorTable(1)
+        t = table.new("probe", type_id, shape)
+        buf = Buffer(nbytes(t), repack=True)
+        ggml.ggml_backend_tensor_alloc(buf.handle, t, buf.base)
+        _TRAITS[key] = t.contents.extra or None
+        buf.free()
+        table.free()
+    return _TRAITS[key]
 
 
 def repacks(type_id: int, shape: tuple[int, ...]) -> bool:
-    """Whether the CPU_REPACK buffer converts a weight of this type and shape (probed once each)."""
-    key = (type_id, *shape)
-    if REPACK_BUFT is None or len(shape) != 2:
-        return False
-    if key not in _PROBE:
-        table = TensorTable(1)
-        t = table.new("probe", type_id, shape)
-        buf = Buffer(nbytes(t), repack=True)  # virtual memory only: nothing is written
-        _PROBE[key] = place(t, buf, buf.base)
-        buf.free()
-        table.free()
-    return _PROBE[key]
+    """Whether the CPU_REPACK buffer converts a weight of this type and shape."""
+    return repack_traits(type_id, shape) is not None
 
 
 def data_addr(t: Tensor) -> int:
