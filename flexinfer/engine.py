@@ -35,6 +35,13 @@ def _pad(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def _node_budget(weights: dict, base: int) -> int:
+    """Graph nodes for one layer: `base` for the ops, plus a mul_mat and a concat per extra row
+    block of a split weight (streamed pieces), with room to spare."""
+    extra = sum(len(w) - 1 for w in weights.values() if isinstance(w, tuple))
+    return base + 4 * extra
+
+
 @dataclass
 class GraphSet:
     embed: Ops
@@ -110,7 +117,7 @@ class Engine:
         cfg, a = self.cfg, self.inputs.addr
         layers = []
         for il in range(cfg.n_layer):
-            ops = Ops()
+            ops = Ops(_node_budget(self.store.layers[il], 96))
             batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
                           ops.input(TYPE_I64, (T,), a["rows"]),
                           ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]))
@@ -136,7 +143,7 @@ class Engine:
         return ops
 
     def _head_graph(self, T: int, n_out: int) -> tuple[Ops, Tensor]:
-        ops, e = Ops(32), self.cfg.n_embd
+        ops, e = Ops(_node_budget(self.store.layers[self.cfg.n_layer], 32)), self.cfg.n_embd
         x = ops.input(TYPE_F32, (e, T), self.inputs.addr["x"])
         if n_out < T:  # only the last n_out positions
             x = ops.view_2d(x, e, n_out, 4 * e, 4 * e * (T - n_out))

@@ -24,7 +24,7 @@ from flexinfer.direct_io import ALIGN, DirectReader
 from flexinfer.errors import StreamError
 from flexinfer.gguf_file import GGUFFile, TensorInfo, row_bytes
 from flexinfer.ggml_ops import Buffer, Tensor, TensorTable
-from flexinfer.planner import STAGING_BUFFERS, Plan, PlanTensor, chunk_rows
+from flexinfer.planner import STAGING_BUFFERS, STREAM_CHUNK, Plan, PlanTensor, chunk_rows
 from flexinfer.prefetch import Prefetcher
 
 HEAD_KINDS = ("output",)
@@ -75,8 +75,11 @@ class WeightStore:
         self.g, self.cfg, self.plan, self.repack = g, cfg, plan, repack
         self.reader = reader
         self.n_head_layer = cfg.n_layer
-        self._table = TensorTable(2 * len(specs) + 8)
         self._embd = g.tensors["token_embd.weight"]
+        # one header per resident part and per streamed piece (a 70B's 132 MB FFN matrices are 9
+        # pieces each): counted, since running out of headers would abort inside ggml
+        infos = [g.tensors[s.name] for s in specs] + [self._embd]
+        self._table = TensorTable(sum(2 + t.nbytes // STREAM_CHUNK for t in infos) + 8)
         self.layers: list[dict[str, object]] = [{} for _ in range(cfg.n_layer + 1)]
         self._resident: list[Part] = []
         self._streamed: dict[int, list[Part]] = {}
@@ -130,7 +133,7 @@ class WeightStore:
         return Part(h, info.offset + r0 * rb, (r1 - r0) * rb, repack)
 
     # ---- loading
-    def load(self, mode: str, note=None) -> None:
+    def load(self, mode: str) -> None:
         if mode == "mmap":
             self._map_file()
             return
