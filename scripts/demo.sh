@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/flexinfer ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet .
 fi
-if [ "$#" -eq 0 ]; then set -- -p "Hello"; fi
+if [ "$#" -eq 0 ]; then set -- --chat -p "Hello"; fi  # the instruct model answers as a chat
 exec .venv/bin/flexinfer run "$@"
