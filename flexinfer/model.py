@@ -77,6 +77,10 @@ class Model:
         self._engine = self._store = self._kv = self._backend = self._reader = None
         try:
             self._load(opts)
+        except MemoryError as e:  # the OS refused an allocation the plan expected to fit
+            self.close()
+            raise FlexInferError(f"{self.path}: out of memory while loading ({e}); try a smaller "
+                                 "--memory-budget or --ctx-size") from None
         except BaseException:
             self.close()
             raise
@@ -170,11 +174,19 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
     """Budget -> Plan, from sizes and calibration only (no weight is read). Returns
     (plan, budget_bytes, budget_source, machine, repack)."""
     budget, source = resolve_budget(o.memory_budget)
+    kv = kv_bytes(cfg, n_ctx)
+    by_ctx = kv + 2 * n_ctx * min(o.n_ubatch, n_ctx)  # KV cache + f16 attention mask rows
+    if by_ctx > budget:  # checked before anything sized by the context is allocated
+        least = by_ctx + rss_bytes() + HEADROOM
+        raise FlexInferError(f"--memory-budget: {_gb(budget)} ({source}) is below the minimum "
+                             f"working set for {os.path.basename(g.path)} at context {n_ctx}: at "
+                             f"least {_gb(least)}; the KV cache and attention mask alone need "
+                             f"{_gb(by_ctx)} (try a smaller --ctx-size)")
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
     mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
     fixed_parts = {  # what the weights cannot use, in bytes
         "runtime": rss_bytes(),  # interpreter, libraries, tokenizer: resident now
-        "kv_cache": kv_bytes(cfg, n_ctx),
+        "kv_cache": kv,
         "compute": measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, o.n_ubatch,
                                          n_threads),
         "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),

@@ -152,6 +152,11 @@ def test_budget_below_minimum_names_the_minimum(tiny_llama_path):
         fm.load(tiny_llama_path, n_ctx=64, memory_budget="10M")
 
 
+def test_context_too_large_for_the_budget_is_refused_before_allocating(tiny_llama_path):
+    with pytest.raises(FlexInferError, match=r"context 999999999: at least .* KV cache and attention mask alone need"):
+        fm.load(tiny_llama_path, n_ctx=999_999_999, memory_budget="4G")
+
+
 def test_bad_options_are_one_line_errors(tiny_llama_path):
     for opts, frag in [({"offload": "nope"}, "--offload"), ({"preserve": "x"}, "--preserve"),
                        ({"n_ctx": 0}, "--ctx-size"), ({"memory_budget": "lots"}, "--memory-budget")]:
