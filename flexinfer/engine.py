@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -255,13 +256,9 @@ def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch
     """Graph memory + CPU work buffer the engine will reserve, measured on header-only weights, so
     the planner subtracts the real figure (the 7B at n_ubatch 256: 45 MB) before any weight loads."""
     store, kv = _HeaderStore(g, cfg, specs), _HeaderKV(cfg, n_ctx)
-
-    class _Threads:
-        pass
-    threads = _Threads()
-    threads.n_threads = n_threads
-    try:
-        eng = Engine(cfg, arch, store, kv, threads, n_ubatch, warm=False)
+    try:  # no backend is created: the engine only reads its thread count to size the work buffer
+        eng = Engine(cfg, arch, store, kv, SimpleNamespace(n_threads=n_threads), n_ubatch,
+                     warm=False)
         size = eng.compute_bytes + eng.inputs.nbytes
         eng.close()
         return size

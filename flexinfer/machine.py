@@ -75,7 +75,7 @@ def measure_compute(type_id: int, repack: bool, n_threads: int) -> tuple[float, 
     w, buf, src = table.new("w", type_id, shape), Buffer(nbytes, use_repack), Buffer(nbytes)
     xbuf = Buffer(4 * CAL_DIM)
     try:
-        ggml_ops.memview(src.base, nbytes)[:] = bytes(nbytes)  # zeros: finite in every type
+        src.clear()  # zeros: finite in every type
         ggml_ops.place(w, buf, buf.base)
         ggml_ops.upload(w, src.base, nbytes)  # first touch
         t0 = time.perf_counter()
