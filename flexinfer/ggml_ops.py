@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import sys
 from dataclasses import dataclass
 
@@ -130,6 +131,41 @@ def mlock(addr: int, nbytes: int) -> int:
 
 def munlock(addr: int, nbytes: int) -> None:
     _libc.munlock(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes))
+
+
+PAGE = 4096
+MADV_DONTNEED = 4
+
+
+def release_pages(addr: int, nbytes: int) -> None:
+    """Give the whole pages of [addr, addr + nbytes) back to the OS (unlocking them first): the
+    memory is uncharged at once and reads as zeros if ever touched again."""
+    start = (addr + PAGE - 1) // PAGE * PAGE
+    end = (addr + nbytes) // PAGE * PAGE
+    if end > start:
+        munlock(start, end - start)
+        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED):
+            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
+
+
+class LazyMemory:
+    """Zeroed anonymous memory charged page by page as it is first written, never in huge pages (a
+    2 MB page would charge a whole layer's KV cache at its first position). Not a ggml buffer:
+    tensors point into it with no buffer, as the KV cache's do."""
+
+    def __init__(self, size: int):
+        self.size = max(size, 1)
+        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        self.base = ctypes.addressof(self._anchor)
+
+    def free(self) -> None:
+        if self._map is not None:
+            del self._anchor
+            self._map.close()
+            self._map = None
 
 
 def copy(dst: int, src: int, nbytes: int) -> None:
