@@ -16,10 +16,20 @@ Memory, for a per-layer streamed amount S:
 A larger S frees resident bytes faster than it grows the slots (there are more layers than slots),
 so the smallest S that fits is found by bisection, up to the S where that stops being true (a
 layer much larger than the rest, see _solve).
+
+Stages (a growing KV cache): the plan above is what holds at the full context, with the whole KV
+cache counted. But the cache is charged as it is written, position after position, and most runs
+use a fraction of the context (a 7B at llama.cpp's default 4096 has a 2.1 GB cache). So the caller
+may give `kv_growth`: for some position counts P < n_ctx, the cache bytes still unwritten while at
+most P positions are held. Each such stage keeps extra rows resident in those bytes, by the same
+priority order, and always a superset of the next stage's rows: moving on only releases rows (the
+engine frees their pages and streams them from then on; nothing is ever read back in). A run
+starts in the first stage; the plan's own fields describe the last (the whole context).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 ROW_ALIGN = 16  # rows; repacked Q4_0/Q4_K interleave 8 rows, 16 keeps every kernel's tiling whole
@@ -58,6 +68,33 @@ class Machine:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """While the KV cache holds at most `positions` positions, `kv_unused` bytes of it are not yet
+    charged and hold extra resident rows: resident_rows here is a superset of every later stage's."""
+
+    positions: int
+    kv_unused: int
+    resident_rows: dict[str, int]
+    resident_bytes: int
+    streamed_per_layer: tuple[int, ...]
+    t_io: float
+    t_cpu: float
+    predicted_s: float
+    planned_bytes: int  # everything planned, at this stage
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(self.streamed_per_layer)
+
+    @property
+    def predicted_tok_s(self) -> float:
+        return 1.0 / self.predicted_s if self.predicted_s > 0 else float("inf")
+
+    def total_bytes(self) -> int:
+        return self.planned_bytes
+
+
+@dataclass(frozen=True)
 class Plan:
     mode: str  # flexinfer | prefetch | sync | mmap | resident
     budget_bytes: int
@@ -77,6 +114,12 @@ class Plan:
     layer_bytes: tuple[int, ...]  # matrix bytes of block 0..n_layer-1 and the head
     notes: tuple[str, ...] = field(default=())
     fixed_parts: dict = field(default_factory=dict)  # the caller's breakdown of fixed_bytes
+    stages: tuple[Stage, ...] = ()  # earlier stages of a growing KV cache, fewest positions first
+
+    @property
+    def first(self):
+        """What a run starts with: the first stage, or the plan itself when it has none."""
+        return self.stages[0] if self.stages else self
 
     @property
     def streamed_bytes(self) -> int:
@@ -189,9 +232,11 @@ def _cost(layers, rows, machine: Machine, window: int, sync: bool) -> tuple[floa
 
 def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *,
          mode: str = "flexinfer", preserve: str = "auto", balance: bool = True,
-         window: int | None = None) -> Plan:
+         window: int | None = None, kv_growth: tuple[tuple[int, int], ...] = ()) -> Plan:
     """Choose resident rows and the window for `tensors` (the matrices of every layer and the head;
-    vectors are in `fixed`). Raises BudgetError when even streaming everything does not fit."""
+    vectors are in `fixed`). Raises BudgetError when even streaming everything does not fit.
+    kv_growth: (positions, KV bytes not yet charged at that many positions), fewest first; the
+    stages they allow are in Plan.stages (module docstring)."""
     layers = _layers(tensors)
     total = sum(t.nbytes for t in tensors)
     largest_layer = max(sum(t.nbytes for t in ts) for ts in layers.values())
@@ -240,7 +285,56 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
             best = cand
     if best is None:  # keeping everything resident always works, whatever the window
         raise BudgetError(min(minimum, fixed + total), budget)
+    if mode in ("flexinfer", "sync") and best.streamed_bytes and kv_growth:
+        order = POLICIES[best.policy.split(",")[0]]
+        stages = _stages(layers, tensors, best, budget, kv_growth, machine, order, balance)
+        best = dataclasses.replace(best, stages=stages)
     return best
+
+
+def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machine, order,
+            balance: bool) -> tuple[Stage, ...]:
+    """Walk back from the full context: each earlier stage has `kv_unused` more bytes of room and
+    keeps, on top of the next stage's rows, as many more as fit (the same search as _solve)."""
+    out: list[Stage] = []
+    nxt = last.resident_rows
+    total = sum(t.nbytes for t in tensors)
+    for positions, unused in sorted(kv_growth, reverse=True):
+        room = budget - last.fixed_bytes + unused
+
+        def grown(x):  # balanced: x = bytes streamed per layer; else x = resident bytes
+            fresh = _assign(layers, x, order, not balance)
+            return {k: max(r, fresh[k]) for k, r in nxt.items()}
+
+        def fits(x):
+            return _used(layers, tensors, last.window, grown(x)) <= room
+
+        if balance:  # the smallest per-layer stream that fits; the next stage's always does
+            lo, hi = 0, max(last.layer_bytes)
+            if fits(lo):
+                hi = lo
+            while hi - lo > 4096:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+            rows = grown(hi)
+        else:  # the largest resident prefix that fits
+            lo, hi = total - last.streamed_bytes, total
+            if fits(hi):
+                lo = hi
+            while hi - lo > 4096:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            rows = grown(lo)
+        if rows == nxt:
+            continue  # no room for another row group: the next stage starts right away
+        streamed = _streamed(layers, rows)
+        win = min(last.window, sum(1 for s in streamed.values() if s)) or 1
+        t_io, t_cpu, pred = _cost(layers, rows, machine, win, last.mode == "sync")
+        out.append(Stage(positions, unused, rows, total - sum(streamed.values()),
+                         tuple(streamed[l] for l in sorted(streamed)), t_io, t_cpu, pred,
+                         last.fixed_bytes - unused + _used(layers, tensors, last.window, rows)))
+        nxt = rows
+    return tuple(reversed(out))
 
 
 def chunk_rows(row_bytes: int) -> int:

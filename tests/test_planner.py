@@ -395,3 +395,71 @@ def test_prediction_never_beats_the_bound(shape, frac, mode, balance):
     assert p.bound_tok_s == 1 / max(p.t_io_bound, p.t_cpu_bound)
     assert p.predicted_tok_s <= p.bound_tok_s * 1.0001
     assert math.isfinite(p.predicted_tok_s) and p.predicted_s >= max(p.t_io, p.t_cpu) * (1 - 1e-9)
+
+
+# ---- stages of a growing KV cache
+def _growth(fixed: int) -> tuple[tuple[int, int], ...]:
+    """A cache that is a third of `fixed`: 1/16 of it written at 64 positions, 1/4 at 256."""
+    kv = fixed // 3
+    return ((64, kv - kv // 16), (256, kv - kv // 4))
+
+
+def _used_at(p, tensors, stage) -> int:
+    """Independent of the planner: resident rows, slots and staging as the store will touch them."""
+    layers: dict[int, int] = {}
+    for t in tensors:
+        layers[t.layer] = layers.get(t.layer, 0) + (t.rows - stage.resident_rows[t.name]) * t.row_bytes
+    n = sum(1 for s in layers.values() if s)
+    slots = min(p.window, n) * max(layers.values())
+    stg = max((min(t.rows - stage.resident_rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+               for t in tensors), default=0) + 8192
+    return stage.resident_bytes + slots + (STAGING_BUFFERS * stg if n else 0)
+
+
+@FAST
+@given(shapes, fracs, st.booleans(), st.sampled_from(["flexinfer", "sync"]))
+def test_stages_only_release_rows_and_each_fits_the_budget(shape, frac, balance, mode):
+    tensors, fixed, budget = budget_at(shape, frac)
+    growth = _growth(fixed)
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, balance=balance, mode=mode, kv_growth=growth)
+    except BudgetError:
+        return
+    unused = dict(growth)
+    chain = [*p.stages, p]
+    for earlier, later in zip(chain, chain[1:]):
+        assert earlier.positions < getattr(later, "positions", 1 << 30)
+        assert all(earlier.resident_rows[n] >= r for n, r in later.resident_rows.items())
+        assert earlier.resident_bytes > later.resident_bytes  # a stage that keeps nothing more is dropped
+        assert earlier.predicted_s <= later.predicted_s * (1 + 1e-9)
+        assert all(r % ROW_ALIGN == 0 or r == t.rows
+                   for t in tensors for r in [earlier.resident_rows[t.name]])
+    for s in p.stages:
+        assert s.kv_unused == unused[s.positions]
+        assert s.total_bytes() == fixed - s.kv_unused + _used_at(p, tensors, s)
+        assert s.total_bytes() <= budget
+        assert s.resident_bytes + s.streamed_bytes == total(tensors)
+
+
+def test_stages_turn_unwritten_cache_into_resident_weights():
+    tensors, fixed, budget = budget_at("llama7b", 0.8)
+    growth = _growth(fixed)
+    p = plan(tensors, budget, fixed, MACHINE, kv_growth=growth)
+    assert [s.positions for s in p.stages] == [64, 256]
+    first = p.stages[0]
+    # nearly all of the unwritten cache holds weights (less what the slots and staging give up)
+    assert first.resident_bytes - p.resident_bytes > 0.9 * first.kv_unused
+    assert first.predicted_s < p.predicted_s
+    assert p.first is first and plan(tensors, budget, fixed, MACHINE).first.resident_bytes == p.resident_bytes
+
+
+@pytest.mark.parametrize("mode", ["mmap", "prefetch"])
+def test_no_stages_where_nothing_is_locked(mode):
+    tensors, fixed, budget = budget_at("llama7b", 0.8)
+    assert plan(tensors, budget, fixed, MACHINE, mode=mode, kv_growth=_growth(fixed)).stages == ()
+
+
+def test_no_stages_when_everything_is_resident():
+    tensors, fixed = SHAPES["smollm2"]
+    p = plan(tensors, fixed + total(tensors), fixed, MACHINE, kv_growth=_growth(fixed))
+    assert p.stages == () and p.first is p
