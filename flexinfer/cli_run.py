@@ -151,34 +151,48 @@ def plan_command(a, options: dict) -> int:
     g, cfg, specs = check_model(resolve(a.model))
     tokenizer = Tokenizer.from_gguf(g)  # built as `run` builds it, so the measured RSS matches
     n_ctx = o.n_ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
-    p, budget, source, mach, _ = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
-    report = plan_report(p, budget, source, mach, g.file_size, n_ctx)
+    planned = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
+    report = plan_report(planned, g.file_size, n_ctx)
     del tokenizer
     if a.json:
         print(json.dumps(report, indent=1))
         return 0
     for k, v in report.items():
-        if k != "layers":
+        if k not in ("layers", "stages"):
             print(f"{k:28} {v}")
+    print("up_to_positions  resident_bytes  streamed_bytes  planned_total  predicted_tok_s")
+    for st in report["stages"]:
+        print(f"{st['up_to_positions']:>15}  {st['resident_bytes']:>14}  "
+              f"{st['streamed_bytes_per_token']:>14}  {st['planned_total_bytes']:>13}  "
+              f"{st['predicted_tokens_per_s']:>15}")
     print("layer  resident_bytes  streamed_bytes")
     for row in report["layers"]:
         print(f"{row['layer']:>5}  {row['resident_bytes']:>14}  {row['streamed_bytes']:>14}")
     return 0
 
 
-def plan_report(p, budget: int, source: str, mach, model_bytes: int, n_ctx: int) -> dict:
-    per_layer_total = p.layer_bytes
+def plan_report(planned, model_bytes: int, n_ctx: int) -> dict:
+    """What `flexinfer plan` prints. The top-level figures are what a run starts with (the first
+    stage of a growing KV cache); `stages` goes on to the full context, where the plan must hold."""
+    p, mach = planned.plan, planned.machine
+    start = p.first
+    stages = [*p.stages, p]
     return {
-        "budget_bytes": budget, "budget_source": source, "mode": p.mode, "policy": p.policy,
-        "context": n_ctx, "model_bytes": model_bytes, "fixed_bytes": p.fixed_bytes,
+        "budget_bytes": planned.budget, "budget_source": planned.source, "mode": p.mode,
+        "policy": p.policy, "context": n_ctx, "n_ubatch": planned.n_ubatch,
+        "model_bytes": model_bytes, "fixed_bytes": p.fixed_bytes,
         **{f"fixed_{k}_bytes": v for k, v in p.fixed_parts.items()},
-        "resident_bytes": p.resident_bytes, "streamed_bytes_per_token": p.streamed_bytes,
-        "window": p.window, "slot_bytes": p.slot_bytes, "planned_total_bytes": p.total_bytes(),
+        "resident_bytes": start.resident_bytes, "streamed_bytes_per_token": start.streamed_bytes,
+        "window": p.window, "slot_bytes": p.slot_bytes, "planned_total_bytes": start.total_bytes(),
         "disk_bytes_per_s": round(mach.disk_bw), "compute_bytes_per_s": round(mach.compute_bw),
-        "t_io_s": round(p.t_io, 4), "t_cpu_s": round(p.t_cpu, 4),
-        "predicted_tokens_per_s": round(p.predicted_tok_s, 3),
+        "t_io_s": round(start.t_io, 4), "t_cpu_s": round(start.t_cpu, 4),
+        "predicted_tokens_per_s": round(start.predicted_tok_s, 3),
         "bound_tokens_per_s": round(p.bound_tok_s, 3),
-        "layers": [{"layer": "head" if i == len(p.streamed_per_layer) - 1 else i,
-                    "resident_bytes": per_layer_total[i] - s, "streamed_bytes": s}
-                   for i, s in enumerate(p.streamed_per_layer)],
+        "stages": [{"up_to_positions": getattr(s, "positions", n_ctx),
+                    "resident_bytes": s.resident_bytes, "streamed_bytes_per_token": s.streamed_bytes,
+                    "planned_total_bytes": s.total_bytes(),
+                    "predicted_tokens_per_s": round(s.predicted_tok_s, 3)} for s in stages],
+        "layers": [{"layer": "head" if i == len(start.streamed_per_layer) - 1 else i,
+                    "resident_bytes": p.layer_bytes[i] - s, "streamed_bytes": s}
+                   for i, s in enumerate(start.streamed_per_layer)],
     }

@@ -166,6 +166,7 @@ class Engine:
     def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos.. through the model; returns float32 logits of the last token
         (1, n_vocab), or of every token (len(tokens), n_vocab) with all_logits."""
+        self.store.prepare(pos + len(tokens))  # a later stage of the plan, if the cache grows into it
         step = min(self.n_ubatch, MAX_LOGIT_ROWS) if all_logits else self.n_ubatch
         out = []
         for i in range(0, len(tokens), step):

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,10 +22,10 @@ from flexinfer.direct_io import DirectReader
 from flexinfer.engine import Engine, measure_compute_bytes
 from flexinfer.errors import FlexInferError
 from flexinfer.ggml_ops import Backend
-from flexinfer.kv_cache import KVCache, kv_bytes
+from flexinfer.kv_cache import KVCache, kv_bytes, kv_growth
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
-from flexinfer.planner import BudgetError, plan
+from flexinfer.planner import BudgetError, Machine, Plan, plan
 from flexinfer.stats import Stats
 from flexinfer.tokenizer import Tokenizer
 from flexinfer.weights import WeightStore, matrices
@@ -43,7 +44,7 @@ class Options:
     preserve: str = "auto"  # auto | ffn | attn
     prefetch_window: int | None = None  # slots in the ring; default chosen by the planner
     repack: bool = True  # use ggml's repacked kernels where the type allows
-    n_ubatch: int = 512  # prompt tokens per batch
+    n_ubatch: int | None = None  # prompt tokens per batch; default 512, fewer when streaming
     direct_io: bool = True  # O_DIRECT reads
     notes: list = field(default_factory=list)
 
@@ -92,9 +93,9 @@ class Model:
             print(f"flexinfer: {text}", file=sys.stderr)
 
     def _load(self, o: Options) -> None:
-        self.plan, budget, source, mach, repack = make_plan(self.g, self.cfg, self.specs, o,
-                                                            self.n_ctx, self.n_threads)
-        self.stats.set_plan(self.plan, budget, source, mach)
+        planned = make_plan(self.g, self.cfg, self.specs, o, self.n_ctx, self.n_threads)
+        self.plan, repack = planned.plan, planned.repack
+        self.stats.set_plan(self.plan, planned.budget, planned.source, planned.machine)
         self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
                                     note=self._note)
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
@@ -105,7 +106,8 @@ class Model:
                        "resident weights are not locked")
         self._kv = KVCache(self.cfg, self.n_ctx)
         self._backend = Backend(self.n_threads)
-        self._engine = Engine(self.cfg, self.arch, self._store, self._kv, self._backend, o.n_ubatch)
+        self._engine = Engine(self.cfg, self.arch, self._store, self._kv, self._backend,
+                              planned.n_ubatch)
         self.stats.compute_bytes = self._engine.compute_bytes
 
     # ---- the API
@@ -134,7 +136,11 @@ class Model:
     def _forward(self, ids: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
         if self._closed:
             raise FlexInferError("the model is closed")
-        return self._engine.forward(ids, pos, all_logits)
+        out = self._engine.forward(ids, pos, all_logits)
+        if self._store.stage_positions:  # resident rows are given up as the KV cache grows
+            self.stats.resident_bytes = self._store.resident_bytes
+            self.stats.stage = self._store.stage
+        return out
 
     def generate(self, prompt, **kw):
         from flexinfer.generate import generate
@@ -170,12 +176,32 @@ class Model:
             pass
 
 
-def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int):
-    """Budget -> Plan, from sizes and calibration only (no weight is read). Returns
-    (plan, budget_bytes, budget_source, machine, repack)."""
+class Planned(NamedTuple):
+    plan: Plan
+    budget: int
+    source: str  # where the budget came from
+    machine: Machine
+    repack: bool
+    n_ubatch: int  # prompt tokens per batch the engine will use
+
+
+DEFAULT_UBATCH = 512  # llama.cpp's
+MIN_UBATCH = 32
+PREFILL_SPEEDUP = 2  # per token, a prompt batch computes this much faster than a decode step
+# (measured on the 7B here: 20.0 prompt tok/s against 9.44 decode tok/s, docs/benchmarks.md)
+
+
+def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int) -> Planned:
+    """Budget -> Plan, from sizes and calibration only (no weight is read).
+
+    When weights stream and the caller left n_ubatch open, the prompt batch shrinks: the compute
+    buffer grows with it (the 7B: 0.2 MB per token, 50 MB at 256), and a batch only needs enough
+    tokens for its compute to hide one pass of reads, t_io / (t_cpu / PREFILL_SPEEDUP); more
+    tokens per batch would hold memory that resident weights can use."""
     budget, source = resolve_budget(o.memory_budget)
+    ubatch = min(o.n_ubatch or DEFAULT_UBATCH, n_ctx)
     kv = kv_bytes(cfg, n_ctx)
-    by_ctx = kv + 2 * n_ctx * min(o.n_ubatch, n_ctx)  # KV cache + f16 attention mask rows
+    by_ctx = kv + 2 * n_ctx * ubatch  # KV cache + f16 attention mask rows
     if by_ctx > budget:  # checked before anything sized by the context is allocated
         least = by_ctx + rss_bytes() + HEADROOM
         raise FlexInferError(f"--memory-budget: {_gb(budget)} ({source}) is below the minimum "
@@ -184,24 +210,39 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
                              f"{_gb(by_ctx)} (try a smaller --ctx-size)")
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
     mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
-    fixed_parts = {  # what the weights cannot use, in bytes
-        "runtime": rss_bytes(),  # interpreter, libraries, tokenizer: resident now
-        "kv_cache": kv,
-        "compute": measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, o.n_ubatch,
-                                         n_threads),
-        "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
-        "headroom": HEADROOM,
-    }
-    fixed = sum(fixed_parts.values())
+    runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
     mach = machine.calibrate(g, repack, n_threads)
-    try:
-        p = plan(mats, budget, fixed, mach, mode=o.offload, preserve=o.preserve,
-                 balance=o.balance, window=o.prefetch_window)
-    except BudgetError as e:
-        raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working set "
-                             f"for {os.path.basename(g.path)} at context {n_ctx}: "
-                             f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
-    return dataclasses.replace(p, fixed_parts=fixed_parts), budget, source, mach, repack
+    growth = kv_growth(cfg, n_ctx) if o.offload in ("flexinfer", "sync") else ()
+
+    def planned(ub: int) -> Plan:
+        fixed_parts = {  # what the weights cannot use, in bytes
+            "runtime": runtime, "kv_cache": kv,
+            "compute": measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads),
+            "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
+            "headroom": HEADROOM,
+        }
+        try:
+            p = plan(mats, budget, sum(fixed_parts.values()), mach, mode=o.offload,
+                     preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
+                     kv_growth=growth)
+        except BudgetError as e:
+            raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working "
+                                 f"set for {os.path.basename(g.path)} at context {n_ctx}: "
+                                 f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
+        return dataclasses.replace(p, fixed_parts=fixed_parts)
+
+    p = planned(ubatch)
+    if o.n_ubatch is None and p.streamed_bytes and p.mode != "mmap":
+        need = p.t_io / (p.t_cpu_bound / PREFILL_SPEEDUP)  # tokens whose compute hides the reads
+        small = MIN_UBATCH
+        while small < need and small < ubatch:
+            small *= 2
+        if small < ubatch:
+            try:
+                p, ubatch = planned(small), small
+            except FlexInferError:  # cannot happen (less compute memory), but never worse
+                pass
+    return Planned(p, budget, source, mach, repack, ubatch)
 
 
 def _gb(n: int) -> str:

@@ -31,9 +31,10 @@ class Prefetcher:
     def __init__(self, order: list[int], window: int, jobs: Callable[[int], list[Any]],
                  read: Callable[[Any, int], int], upload: Callable[[Any, int, int], None],
                  n_staging: int = 2, threaded: bool = True):
-        assert 0 < window <= len(order), "a layer must never be loaded while its slot is in use"
+        assert window > 0, "a layer must never be loaded while its slot is in use"
         assert n_staging > 0, "the reader needs a staging buffer to read into"
-        self.order, self.window, self.threaded = order, window, threaded
+        self.threaded, self._slots = threaded, window
+        self._set_order(order)
         self._jobs, self._read, self._upload = jobs, read, upload
         self._n_staging = n_staging
         self._cv = threading.Condition()
@@ -43,8 +44,12 @@ class Prefetcher:
         self.convert_busy_s = 0.0  # converter time spent uploading (repacking) into slots
         self._threads: list[threading.Thread] = []
         self._reset_state()
-        if threaded:
-            self._start()
+        self._start()
+
+    def _set_order(self, order: list[int]) -> None:
+        """Layers to stream, in compute order; at most one slot per layer (an empty order: nothing
+        streams yet, see restart)."""
+        self.order, self.window = list(order), min(self._slots, len(order))
 
     def _reset_state(self) -> None:
         self._released = 0  # layers the consumer has released: the next one to acquire
@@ -57,6 +62,8 @@ class Prefetcher:
         self._queue: deque = deque()
 
     def _start(self) -> None:
+        if not (self.threaded and self.order):
+            return
         self._threads = [threading.Thread(target=self._guard, args=(f,), name=f"flexinfer-{n}",
                                           daemon=True)
                          for n, f in (("reader", self._reader), ("converter", self._converter))]
@@ -175,8 +182,15 @@ class Prefetcher:
         """Restart from the first layer (after a forward pass was abandoned half way)."""
         self.close()
         self._reset_state()
-        if self.threaded:
-            self._start()
+        self._start()
+
+    def restart(self, order: list[int]) -> None:
+        """Stream another set of layers from the next forward pass on (a later stage of the plan
+        streams more, weights.py). The counters go on."""
+        self.close()
+        self._set_order(order)
+        self._reset_state()
+        self._start()
 
     def close(self) -> None:
         with self._cv:

@@ -15,16 +15,19 @@ class Stats:
     offload_mode: str = ""
     resident_bytes: int = 0  # weight bytes kept in memory
     compute_bytes: int = 0  # graph memory the allocator reserved
+    stage: int = 0  # the plan's stage for the KV cache's current size (planner.py, "Stages")
     plan_summary: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # things said once on stderr (O_DIRECT refused, ...)
 
     def set_plan(self, plan, budget: int, source: str, machine) -> None:
         self.budget_bytes, self.budget_source = budget, source
-        self.offload_mode, self.resident_bytes = plan.mode, plan.resident_bytes
+        start = plan.first  # a growing KV cache starts in its first stage (planner.py)
+        self.offload_mode, self.resident_bytes = plan.mode, start.resident_bytes
         self.plan_summary = {
             "policy": plan.policy, "window": plan.window,
-            "streamed_bytes_per_token": plan.streamed_bytes,
-            "predicted_tokens_per_s": round(plan.predicted_tok_s, 3),
+            "streamed_bytes_per_token": start.streamed_bytes,
+            "predicted_tokens_per_s": round(start.predicted_tok_s, 3),
+            "stages": len(plan.stages) + 1,
             "bound_tokens_per_s": round(plan.bound_tok_s, 3),
             "disk_bytes_per_s": round(machine.disk_bw), "compute_bytes_per_s": round(machine.compute_bw),
         }
@@ -57,6 +60,7 @@ class RunTimes:
             "stall_fraction": _r(self.stall_s / self.decode_s if self.decode_s else 0.0),
             "convert_s_per_token": _r(self.convert_s / n),
             "resident_bytes": stats.resident_bytes,
+            "stage": stats.stage,
             "budget_bytes": stats.budget_bytes,
             "budget_source": stats.budget_source,
             "offload_mode": stats.offload_mode,

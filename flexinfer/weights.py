@@ -8,6 +8,13 @@ In `mmap` mode the headers point into a read-only mapping of the file and the OS
 
 get(layer)/release(layer) bracket the use of a layer's weights; the head (output_norm, output) is
 layer n_layer. token_embd is never loaded whole: embed_rows reads the rows of the tokens in use.
+
+Stages (a plan for a growing KV cache, planner.py): a matrix's rows that only the earlier stages keep
+are parts of their own from the start, chunked as they will stream, and the resident buffer holds
+them in one page-aligned region per stage. prepare(positions) moves to the stage that holds those
+positions: it frees the regions of the stages left behind (their pages go back to the OS at once,
+before the KV cache grows into them) and from then on streams those parts like the others. Every
+matrix keeps the same row blocks all along, so the engine's graphs stay valid.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ TENSOR_ALIGN = 64  # bytes between tensors inside a buffer (ggml needs 32; AVX-5
 
 def _a(n: int) -> int:
     return (n + TENSOR_ALIGN - 1) // TENSOR_ALIGN * TENSOR_ALIGN
+
+
+def _page(n: int) -> int:
+    return (n + ggml_ops.PAGE - 1) // ggml_ops.PAGE * ggml_ops.PAGE
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,15 @@ class WeightStore:
         # one header per resident part and per streamed piece (a 70B's 132 MB FFN matrices are 9
         # pieces each): counted, since running out of headers would abort inside ggml
         infos = [g.tensors[s.name] for s in specs] + [self._embd]
-        self._table = TensorTable(sum(2 + t.nbytes // STREAM_CHUNK for t in infos) + 8)
+        n_stages = len(plan.stages) + 1  # each stage boundary inside a matrix: one more part
+        self._table = TensorTable(sum(n_stages + 1 + t.nbytes // STREAM_CHUNK for t in infos) + 8)
+        self._stage_rows = [st.resident_rows for st in plan.stages] + [plan.resident_rows]
+        self.stage_positions = [st.positions for st in plan.stages]
+        self.stage = 0
+        self._elastic: list[list[tuple[int, Part]]] = [[] for _ in plan.stages]
+        self._regions: list[tuple[int, int]] = []  # (address, bytes) of each stage's extra rows
+        self.resident_bytes = 0
+        self._vector_bytes = 0
         self.layers: list[dict[str, object]] = [{} for _ in range(cfg.n_layer + 1)]
         self._resident: list[Part] = []
         self._streamed: dict[int, list[Part]] = {}
@@ -109,16 +128,21 @@ class WeightStore:
         if len(info.shape) == 1:
             part = self._part(info, 0, info.shape[0], vector=True)
             self._resident.append(part)
+            self._vector_bytes += part.nbytes
             self.layers[layer][key] = part.header
             return
         n = info.shape[1]
-        r = self.plan.resident_rows.get(info.name, n)
+        rs = [rows.get(info.name, n) for rows in self._stage_rows]  # never growing, stage by stage
         parts = []
-        if r > 0:
-            parts.append(self._part(info, 0, r))
+        if rs[-1] > 0:  # kept at every stage
+            parts.append(self._part(info, 0, rs[-1]))
             self._resident.append(parts[-1])
         step = chunk_rows(row_bytes(info.type, info.shape[0]))
-        for r0 in range(r, n, step):  # streamed rows, in pieces of at most STREAM_CHUNK bytes
+        for k in reversed(range(len(rs) - 1)):  # kept until stage k ends, then streamed
+            for r0 in range(rs[k + 1], rs[k], step):
+                parts.append(self._part(info, r0, min(rs[k], r0 + step)))
+                self._elastic[k].append((layer, parts[-1]))
+        for r0 in range(rs[0], n, step):  # streamed rows, in pieces of at most STREAM_CHUNK bytes
             parts.append(self._part(info, r0, min(n, r0 + step)))
             self._streamed.setdefault(layer, []).append(parts[-1])
         self.layers[layer][key] = parts[0].header if len(parts) == 1 else tuple(p.header for p in parts)
@@ -138,7 +162,7 @@ class WeightStore:
             self._map_file()
             return
         self._load_resident()
-        if self._streamed:
+        if self._final_streamed():
             self._make_slots(threaded=mode != "sync")
 
     def _map_file(self) -> None:
@@ -154,34 +178,72 @@ class WeightStore:
         self._streamed = {}
 
     def _load_resident(self) -> None:
-        size = sum(_a(p.nbytes) for p in self._resident)
+        groups = [self._resident] + [[p for _, p in parts] for parts in self._elastic]
+        spans, size = [], 0
+        for i, parts in enumerate(groups):  # each stage's region in whole pages of its own
+            if i:
+                size = _page(size)
+            spans.append((size, sum(_a(p.nbytes) for p in parts)))
+            size += spans[-1][1]
         buf = Buffer(size, repack=self.repack)
         self._buffers.append(buf)
-        stage = Buffer(max((p.nbytes for p in self._resident), default=0) + 2 * ALIGN)
+        largest = max((p.nbytes for parts in groups for p in parts), default=0)
+        stage = Buffer(largest + 2 * ALIGN)
         try:
-            addr = buf.base
-            for p in self._resident:
-                p.place(buf, addr)
-                src = self.reader.read_span(stage.base, p.offset, p.nbytes)
-                ggml_ops.upload(p.header, src, p.nbytes)
-                addr += _a(p.nbytes)
+            for (start, _), parts in zip(spans, groups):
+                addr = buf.base + start
+                for p in parts:
+                    p.place(buf, addr)
+                    src = self.reader.read_span(stage.base, p.offset, p.nbytes)
+                    ggml_ops.upload(p.header, src, p.nbytes)
+                    addr += _a(p.nbytes)
         finally:
             stage.free()
+        self._regions = [(buf.base + start, n) for start, n in spans[1:]]
+        # matrix bytes, as the plan counts them (vectors are among its fixed costs)
+        self.resident_bytes = sum(p.nbytes for parts in groups for p in parts) - self._vector_bytes
         self.mlock_errno = ggml_ops.mlock(buf.base, size) if size else 0
 
+    def _final_streamed(self) -> dict[int, list[Part]]:
+        """Each layer's streamed parts at the last stage (the largest set)."""
+        out = {l: list(ps) for l, ps in self._streamed.items()}
+        for parts in self._elastic:
+            for layer, p in parts:
+                out.setdefault(layer, []).append(p)
+        return out
+
     def _make_slots(self, threaded: bool) -> None:
-        plan = self.plan
-        window = plan.window if threaded else 1
-        self._slot_layout = {l: self._layout(ps) for l, ps in self._streamed.items()}
-        slot_size = max(sum(_a(p.nbytes) for p in ps) for ps in self._streamed.values())
-        self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(window)]
-        largest = max(p.nbytes for ps in self._streamed.values() for p in ps)
+        """Slots and staging sized for the last stage; pages are charged only as they are written,
+        so an earlier stage costs what it streams (planner._used)."""
+        final = self._final_streamed()
+        self._window = self.plan.window if threaded else 1
+        slot_size = max(sum(_a(p.nbytes) for p in ps) for ps in final.values())
+        self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(self._window)]
+        largest = max(p.nbytes for ps in final.values() for p in ps)
         n_stage = STAGING_BUFFERS if threaded else 1
         self._stages = [Buffer(largest + 2 * ALIGN) for _ in range(n_stage)]
         self._buffers += self._slots + self._stages
-        order = sorted(self._streamed)
-        self.prefetcher = Prefetcher(order, min(window, len(order)), self._jobs, self._read,
+        self._slot_layout = {l: self._layout(ps) for l, ps in self._streamed.items()}
+        self.prefetcher = Prefetcher(sorted(self._streamed), self._window, self._jobs, self._read,
                                      self._upload, n_staging=n_stage, threaded=threaded)
+
+    def prepare(self, positions: int) -> None:
+        """Before the KV cache holds `positions` positions: move on to the stage that holds them.
+        Called between forward passes, when no layer is held."""
+        while self.stage < len(self.stage_positions) and positions > self.stage_positions[self.stage]:
+            self._leave_stage(self.stage)
+            self.stage += 1
+
+    def _leave_stage(self, k: int) -> None:
+        self.prefetcher.close()  # it may be reading ahead with the old layouts
+        for layer, p in self._elastic[k]:
+            self._streamed.setdefault(layer, []).append(p)
+            self.resident_bytes -= p.nbytes
+        for parts in self._streamed.values():
+            parts.sort(key=lambda p: p.offset)  # read in file order
+        ggml_ops.release_pages(*self._regions[k])
+        self._slot_layout = {l: self._layout(ps) for l, ps in self._streamed.items()}
+        self.prefetcher.restart(sorted(self._streamed))
 
     @staticmethod
     def _layout(parts: list[Part]) -> list[tuple[Part, int]]:

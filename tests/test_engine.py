@@ -11,7 +11,7 @@ import pytest
 
 import flexinfer.model as fm
 from flexinfer.errors import FlexInferError
-from flexinfer.planner import ROW_ALIGN, plan as real_plan
+from flexinfer.planner import ROW_ALIGN, Stage, plan as real_plan
 
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889]
 
@@ -174,3 +174,54 @@ def test_many_streamed_pieces_fit_the_header_table(tiny_mixed_path, monkeypatch)
     _squeeze_budget(monkeypatch, 0.0)
     streamed, run = _logits(tiny_mixed_path)
     assert run.streamed > 0 and np.array_equal(streamed, resident)
+
+
+def _staged_budget(monkeypatch, keep=(0.8, 0.3), positions=16):
+    """A plan with one earlier stage: while the cache holds at most `positions` positions, keep[0]
+    of every matrix's rows resident, then keep[1] (the store reads only rows and positions)."""
+    def plan(mats, budget, fixed, mach, **kw):
+        base = real_plan(mats, 1 << 50, fixed, mach, **{**kw, "mode": "flexinfer", "kv_growth": ()})
+
+        def rows(f):
+            out = {}
+            for i, t in enumerate(mats):
+                r = int(t.rows * min(1.0, f * (0.5 + (i % 3) / 2))) // ROW_ALIGN * ROW_ALIGN
+                out[t.name] = t.rows if f * (0.5 + (i % 3) / 2) >= 1.0 else r
+            return out
+        late = rows(keep[1])
+        early = {n: max(r, late[n]) for n, r in rows(keep[0]).items()}
+        stage = Stage(positions, 0, early, 0, (), 0.0, 0.0, 0.0, 0)
+        return dataclasses.replace(base, resident_rows=late, window=2, mode=kw["mode"],
+                                   stages=(stage,))
+    monkeypatch.setattr(fm, "plan", plan)
+
+
+def _steps(path, n_steps=20, **opts):
+    """The prompt's logits, then greedy decoding one token at a time: every step's logits."""
+    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+        ids = [t % m.cfg.n_vocab for t in PROMPT]
+        out = [m._forward(ids, 0)]
+        stages, resident = [m._store.stage], [m.stats.resident_bytes]
+        for _ in range(n_steps):
+            ids.append(int(out[-1][-1].argmax()))
+            out.append(m._forward(ids[-1:], len(ids) - 1))
+            stages.append(m._store.stage)
+            resident.append(m.stats.resident_bytes)
+        threads = m.prefetch_threads_alive
+    return np.concatenate(out), stages, resident, threads
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_llama_tied_path", "tiny_mixed_path"])
+@pytest.mark.parametrize("mode", ["flexinfer", "sync"])
+def test_a_growing_cache_releases_rows_bit_exactly(model, mode, request, monkeypatch):
+    """Crossing a stage boundary mid-generation frees rows and streams them from then on; no logit
+    changes, and the prefetcher runs again afterwards."""
+    path = request.getfixturevalue(model)
+    resident, _, _, _ = _steps(path)
+    _staged_budget(monkeypatch, positions=16)
+    streamed, stages, held, threads = _steps(path, offload=mode)
+    assert stages[0] == 0 and stages[-1] == 1  # the prompt (12) fits 16 positions; 32 do not
+    assert stages.index(1) == 16 - len(PROMPT) + 1  # the step that writes position 16 moved on
+    assert held[-1] < held[0]
+    assert threads == (2 if mode == "flexinfer" else 0)
+    assert np.array_equal(streamed, resident)

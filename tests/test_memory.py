@@ -62,3 +62,19 @@ def test_budget_below_minimum_is_a_clear_error(smollm2_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "minimum working set" in lines[0] and "GB" in lines[0]
+
+
+def test_a_growing_cache_stays_under_the_limit(smollm2_path):
+    """Past the first stage's 64 positions the engine gives up resident rows before the cache grows
+    into their memory: no OOM kill, the peak at or under the budget, the resident run's tokens."""
+    more = ("-n", "90", "--ignore-eos")
+    resident, _ = _run(smollm2_path, None, *more)
+    full = _plan(smollm2_path, 1 << 40)
+    budget = _plan(smollm2_path, full["fixed_bytes"] + int(0.6 * full["resident_bytes"]))
+    assert [s["up_to_positions"] for s in budget["stages"]] == [64, 256]
+    out, run = _run(smollm2_path, budget["budget_bytes"], *more)
+    assert out["plan"]["stages"] == 2 and out["stage"] == 1
+    started_with = full["resident_bytes"] - out["plan"]["streamed_bytes_per_token"]  # stage 0
+    assert out["resident_bytes"] < started_with
+    assert run.peak_bytes is not None and run.peak_bytes <= budget["budget_bytes"]
+    assert out["tokens"] == resident["tokens"] and len(out["tokens"]) == 90
