@@ -112,6 +112,9 @@ def _stats_line(times: RunTimes, s: dict) -> str:
             f"{s['decode_tokens_per_s']:.2f} tok/s | peak {s['peak_memory_bytes'] / gb:.2f} GB | "
             f"budget {s['budget_bytes'] / gb:.2f} GB ({s['budget_source']}) | "
             f"{s['offload_mode']}, resident {s['resident_bytes'] / gb:.2f} GB")
+    n_stages = s["plan"].get("stages", 1)
+    if n_stages > 1:  # a growing KV cache: which stage of the plan the run reached
+        line += f" (KV stage {s['stage'] + 1}/{n_stages})"
     line += f" | compute {s['compute_s_per_token']:.3f} s/token"
     if s["bytes_read_per_token"]:
         line += (f", read {s['bytes_read_per_token'] / gb:.3f} GB/token at {s['io_gbps']:.2f} GB/s"

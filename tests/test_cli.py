@@ -162,3 +162,13 @@ def test_direct_io_refused_falls_back_and_says_so(tiny_llama_path, monkeypatch):
     assert (got == want).all()
     assert len(notes) == 1 and "O_DIRECT refused" in notes[0]
     assert fadvised and all(a[-1] == os.POSIX_FADV_DONTNEED for a in fadvised)
+
+
+def test_stats_line_names_the_kv_stage_reached():
+    from flexinfer.cli_run import _stats_line
+    from flexinfer.stats import RunTimes, Stats
+    times = RunTimes(prompt_tokens=3, prefill_s=0.1, decode_tokens=2, decode_s=0.2)
+    stats = Stats(offload_mode="flexinfer", stage=1, plan_summary={"stages": 3})
+    assert "(KV stage 2/3)" in _stats_line(times, times.as_dict(stats))
+    stats.plan_summary = {"stages": 1}
+    assert "KV stage" not in _stats_line(times, times.as_dict(stats))
