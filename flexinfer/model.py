@@ -7,6 +7,7 @@ the budget -> load resident weights and start the prefetcher -> generate.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -211,6 +212,8 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
                              f"{_gb(by_ctx)} (try a smaller --ctx-size)")
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
     mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+    gc.collect()  # the parser's and tokenizer builder's garbage, then the heap it leaves behind
+    ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
     mach = machine.calibrate(g, repack, n_threads)
     growth = kv_growth(cfg, n_ctx) if o.offload in ("flexinfer", "sync") else ()
