@@ -241,11 +241,8 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
         small = MIN_UBATCH
         while small < need and small < ubatch:
             small *= 2
-        if small < ubatch:
-            try:
-                p, ubatch = planned(small), small
-            except FlexInferError:  # cannot happen (less compute memory), but never worse
-                pass
+        if small < ubatch:  # less compute memory: fits wherever the larger batch did
+            p, ubatch = planned(small), small
     return Planned(p, budget, source, mach, repack, ubatch)
 
 

@@ -311,21 +311,9 @@ def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machin
             return _used(layers, tensors, last.window, grown(x)) <= room
 
         if balance:  # the smallest per-layer stream that fits; the next stage's always does
-            lo, hi = 0, max(last.layer_bytes)
-            if fits(lo):
-                hi = lo
-            while hi - lo > 4096:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-            rows = grown(hi)
+            rows = grown(0 if fits(0) else _search(max(last.layer_bytes), 0, fits))
         else:  # the largest resident prefix that fits
-            lo, hi = total - last.streamed_bytes, total
-            if fits(hi):
-                lo = hi
-            while hi - lo > 4096:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-            rows = grown(lo)
+            rows = grown(total if fits(total) else _search(total - last.streamed_bytes, total, fits))
         if rows == nxt:
             continue  # no room for another row group: the next stage starts right away
         streamed = _streamed(layers, rows)
@@ -375,11 +363,10 @@ def _solve(layers, tensors, room: int, win: int, order, balance: bool):
         least = used(_assign(layers, 0, order, True))
         if least > room:
             return None, least
-        lo, top = 0, sum(t.nbytes for t in tensors)  # resident bytes, whole layers first
-        while top - lo > 4096:
-            mid = (lo + top) // 2
-            lo, top = (mid, top) if used(_assign(layers, mid, order, True)) <= room else (lo, mid)
-        return _assign(layers, lo, order, True), least
+        # resident bytes, whole layers first: the most that fit
+        best = _search(0, sum(t.nbytes for t in tensors),
+                       lambda x: used(_assign(layers, x, order, True)) <= room)
+        return _assign(layers, best, order, True), least
     # below the size of the (win + STAGING_BUFFERS + 1)-th largest layer, more layers give up bytes
     # than slots and staging take: only the largest sizes can be the bottom
     sizes = sorted((sum(t.nbytes for t in ts) for ts in layers.values()), reverse=True)
@@ -387,8 +374,14 @@ def _solve(layers, tensors, room: int, win: int, order, balance: bool):
     least, hi = min((used(_assign(layers, s, order, False)), s) for s in tops)
     if least > room:
         return None, least
-    lo = 0
-    while hi - lo > 4096:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if used(_assign(layers, mid, order, False)) <= room else (mid, hi)
-    return _assign(layers, hi, order, False), least
+    best = _search(hi, 0, lambda s: used(_assign(layers, s, order, False)) <= room)
+    return _assign(layers, best, order, False), least
+
+
+def _search(good: int, bad: int, ok) -> int:
+    """Bisect between a value that satisfies ok and one that need not, to within 4096 bytes of the
+    boundary; returns the satisfying end (either side may be the larger)."""
+    while abs(good - bad) > 4096:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if ok(mid) else (good, mid)
+    return good

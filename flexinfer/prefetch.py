@@ -180,9 +180,7 @@ class Prefetcher:
 
     def reset(self) -> None:
         """Restart from the first layer (after a forward pass was abandoned half way)."""
-        self.close()
-        self._reset_state()
-        self._start()
+        self.restart(self.order)
 
     def restart(self, order: list[int]) -> None:
         """Stream another set of layers from the next forward pass on (a later stage of the plan

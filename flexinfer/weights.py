@@ -216,15 +216,15 @@ class WeightStore:
         """Slots and staging sized for the last stage; pages are charged only as they are written,
         so an earlier stage costs what it streams (planner._used)."""
         final = self._final_streamed()
-        self._window = self.plan.window if threaded else 1
+        window = self.plan.window if threaded else 1
         slot_size = max(sum(_a(p.nbytes) for p in ps) for ps in final.values())
-        self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(self._window)]
+        self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(window)]
         largest = max(p.nbytes for ps in final.values() for p in ps)
         n_stage = STAGING_BUFFERS if threaded else 1
         self._stages = [Buffer(largest + 2 * ALIGN) for _ in range(n_stage)]
         self._buffers += self._slots + self._stages
         self._slot_layout = {l: self._layout(ps) for l, ps in self._streamed.items()}
-        self.prefetcher = Prefetcher(sorted(self._streamed), self._window, self._jobs, self._read,
+        self.prefetcher = Prefetcher(sorted(self._streamed), window, self._jobs, self._read,
                                      self._upload, n_staging=n_stage, threaded=threaded)
 
     def prepare(self, positions: int) -> None:

@@ -96,11 +96,8 @@ it was designed in the first place. Many cities now build separate lanes for cyc
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def open_llama(path: Path, flash_attn: bool) -> llama_cpp.Llama:

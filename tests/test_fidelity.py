@@ -27,11 +27,8 @@ MAX_LOGIT_DIFF = 0.5  # on llama.cpp's top-8 ids; measured 0 with flash attentio
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_file(ref: dict, request, tmp_path_factory) -> Path:
