@@ -71,7 +71,7 @@ def _one_shot(model, a, prompt: str, messages) -> int:
             out["interrupted" if interrupted else "error"] = True if interrupted else str(error)
         print(json.dumps(out))
     else:
-        print()
+        print(flush=True)  # before the stats line on stderr, also when both go to one file
         if not error:
             print(_stats_line(times, stats), file=sys.stderr)
     if interrupted:
