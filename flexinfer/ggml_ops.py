@@ -245,6 +245,22 @@ def upload(t: Tensor, src_addr: int, size: int) -> None:
         ctypes.memmove(t.contents.data, src_addr, size)
 
 
+def repack_in_place(t: Tensor, buf: Buffer, headers: dict, bounce: int, step: int) -> None:
+    """Convert t, whose raw rows were read to where it points inside repack buffer `buf`, to the
+    repacked layout in place. ggml converts from one buffer into another and whole tensors only, so
+    the rows go in groups of `step`: each is copied to `bounce` and uploaded back through the header
+    in `headers[(type, ne0, rows)]`, one for each group size. The layout keeps
+    every 8-row group in the bytes those rows had, so the groups can be converted one by one."""
+    c = t.contents
+    rows, rb = c.ne[1], c.nb[1]
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        h, at = headers[(c.type, c.ne[0], n)], c.data + r0 * rb
+        ctypes.memmove(bounce, at, n * rb)
+        place(h, buf, at)
+        ggml.ggml_backend_tensor_set(h, ctypes.c_void_p(bounce), 0, n * rb)
+
+
 _TRAITS: dict[tuple, int | None] = {}
 
 

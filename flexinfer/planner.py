@@ -12,7 +12,9 @@ The budget is spent as FlexInfer spends it:
   ROW_ALIGN so the 8x8-interleaved repacked layout stays whole.
 
 Memory, for a per-layer streamed amount S:
-  fixed + resident(S) + window * slot(S) + staging(S) <= budget, with slot(S) = max_l streamed_l.
+  fixed + resident(S) + window * slot(S) + bounce(S) <= budget, with slot(S) = max_l streamed_l
+plus, for each streamed piece, the block alignment O_DIRECT needs (pieces are read straight into
+their slot, then repacked in place through a small bounce buffer: see weights.py).
 A larger S frees resident bytes faster than it grows the slots (there are more layers than slots),
 so the smallest S that fits is found by bisection, up to the S where that stops being true (a
 layer much larger than the rest, see _solve).
@@ -33,11 +35,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ROW_ALIGN = 16  # rows; repacked Q4_0/Q4_K interleave 8 rows, 16 keeps every kernel's tiling whole
-STAGING_BUFFERS = 2  # the reader fills one while the converter repacks the other
-STREAM_CHUNK = 8 << 20  # bytes: a streamed part is read (and staged) in pieces of at most this;
-# two 4 MiB reads each (direct_io.READ_CHUNK), so still full disk bandwidth, and small enough that
-# staging does not scale with the largest tensor (a 7B's 74 MB output matrix would otherwise need
-# two 74 MB staging buffers). 16 MiB pieces cost 17 MB more staging for no read speed.
+STREAM_CHUNK = 8 << 20  # bytes: a streamed part is read in pieces of at most this (two 4 MiB
+# reads each, direct_io.READ_CHUNK), so that the converter repacks one piece while the next is read
+PIECE_SLACK = 8192  # bytes a piece may take in its slot beyond its own: O_DIRECT reads whole
+# 4096-byte blocks, so the piece lands at its file offset's place inside the first block
+CONVERT_CHUNK = 512 << 10  # bytes: a repacked piece is converted in place this many rows at a time,
+# each group copied out to a bounce buffer first (ggml repacks from one buffer into another); small
+# enough to stay in the core's L2 cache
 POLICIES = {
     "ffn": ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_output", "output"),
     "attn": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output"),
@@ -102,8 +106,8 @@ class Plan:
     fixed_bytes: int  # runtime overhead + KV cache + compute buffers, measured by the caller
     resident_rows: dict[str, int]  # name -> r: rows [0, r) resident, [r, rows) streamed
     window: int  # slots in the prefetch ring (0: nothing streams)
-    slot_bytes: int  # one slot holds the streamed part of any one layer
-    staging_bytes: int  # each of STAGING_BUFFERS read buffers
+    slot_bytes: int  # one slot holds the streamed part of any one layer, block-aligned
+    bounce_bytes: int  # the converter's buffer for repacking in place
     resident_bytes: int  # weight bytes kept in memory
     streamed_per_layer: tuple[int, ...]  # bytes streamed for block 0..n_layer-1 and the head
     policy: str  # the preservation order chosen
@@ -137,7 +141,7 @@ class Plan:
 
     def total_bytes(self) -> int:
         return (self.fixed_bytes + self.resident_bytes + self.window * self.slot_bytes
-                + STAGING_BUFFERS * self.staging_bytes)
+                + self.bounce_bytes)
 
 
 class BudgetError(ValueError):
@@ -240,22 +244,23 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     stages they allow are in Plan.stages (module docstring)."""
     layers = _layers(tensors)
     total = sum(t.nbytes for t in tensors)
-    largest_layer = max(sum(t.nbytes for t in ts) for ts in layers.values())
     t_cpu_bound = total / machine.compute_bw
     t_io_bound = max(0, total - budget) / machine.disk_bw  # the paper's bound: model - budget
 
+    cuts = len(kv_growth) if mode in ("flexinfer", "sync") else 0  # stage boundaries, at most
+
     def finish(rows, win, policy, notes=()):
         streamed = _streamed(layers, rows)
-        slot = max(streamed.values())
+        slot = _slot(layers, rows, cuts) if any(streamed.values()) else 0
         win = min(win, sum(1 for s in streamed.values() if s)) if slot else 0
-        stg = _staging(tensors, rows) if slot else 0
         t_io, t_cpu, pred = _cost(layers, rows, machine, win, mode == "sync")
         if mode == "mmap":  # page faults block the computing thread: sync I/O of what misses
             t_io = max(0, total - max(0, budget - fixed)) / machine.disk_bw
             pred = t_io + t_cpu
         return Plan(
             mode=mode, budget_bytes=budget, fixed_bytes=fixed, resident_rows=rows, window=win,
-            slot_bytes=slot, staging_bytes=stg, resident_bytes=total - sum(streamed.values()),
+            slot_bytes=slot, bounce_bytes=_bounce(tensors) if slot else 0,
+            resident_bytes=total - sum(streamed.values()),
             streamed_per_layer=tuple(streamed[l] for l in sorted(streamed)), policy=policy,
             t_io=t_io, t_cpu=t_cpu, predicted_s=pred, t_io_bound=t_io_bound,
             t_cpu_bound=t_cpu_bound, notes=tuple(notes),
@@ -270,14 +275,14 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     win = min(window or (1 if mode == "sync" else 2), len(layers))  # more slots than layers: unused
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked
-        biggest = max(min(t.rows, chunk_rows(t.row_bytes)) * t.row_bytes for t in tensors)
-        minimum = fixed + win * largest_layer + STAGING_BUFFERS * (biggest + 8192)
+        nothing = {t.name: 0 for t in tensors}
+        minimum = fixed + win * _slot(layers, nothing, 0) + _bounce(tensors)
         if minimum > budget:
             raise BudgetError(minimum, budget)
-        return finish({t.name: 0 for t in tensors}, win, "none")
+        return finish(nothing, win, "none")
     best, minimum = None, None
     for name, order in orders.items():
-        rows, least = _solve(layers, tensors, budget - fixed, win, order, balance)
+        rows, least = _solve(layers, tensors, budget - fixed, win, order, balance, cuts)
         minimum = fixed + least if minimum is None else min(minimum, fixed + least)
         if rows is None:
             continue
@@ -288,13 +293,13 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
         raise BudgetError(min(minimum, fixed + total), budget)
     if mode in ("flexinfer", "sync") and best.streamed_bytes and kv_growth:
         order = POLICIES[best.policy.split(",")[0]]
-        stages = _stages(layers, tensors, best, budget, kv_growth, machine, order, balance)
+        stages = _stages(layers, tensors, best, budget, kv_growth, machine, order, balance, cuts)
         best = dataclasses.replace(best, stages=stages)
     return best
 
 
 def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machine, order,
-            balance: bool) -> tuple[Stage, ...]:
+            balance: bool, cuts: int) -> tuple[Stage, ...]:
     """Walk back from the full context: each earlier stage has `kv_unused` more bytes of room and
     keeps, on top of the next stage's rows, as many more as fit (the same search as _solve)."""
     out: list[Stage] = []
@@ -308,7 +313,7 @@ def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machin
             return {k: max(r, fresh[k]) for k, r in nxt.items()}
 
         def fits(x):
-            return _used(layers, tensors, last.window, grown(x)) <= room
+            return _used(layers, tensors, last.window, grown(x), cuts) <= room
 
         if balance:  # the smallest per-layer stream that fits; the next stage's always does
             rows = grown(0 if fits(0) else _search(max(last.layer_bytes), 0, fits))
@@ -321,7 +326,7 @@ def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machin
         t_io, t_cpu, pred = _cost(layers, rows, machine, win, last.mode == "sync")
         out.append(Stage(positions, unused, rows, total - sum(streamed.values()),
                          tuple(streamed[l] for l in sorted(streamed)), t_io, t_cpu, pred,
-                         last.fixed_bytes - unused + _used(layers, tensors, last.window, rows)))
+                         last.fixed_bytes - unused + _used(layers, tensors, last.window, rows, cuts)))
         nxt = rows
     return tuple(reversed(out))
 
@@ -331,33 +336,49 @@ def chunk_rows(row_bytes: int) -> int:
     return max(ROW_ALIGN, STREAM_CHUNK // row_bytes // ROW_ALIGN * ROW_ALIGN)
 
 
-def _staging(tensors, rows) -> int:
-    """One staging buffer holds the largest streamed piece plus alignment slack on both ends."""
-    return max(min(t.rows - rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
-               for t in tensors) + 8192
+def convert_rows(row_bytes: int) -> int:
+    """Rows repacked at a time through the bounce buffer: whole ROW_ALIGN groups, at most
+    CONVERT_CHUNK bytes (or one group)."""
+    return max(ROW_ALIGN, CONVERT_CHUNK // row_bytes // ROW_ALIGN * ROW_ALIGN)
 
 
-def _used(layers, tensors, win: int, rows) -> int:
-    """Bytes a plan takes beyond `fixed`: resident rows, the slots and the staging buffers."""
+def _bounce(tensors) -> int:
+    """The converter's bounce buffer: one row group of the widest repacked matrix."""
+    return max((min(t.rows, convert_rows(t.row_bytes)) * t.row_bytes for t in tensors
+                if t.repacked), default=0)
+
+
+def _slot(layers, rows, cuts: int) -> int:
+    """One slot: the largest layer's streamed bytes plus PIECE_SLACK for each piece they are read in
+    (at most one piece per STREAM_CHUNK, and one more per stage boundary inside the rows)."""
+    def need(t):
+        n = t.rows - rows[t.name]
+        return n * t.row_bytes + (-(-n // chunk_rows(t.row_bytes)) + cuts) * PIECE_SLACK if n else 0
+    return max(sum(need(t) for t in ts) for ts in layers.values())
+
+
+def _used(layers, tensors, win: int, rows, cuts: int) -> int:
+    """Bytes a plan takes beyond `fixed`: resident rows, the slots and the bounce buffer."""
     streamed = _streamed(layers, rows)
     resident = sum(t.nbytes for t in tensors) - sum(streamed.values())
-    stg = _staging(tensors, rows) if any(streamed.values()) else 0
     n_str = sum(1 for s in streamed.values() if s)
-    return resident + min(win, n_str) * max(streamed.values()) + STAGING_BUFFERS * stg
+    if not n_str:
+        return resident
+    return resident + min(win, n_str) * _slot(layers, rows, cuts) + _bounce(tensors)
 
 
-def _solve(layers, tensors, room: int, win: int, order, balance: bool):
+def _solve(layers, tensors, room: int, win: int, order, balance: bool, cuts: int):
     """(rows, least): the smallest per-layer streamed amount (or, unbalanced, the largest resident
     prefix) that fits in `room`, None when nothing fits; and the least room any choice needs.
 
     Balanced, the room used as a function of the streamed amount S falls while every layer larger
-    than S gives up S and only `win` slots (and the staging) grow with it; once S passes the size of
+    than S gives up S and only `win` slots grow with it; once S passes the size of
     all but a few layers, it rises again. A tied head (token_embd as output) is often 8x a block
-    (SmolLM2: 17.7 MB vs 2.2 MB), so streaming it whole would need 2 slots and 2 staging buffers of
+    (SmolLM2: 17.7 MB vs 2.2 MB), so streaming it whole would need 2 slots of
     the head, more than the model. The bottom of that valley lies at a layer size; only the falling
     side below it is bisected."""
     def used(rows):
-        return _used(layers, tensors, win, rows)
+        return _used(layers, tensors, win, rows, cuts)
 
     if not balance:
         least = used(_assign(layers, 0, order, True))
@@ -367,10 +388,10 @@ def _solve(layers, tensors, room: int, win: int, order, balance: bool):
         best = _search(0, sum(t.nbytes for t in tensors),
                        lambda x: used(_assign(layers, x, order, True)) <= room)
         return _assign(layers, best, order, True), least
-    # below the size of the (win + STAGING_BUFFERS + 1)-th largest layer, more layers give up bytes
-    # than slots and staging take: only the largest sizes can be the bottom
+    # below the size of the (win + 2)-th largest layer, more layers give up bytes than the slots
+    # take: only the largest sizes can be the bottom
     sizes = sorted((sum(t.nbytes for t in ts) for ts in layers.values()), reverse=True)
-    tops = set(sizes[:win + STAGING_BUFFERS + 1])
+    tops = set(sizes[:win + 2])
     least, hi = min((used(_assign(layers, s, order, False)), s) for s in tops)
     if least > room:
         return None, least

@@ -1,8 +1,8 @@
 """The only module that starts threads: it fills a ring of slots with layers, ahead of compute.
 
 Two threads, so reading and converting overlap:
-- the reader reads each job (a streamed tensor part) into a free staging buffer, in layer order;
-- the converter uploads it into the layer's slot (ggml repacks it on the way) and frees the buffer.
+- the reader reads each job (a streamed tensor part) straight into the layer's slot, in layer order;
+- the converter finishes it there (ggml repacks it in place, weights.py) while the next one is read.
 Layer k of the endless sequence order[0], order[1], ..., order[n-1], order[0], ... (decoding wraps
 from the last layer to the first of the next token) goes to slot k % window, and only once the
 layer that used that slot before has been released by the consumer. So no slot is reused while in
@@ -30,13 +30,11 @@ POLL_S = 0.05  # the consumer wakes this often while waiting, so Ctrl-C is seen 
 class Prefetcher:
     def __init__(self, order: list[int], window: int, jobs: Callable[[int], list[Any]],
                  read: Callable[[Any, int], int], upload: Callable[[Any, int, int], None],
-                 n_staging: int = 2, threaded: bool = True):
+                 threaded: bool = True):
         assert window > 0, "a layer must never be loaded while its slot is in use"
-        assert n_staging > 0, "the reader needs a staging buffer to read into"
         self.threaded, self._slots = threaded, window
         self._set_order(order)
         self._jobs, self._read, self._upload = jobs, read, upload
-        self._n_staging = n_staging
         self._cv = threading.Condition()
         self.stall_s = 0.0  # consumer time spent waiting for I/O
         self.io_busy_s = 0.0  # reader time spent reading
@@ -58,7 +56,6 @@ class Prefetcher:
         self._stop = False
         self._error: BaseException | None = None
         self._error_in = ""  # the thread it happened in
-        self._free_staging = deque(range(self._n_staging))
         self._queue: deque = deque()
 
     def _start(self) -> None:
@@ -97,18 +94,16 @@ class Prefetcher:
             jobs = self._jobs(layer)
             if not jobs:  # nothing to read: still mark it loaded, in order, through the converter
                 with self._cv:
-                    self._queue.append((seq, None, None, None, True))
+                    self._queue.append((seq, None, None, True))
                     self._cv.notify_all()
             for i, job in enumerate(jobs):
-                with self._cv:
-                    if not self._wait(lambda: bool(self._free_staging)):
-                        return
-                    stage = self._free_staging.popleft()
+                if self._stop:
+                    return
                 t0 = time.perf_counter()
-                src = self._read(job, stage)
+                src = self._read(job, seq % self.window)
                 self.io_busy_s += time.perf_counter() - t0
                 with self._cv:
-                    self._queue.append((seq, job, stage, src, i == len(jobs) - 1))
+                    self._queue.append((seq, job, src, i == len(jobs) - 1))
                     self._cv.notify_all()
             seq += 1
 
@@ -117,14 +112,12 @@ class Prefetcher:
             with self._cv:
                 if not self._wait(lambda: bool(self._queue)):
                     return
-                seq, job, stage, src, last = self._queue.popleft()
+                seq, job, src, last = self._queue.popleft()
             if job is not None:
                 t0 = time.perf_counter()
                 self._upload(job, seq % self.window, src)
                 self.convert_busy_s += time.perf_counter() - t0
             with self._cv:
-                if stage is not None:
-                    self._free_staging.append(stage)
                 if last:
                     self._done = seq
                     self.layers_loaded += 1

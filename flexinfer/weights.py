@@ -6,6 +6,11 @@ repacking is on, loaded once with O_DIRECT and mlocked where the OS allows. Stre
 into a ring of slots by the prefetcher and re-pointed at their slot before their layer is computed.
 In `mmap` mode the headers point into a read-only mapping of the file and the OS pages.
 
+A streamed piece is read with O_DIRECT straight into its slot, in the whole 4096-byte blocks that
+cover it, so it lands at its file offset's place inside its first block (up to 8 KB of slack per
+piece, planner.PIECE_SLACK). Repacked types are then converted where they lie, a few hundred rows at
+a time through a small bounce buffer: no staging buffer the size of a piece (two of 8 MB before).
+
 get(layer)/release(layer) bracket the use of a layer's weights; the head (output_norm, output) is
 layer n_layer. token_embd is never loaded whole: embed_rows reads the rows of the tokens in use.
 
@@ -27,11 +32,11 @@ import numpy as np
 
 from flexinfer import ggml_ops
 from flexinfer.config import ModelConfig
-from flexinfer.direct_io import ALIGN, DirectReader
+from flexinfer.direct_io import ALIGN, DirectReader, span
 from flexinfer.errors import StreamError
 from flexinfer.gguf_file import GGUFFile, TensorInfo, row_bytes
 from flexinfer.ggml_ops import Buffer, Tensor, TensorTable
-from flexinfer.planner import STAGING_BUFFERS, STREAM_CHUNK, Plan, PlanTensor, chunk_rows
+from flexinfer.planner import STREAM_CHUNK, Plan, PlanTensor, chunk_rows, convert_rows
 from flexinfer.prefetch import Prefetcher
 
 HEAD_KINDS = ("output",)
@@ -107,6 +112,7 @@ class WeightStore:
         self._mmap = None
         self.mlock_errno = 0
         self.prefetcher: Prefetcher | None = None
+        self._convert_table: TensorTable | None = None  # headers repack_in_place converts through
         # token_embd rows are a few hundred bytes each: O_DIRECT would cost a disk round trip per
         # token (1.7 ms measured on SmolLM2), so they go through the page cache, which holds only the
         # pages of tokens in use (4 KiB each).
@@ -213,19 +219,30 @@ class WeightStore:
         return out
 
     def _make_slots(self, threaded: bool) -> None:
-        """Slots and staging sized for the last stage; pages are charged only as they are written,
-        so an earlier stage costs what it streams (planner._used)."""
+        """Slots sized for the last stage, and the converter's bounce buffer; pages are charged
+        only as they are written, so an earlier stage costs what it streams (planner._used)."""
         final = self._final_streamed()
         window = self.plan.window if threaded else 1
-        slot_size = max(sum(_a(p.nbytes) for p in ps) for ps in final.values())
+        slot_size = max(self._layout(ps)[1] for ps in final.values())
         self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(window)]
-        largest = max(p.nbytes for ps in final.values() for p in ps)
-        n_stage = STAGING_BUFFERS if threaded else 1
-        self._stages = [Buffer(largest + 2 * ALIGN) for _ in range(n_stage)]
-        self._buffers += self._slots + self._stages
-        self._slot_layout = {l: self._layout(ps) for l, ps in self._streamed.items()}
+        self._buffers += self._slots
+        groups = set()  # (type, ne0, rows): the row groups the converter repacks, a header each
+        for p in (p for ps in final.values() for p in ps if p.repack):
+            c = p.header.contents
+            rows, step = c.ne[1], convert_rows(row_bytes(c.type, c.ne[0]))
+            for n in {min(step, rows), rows % step or step}:
+                if ggml_ops.repack_traits(c.type, (c.ne[0], n)) != \
+                        ggml_ops.repack_traits(c.type, (c.ne[0], rows)):  # ROW_ALIGN prevents it
+                    raise RuntimeError(f"ggml repacks {n} rows of type {c.type} unlike {rows}")
+                groups.add((c.type, c.ne[0], n))
+        if groups:
+            self._convert_table = TensorTable(len(groups))
+            self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
+            self._bounce = Buffer(max(n * row_bytes(t, ne0) for t, ne0, n in groups))
+            self._buffers.append(self._bounce)
+        self._slot_layout = {l: self._layout(ps)[0] for l, ps in self._streamed.items()}
         self.prefetcher = Prefetcher(sorted(self._streamed), window, self._jobs, self._read,
-                                     self._upload, n_staging=n_stage, threaded=threaded)
+                                     self._upload, threaded=threaded)
 
     def prepare(self, positions: int) -> None:
         """Before the KV cache holds `positions` positions: move on to the stage that holds them.
@@ -242,29 +259,35 @@ class WeightStore:
         for parts in self._streamed.values():
             parts.sort(key=lambda p: p.offset)  # read in file order
         ggml_ops.release_pages(*self._regions[k])
-        self._slot_layout = {l: self._layout(ps) for l, ps in self._streamed.items()}
+        self._slot_layout = {l: self._layout(ps)[0] for l, ps in self._streamed.items()}
         self.prefetcher.restart(sorted(self._streamed))
 
     @staticmethod
-    def _layout(parts: list[Part]) -> list[tuple[Part, int]]:
+    def _layout(parts: list[Part]) -> tuple[list[tuple[Part, int]], int]:
+        """Where each part's block span starts in a slot, and the bytes they take together."""
         out, off = [], 0
         for p in parts:
             out.append((p, off))
-            off += _a(p.nbytes)
-        return out
+            off += span(p.offset, p.nbytes)[1]
+        return out, off
 
     def _jobs(self, layer: int):
         return self._slot_layout[layer]
 
-    def _read(self, job, stage: int) -> int:
-        part, _ = job
-        return self.reader.read_span(self._stages[stage].base, part.offset, part.nbytes)
+    def _read(self, job, slot: int) -> int:
+        part, off = job
+        return self.reader.read_span(self._slots[slot].base + off, part.offset, part.nbytes)
 
     def _upload(self, job, slot: int, src: int) -> None:
-        part, off = job
+        """The part's bytes are at src, inside its slot: point its header there, and repack them
+        in place where the kernels want them repacked."""
+        part, _ = job
         buf = self._slots[slot]
-        part.place(buf, buf.base + off)
-        ggml_ops.upload(part.header, src, part.nbytes)
+        part.place(buf, src)
+        if part.repack:
+            c = part.header.contents
+            ggml_ops.repack_in_place(part.header, buf, self._convert, self._bounce.base,
+                                     convert_rows(row_bytes(c.type, c.ne[0])))
 
     # ---- use
     def get(self, layer: int) -> dict[str, object]:
@@ -315,3 +338,5 @@ class WeightStore:
             self._mmap.close()
             self._mmap = None
         self._table.free()
+        if self._convert_table is not None:
+            self._convert_table.free()

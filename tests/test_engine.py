@@ -227,3 +227,27 @@ def test_a_growing_cache_releases_rows_bit_exactly(model, mode, keep, request, m
     assert held[-1] < held[0]
     assert threads == (2 if mode == "flexinfer" else 0)
     assert np.array_equal(streamed, resident)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_llama_tied_path", "tiny_mixed_path"])
+@pytest.mark.parametrize("staged", [False, True])
+def test_the_store_allocates_no_more_than_the_planner_counts(model, staged, request, monkeypatch):
+    """Every slot (each piece read into it with its O_DIRECT block alignment, stage boundaries
+    splitting pieces) and the bounce buffer are no larger than the planner's own count for those
+    rows. (The tiny models are too small for a real budget to stream: the rows are forced.)"""
+    from flexinfer import ggml_ops, planner
+    from flexinfer.weights import matrices
+    path = request.getfixturevalue(model)
+    if staged:
+        _staged_budget(monkeypatch, keep=(0.8, 0.3), positions=16)
+    else:
+        _squeeze_budget(monkeypatch, 0.35)
+    with fm.load(path, n_ctx=64, n_threads=2) as m:
+        mats = matrices(m.g, m.cfg, m.specs, lambda i: ggml_ops.repacks(i.type, i.shape))
+        slot = planner._slot(planner._layers(mats), m.plan.resident_rows, len(m.plan.stages))
+        s = m._store
+        assert s.prefetcher and len(s._slots) == 2  # (the forced plan keeps the base plan's sizes)
+        assert all(b.size <= slot for b in s._slots)
+        repacked = any(t.repacked and m.plan.resident_rows[t.name] < t.rows for t in mats)
+        assert hasattr(s, "_bounce") == repacked
+        assert not repacked or s._bounce.size <= planner._bounce(mats)

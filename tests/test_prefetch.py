@@ -1,8 +1,9 @@
 """Prefetcher with fake I/O: no ggml, no file. A small weight store stands in for weights.py.
 
-read(job, stage) copies a job's bytes (here a tag: layer, part, how many times it was read) into a
-staging buffer and returns its "address"; upload(job, slot, src) copies the staging buffer into a
-slot and points the part's header at it, as weights.py does. The consumer checks, between acquire
+read(job, slot) writes a job's raw bytes (here a tag: layer, part, how many times it was read) into
+its slot and returns their "address"; upload(job, slot, src) converts them there and points the
+part's header at them, as weights.py does. Writing a slot the consumer computes from, by either, is
+a violation. The consumer checks, between acquire
 and release, that every part of its layer is in a slot, is this pass's copy, and stays unchanged
 while it computes.
 """
@@ -43,14 +44,14 @@ WATCHDOG_S = 10.0
 
 
 class Store:
-    """A miniature weight store: `parts` jobs per layer, `window` slots, `n_staging` buffers."""
+    """A miniature weight store: `parts` jobs per layer, `window` slots."""
 
-    def __init__(self, order, parts=2, window=2, n_staging=2, read_s=0.0, upload_s=0.0,
+    def __init__(self, order, parts=2, window=2, read_s=0.0, upload_s=0.0,
                  fail=None, threaded=True, made=None, gate=None, empty=(), upload_error=None):
         self.order, self.parts, self.window = order, parts, window
         self.read_s, self.upload_s, self.fail = read_s, upload_s, fail  # fail: (k, exception)
         self.gate, self.empty, self.upload_error = gate, empty, upload_error
-        self.staging = [None] * n_staging
+        self.raw: list[dict] = [{} for _ in range(window)]  # read, not yet converted
         self.slots: list[dict] = [{} for _ in range(window)]
         self.header: dict = {}  # job -> slot its rows are in
         self.times_read: dict = {}
@@ -61,14 +62,14 @@ class Store:
         self.released = 0  # layers the consumer has released (counted before release())
         self.violations: list[str] = []
         self.layer_reads = 0  # layer visits the reader started
-        self.p = Prefetcher(order, window, self.jobs, self.read, self.upload, n_staging, threaded)
+        self.p = Prefetcher(order, window, self.jobs, self.read, self.upload, threaded)
         if made is not None:
             made.append(self.p)
 
     def jobs(self, layer):
         return [] if layer in self.empty else [(layer, i) for i in range(self.parts)]
 
-    def read(self, job, stage):
+    def read(self, job, slot):
         if self.gate is not None:
             self.gate.wait(5.0)  # a read stuck on a slow disk, until the test lets it go
         with self.lock:
@@ -84,17 +85,20 @@ class Store:
             self.times_read[job] = self.times_read.get(job, 0) + 1
             tag = (*job, self.times_read[job])
         time.sleep(self.read_s)
-        self.staging[stage] = tag
-        return stage
+        with self.lock:
+            if slot in self.held:
+                self.violations.append(f"slot {slot} read into with {job} while in use")
+            self.raw[slot][job] = tag
+        return (slot, job)
 
     def upload(self, job, slot, src):
         if self.upload_error is not None:
             raise self.upload_error
         time.sleep(self.upload_s)
         with self.lock:
-            tag = self.staging[src]
-            if tag[:2] != job:
-                self.violations.append(f"staging {src} held {tag} when {job} was uploaded")
+            tag = self.raw[slot].pop(job, None)
+            if src != (slot, job) or tag is None:
+                self.violations.append(f"{job} converted in slot {slot} from {src}, read {tag}")
             if slot in self.held:
                 self.violations.append(f"slot {slot} written with {job} while in use")
             self.slots[slot][job] = tag
@@ -156,11 +160,10 @@ def test_reads_follow_layer_order_and_wrap_across_tokens(no_thread_left_behind, 
     assert s.read_threads and threading.get_ident() not in s.read_threads
 
 
-@pytest.mark.parametrize("window,n_staging", [(1, 1), (2, 2), (3, 1), (4, 3)])
-def test_no_slot_rewritten_while_the_consumer_computes_from_it(no_thread_left_behind, window,
-                                                                n_staging):
+@pytest.mark.parametrize("window", [1, 2, 3, 4])
+def test_no_slot_rewritten_while_the_consumer_computes_from_it(no_thread_left_behind, window):
     """A slow consumer and a fast reader: the reader is always waiting to reuse a slot."""
-    s = Store(ORDER, parts=3, window=window, n_staging=n_staging, made=no_thread_left_behind)
+    s = Store(ORDER, parts=3, window=window, made=no_thread_left_behind)
     s.consume(3 * len(ORDER), compute_s=0.003)
     assert not s.violations, s.violations[:3]
 
@@ -256,9 +259,9 @@ def test_close_is_prompt_while_reader_waits_for_a_slot_and_converter_for_work(
         s.p.acquire(0)
 
 
-def test_close_is_prompt_while_reader_waits_for_staging(no_thread_left_behind):
-    """One staging buffer and a slow converter: the reader waits for the buffer to come back."""
-    s = Store(ORDER, parts=4, window=3, n_staging=1, upload_s=0.05, made=no_thread_left_behind)
+def test_close_is_prompt_while_the_converter_lags(no_thread_left_behind):
+    """A slow converter: the reader has read parts that wait to be converted."""
+    s = Store(ORDER, parts=4, window=3, upload_s=0.05, made=no_thread_left_behind)
     assert wait_for(lambda: len(s.reads) >= 2)
     t0 = time.monotonic()
     s.p.close()
@@ -317,7 +320,7 @@ def test_release_without_acquire_is_a_bug(no_thread_left_behind):
 # ---- sync mode
 def test_sync_mode_loads_inline_and_starts_no_thread(no_thread_left_behind):
     before = set(threading.enumerate())
-    s = Store(ORDER, window=1, n_staging=1, read_s=0.001, threaded=False,
+    s = Store(ORDER, window=1, read_s=0.001, threaded=False,
               made=no_thread_left_behind)
     assert set(threading.enumerate()) <= before and s.p.alive == 0
     s.consume(2 * len(ORDER))
@@ -331,7 +334,7 @@ def test_sync_mode_loads_inline_and_starts_no_thread(no_thread_left_behind):
 
 def test_sync_mode_errors_reach_the_caller_as_in_threaded_mode(no_thread_left_behind):
     err = OSError(errno.EIO, "Input/output error")
-    s = Store(ORDER, window=1, n_staging=1, threaded=False, **failing(err, 3),
+    s = Store(ORDER, window=1, threaded=False, **failing(err, 3),
               made=no_thread_left_behind)
     with pytest.raises(StreamError, match="layer 1.*Input/output error") as e:
         s.consume(len(ORDER))
