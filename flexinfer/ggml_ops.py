@@ -245,20 +245,32 @@ def upload(t: Tensor, src_addr: int, size: int) -> None:
         ctypes.memmove(t.contents.data, src_addr, size)
 
 
-def repack_in_place(t: Tensor, buf: Buffer, headers: dict, bounce: int, step: int) -> None:
-    """Convert t, whose raw rows were read to where it points inside repack buffer `buf`, to the
-    repacked layout in place. ggml converts from one buffer into another and whole tensors only, so
-    the rows go in groups of `step`: each is copied to `bounce` and uploaded back through the header
-    in `headers[(type, ne0, rows)]`, one for each group size. The layout keeps
-    every 8-row group in the bytes those rows had, so the groups can be converted one by one."""
+def repack_rows(t: Tensor, buf: Buffer, headers: dict, dst: int, src: int, rows: int,
+                step: int) -> None:
+    """Convert `rows` rows of t's type and width from plain memory at src to the repacked layout at
+    dst inside repack buffer `buf`. ggml converts whole tensors only, from one buffer into another,
+    so the rows go in groups of `step`, each through the header `headers[(type, ne0, rows)]` for
+    its size. The layout keeps every 8-row group in the bytes those rows had, so groups are
+    independent."""
     c = t.contents
-    rows, rb = c.ne[1], c.nb[1]
+    rb = c.nb[1]
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        h, at = headers[(c.type, c.ne[0], n)], c.data + r0 * rb
+        h = headers[(c.type, c.ne[0], n)]
+        place(h, buf, dst + r0 * rb)
+        ggml.ggml_backend_tensor_set(h, ctypes.c_void_p(src + r0 * rb), 0, n * rb)
+
+
+def repack_in_place(t: Tensor, buf: Buffer, headers: dict, bounce: int, step: int) -> None:
+    """Convert t, whose raw rows were read to where it points inside `buf`, where it lies: each
+    group of `step` rows is copied to `bounce` and converted back (repack_rows)."""
+    c = t.contents
+    rb = c.nb[1]
+    for r0 in range(0, c.ne[1], step):
+        n = min(step, c.ne[1] - r0)
+        at = c.data + r0 * rb
         ctypes.memmove(bounce, at, n * rb)
-        place(h, buf, at)
-        ggml.ggml_backend_tensor_set(h, ctypes.c_void_p(bounce), 0, n * rb)
+        repack_rows(t, buf, headers, at, bounce, n, step)
 
 
 _TRAITS: dict[tuple, int | None] = {}

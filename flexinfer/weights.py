@@ -57,8 +57,13 @@ class Part:
 
     header: Tensor
     offset: int  # absolute file offset of its first row
-    nbytes: int
+    rows: int
+    row_bytes: int  # a vector is one row
     repack: bool  # the whole tensor is repackable: every part of it uses the repacked kernels
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
 
     def place(self, buf: Buffer, addr: int) -> None:
         if self.repack:
@@ -112,7 +117,8 @@ class WeightStore:
         self._mmap = None
         self.mlock_errno = 0
         self.prefetcher: Prefetcher | None = None
-        self._convert_table: TensorTable | None = None  # headers repack_in_place converts through
+        self._convert_table: TensorTable | None = None  # headers ggml_ops.repack_rows uses
+        self._convert: dict = {}
         # token_embd rows are a few hundred bytes each: O_DIRECT would cost a disk round trip per
         # token (1.7 ms measured on SmolLM2), so they go through the page cache, which holds only the
         # pages of tokens in use (4 KiB each).
@@ -156,17 +162,18 @@ class WeightStore:
     def _part(self, info: TensorInfo, r0: int, r1: int, vector: bool = False) -> Part:
         if vector:
             h = self._table.new(info.name, info.type, info.shape)
-            return Part(h, info.offset, info.nbytes, False)
+            return Part(h, info.offset, 1, info.nbytes, False)
         rb = row_bytes(info.type, info.shape[0])
         h = self._table.new(f"{info.name}[{r0}:{r1}]", info.type, (info.shape[0], r1 - r0))
         repack = self.repack and ggml_ops.repacks(info.type, info.shape)
-        return Part(h, info.offset + r0 * rb, (r1 - r0) * rb, repack)
+        return Part(h, info.offset + r0 * rb, r1 - r0, rb, repack)
 
     # ---- loading
     def load(self, mode: str) -> None:
         if mode == "mmap":
             self._map_file()
             return
+        self._make_converter()
         self._load_resident()
         if self._final_streamed():
             self._make_slots(threaded=mode != "sync")
@@ -183,7 +190,27 @@ class WeightStore:
             ggml_ops.point(p.header, ggml_ops.Placement(base + p.offset, None, None))
         self._streamed = {}
 
+    def _make_converter(self) -> None:
+        """One scratch header for each size of row group that repack_rows converts."""
+        groups = set()  # (type, ne0, rows)
+        parts = self._resident + [p for ps in self._elastic for _, p in ps]
+        for p in parts + [p for ps in self._streamed.values() for p in ps]:
+            if not p.repack:
+                continue
+            c, step = p.header.contents, convert_rows(p.row_bytes)
+            for n in {min(step, p.rows), p.rows % step or step}:
+                if ggml_ops.repack_traits(c.type, (c.ne[0], n)) != \
+                        ggml_ops.repack_traits(c.type, (c.ne[0], p.rows)):  # ROW_ALIGN prevents it
+                    raise RuntimeError(f"ggml repacks {n} rows of type {c.type} unlike {p.rows}")
+                groups.add((c.type, c.ne[0], n))
+        self._convert_table = TensorTable(max(1, len(groups)))
+        self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
+
     def _load_resident(self) -> None:
+        """Read the resident parts into one buffer, each stage's in a page-aligned region of its
+        own, through one staging buffer of at most STREAM_CHUNK: a part is read and converted a
+        chunk of rows at a time, so loading never needs room for a whole large tensor (a 150k-token
+        tied head is 140 MB) on top of what the plan counts."""
         groups = [self._resident] + [[p for _, p in parts] for parts in self._elastic]
         spans, size = [], 0
         for i, parts in enumerate(groups):  # each stage's region in whole pages of its own
@@ -193,22 +220,39 @@ class WeightStore:
             size += spans[-1][1]
         buf = Buffer(size, repack=self.repack)
         self._buffers.append(buf)
-        largest = max((p.nbytes for parts in groups for p in parts), default=0)
-        stage = Buffer(largest + 2 * ALIGN)
+        parts = [p for ps in groups for p in ps]
+        stage = Buffer(max((self._load_rows(p) * p.row_bytes for p in parts), default=0)
+                       + 2 * ALIGN)
         try:
-            for (start, _), parts in zip(spans, groups):
+            for (start, _), ps in zip(spans, groups):
                 addr = buf.base + start
-                for p in parts:
+                for p in ps:
                     p.place(buf, addr)
-                    src = self.reader.read_span(stage.base, p.offset, p.nbytes)
-                    ggml_ops.upload(p.header, src, p.nbytes)
+                    self._load_part(p, buf, addr, stage.base)
                     addr += _a(p.nbytes)
         finally:
             stage.free()
         self._regions = [(buf.base + start, n) for start, n in spans[1:]]
         # matrix bytes, as the plan counts them (vectors are among its fixed costs)
-        self.resident_bytes = sum(p.nbytes for parts in groups for p in parts) - self._vector_bytes
+        self.resident_bytes = sum(p.nbytes for p in parts) - self._vector_bytes
         self.mlock_errno = ggml_ops.mlock(buf.base, size) if size else 0
+
+    @staticmethod
+    def _load_rows(p: Part) -> int:
+        """Rows read at a time when loading p: whole conversion groups, about STREAM_CHUNK bytes."""
+        step = convert_rows(p.row_bytes)
+        return min(p.rows, step * max(1, STREAM_CHUNK // (step * p.row_bytes)))
+
+    def _load_part(self, p: Part, buf: Buffer, addr: int, stage: int) -> None:
+        chunk = self._load_rows(p)
+        for r0 in range(0, p.rows, chunk):
+            n = min(chunk, p.rows - r0)
+            src = self.reader.read_span(stage, p.offset + r0 * p.row_bytes, n * p.row_bytes)
+            if p.repack:
+                ggml_ops.repack_rows(p.header, buf, self._convert, addr + r0 * p.row_bytes, src, n,
+                                     convert_rows(p.row_bytes))
+            else:
+                ggml_ops.copy(addr + r0 * p.row_bytes, src, n * p.row_bytes)
 
     def _final_streamed(self) -> dict[int, list[Part]]:
         """Each layer's streamed parts at the last stage (the largest set)."""
@@ -226,19 +270,10 @@ class WeightStore:
         slot_size = max(self._layout(ps)[1] for ps in final.values())
         self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(window)]
         self._buffers += self._slots
-        groups = set()  # (type, ne0, rows): the row groups the converter repacks, a header each
-        for p in (p for ps in final.values() for p in ps if p.repack):
-            c = p.header.contents
-            rows, step = c.ne[1], convert_rows(row_bytes(c.type, c.ne[0]))
-            for n in {min(step, rows), rows % step or step}:
-                if ggml_ops.repack_traits(c.type, (c.ne[0], n)) != \
-                        ggml_ops.repack_traits(c.type, (c.ne[0], rows)):  # ROW_ALIGN prevents it
-                    raise RuntimeError(f"ggml repacks {n} rows of type {c.type} unlike {rows}")
-                groups.add((c.type, c.ne[0], n))
-        if groups:
-            self._convert_table = TensorTable(len(groups))
-            self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
-            self._bounce = Buffer(max(n * row_bytes(t, ne0) for t, ne0, n in groups))
+        groups = [min(convert_rows(p.row_bytes), p.rows) * p.row_bytes
+                  for ps in final.values() for p in ps if p.repack]
+        if groups:  # the converter's copy of one row group, for repacking in place
+            self._bounce = Buffer(max(groups))
             self._buffers.append(self._bounce)
         self._slot_layout = {l: self._layout(ps)[0] for l, ps in self._streamed.items()}
         self.prefetcher = Prefetcher(sorted(self._streamed), window, self._jobs, self._read,
@@ -285,9 +320,8 @@ class WeightStore:
         buf = self._slots[slot]
         part.place(buf, src)
         if part.repack:
-            c = part.header.contents
             ggml_ops.repack_in_place(part.header, buf, self._convert, self._bounce.base,
-                                     convert_rows(row_bytes(c.type, c.ne[0])))
+                                     convert_rows(part.row_bytes))
 
     # ---- use
     def get(self, layer: int) -> dict[str, object]:

@@ -251,3 +251,28 @@ def test_the_store_allocates_no_more_than_the_planner_counts(model, staged, requ
         repacked = any(t.repacked and m.plan.resident_rows[t.name] < t.rows for t in mats)
         assert hasattr(s, "_bounce") == repacked
         assert not repacked or s._bounce.size <= planner._bounce(mats)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_mixed_path", "tiny_llama_tied_path"])
+def test_loading_stages_a_chunk_at_a_time_and_converts_in_small_groups(model, request,
+                                                                        monkeypatch):
+    """Loading reads each resident part a chunk of rows at a time, so its staging buffer never
+    has to hold a whole tensor (the head here is 1.2 MB, the chunk 64 KiB); resident and streamed
+    rows are repacked 32 rows at a time. The logits stay bit-exact."""
+    import flexinfer.weights as weights
+    path = request.getfixturevalue(model)
+    resident, _ = _logits(path)
+    sizes = []
+
+    class Recorded(weights.Buffer):
+        def __init__(self, size, repack=False):
+            super().__init__(size, repack)
+            sizes.append((size, repack))
+    monkeypatch.setattr(weights, "Buffer", Recorded)
+    monkeypatch.setattr(weights, "STREAM_CHUNK", 64 << 10)
+    monkeypatch.setattr(weights, "convert_rows", lambda row_bytes: 32)
+    _squeeze_budget(monkeypatch, 0.5)
+    streamed, run = _logits(path)
+    assert run.streamed > 0 and np.array_equal(streamed, resident)
+    plain = [size for size, repack in sizes if not repack]  # the load staging and the bounce
+    assert plain and max(plain) <= (64 << 10) + 2 * 4096
