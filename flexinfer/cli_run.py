@@ -186,6 +186,7 @@ def plan_report(planned, model_bytes: int, n_ctx: int) -> dict:
         "model_bytes": model_bytes, "fixed_bytes": p.fixed_bytes,
         **{f"fixed_{k}_bytes": v for k, v in p.fixed_parts.items()},
         "resident_bytes": start.resident_bytes, "streamed_bytes_per_token": start.streamed_bytes,
+        "loan_bytes": p.loan_bytes,
         "window": p.window, "slot_bytes": p.slot_bytes, "bounce_bytes": p.bounce_bytes,
         "planned_total_bytes": start.total_bytes(),
         "disk_bytes_per_s": round(mach.disk_bw), "compute_bytes_per_s": round(mach.compute_bw),

@@ -59,12 +59,16 @@ class GraphSet:
 class Inputs:
     """Engine-owned input memory, sized once for the largest batch: numpy views write it."""
 
+    @staticmethod
+    def sizes(cfg: ModelConfig, n_ctx: int, n_ubatch: int, embd_row_bytes: int) -> dict:
+        pad = _pad(n_ubatch, KQ_MASK_PAD)
+        return {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
+                "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
+                "mask": 2 * n_ctx * pad}
+
     def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int, embd_row_bytes: int):
         self.n_ubatch, self.n_ctx = n_ubatch, n_ctx
-        pad = _pad(n_ubatch, KQ_MASK_PAD)
-        sizes = {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
-                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
-                 "mask": 2 * n_ctx * pad}
+        sizes = self.sizes(cfg, n_ctx, n_ubatch, embd_row_bytes)
         self.addr, off = {}, 0
         self._buf = Buffer(sum(_pad(s, 64) for s in sizes.values()))
         for k, s in sizes.items():
@@ -74,8 +78,22 @@ class Inputs:
         mv = ggml_ops.memview
         self.pos = np.frombuffer(mv(self.addr["pos"], sizes["pos"]), dtype=np.int32)
         self.rows = np.frombuffer(mv(self.addr["rows"], sizes["rows"]), dtype=np.int64)
-        np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)[:] = np.arange(n_ubatch)
+        self._idx = np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)
+        self._idx[:] = np.arange(n_ubatch)
         self._mask = mv(self.addr["mask"], sizes["mask"])
+
+    def release(self) -> None:
+        """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
+        rows of each input again); the constant row indices are written anew."""
+        ggml_ops.release_pages(self._buf.base, self.nbytes)
+        self._idx[:] = np.arange(self.n_ubatch)
+
+    @staticmethod
+    def decode_bytes(cfg: ModelConfig, n_ctx: int, embd_row_bytes: int) -> int:
+        """What a decode step writes of the inputs, at most: one token's rows, a page more for
+        each of the six inputs (they start inside pages), and the first page, which holds idx."""
+        one = Inputs.sizes(cfg, n_ctx, 1, embd_row_bytes)
+        return sum(_pad(s, ggml_ops.PAGE) + ggml_ops.PAGE for s in one.values()) + ggml_ops.PAGE
 
     def set_batch(self, pos: int, T: int, n_kv: int) -> None:
         self.pos[:T] = np.arange(pos, pos + T)
@@ -87,7 +105,7 @@ class Inputs:
         mask[:] = np.where(visible, np.float16(0), np.float16(-np.inf))
 
     def close(self) -> None:
-        del self.pos, self.rows, self._mask
+        del self.pos, self.rows, self._mask, self._idx
         self._buf.free()
 
 
@@ -97,22 +115,40 @@ class Engine:
         self.cfg, self.arch, self.store, self.kv, self.backend = cfg, arch, store, kv, backend
         self.n_ubatch = min(n_ubatch, kv.n_ctx)
         self.inputs = Inputs(cfg, kv.n_ctx, self.n_ubatch, store.embd_row_bytes)
-        self.alloc = Allocator()
         self._sets: OrderedDict[tuple[int, int, int], GraphSet] = OrderedDict()
+        self.alloc, self._prompt_alloc = Allocator(), None
         self._reserve()
         if warm:
             self._graphs(1, min(kv.n_ctx, KV_BUCKET), 1)  # the decode graphs, built before timing
 
     def _reserve(self) -> None:
-        """Size the compute buffer for the largest graphs once, so it never moves afterwards."""
-        worst = self._build(self.n_ubatch, self.kv.n_ctx, min(self.n_ubatch, MAX_LOGIT_ROWS),
-                            alloc=False)
-        for ops in (worst.layers[0], worst.head):
-            self.alloc.reserve(ops)
-        self.work_bytes = max(ops.work_size(self.backend.n_threads if self.backend else 1)
-                              for ops in (worst.layers[0], worst.head))
-        self.compute_bytes = self.alloc.size() + self.work_bytes
-        worst.free()
+        """Two compute buffers, each sized once for its largest graphs so that cached graphs never
+        move: a decode step's, kept, and a prompt batch's, made when a batch comes and freed before
+        decoding goes on (end_prompt). The 7B's are 0.5 MB and 25 MB (128 tokens): decoding does
+        not hold the larger one, and the planner lends it resident weight rows (planner.py).
+        compute_bytes is what stays (the decode buffer, the CPU backend's work buffer, which grows
+        to the largest batch's and stays, and what decoding writes of the inputs); prompt_bytes is
+        what a prompt batch adds (its buffer, and the rest of the inputs)."""
+        n_ctx, work = self.kv.n_ctx, 0
+        threads = self.backend.n_threads if self.backend else 1
+        self.prompt_bytes = 0
+        for T in sorted({1, self.n_ubatch}):
+            worst = self._build(T, n_ctx, min(T, MAX_LOGIT_ROWS), alloc=False)
+            alloc = self.alloc if T == 1 else Allocator()
+            for ops in (worst.layers[0], worst.head):
+                alloc.reserve(ops)
+                work = max(work, ops.work_size(threads))
+            if T > 1:
+                self.prompt_bytes = alloc.size()
+                alloc.free()  # reserved only to be measured: nothing was written to it
+            worst.free()
+        decode_inputs = min(self.inputs.nbytes, Inputs.decode_bytes(
+            self.cfg, n_ctx, self.store.embd_row_bytes))
+        self.compute_bytes = self.alloc.size() + work + decode_inputs
+        if self.prompt_bytes:
+            self.prompt_bytes += self.inputs.nbytes - decode_inputs
+        else:  # no prompt batches: decoding is all there is
+            self.compute_bytes += self.inputs.nbytes - decode_inputs
 
     def _build(self, T: int, n_kv: int, n_out: int, alloc: bool = True) -> GraphSet:
         cfg, a = self.cfg, self.inputs.addr
@@ -132,7 +168,7 @@ class Engine:
         embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out)
         if alloc:
             for ops in (embed, *layers, head):
-                self.alloc.alloc(ops)
+                (self.alloc if T == 1 else self._prompt_alloc).alloc(ops)
         return GraphSet(embed, layers, head, logits, n_out)
 
     def _embed_graph(self, T: int) -> Ops:
@@ -160,14 +196,35 @@ class Engine:
             return gs
         while len(self._sets) >= MAX_GRAPH_SETS:
             self._sets.popitem(last=False)[1].free()
+        if T > 1 and self._prompt_alloc is None:
+            self._prompt_alloc = Allocator()
+            worst = self._build(self.n_ubatch, self.kv.n_ctx, min(self.n_ubatch, MAX_LOGIT_ROWS),
+                                alloc=False)
+            for ops in (worst.layers[0], worst.head):
+                self._prompt_alloc.reserve(ops)
+            worst.free()
         gs = self._sets[key] = self._build(T, n_kv, n_out)
         return gs
+
+    def end_prompt(self) -> None:
+        """Free the prompt buffer and its graphs, then let the store read its loan back."""
+        if self._prompt_alloc is not None:
+            for key in [k for k in self._sets if k[0] > 1]:
+                self._sets.pop(key).free()
+            self._prompt_alloc.free()
+            self._prompt_alloc = None
+            self.inputs.release()
+        self.store.end_prompt()
 
     def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos.. through the model; returns float32 logits of the last token
         (1, n_vocab), or of every token (len(tokens), n_vocab) with all_logits."""
         self.store.prepare(pos + len(tokens))  # a later stage of the plan, if the cache grows into it
         step = min(self.n_ubatch, MAX_LOGIT_ROWS) if all_logits else self.n_ubatch
+        if min(step, len(tokens)) > 1:
+            self.store.begin_prompt()  # the loan goes before the prompt buffer comes
+        else:
+            self.end_prompt()  # the prompt buffer goes before the loan comes back
         out = []
         for i in range(0, len(tokens), step):
             chunk = tokens[i:i + step]
@@ -206,6 +263,8 @@ class Engine:
             gs.free()
         self._sets.clear()
         self.alloc.free()
+        if self._prompt_alloc is not None:
+            self._prompt_alloc.free()
         self.inputs.close()
 
 
@@ -253,16 +312,17 @@ class _HeaderKV:
 
 
 def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch: int,
-                          n_threads: int) -> int:
-    """Graph memory + CPU work buffer the engine will reserve, measured on header-only weights, so
-    the planner subtracts the real figure (the 7B at n_ubatch 256: 45 MB) before any weight loads."""
+                          n_threads: int) -> tuple[int, int]:
+    """(bytes the engine keeps for computing, bytes a prompt batch takes on top while it runs),
+    measured on header-only weights, so the planner subtracts the real figures before any weight
+    loads (the 7B at context 256 and 128-token batches: 3 MB and 25 MB)."""
     store, kv = _HeaderStore(g, cfg, specs), _HeaderKV(cfg, n_ctx)
     try:  # no backend is created: the engine only reads its thread count to size the work buffer
         eng = Engine(cfg, arch, store, kv, SimpleNamespace(n_threads=n_threads), n_ubatch,
                      warm=False)
-        size = eng.compute_bytes + eng.inputs.nbytes
+        sizes = eng.compute_bytes, eng.prompt_bytes
         eng.close()
-        return size
+        return sizes
     finally:
         store.close()
         kv.close()

@@ -195,11 +195,14 @@ PREFILL_SPEEDUP = 2  # per token, a prompt batch computes this much faster than 
 def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int) -> Planned:
     """Budget -> Plan, from sizes and calibration only (no weight is read).
 
-    When weights stream and the caller left n_ubatch open, the prompt batch shrinks: the compute
-    buffer grows with it (the 7B: 0.2 MB per token, 100 MB at 512), and a batch only needs enough
-    tokens for its compute to hide one pass of reads, t_io / (t_cpu / PREFILL_SPEEDUP); more
-    tokens per batch would hold memory that resident weights can use. Not below MIN_UBATCH: small
-    batches run the kernels less efficiently (32-64 tokens cost 14-16% of prompt speed)."""
+    A prompt batch's compute buffer grows with the batch (the 7B: 0.2 MB per token, 100 MB at
+    512). Where rows are locked (flexinfer, sync) the plan lends it resident rows that are read
+    back after the prompt (planner.py), so decoding does not pay for it and llama.cpp's 512 stays
+    the batch. Elsewhere (prefetch) it is charged all along: when weights stream and the caller
+    left n_ubatch open, the batch shrinks to the tokens whose compute hides one pass of reads,
+    t_io / (t_cpu / PREFILL_SPEEDUP), but not below MIN_UBATCH (small batches run the kernels less
+    efficiently: 32-64 tokens cost 14-16% of prompt speed). A budget too small for the default
+    batch's buffer tries smaller ones, down to MIN_UBATCH, before it is refused."""
     budget, source = resolve_budget(o.memory_budget)
     ubatch = min(o.n_ubatch or DEFAULT_UBATCH, n_ctx)
     kv = kv_bytes(cfg, n_ctx)
@@ -219,24 +222,29 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
     growth = kv_growth(cfg, n_ctx) if o.offload in ("flexinfer", "sync") else ()
 
     def planned(ub: int) -> Plan:
-        fixed_parts = {  # what the weights cannot use, in bytes
-            "runtime": runtime, "kv_cache": kv,
-            "compute": measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads),
+        keep, prompt = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads)
+        fixed_parts = {  # what the weights cannot use while decoding, in bytes
+            "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
             "headroom": HEADROOM,
         }
+        p = plan(mats, budget, sum(fixed_parts.values()), mach, mode=o.offload,
+                 preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
+                 kv_growth=growth, prompt_extra=prompt)
+        return dataclasses.replace(p, fixed_parts={**fixed_parts, "prompt_compute": prompt})
+
+    while True:
         try:
-            p = plan(mats, budget, sum(fixed_parts.values()), mach, mode=o.offload,
-                     preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
-                     kv_growth=growth)
+            p = planned(ubatch)
+            break
         except BudgetError as e:
+            if o.n_ubatch is None and ubatch > MIN_UBATCH:
+                ubatch = max(MIN_UBATCH, ubatch // 2)  # a smaller prompt buffer may fit
+                continue
             raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working "
                                  f"set for {os.path.basename(g.path)} at context {n_ctx}: "
                                  f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
-        return dataclasses.replace(p, fixed_parts=fixed_parts)
-
-    p = planned(ubatch)
-    if o.n_ubatch is None and p.streamed_bytes and p.mode != "mmap":
+    if o.n_ubatch is None and p.streamed_bytes and not p.prompt_rows and p.mode == "prefetch":
         need = p.t_io / (p.t_cpu_bound / PREFILL_SPEEDUP)  # tokens whose compute hides the reads
         small = MIN_UBATCH
         while small < need and small < ubatch:

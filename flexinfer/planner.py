@@ -27,6 +27,14 @@ most P positions are held. Each such stage keeps extra rows resident in those by
 priority order, and always a superset of the next stage's rows: moving on only releases rows (the
 engine frees their pages and streams them from then on; nothing is ever read back in). A run
 starts in the first stage; the plan's own fields describe the last (the whole context).
+
+The prompt loan: a prompt batch needs far more compute memory than a decode step (the 7B: 25 MB at
+128 tokens, 50 MB at 512, against 0.5 MB), and only while it runs. So `fixed` counts a decode
+step's, and the plan is first made as if the prompt's were charged too: those rows (`prompt_rows`)
+are what stays resident during a prompt. Then it keeps, by the same priority order, as many more
+rows as the decode room allows (the loan). The engine releases the loan before a prompt batch,
+streams it with the rest while the batch runs, and reads it back once before decoding: one read of
+a few tens of MB per prompt, instead of streaming that much more on every decoded token.
 """
 
 from __future__ import annotations
@@ -120,6 +128,10 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     fixed_parts: dict = field(default_factory=dict)  # the caller's breakdown of fixed_bytes
     stages: tuple[Stage, ...] = ()  # earlier stages of a growing KV cache, fewest positions first
+    prompt_rows: dict = field(default_factory=dict)  # resident while a prompt batch runs (the
+    # rows beyond them are the loan); empty: the same as resident_rows
+    prompt_extra_bytes: int = 0  # compute memory a prompt batch takes beyond `fixed_bytes`
+    loan_bytes: int = 0  # weight bytes resident while decoding, released while a prompt runs
 
     @property
     def first(self):
@@ -237,28 +249,34 @@ def _cost(layers, rows, machine: Machine, window: int, sync: bool) -> tuple[floa
 
 def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *,
          mode: str = "flexinfer", preserve: str = "auto", balance: bool = True,
-         window: int | None = None, kv_growth: tuple[tuple[int, int], ...] = ()) -> Plan:
+         window: int | None = None, kv_growth: tuple[tuple[int, int], ...] = (),
+         prompt_extra: int = 0) -> Plan:
     """Choose resident rows and the window for `tensors` (the matrices of every layer and the head;
     vectors are in `fixed`). Raises BudgetError when even streaming everything does not fit.
     kv_growth: (positions, KV bytes not yet charged at that many positions), fewest first; the
-    stages they allow are in Plan.stages (module docstring)."""
+    stages they allow are in Plan.stages. prompt_extra: the compute memory a prompt batch takes
+    beyond the decode step's that `fixed` counts; lent by resident rows where rows are locked
+    (module docstring)."""
     layers = _layers(tensors)
     total = sum(t.nbytes for t in tensors)
     t_cpu_bound = total / machine.compute_bw
     t_io_bound = max(0, total - budget) / machine.disk_bw  # the paper's bound: model - budget
+    locked = mode in ("flexinfer", "sync")
+    cuts = len(kv_growth) + bool(prompt_extra) if locked else 0  # boundaries inside a matrix
 
-    cuts = len(kv_growth) if mode in ("flexinfer", "sync") else 0  # stage boundaries, at most
-
-    def finish(rows, win, policy, notes=()):
+    def finish(rows, win, policy, fx, notes=(), slot_rows=None):
+        """The plan that keeps `rows` resident; slots sized for slot_rows' streaming (a prompt's,
+        which streams the loan too)."""
         streamed = _streamed(layers, rows)
-        slot = _slot(layers, rows, cuts) if any(streamed.values()) else 0
-        win = min(win, sum(1 for s in streamed.values() if s)) if slot else 0
-        t_io, t_cpu, pred = _cost(layers, rows, machine, win, mode == "sync")
+        most = _streamed(layers, slot_rows) if slot_rows else streamed
+        slot = _slot(layers, slot_rows or rows, cuts) if any(most.values()) else 0
+        win = min(win, sum(1 for s in most.values() if s)) if slot else 0
+        t_io, t_cpu, pred = _cost(layers, rows, machine, max(win, 1), mode == "sync")
         if mode == "mmap":  # page faults block the computing thread: sync I/O of what misses
-            t_io = max(0, total - max(0, budget - fixed)) / machine.disk_bw
+            t_io = max(0, total - max(0, budget - fx)) / machine.disk_bw
             pred = t_io + t_cpu
         return Plan(
-            mode=mode, budget_bytes=budget, fixed_bytes=fixed, resident_rows=rows, window=win,
+            mode=mode, budget_bytes=budget, fixed_bytes=fx, resident_rows=rows, window=win,
             slot_bytes=slot, bounce_bytes=_bounce(tensors) if slot else 0,
             resident_bytes=total - sum(streamed.values()),
             streamed_per_layer=tuple(streamed[l] for l in sorted(streamed)), policy=policy,
@@ -266,67 +284,89 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
             t_cpu_bound=t_cpu_bound, notes=tuple(notes),
             layer_bytes=tuple(sum(t.nbytes for t in layers[l]) for l in sorted(layers)))
 
+    fx = fixed + prompt_extra  # what a prompt batch needs: the plan must hold then too
     all_rows = {t.name: t.rows for t in tensors}
     if mode == "mmap":
         note = "the OS pages weights in; predicted as if the page cache kept budget - fixed bytes"
-        return finish(all_rows, 0, "mmap", (note,))
-    if mode != "prefetch" and fixed + total <= budget:
-        return finish(all_rows, 0, "all-resident")
+        return finish(all_rows, 0, "mmap", fx, (note,))
+    if mode != "prefetch" and fx + total <= budget:
+        return finish(all_rows, 0, "all-resident", fx)
     win = min(window or (1 if mode == "sync" else 2), len(layers))  # more slots than layers: unused
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked
         nothing = {t.name: 0 for t in tensors}
-        minimum = fixed + win * _slot(layers, nothing, 0) + _bounce(tensors)
+        minimum = fx + win * _slot(layers, nothing, 0) + _bounce(tensors)
         if minimum > budget:
             raise BudgetError(minimum, budget)
-        return finish(nothing, win, "none")
+        return finish(nothing, win, "none", fx)
     best, minimum = None, None
     for name, order in orders.items():
-        rows, least = _solve(layers, tensors, budget - fixed, win, order, balance, cuts)
-        minimum = fixed + least if minimum is None else min(minimum, fixed + least)
+        rows, least = _solve(layers, tensors, budget - fx, win, order, balance, cuts)
+        minimum = fx + least if minimum is None else min(minimum, fx + least)
         if rows is None:
             continue
-        cand = finish(rows, win, name if balance else f"{name}, whole layers")
+        cand = finish(rows, win, name if balance else f"{name}, whole layers", fx)
         if cand.total_bytes() <= budget and (best is None or cand.predicted_s < best.predicted_s):
             best = cand
     if best is None:  # keeping everything resident always works, whatever the window
-        raise BudgetError(min(minimum, fixed + total), budget)
-    if mode in ("flexinfer", "sync") and best.streamed_bytes and kv_growth:
-        order = POLICIES[best.policy.split(",")[0]]
-        stages = _stages(layers, tensors, best, budget, kv_growth, machine, order, balance, cuts)
+        raise BudgetError(min(minimum, fx + total), budget)
+    order = POLICIES[best.policy.split(",")[0]]
+    prompt = best.resident_rows
+    if prompt_extra:  # decode keeps more: the loan, released while a prompt batch runs
+        rows = _grow(layers, tensors, prompt, budget - fixed, best.window, order, balance, cuts,
+                     prompt)
+        best = finish(rows, best.window, best.policy, fixed, slot_rows=prompt)
+        best = dataclasses.replace(
+            best, prompt_rows=prompt, prompt_extra_bytes=prompt_extra,
+            loan_bytes=best.resident_bytes - (total - sum(_streamed(layers, prompt).values())))
+    if kv_growth:
+        short = max(0, best.prompt_extra_bytes - best.loan_bytes)  # a prompt in an earlier stage
+        stages = _stages(layers, tensors, best, budget - short, kv_growth, machine, order, balance,
+                         cuts, prompt if prompt_extra else None)
         best = dataclasses.replace(best, stages=stages)
     return best
 
 
+def _grow(layers, tensors, base: dict[str, int], room: int, win: int, order, balance: bool,
+          cuts: int, slot_rows: dict[str, int]) -> dict[str, int]:
+    """The most rows, by the priority order and always a superset of `base`, whose resident bytes,
+    slots (sized for slot_rows' streaming) and bounce buffer fit in `room` (as _solve searches)."""
+    total = sum(t.nbytes for t in tensors)
+
+    def grown(x):  # balanced: x = bytes streamed per layer; else x = resident bytes
+        fresh = _assign(layers, x, order, not balance)
+        return {k: max(r, fresh[k]) for k, r in base.items()}
+
+    def fits(x):
+        return _used(layers, tensors, win, grown(x), cuts, slot_rows) <= room
+
+    if balance:  # the smallest per-layer stream that fits; base's always does
+        largest = max(sum(t.nbytes for t in ts) for ts in layers.values())
+        return grown(0 if fits(0) else _search(largest, 0, fits))
+    kept = total - sum(_streamed(layers, base).values())
+    return grown(total if fits(total) else _search(kept, total, fits))
+
+
 def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machine, order,
-            balance: bool, cuts: int) -> tuple[Stage, ...]:
+            balance: bool, cuts: int, slot_rows) -> tuple[Stage, ...]:
     """Walk back from the full context: each earlier stage has `kv_unused` more bytes of room and
-    keeps, on top of the next stage's rows, as many more as fit (the same search as _solve)."""
+    keeps, on top of the next stage's rows, as many more as fit (_grow). The slots stay sized for
+    slot_rows (the prompt's streaming, the most there is)."""
     out: list[Stage] = []
     nxt = last.resident_rows
     total = sum(t.nbytes for t in tensors)
     for positions, unused in sorted(kv_growth, reverse=True):
         room = budget - last.fixed_bytes + unused
-
-        def grown(x):  # balanced: x = bytes streamed per layer; else x = resident bytes
-            fresh = _assign(layers, x, order, not balance)
-            return {k: max(r, fresh[k]) for k, r in nxt.items()}
-
-        def fits(x):
-            return _used(layers, tensors, last.window, grown(x), cuts) <= room
-
-        if balance:  # the smallest per-layer stream that fits; the next stage's always does
-            rows = grown(0 if fits(0) else _search(max(last.layer_bytes), 0, fits))
-        else:  # the largest resident prefix that fits
-            rows = grown(total if fits(total) else _search(total - last.streamed_bytes, total, fits))
+        rows = _grow(layers, tensors, nxt, room, last.window, order, balance, cuts, slot_rows)
         if rows == nxt:
             continue  # no room for another row group: the next stage starts right away
         streamed = _streamed(layers, rows)
         win = min(last.window, sum(1 for s in streamed.values() if s)) or 1
         t_io, t_cpu, pred = _cost(layers, rows, machine, win, last.mode == "sync")
+        used = _used(layers, tensors, last.window, rows, cuts, slot_rows)
         out.append(Stage(positions, unused, rows, total - sum(streamed.values()),
                          tuple(streamed[l] for l in sorted(streamed)), t_io, t_cpu, pred,
-                         last.fixed_bytes - unused + _used(layers, tensors, last.window, rows, cuts)))
+                         last.fixed_bytes - unused + used))
         nxt = rows
     return tuple(reversed(out))
 
@@ -357,14 +397,16 @@ def _slot(layers, rows, cuts: int) -> int:
     return max(sum(need(t) for t in ts) for ts in layers.values())
 
 
-def _used(layers, tensors, win: int, rows, cuts: int) -> int:
-    """Bytes a plan takes beyond `fixed`: resident rows, the slots and the bounce buffer."""
+def _used(layers, tensors, win: int, rows, cuts: int, slot_rows=None) -> int:
+    """Bytes a plan takes beyond `fixed`: resident rows, the slots (sized for slot_rows' streaming,
+    by default the rows' own) and the bounce buffer."""
     streamed = _streamed(layers, rows)
     resident = sum(t.nbytes for t in tensors) - sum(streamed.values())
-    n_str = sum(1 for s in streamed.values() if s)
+    slot_rows = slot_rows or rows
+    n_str = sum(1 for s in _streamed(layers, slot_rows).values() if s)
     if not n_str:
         return resident
-    return resident + min(win, n_str) * _slot(layers, rows, cuts) + _bounce(tensors)
+    return resident + min(win, n_str) * _slot(layers, slot_rows, cuts) + _bounce(tensors)
 
 
 def _solve(layers, tensors, room: int, win: int, order, balance: bool, cuts: int):

@@ -100,9 +100,13 @@ class WeightStore:
         # one header per resident part and per streamed piece (a 70B's 132 MB FFN matrices are 9
         # pieces each): counted, since running out of headers would abort inside ggml
         infos = [g.tensors[s.name] for s in specs] + [self._embd]
-        n_stages = len(plan.stages) + 1  # each stage boundary inside a matrix: one more part
-        self._table = TensorTable(sum(n_stages + 1 + t.nbytes // STREAM_CHUNK for t in infos) + 8)
+        n_cuts = len(plan.stages) + 2  # each stage or loan boundary inside a matrix: one more part
+        self._table = TensorTable(sum(n_cuts + 1 + t.nbytes // STREAM_CHUNK for t in infos) + 8)
         self._stage_rows = [st.resident_rows for st in plan.stages] + [plan.resident_rows]
+        self._prompt_rows = plan.prompt_rows or plan.resident_rows
+        self._loan: list[tuple[int, Part]] = []  # resident while decoding, streamed in a prompt
+        self._loan_addr: list[int] = []  # where each loan part lives while resident
+        self.lent = False
         self.stage_positions = [st.positions for st in plan.stages]
         self.stage = 0
         self._elastic: list[list[tuple[int, Part]]] = [[] for _ in plan.stages]
@@ -146,10 +150,14 @@ class WeightStore:
         n = info.shape[1]
         rs = [rows.get(info.name, n) for rows in self._stage_rows]  # never growing, stage by stage
         parts = []
-        if rs[-1] > 0:  # kept at every stage
-            parts.append(self._part(info, 0, rs[-1]))
+        kept = self._prompt_rows.get(info.name, rs[-1])
+        if kept > 0:  # kept at every stage, and while a prompt runs
+            parts.append(self._part(info, 0, kept))
             self._resident.append(parts[-1])
         step = chunk_rows(row_bytes(info.type, info.shape[0]))
+        for r0 in range(kept, rs[-1], step):  # the loan: streamed only while a prompt runs
+            parts.append(self._part(info, r0, min(rs[-1], r0 + step)))
+            self._loan.append((layer, parts[-1]))
         for k in reversed(range(len(rs) - 1)):  # kept until stage k ends, then streamed
             for r0 in range(rs[k + 1], rs[k], step):
                 parts.append(self._part(info, r0, min(rs[k], r0 + step)))
@@ -193,7 +201,7 @@ class WeightStore:
     def _make_converter(self) -> None:
         """One scratch header for each size of row group that repack_rows converts."""
         groups = set()  # (type, ne0, rows)
-        parts = self._resident + [p for ps in self._elastic for _, p in ps]
+        parts = self._resident + [p for ps in [*self._elastic, self._loan] for _, p in ps]
         for p in parts + [p for ps in self._streamed.values() for p in ps]:
             if not p.repack:
                 continue
@@ -211,28 +219,32 @@ class WeightStore:
         own, through one staging buffer of at most STREAM_CHUNK: a part is read and converted a
         chunk of rows at a time, so loading never needs room for a whole large tensor (a 150k-token
         tied head is 140 MB) on top of what the plan counts."""
-        groups = [self._resident] + [[p for _, p in parts] for parts in self._elastic]
+        groups = ([self._resident, [p for _, p in self._loan]]
+                  + [[p for _, p in parts] for parts in self._elastic])
         spans, size = [], 0
-        for i, parts in enumerate(groups):  # each stage's region in whole pages of its own
+        for i, parts in enumerate(groups):  # the loan's and each stage's region in whole pages
             if i:
                 size = _page(size)
             spans.append((size, sum(_a(p.nbytes) for p in parts)))
             size += spans[-1][1]
-        buf = Buffer(size, repack=self.repack)
+        buf = self._resident_buf = Buffer(size, repack=self.repack)
         self._buffers.append(buf)
         parts = [p for ps in groups for p in ps]
         stage = Buffer(max((self._load_rows(p) * p.row_bytes for p in parts), default=0)
                        + 2 * ALIGN)
         try:
-            for (start, _), ps in zip(spans, groups):
+            for i, ((start, _), ps) in enumerate(zip(spans, groups)):
                 addr = buf.base + start
                 for p in ps:
+                    if i == 1:
+                        self._loan_addr.append(addr)
                     p.place(buf, addr)
-                    self._load_part(p, buf, addr, stage.base)
+                    self._load_part(p, buf, addr, stage.base, stage.size)
                     addr += _a(p.nbytes)
         finally:
             stage.free()
-        self._regions = [(buf.base + start, n) for start, n in spans[1:]]
+        self._loan_region = (buf.base + spans[1][0], spans[1][1])
+        self._regions = [(buf.base + start, n) for start, n in spans[2:]]
         # matrix bytes, as the plan counts them (vectors are among its fixed costs)
         self.resident_bytes = sum(p.nbytes for p in parts) - self._vector_bytes
         self.mlock_errno = ggml_ops.mlock(buf.base, size) if size else 0
@@ -243,8 +255,13 @@ class WeightStore:
         step = convert_rows(p.row_bytes)
         return min(p.rows, step * max(1, STREAM_CHUNK // (step * p.row_bytes)))
 
-    def _load_part(self, p: Part, buf: Buffer, addr: int, stage: int) -> None:
-        chunk = self._load_rows(p)
+    def _load_part(self, p: Part, buf: Buffer, addr: int, stage: int, room: int) -> None:
+        """Read p into buf at addr through `room` bytes of staging at `stage`."""
+        step = convert_rows(p.row_bytes)
+        fit = (room - 2 * ALIGN) // p.row_bytes // step * step  # whole conversion groups
+        chunk = min(self._load_rows(p), max(fit, min(step, p.rows)))
+        if chunk * p.row_bytes + 2 * ALIGN > room:
+            raise RuntimeError(f"{chunk} rows of {p.row_bytes} bytes do not fit {room} bytes")
         for r0 in range(0, p.rows, chunk):
             n = min(chunk, p.rows - r0)
             src = self.reader.read_span(stage, p.offset + r0 * p.row_bytes, n * p.row_bytes)
@@ -255,9 +272,9 @@ class WeightStore:
                 ggml_ops.copy(addr + r0 * p.row_bytes, src, n * p.row_bytes)
 
     def _final_streamed(self) -> dict[int, list[Part]]:
-        """Each layer's streamed parts at the last stage (the largest set)."""
+        """Each layer's streamed parts at the last stage during a prompt (the largest set)."""
         out = {l: list(ps) for l, ps in self._streamed.items()}
-        for parts in self._elastic:
+        for parts in [*self._elastic, self._loan]:  # and the loan, streamed while a prompt runs
             for layer, p in parts:
                 out.setdefault(layer, []).append(p)
         return out
@@ -291,11 +308,49 @@ class WeightStore:
         for layer, p in self._elastic[k]:
             self._streamed.setdefault(layer, []).append(p)
             self.resident_bytes -= p.nbytes
-        for parts in self._streamed.values():
-            parts.sort(key=lambda p: p.offset)  # read in file order
         ggml_ops.release_pages(*self._regions[k])
+        self._restream()
+
+    def _restream(self) -> None:
+        """The streamed set changed: read in file order, lay the slots out again, start over."""
+        for parts in self._streamed.values():
+            parts.sort(key=lambda p: p.offset)
         self._slot_layout = {l: self._layout(ps)[0] for l, ps in self._streamed.items()}
         self.prefetcher.restart(sorted(self._streamed))
+
+    def begin_prompt(self) -> None:
+        """Before a prompt batch: release the loan (its memory is the prompt buffer's) and stream
+        it with the rest until end_prompt. Called between forward passes."""
+        if not self._loan or self.lent:
+            return
+        self.prefetcher.close()
+        for layer, p in self._loan:
+            self._streamed.setdefault(layer, []).append(p)
+            self.resident_bytes -= p.nbytes
+        ggml_ops.release_pages(*self._loan_region)
+        self.lent = True
+        self._restream()
+
+    def end_prompt(self) -> None:
+        """Before decoding: read the loan back into its region (through slot 0, free while the
+        prefetcher is stopped) and stop streaming it."""
+        if not self.lent:
+            return
+        self.prefetcher.close()
+        loan = {id(p) for _, p in self._loan}
+        for layer in list(self._streamed):
+            self._streamed[layer] = [p for p in self._streamed[layer] if id(p) not in loan]
+            if not self._streamed[layer]:
+                del self._streamed[layer]
+        staging = self._slots[0]
+        for (_, p), addr in zip(self._loan, self._loan_addr):
+            p.place(self._resident_buf, addr)
+            self._load_part(p, self._resident_buf, addr, staging.base, staging.size)
+            self.resident_bytes += p.nbytes
+        if not self.mlock_errno:
+            ggml_ops.mlock(*self._loan_region)
+        self.lent = False
+        self._restream()
 
     @staticmethod
     def _layout(parts: list[Part]) -> tuple[list[tuple[Part, int]], int]:

@@ -276,3 +276,75 @@ def test_loading_stages_a_chunk_at_a_time_and_converts_in_small_groups(model, re
     assert run.streamed > 0 and np.array_equal(streamed, resident)
     plain = [size for size, repack in sizes if not repack]  # the load staging and the bounce
     assert plain and max(plain) <= (64 << 10) + 2 * 4096
+
+
+def _loan_budget(monkeypatch, prompt=0.3, decode=0.7, stage=None):
+    """A plan with a loan: `prompt` of every matrix's rows resident while a prompt batch runs,
+    `decode` while decoding (and, with `stage`, (positions, fraction) an earlier KV stage keeps)."""
+    def plan(mats, budget, fixed, mach, **kw):
+        base = real_plan(mats, 1 << 50, fixed, mach, **{**kw, "mode": "flexinfer", "kv_growth": (),
+                                                          "prompt_extra": 0})
+
+        def rows(f):
+            out = {}
+            for i, t in enumerate(mats):
+                g = f * (0.5 + (i % 3) / 2)
+                out[t.name] = t.rows if g >= 1.0 else int(t.rows * g) // ROW_ALIGN * ROW_ALIGN
+            return out
+        late = rows(decode)
+        kept = {n: min(r, late[n]) for n, r in rows(prompt).items()}
+        stages = ()
+        if stage:
+            early = {n: max(r, late[n]) for n, r in rows(stage[1]).items()}
+            stages = (Stage(stage[0], 0, early, 0, (), 0.0, 0.0, 0.0, 0),)
+        return dataclasses.replace(base, resident_rows=late, prompt_rows=kept, window=2,
+                                   mode=kw["mode"], stages=stages)
+    monkeypatch.setattr(fm, "plan", plan)
+
+
+def _chat(path, **opts):
+    """A prompt, 6 decoded tokens, a second prompt (a chat turn), 6 more: every step's logits,
+    whether the loan was out after each step, and the resident bytes."""
+    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+        ids = [t % m.cfg.n_vocab for t in PROMPT]
+        out, lent, held = [m._forward(ids, 0)], [m._store.lent], [m._store.resident_bytes]
+        for turn in range(2):
+            for _ in range(6):
+                ids.append(int(out[-1][-1].argmax()))
+                out.append(m._forward(ids[-1:], len(ids) - 1))
+                lent.append(m._store.lent)
+                held.append(m._store.resident_bytes)
+            if turn == 0:
+                more = [t % m.cfg.n_vocab for t in PROMPT[:5]]
+                out.append(m._forward(more, len(ids)))
+                ids += more
+                lent.append(m._store.lent)
+                held.append(m._store.resident_bytes)
+        threads = m.prefetch_threads_alive
+    return np.concatenate(out), lent, held, threads
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_llama_tied_path", "tiny_mixed_path"])
+@pytest.mark.parametrize("mode", ["flexinfer", "sync"])
+@pytest.mark.parametrize("fractions", [(0.3, 0.7), (0.0, 2.0)], ids=["part", "all-resident-decode"])
+def test_the_prompt_loan_is_released_and_read_back_bit_exactly(model, mode, fractions, request,
+                                                              monkeypatch):
+    """The loan is streamed while a prompt batch runs and read back before decoding, turn after
+    turn; no logit changes. With everything resident while decoding, only prompts stream."""
+    path = request.getfixturevalue(model)
+    resident, _, _, _ = _chat(path)
+    _loan_budget(monkeypatch, *fractions)
+    streamed, lent, held, threads = _chat(path, offload=mode)
+    assert lent == [True] + [False] * 6 + [True] + [False] * 6
+    assert held[0] < held[1] and held[7] == held[0] and held[-1] == held[1]
+    streams_while_decoding = mode == "flexinfer" and fractions[1] < 1
+    assert threads == (2 if streams_while_decoding else 0)  # no thread while nothing streams
+    assert np.array_equal(streamed, resident)
+
+
+def test_the_loan_and_a_stage_boundary_together_are_bit_exact(tiny_mixed_path, monkeypatch):
+    resident, _, _, _ = _chat(tiny_mixed_path)
+    _loan_budget(monkeypatch, 0.2, 0.5, stage=(16, 0.9))
+    streamed, lent, held, _ = _chat(tiny_mixed_path)
+    assert lent[7] and not lent[-1]
+    assert np.array_equal(streamed, resident)

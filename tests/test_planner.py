@@ -466,3 +466,64 @@ def test_no_stages_when_everything_is_resident():
     tensors, fixed = SHAPES["smollm2"]
     p = plan(tensors, fixed + total(tensors), fixed, MACHINE, kv_growth=_growth(fixed))
     assert p.stages == () and p.first is p
+
+
+# ---- the prompt loan
+def _prompt_total(p, tensors, rows) -> int:
+    """Independent of the planner: memory while a prompt batch runs with `rows` resident."""
+    resident = sum(rows[t.name] * t.row_bytes for t in tensors)
+    return p.fixed_bytes + p.prompt_extra_bytes + resident + p.window * p.slot_bytes + p.bounce_bytes
+
+
+@FAST
+@given(shapes, fracs, st.booleans(), st.sampled_from(["flexinfer", "sync"]),
+       st.sampled_from([1 << 20, 25 << 20, 100 << 20]), st.booleans())
+def test_the_loan_fits_the_budget_while_decoding_and_while_a_prompt_runs(shape, frac, balance, mode,
+                                                                        extra, staged):
+    tensors, fixed, budget = budget_at(shape, frac)
+    growth = _growth(fixed) if staged else ()
+    try:
+        p = plan(tensors, budget, fixed, MACHINE, balance=balance, mode=mode, kv_growth=growth,
+                 prompt_extra=extra)
+    except BudgetError as e:  # the prompt's compute counts in the minimum
+        assert e.minimum > budget
+        return
+    if not p.prompt_rows:  # everything resident even during a prompt, or nothing to lend
+        assert p.fixed_bytes == fixed + extra and p.total_bytes() <= budget
+        return
+    prompt, rows = p.prompt_rows, p.resident_rows
+    assert all(prompt[n] <= r for n, r in rows.items())  # the loan only adds rows
+    assert all(prompt[t.name] % ROW_ALIGN == 0 or prompt[t.name] == t.rows for t in tensors)
+    loan = sum((rows[t.name] - prompt[t.name]) * t.row_bytes for t in tensors)
+    assert p.loan_bytes == loan and p.fixed_bytes == fixed and p.prompt_extra_bytes == extra
+    assert p.total_bytes() <= budget
+    assert _prompt_total(p, tensors, prompt) <= budget
+    for s in p.stages:  # a prompt in an earlier stage lends the same rows
+        assert all(s.resident_rows[n] >= r for n, r in rows.items())
+        assert s.total_bytes() <= budget and s.total_bytes() - loan + extra <= budget
+    # the slots hold a prompt's streaming, the most there is
+    most = max(sum((t.rows - prompt[t.name]) * t.row_bytes for t in tensors if t.layer == l)
+               for l in {t.layer for t in tensors})
+    assert p.slot_bytes >= most
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("frac", [0.3, 0.6, 0.9])
+def test_the_loan_keeps_more_resident_while_decoding(shape, frac):
+    """Lending the prompt's compute memory: decoding keeps about that much more resident than a
+    plan that charges it all the time, and never less."""
+    tensors, fixed, budget = budget_at(shape, frac)
+    extra = total(tensors) // 20  # the 7B at 128-token batches: 25 MB of 3.7 GB
+    charged = plan(tensors, budget, fixed + extra, MACHINE)
+    lent = plan(tensors, budget, fixed, MACHINE, prompt_extra=extra)
+    assert lent.resident_bytes >= charged.resident_bytes
+    if charged.streamed_bytes > extra:
+        assert lent.loan_bytes > 0.9 * extra and lent.predicted_s <= charged.predicted_s
+    assert plan(tensors, budget, fixed, MACHINE).prompt_rows == {}  # no prompt memory: no loan
+
+
+@pytest.mark.parametrize("mode", ["mmap", "prefetch"])
+def test_no_loan_where_nothing_is_locked(mode):
+    tensors, fixed, budget = budget_at("llama7b", 0.8)
+    p = plan(tensors, budget, fixed, MACHINE, mode=mode, prompt_extra=25 << 20)
+    assert p.prompt_rows == {} and p.fixed_bytes == fixed + (25 << 20)
