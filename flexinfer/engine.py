@@ -221,10 +221,11 @@ class Engine:
         (1, n_vocab), or of every token (len(tokens), n_vocab) with all_logits."""
         self.store.prepare(pos + len(tokens))  # a later stage of the plan, if the cache grows into it
         step = min(self.n_ubatch, MAX_LOGIT_ROWS) if all_logits else self.n_ubatch
-        if min(step, len(tokens)) > 1:
+        prompt = min(step, len(tokens)) > 1
+        if prompt:
             self.store.begin_prompt()  # the loan goes before the prompt buffer comes
         else:
-            self.end_prompt()  # the prompt buffer goes before the loan comes back
+            self.end_prompt()  # a prompt that was interrupted: decoding needs the loan back
         out = []
         for i in range(0, len(tokens), step):
             chunk = tokens[i:i + step]
@@ -233,6 +234,8 @@ class Engine:
             logits = self._forward_chunk(chunk, pos + i, n_out)
             if n_out:
                 out.append(logits)
+        if prompt:  # the prompt buffer goes before the loan comes back, in the prompt's time
+            self.end_prompt()
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _forward_chunk(self, tokens: list[int], pos: int, n_out: int) -> np.ndarray | None:

@@ -138,7 +138,7 @@ class Model:
         if self._closed:
             raise FlexInferError("the model is closed")
         out = self._engine.forward(ids, pos, all_logits)
-        if self._store.stage_positions:  # resident rows are given up as the KV cache grows
+        if self.plan.mode != "mmap":  # less as the KV cache grows
             self.stats.resident_bytes = self._store.resident_bytes
             self.stats.stage = self._store.stage
         return out

@@ -107,6 +107,7 @@ class WeightStore:
         self._loan: list[tuple[int, Part]] = []  # resident while decoding, streamed in a prompt
         self._loan_addr: list[int] = []  # where each loan part lives while resident
         self.lent = False
+        self.prompts = 0  # prompt batches that borrowed the loan
         self.stage_positions = [st.positions for st in plan.stages]
         self.stage = 0
         self._elastic: list[list[tuple[int, Part]]] = [[] for _ in plan.stages]
@@ -329,6 +330,7 @@ class WeightStore:
             self.resident_bytes -= p.nbytes
         ggml_ops.release_pages(*self._loan_region)
         self.lent = True
+        self.prompts += 1
         self._restream()
 
     def end_prompt(self) -> None:

@@ -303,25 +303,31 @@ def _loan_budget(monkeypatch, prompt=0.3, decode=0.7, stage=None):
 
 
 def _chat(path, **opts):
-    """A prompt, 6 decoded tokens, a second prompt (a chat turn), 6 more: every step's logits,
-    whether the loan was out after each step, and the resident bytes."""
+    """A prompt, 6 decoded tokens, a second prompt (a chat turn), 6 more: every step's logits, and
+    after each step the bytes it read and the resident bytes; the store's loan and prompt count."""
     with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+        s = m._store
+
+        def step(ids, pos):
+            before = m._reader.bytes_read
+            out.append(m._forward(ids, pos))
+            reads.append(m._reader.bytes_read - before)
+            held.append(s.resident_bytes)
+            assert not s.lent  # outside a forward pass the loan is always back
         ids = [t % m.cfg.n_vocab for t in PROMPT]
-        out, lent, held = [m._forward(ids, 0)], [m._store.lent], [m._store.resident_bytes]
+        out, reads, held = [], [], []
+        step(ids, 0)
         for turn in range(2):
             for _ in range(6):
                 ids.append(int(out[-1][-1].argmax()))
-                out.append(m._forward(ids[-1:], len(ids) - 1))
-                lent.append(m._store.lent)
-                held.append(m._store.resident_bytes)
+                step(ids[-1:], len(ids) - 1)
             if turn == 0:
                 more = [t % m.cfg.n_vocab for t in PROMPT[:5]]
-                out.append(m._forward(more, len(ids)))
+                step(more, len(ids))
                 ids += more
-                lent.append(m._store.lent)
-                held.append(m._store.resident_bytes)
-        threads = m.prefetch_threads_alive
-    return np.concatenate(out), lent, held, threads
+        loan = sum(p.nbytes for _, p in s._loan)
+        info = dict(prompts=s.prompts, loan=loan, threads=m.prefetch_threads_alive)
+    return np.concatenate(out), reads, held, info
 
 
 @pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_llama_tied_path", "tiny_mixed_path"])
@@ -329,22 +335,26 @@ def _chat(path, **opts):
 @pytest.mark.parametrize("fractions", [(0.3, 0.7), (0.0, 2.0)], ids=["part", "all-resident-decode"])
 def test_the_prompt_loan_is_released_and_read_back_bit_exactly(model, mode, fractions, request,
                                                               monkeypatch):
-    """The loan is streamed while a prompt batch runs and read back before decoding, turn after
-    turn; no logit changes. With everything resident while decoding, only prompts stream."""
+    """The loan is streamed while a prompt batch runs and read back before the prompt's forward
+    pass returns, turn after turn; no logit changes. With everything resident while decoding, only
+    prompts read anything."""
     path = request.getfixturevalue(model)
     resident, _, _, _ = _chat(path)
     _loan_budget(monkeypatch, *fractions)
-    streamed, lent, held, threads = _chat(path, offload=mode)
-    assert lent == [True] + [False] * 6 + [True] + [False] * 6
-    assert held[0] < held[1] and held[7] == held[0] and held[-1] == held[1]
-    streams_while_decoding = mode == "flexinfer" and fractions[1] < 1
-    assert threads == (2 if streams_while_decoding else 0)  # no thread while nothing streams
+    streamed, reads, held, info = _chat(path, offload=mode)
+    assert info["prompts"] == 2 and info["loan"] > 0
+    assert reads[0] >= 2 * info["loan"] and reads[7] >= 2 * info["loan"]  # streamed, read back
+    assert len(set(held)) == 1  # the same rows resident after every step
+    streams_while_decoding = fractions[1] < 1
+    decode_reads = [r for k, r in enumerate(reads) if k not in (0, 7)]  # (the reader reads ahead:
+    assert (sum(decode_reads) > 0) == streams_while_decoding  # a step may find its layers read)
+    assert info["threads"] == (2 if mode == "flexinfer" and streams_while_decoding else 0)
     assert np.array_equal(streamed, resident)
 
 
 def test_the_loan_and_a_stage_boundary_together_are_bit_exact(tiny_mixed_path, monkeypatch):
     resident, _, _, _ = _chat(tiny_mixed_path)
     _loan_budget(monkeypatch, 0.2, 0.5, stage=(16, 0.9))
-    streamed, lent, held, _ = _chat(tiny_mixed_path)
-    assert lent[7] and not lent[-1]
+    streamed, reads, held, info = _chat(tiny_mixed_path)
+    assert info["prompts"] == 2 and held[-1] < held[0]  # the stage's rows were given up
     assert np.array_equal(streamed, resident)
