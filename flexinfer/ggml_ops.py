@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import sys
 from dataclasses import dataclass
 
@@ -174,6 +175,74 @@ class LazyMemory:
             del self._anchor
             self._map.close()
             self._map = None
+
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class Ring:
+    """`size` bytes (whole pages) mapped twice, back to back, from one memfd: a piece placed near
+    the end runs on into the second mapping, which is the start again, so the prefetcher lays
+    pieces one after another with no gap (the "magic ring buffer"). Tensors placed here carry
+    `handle`, a one-page CPU_REPACK buffer's when `repack`, so ggml repacks them on upload and uses
+    the repacked kernels (it never checks a tensor's address against its buffer's). Where memfd or
+    fixed mappings are refused, one plain mapping of size + `spare` bytes stands in and `wraps` is
+    False: a piece that would cross the end starts over at 0 instead."""
+
+    def __init__(self, size: int, spare: int, repack: bool):
+        self.size = max(PAGE, (size + PAGE - 1) // PAGE * PAGE)
+        self.repack = repack
+        self._tag = Buffer(PAGE, repack=repack)  # only for its handle
+        self.handle = self._tag.handle
+        self._plain: LazyMemory | None = None
+        self._base = None
+        try:
+            self.base = self._double_map()
+            self.wraps = True
+        except OSError:
+            self._plain = LazyMemory(self.size + spare)
+            self.base, self.wraps = self._plain.base, False
+
+    def _double_map(self) -> int:
+        fd = os.memfd_create("flexinfer-ring", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, self.size)
+            base = _libc.mmap(None, 2 * self.size, _PROT_NONE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            if base in (None, _MAP_FAILED):
+                raise OSError(ctypes.get_errno(), "mmap of the ring's address range failed")
+            self._base = base
+            rw = mmap.PROT_READ | mmap.PROT_WRITE
+            for at in (base, base + self.size):
+                got = _libc.mmap(at, self.size, rw, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+                if got != at:
+                    raise OSError(ctypes.get_errno(), "mmap of the ring's memfd failed")
+            return base
+        except OSError:
+            self._unmap()
+            raise
+        finally:
+            os.close(fd)
+
+    def _unmap(self) -> None:
+        if self._base is not None:
+            _libc.munmap(self._base, 2 * self.size)
+            self._base = None
+
+    def free(self) -> None:
+        self._unmap()
+        if self._plain is not None:
+            self._plain.free()
+            self._plain = None
+        self._tag.free()
+
+
+_MAP_FIXED = 0x10  # Linux values (mmap does not export them)
+_PROT_NONE = 0
 
 
 def copy(dst: int, src: int, nbytes: int) -> None:

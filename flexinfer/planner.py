@@ -12,9 +12,12 @@ The budget is spent as FlexInfer spends it:
   ROW_ALIGN so the 8x8-interleaved repacked layout stays whole.
 
 Memory, for a per-layer streamed amount S:
-  fixed + resident(S) + window * slot(S) + bounce(S) <= budget, with slot(S) = max_l streamed_l
-plus, for each streamed piece, the block alignment O_DIRECT needs (pieces are read straight into
-their slot, then repacked in place through a small bounce buffer: see weights.py).
+  fixed + resident(S) + ring(S) + bounce(S) <= budget, with slot(S) = max_l streamed_l plus, for
+  each streamed piece, the block alignment O_DIRECT needs, and ring(S) = slot(S) + (window - 1) *
+  ahead(S): one layer while it is computed, and room to read `ahead` bytes of the next meanwhile
+  (a piece at least; what the disk reads in one layer's compute time if more; at most a layer).
+Pieces are read straight into the ring, then repacked in place through a small bounce buffer
+(weights.py, prefetch.py).
 A larger S frees resident bytes faster than it grows the slots (there are more layers than slots),
 so the smallest S that fits is found by bisection, up to the S where that stops being true (a
 layer much larger than the rest, see _solve).
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 ROW_ALIGN = 16  # rows; repacked Q4_0/Q4_K interleave 8 rows, 16 keeps every kernel's tiling whole
 STREAM_CHUNK = 8 << 20  # bytes: a streamed part is read in pieces of at most this (two 4 MiB
@@ -80,6 +84,15 @@ class Machine:
     read_latency: float = 100e-6  # s per read request, on top of the bandwidth
 
 
+class RingSpec(NamedTuple):
+    """What sizes the prefetcher's ring beyond the rows: stage or loan boundaries that may split
+    pieces (each costs PIECE_SLACK), and the machine, for the lookahead wanted: what the disk reads
+    while a layer computes (its repacking included: the converter shares the cores)."""
+
+    cuts: int
+    machine: Machine
+
+
 @dataclass(frozen=True)
 class Stage:
     """While the KV cache holds at most `positions` positions, `kv_unused` bytes of it are not yet
@@ -114,7 +127,8 @@ class Plan:
     fixed_bytes: int  # runtime overhead + KV cache + compute buffers, measured by the caller
     resident_rows: dict[str, int]  # name -> r: rows [0, r) resident, [r, rows) streamed
     window: int  # slots in the prefetch ring (0: nothing streams)
-    slot_bytes: int  # one slot holds the streamed part of any one layer, block-aligned
+    slot_bytes: int  # the streamed pieces of any one layer, block-aligned
+    ring_bytes: int  # what the prefetcher reads into: a layer, and `window - 1` times a lookahead
     bounce_bytes: int  # the converter's buffer for repacking in place
     resident_bytes: int  # weight bytes kept in memory
     streamed_per_layer: tuple[int, ...]  # bytes streamed for block 0..n_layer-1 and the head
@@ -152,8 +166,7 @@ class Plan:
 
 
     def total_bytes(self) -> int:
-        return (self.fixed_bytes + self.resident_bytes + self.window * self.slot_bytes
-                + self.bounce_bytes)
+        return self.fixed_bytes + self.resident_bytes + self.ring_bytes + self.bounce_bytes
 
 
 class BudgetError(ValueError):
@@ -203,13 +216,18 @@ def _streamed(layers, rows) -> dict[int, int]:
 
 
 def simulate(loads: list[tuple[float, float]], computes: list[float], window: int,
-             tokens: int = 5) -> float:
+             tokens: int = 5, early: list[float] | None = None,
+             lag: list[float] | None = None) -> float:
     """Seconds per token in steady state for a layer pipeline: one reader thread (io), one converter
-    (repack, which shares the cores with compute), compute in layer order, `window` slots.
+    (repack, which shares the cores with compute), compute in layer order, `window` layers ahead.
 
-    Only layers with io > 0 take a slot, as in the prefetcher: the j-th streamed layer may be read
-    once the (j - window)-th streamed layer has been computed, so the reader works ahead through
-    resident layers (and across the token boundary) instead of waiting for them.
+    Only layers with io > 0 count, as in the prefetcher: the j-th streamed layer may be read once
+    the (j - window)-th streamed layer has been computed, so the reader works ahead through
+    resident layers (and across the token boundary) instead of waiting for them. With a ring
+    smaller than `window` layers, only the fraction early[j] of layer j fits before the previous
+    streamed layer is released; the rest is read after that layer is computed. The converter
+    works piece by piece behind the reader: lag[j] of layer j's conversion is left when its last
+    read ends (1: all of it, as if it waited for the whole layer).
     The pipeline can settle into a cycle longer than one token, so the first token (the warm-up)
     is dropped and the others are averaged."""
     assert tokens >= 2, "one warm-up token, then at least one measured"
@@ -222,8 +240,12 @@ def simulate(loads: list[tuple[float, float]], computes: list[float], window: in
         ready = 0.0
         if io > 0:
             slot_free = comp_end[streamed[-window]] if window and len(streamed) >= window else 0.0
-            read_end = max(read_end, slot_free) + io
-            conv_end = max(conv_end, read_end) + conv
+            part = early[k % n] if early else 1.0
+            read_end = max(read_end, slot_free) + io * part
+            if part < 1.0:
+                read_end = max(read_end, comp_end[streamed[-1]] if streamed else 0.0)
+                read_end += io * (1.0 - part)
+            conv_end = max(conv_end + conv, read_end + conv * (lag[k % n] if lag else 1.0))
             ready = conv_end
             streamed.append(k)
         start = max(ready, comp_end[-1] if comp_end else 0.0)
@@ -231,8 +253,9 @@ def simulate(loads: list[tuple[float, float]], computes: list[float], window: in
     return (comp_end[-1] - comp_end[n - 1]) / (tokens - 1)
 
 
-def _cost(layers, rows, machine: Machine, window: int, sync: bool) -> tuple[float, float, float]:
-    loads, computes = [], []
+def _cost(layers, rows, machine: Machine, window: int, sync: bool,
+          ring: int = 0) -> tuple[float, float, float]:
+    loads, computes, sizes = [], [], []
     for l in sorted(layers):
         ts = layers[l]
         streamed = [(t.rows - rows[t.name]) * t.row_bytes for t in ts]
@@ -240,11 +263,30 @@ def _cost(layers, rows, machine: Machine, window: int, sync: bool) -> tuple[floa
         conv = sum(s for s, t in zip(streamed, ts) if t.repacked) / machine.repack_bw
         loads.append((io, conv))
         computes.append(sum(t.nbytes for t in ts) / machine.compute_bw)
+        sizes.append(sum(streamed))
     t_io = sum(io for io, _ in loads)
     t_cpu = sum(computes) + sum(c for _, c in loads)
     if sync:
         return t_io, t_cpu, t_io + t_cpu
-    return t_io, t_cpu, simulate(loads, computes, window)
+    lag = [min(1.0, STREAM_CHUNK / s) if s else 1.0 for s in sizes]  # the last piece's share
+    return t_io, t_cpu, simulate(loads, computes, window, early=_early(sizes, window, ring),
+                                 lag=lag)
+
+
+def _early(sizes: list[int], window: int, ring: int) -> list[float] | None:
+    """For each streamed layer, the fraction of it the ring holds while the `window - 1` streamed
+    layers before it are still in use (simulate); None when a ring of `ring` bytes always does."""
+    streamed = [s for s in sizes if s]
+    if not ring or not streamed or window < 2:
+        return None
+    out, prev = [], [s for s in sizes if s][-(window - 1):]  # the last ones, before the first
+    for s in sizes:
+        if s:
+            out.append(min(1.0, max(0.0, ring - sum(prev)) / s))
+            prev = (prev + [s])[-(window - 1):]
+        else:
+            out.append(1.0)
+    return out if min(out) < 1.0 else None
 
 
 def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *,
@@ -263,6 +305,7 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     t_io_bound = max(0, total - budget) / machine.disk_bw  # the paper's bound: model - budget
     locked = mode in ("flexinfer", "sync")
     cuts = len(kv_growth) + bool(prompt_extra) if locked else 0  # boundaries inside a matrix
+    spec = RingSpec(cuts, machine)
 
     def finish(rows, win, policy, fx, notes=(), slot_rows=None):
         """The plan that keeps `rows` resident; slots sized for slot_rows' streaming (a prompt's,
@@ -271,13 +314,14 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
         most = _streamed(layers, slot_rows) if slot_rows else streamed
         slot = _slot(layers, slot_rows or rows, cuts) if any(most.values()) else 0
         win = min(win, sum(1 for s in most.values() if s)) if slot else 0
-        t_io, t_cpu, pred = _cost(layers, rows, machine, max(win, 1), mode == "sync")
+        ring = _ring(layers, slot_rows or rows, spec, win) if slot else 0
+        t_io, t_cpu, pred = _cost(layers, rows, machine, max(win, 1), mode == "sync", ring)
         if mode == "mmap":  # page faults block the computing thread: sync I/O of what misses
             t_io = max(0, total - max(0, budget - fx)) / machine.disk_bw
             pred = t_io + t_cpu
         return Plan(
             mode=mode, budget_bytes=budget, fixed_bytes=fx, resident_rows=rows, window=win,
-            slot_bytes=slot, bounce_bytes=_bounce(tensors) if slot else 0,
+            slot_bytes=slot, ring_bytes=ring, bounce_bytes=_bounce(tensors) if slot else 0,
             resident_bytes=total - sum(streamed.values()),
             streamed_per_layer=tuple(streamed[l] for l in sorted(streamed)), policy=policy,
             t_io=t_io, t_cpu=t_cpu, predicted_s=pred, t_io_bound=t_io_bound,
@@ -295,13 +339,13 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked
         nothing = {t.name: 0 for t in tensors}
-        minimum = fx + win * _slot(layers, nothing, 0) + _bounce(tensors)
+        minimum = fx + _ring(layers, nothing, spec, win) + _bounce(tensors)
         if minimum > budget:
             raise BudgetError(minimum, budget)
         return finish(nothing, win, "none", fx)
     best, minimum = None, None
     for name, order in orders.items():
-        rows, least = _solve(layers, tensors, budget - fx, win, order, balance, cuts)
+        rows, least = _solve(layers, tensors, budget - fx, win, order, balance, spec)
         minimum = fx + least if minimum is None else min(minimum, fx + least)
         if rows is None:
             continue
@@ -313,7 +357,7 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     order = POLICIES[best.policy.split(",")[0]]
     prompt = best.resident_rows
     if prompt_extra:  # decode keeps more: the loan, released while a prompt batch runs
-        rows = _grow(layers, tensors, prompt, budget - fixed, best.window, order, balance, cuts,
+        rows = _grow(layers, tensors, prompt, budget - fixed, best.window, order, balance, spec,
                      prompt)
         best = finish(rows, best.window, best.policy, fixed, slot_rows=prompt)
         best = dataclasses.replace(
@@ -321,14 +365,16 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
             loan_bytes=best.resident_bytes - (total - sum(_streamed(layers, prompt).values())))
     if kv_growth:
         short = max(0, best.prompt_extra_bytes - best.loan_bytes)  # a prompt in an earlier stage
+        # every stage counts the whole ring: the prefetcher goes round all of it, whatever a
+        # stage streams (sized for the most streaming: the last stage's, or a prompt's)
         stages = _stages(layers, tensors, best, budget - short, kv_growth, machine, order, balance,
-                         cuts, prompt if prompt_extra else None)
+                         spec, prompt)
         best = dataclasses.replace(best, stages=stages)
     return best
 
 
 def _grow(layers, tensors, base: dict[str, int], room: int, win: int, order, balance: bool,
-          cuts: int, slot_rows: dict[str, int]) -> dict[str, int]:
+          spec: RingSpec, slot_rows: dict[str, int]) -> dict[str, int]:
     """The most rows, by the priority order and always a superset of `base`, whose resident bytes,
     slots (sized for slot_rows' streaming) and bounce buffer fit in `room` (as _solve searches)."""
     total = sum(t.nbytes for t in tensors)
@@ -338,7 +384,7 @@ def _grow(layers, tensors, base: dict[str, int], room: int, win: int, order, bal
         return {k: max(r, fresh[k]) for k, r in base.items()}
 
     def fits(x):
-        return _used(layers, tensors, win, grown(x), cuts, slot_rows) <= room
+        return _used(layers, tensors, win, grown(x), spec, slot_rows) <= room
 
     if balance:  # the smallest per-layer stream that fits; base's always does
         largest = max(sum(t.nbytes for t in ts) for ts in layers.values())
@@ -348,22 +394,22 @@ def _grow(layers, tensors, base: dict[str, int], room: int, win: int, order, bal
 
 
 def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machine, order,
-            balance: bool, cuts: int, slot_rows) -> tuple[Stage, ...]:
+            balance: bool, spec: RingSpec, slot_rows) -> tuple[Stage, ...]:
     """Walk back from the full context: each earlier stage has `kv_unused` more bytes of room and
-    keeps, on top of the next stage's rows, as many more as fit (_grow). The slots stay sized for
-    slot_rows (the prompt's streaming, the most there is)."""
+    keeps, on top of the next stage's rows, as many more as fit (_grow). The ring stays sized for
+    slot_rows (the most streaming there is)."""
     out: list[Stage] = []
     nxt = last.resident_rows
     total = sum(t.nbytes for t in tensors)
     for positions, unused in sorted(kv_growth, reverse=True):
         room = budget - last.fixed_bytes + unused
-        rows = _grow(layers, tensors, nxt, room, last.window, order, balance, cuts, slot_rows)
+        rows = _grow(layers, tensors, nxt, room, last.window, order, balance, spec, slot_rows)
         if rows == nxt:
             continue  # no room for another row group: the next stage starts right away
         streamed = _streamed(layers, rows)
         win = min(last.window, sum(1 for s in streamed.values() if s)) or 1
-        t_io, t_cpu, pred = _cost(layers, rows, machine, win, last.mode == "sync")
-        used = _used(layers, tensors, last.window, rows, cuts, slot_rows)
+        t_io, t_cpu, pred = _cost(layers, rows, machine, win, last.mode == "sync", last.ring_bytes)
+        used = _used(layers, tensors, last.window, rows, spec, slot_rows)
         out.append(Stage(positions, unused, rows, total - sum(streamed.values()),
                          tuple(streamed[l] for l in sorted(streamed)), t_io, t_cpu, pred,
                          last.fixed_bytes - unused + used))
@@ -397,8 +443,23 @@ def _slot(layers, rows, cuts: int) -> int:
     return max(sum(need(t) for t in ts) for ts in layers.values())
 
 
-def _used(layers, tensors, win: int, rows, cuts: int, slot_rows=None) -> int:
-    """Bytes a plan takes beyond `fixed`: resident rows, the slots (sized for slot_rows' streaming,
+def _ring(layers, rows, spec: RingSpec, win: int) -> int:
+    """The prefetcher's ring for `rows` streaming with up to `win` layers ahead: one slot, and
+    win - 1 times the lookahead: what the disk reads while the longest layer computes and
+    repacks, but a piece at least (a piece is read whole) and a slot at most."""
+    slot = _slot(layers, rows, spec.cuts)
+    if win <= 1:
+        return slot
+    m = spec.machine
+    piece = max(min(t.rows - rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+                for ts in layers.values() for t in ts) + PIECE_SLACK
+    busy = max(sum(t.nbytes / m.compute_bw + (t.rows - rows[t.name]) * t.row_bytes * t.repacked
+                   / m.repack_bw for t in ts) for ts in layers.values())
+    return slot + (win - 1) * min(slot, max(piece, int(m.disk_bw * busy)))
+
+
+def _used(layers, tensors, win: int, rows, spec: RingSpec, slot_rows=None) -> int:
+    """Bytes a plan takes beyond `fixed`: resident rows, the ring (sized for slot_rows' streaming,
     by default the rows' own) and the bounce buffer."""
     streamed = _streamed(layers, rows)
     resident = sum(t.nbytes for t in tensors) - sum(streamed.values())
@@ -406,10 +467,10 @@ def _used(layers, tensors, win: int, rows, cuts: int, slot_rows=None) -> int:
     n_str = sum(1 for s in _streamed(layers, slot_rows).values() if s)
     if not n_str:
         return resident
-    return resident + min(win, n_str) * _slot(layers, slot_rows, cuts) + _bounce(tensors)
+    return resident + _ring(layers, slot_rows, spec, min(win, n_str)) + _bounce(tensors)
 
 
-def _solve(layers, tensors, room: int, win: int, order, balance: bool, cuts: int):
+def _solve(layers, tensors, room: int, win: int, order, balance: bool, spec: RingSpec):
     """(rows, least): the smallest per-layer streamed amount (or, unbalanced, the largest resident
     prefix) that fits in `room`, None when nothing fits; and the least room any choice needs.
 
@@ -420,7 +481,7 @@ def _solve(layers, tensors, room: int, win: int, order, balance: bool, cuts: int
     the head, more than the model. The bottom of that valley lies at a layer size; only the falling
     side below it is bisected."""
     def used(rows):
-        return _used(layers, tensors, win, rows, cuts)
+        return _used(layers, tensors, win, rows, spec)
 
     if not balance:
         least = used(_assign(layers, 0, order, True))

@@ -1,12 +1,17 @@
-"""The only module that starts threads: it fills a ring of slots with layers, ahead of compute.
+"""The only module that starts threads: it fills a ring of bytes with layers, ahead of compute.
 
 Two threads, so reading and converting overlap:
-- the reader reads each job (a streamed tensor part) straight into the layer's slot, in layer order;
+- the reader reads each job (a streamed tensor piece) straight into the ring, in layer order;
 - the converter finishes it there (ggml repacks it in place, weights.py) while the next one is read.
-Layer k of the endless sequence order[0], order[1], ..., order[n-1], order[0], ... (decoding wraps
-from the last layer to the first of the next token) goes to slot k % window, and only once the
-layer that used that slot before has been released by the consumer. So no slot is reused while in
-use, reads keep their order, and the reader stays up to `window` layers ahead.
+Layers come in the endless sequence order[0], order[1], ..., order[n-1], order[0], ... (decoding
+wraps from the last layer to the first of the next token). Each job takes the ring bytes right
+after the previous job's, and only once they are free: every byte of a layer stays in use from its
+read until the consumer releases the layer. So nothing in use is overwritten, reads keep their
+order, and the reader stays at most `window` layers ahead. A ring of one layer's bytes plus one
+piece lets the reader read a piece of the next layer while the consumer computes the current one,
+for far less memory than a second layer-sized slot (weights.py sizes it, planner.py plans it).
+With `wraps` (the ring is mapped twice, back to back) a job may run past the end; without, a job
+that would cross the end starts over at 0.
 
 The consumer calls acquire(layer) before computing a layer and release(layer) right after; either
 out of order is a bug (RuntimeError). Any error in a thread is kept and raised by the next acquire:
@@ -28,26 +33,29 @@ POLL_S = 0.05  # the consumer wakes this often while waiting, so Ctrl-C is seen 
 
 
 class Prefetcher:
-    def __init__(self, order: list[int], window: int, jobs: Callable[[int], list[Any]],
-                 read: Callable[[Any, int], int], upload: Callable[[Any, int, int], None],
-                 threaded: bool = True):
-        assert window > 0, "a layer must never be loaded while its slot is in use"
-        self.threaded, self._slots = threaded, window
+    """jobs(layer) -> [(job, ring bytes it takes)]; read(job, offset) reads a job into the ring at
+    `offset` and returns where its bytes start; upload(job, src) finishes it there."""
+
+    def __init__(self, order: list[int], window: int, ring: int,
+                 jobs: Callable[[int], list[tuple[Any, int]]], read: Callable[[Any, int], int],
+                 upload: Callable[[Any, int], None], threaded: bool = True, wraps: bool = True):
+        assert window > 0, "the reader must be allowed the layer the consumer waits for"
+        self.threaded, self._most, self._ring, self._wraps = threaded, window, ring, wraps
         self._set_order(order)
         self._jobs, self._read, self._upload = jobs, read, upload
         self._cv = threading.Condition()
         self.stall_s = 0.0  # consumer time spent waiting for I/O
         self.io_busy_s = 0.0  # reader time spent reading
         self.layers_loaded = 0  # layer loads completed (a layer counts again on every token)
-        self.convert_busy_s = 0.0  # converter time spent uploading (repacking) into slots
+        self.convert_busy_s = 0.0  # converter time spent repacking in the ring
         self._threads: list[threading.Thread] = []
         self._reset_state()
         self._start()
 
     def _set_order(self, order: list[int]) -> None:
-        """Layers to stream, in compute order; at most one slot per layer (an empty order: nothing
-        streams yet, see restart)."""
-        self.order, self.window = list(order), min(self._slots, len(order))
+        """Layers to stream, in compute order; never more than one pass ahead (an empty order:
+        nothing streams yet, see restart)."""
+        self.order, self.window = list(order), min(self._most, len(order))
 
     def _reset_state(self) -> None:
         self._released = 0  # layers the consumer has released: the next one to acquire
@@ -57,6 +65,8 @@ class Prefetcher:
         self._error: BaseException | None = None
         self._error_in = ""  # the thread it happened in
         self._queue: deque = deque()
+        self._tail = 0  # ring bytes handed out so far: the next job goes at _tail % ring
+        self._starts: dict[int, int] = {}  # sequence number -> where its first job went
 
     def _start(self) -> None:
         if not (self.threaded and self.order):
@@ -84,6 +94,17 @@ class Prefetcher:
             self._cv.wait(POLL_S)
         return not (self._stop or self._error)
 
+    def _place(self, nbytes: int) -> int | None:
+        """Where the next job goes (in bytes handed out, the offset being that % ring), or None
+        while the ring has no room for it yet. Called with the lock held."""
+        if nbytes > self._ring:
+            raise RuntimeError(f"a {nbytes} byte job cannot fit a {self._ring} byte ring")
+        pos = self._tail
+        if not self._wraps and pos % self._ring + nbytes > self._ring:
+            pos += self._ring - pos % self._ring  # it would cross the end: start over at 0
+        head = self._starts.get(self._released, self._tail)  # the oldest byte still in use
+        return pos if pos + nbytes - head <= self._ring else None
+
     def _reader(self) -> None:
         seq = 0
         while True:
@@ -91,16 +112,20 @@ class Prefetcher:
             with self._cv:
                 if not self._wait(lambda: seq < self._released + self.window):
                     return
+                self._starts[seq] = self._tail
             jobs = self._jobs(layer)
             if not jobs:  # nothing to read: still mark it loaded, in order, through the converter
                 with self._cv:
                     self._queue.append((seq, None, None, True))
                     self._cv.notify_all()
-            for i, job in enumerate(jobs):
-                if self._stop:
-                    return
+            for i, (job, nbytes) in enumerate(jobs):
+                with self._cv:
+                    if not self._wait(lambda: self._place(nbytes) is not None):
+                        return
+                    pos = self._place(nbytes)
+                    self._tail = pos + nbytes
                 t0 = time.perf_counter()
-                src = self._read(job, seq % self.window)
+                src = self._read(job, pos % self._ring)
                 self.io_busy_s += time.perf_counter() - t0
                 with self._cv:
                     self._queue.append((seq, job, src, i == len(jobs) - 1))
@@ -115,7 +140,7 @@ class Prefetcher:
                 seq, job, src, last = self._queue.popleft()
             if job is not None:
                 t0 = time.perf_counter()
-                self._upload(job, seq % self.window, src)
+                self._upload(job, src)
                 self.convert_busy_s += time.perf_counter() - t0
             with self._cv:
                 if last:
@@ -155,11 +180,17 @@ class Prefetcher:
 
     def _load_inline(self, layer: int) -> None:
         t0 = time.perf_counter()
-        for job in self._jobs(layer):
+        self._tail = 0  # everything before was released: the whole ring is free
+        self._starts = {self._released: 0}
+        for job, nbytes in self._jobs(layer):
+            pos = self._place(nbytes)
+            if pos is None:
+                raise RuntimeError(f"layer {layer} does not fit the {self._ring} byte ring")
+            self._tail = pos + nbytes
             t1 = time.perf_counter()
-            src = self._read(job, 0)
+            src = self._read(job, pos % self._ring)
             self.io_busy_s += time.perf_counter() - t1
-            self._upload(job, 0, src)
+            self._upload(job, src)
         self.layers_loaded += 1
         self.stall_s += time.perf_counter() - t0
 
@@ -168,6 +199,7 @@ class Prefetcher:
             raise RuntimeError(f"prefetch order broken: layer {layer} released, not acquired")
         self._held = False
         with self._cv:
+            self._starts.pop(self._released, None)  # its bytes are free
             self._released += 1
             self._cv.notify_all()
 

@@ -185,7 +185,7 @@ class WeightStore:
         self._make_converter()
         self._load_resident()
         if self._final_streamed():
-            self._make_slots(threaded=mode != "sync")
+            self._make_ring(threaded=mode != "sync")
 
     def _map_file(self) -> None:
         fd = os.open(self.g.path, os.O_RDONLY)
@@ -280,22 +280,28 @@ class WeightStore:
                 out.setdefault(layer, []).append(p)
         return out
 
-    def _make_slots(self, threaded: bool) -> None:
-        """Slots sized for the last stage, and the converter's bounce buffer; pages are charged
-        only as they are written, so an earlier stage costs what it streams (planner._used)."""
+    def _make_ring(self, threaded: bool) -> None:
+        """The ring the prefetcher reads into, sized by the plan for the last stage (and a
+        prompt's streaming, the most there is), and the converter's bounce buffer. Pages are
+        charged as they are written, so an earlier stage costs what it streams (planner._used)."""
         final = self._final_streamed()
         window = self.plan.window if threaded else 1
-        slot_size = max(self._layout(ps)[1] for ps in final.values())
-        self._slots = [Buffer(slot_size, repack=self.repack) for _ in range(window)]
-        self._buffers += self._slots
+        layer = max(self._span(ps) for ps in final.values())  # the most one layer takes
+        piece = max(span(p.offset, p.nbytes)[1] for ps in final.values() for p in ps)
+        size = self.plan.ring_bytes if threaded else layer
+        if size < layer:  # a plan made without a ring (tests force rows): a layer per window
+            size = window * layer
+        self._ring = ggml_ops.Ring(size, piece, self.repack)
+        self._buffers.append(self._ring)
         groups = [min(convert_rows(p.row_bytes), p.rows) * p.row_bytes
                   for ps in final.values() for p in ps if p.repack]
         if groups:  # the converter's copy of one row group, for repacking in place
             self._bounce = Buffer(max(groups))
             self._buffers.append(self._bounce)
-        self._slot_layout = {l: self._layout(ps)[0] for l, ps in self._streamed.items()}
-        self.prefetcher = Prefetcher(sorted(self._streamed), window, self._jobs, self._read,
-                                     self._upload, threaded=threaded)
+        self._job_lists = {l: self._jobs_of(ps) for l, ps in self._streamed.items()}
+        self.prefetcher = Prefetcher(sorted(self._streamed), window, self._ring.size,
+                                     self._jobs, self._read, self._upload, threaded=threaded,
+                                     wraps=self._ring.wraps)
 
     def prepare(self, positions: int) -> None:
         """Before the KV cache holds `positions` positions: move on to the stage that holds them.
@@ -316,7 +322,7 @@ class WeightStore:
         """The streamed set changed: read in file order, lay the slots out again, start over."""
         for parts in self._streamed.values():
             parts.sort(key=lambda p: p.offset)
-        self._slot_layout = {l: self._layout(ps)[0] for l, ps in self._streamed.items()}
+        self._job_lists = {l: self._jobs_of(ps) for l, ps in self._streamed.items()}
         self.prefetcher.restart(sorted(self._streamed))
 
     def begin_prompt(self) -> None:
@@ -334,7 +340,7 @@ class WeightStore:
         self._restream()
 
     def end_prompt(self) -> None:
-        """Before decoding: read the loan back into its region (through slot 0, free while the
+        """Before decoding: read the loan back into its region (through the ring, free while the
         prefetcher is stopped) and stop streaming it."""
         if not self.lent:
             return
@@ -344,10 +350,9 @@ class WeightStore:
             self._streamed[layer] = [p for p in self._streamed[layer] if id(p) not in loan]
             if not self._streamed[layer]:
                 del self._streamed[layer]
-        staging = self._slots[0]
         for (_, p), addr in zip(self._loan, self._loan_addr):
             p.place(self._resident_buf, addr)
-            self._load_part(p, self._resident_buf, addr, staging.base, staging.size)
+            self._load_part(p, self._resident_buf, addr, self._ring.base, self._ring.size)
             self.resident_bytes += p.nbytes
         if not self.mlock_errno:
             ggml_ops.mlock(*self._loan_region)
@@ -355,29 +360,27 @@ class WeightStore:
         self._restream()
 
     @staticmethod
-    def _layout(parts: list[Part]) -> tuple[list[tuple[Part, int]], int]:
-        """Where each part's block span starts in a slot, and the bytes they take together."""
-        out, off = [], 0
-        for p in parts:
-            out.append((p, off))
-            off += span(p.offset, p.nbytes)[1]
-        return out, off
+    def _jobs_of(parts: list[Part]) -> list[tuple[Part, int]]:
+        """A layer's jobs: each part with the ring bytes its block span takes (whole blocks, so
+        every job starts block-aligned, as O_DIRECT needs)."""
+        return [(p, span(p.offset, p.nbytes)[1]) for p in parts]
+
+    @staticmethod
+    def _span(parts: list[Part]) -> int:
+        return sum(span(p.offset, p.nbytes)[1] for p in parts)
 
     def _jobs(self, layer: int):
-        return self._slot_layout[layer]
+        return self._job_lists[layer]
 
-    def _read(self, job, slot: int) -> int:
-        part, off = job
-        return self.reader.read_span(self._slots[slot].base + off, part.offset, part.nbytes)
+    def _read(self, part: Part, offset: int) -> int:
+        return self.reader.read_span(self._ring.base + offset, part.offset, part.nbytes)
 
-    def _upload(self, job, slot: int, src: int) -> None:
-        """The part's bytes are at src, inside its slot: point its header there, and repack them
-        in place where the kernels want them repacked."""
-        part, _ = job
-        buf = self._slots[slot]
-        part.place(buf, src)
+    def _upload(self, part: Part, src: int) -> None:
+        """The part's bytes are at src, in the ring: point its header there, and repack them in
+        place where the kernels want them repacked."""
+        part.place(self._ring, src)
         if part.repack:
-            ggml_ops.repack_in_place(part.header, buf, self._convert, self._bounce.base,
+            ggml_ops.repack_in_place(part.header, self._ring, self._convert, self._bounce.base,
                                      convert_rows(part.row_bytes))
 
     # ---- use

@@ -232,25 +232,38 @@ def test_a_growing_cache_releases_rows_bit_exactly(model, mode, keep, request, m
 @pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_llama_tied_path", "tiny_mixed_path"])
 @pytest.mark.parametrize("staged", [False, True])
 def test_the_store_allocates_no_more_than_the_planner_counts(model, staged, request, monkeypatch):
-    """Every slot (each piece read into it with its O_DIRECT block alignment, stage boundaries
-    splitting pieces) and the bounce buffer are no larger than the planner's own count for those
-    rows. (The tiny models are too small for a real budget to stream: the rows are forced.)"""
+    """The largest layer's pieces, each with its O_DIRECT block alignment and stage boundaries
+    splitting pieces, fit the planner's slot; the ring is the planner's (one slot and a lookahead)
+    and the bounce buffer no larger than its count; and streaming through them is bit-exact.
+    (The tiny models are too small for a real budget to stream: the rows are forced.)"""
     from flexinfer import ggml_ops, planner
     from flexinfer.weights import matrices
     path = request.getfixturevalue(model)
+    resident, _ = _logits(path)
     if staged:
         _staged_budget(monkeypatch, keep=(0.8, 0.3), positions=16)
     else:
         _squeeze_budget(monkeypatch, 0.35)
+    forced = fm.plan
+
+    def with_ring(mats, budget, fixed, mach, **kw):
+        p = forced(mats, budget, fixed, mach, **kw)
+        spec = planner.RingSpec(len(p.stages), mach)
+        return dataclasses.replace(p, ring_bytes=planner._ring(planner._layers(mats),
+                                                               p.resident_rows, spec, p.window))
+    monkeypatch.setattr(fm, "plan", with_ring)
     with fm.load(path, n_ctx=64, n_threads=2) as m:
         mats = matrices(m.g, m.cfg, m.specs, lambda i: ggml_ops.repacks(i.type, i.shape))
         slot = planner._slot(planner._layers(mats), m.plan.resident_rows, len(m.plan.stages))
         s = m._store
-        assert s.prefetcher and len(s._slots) == 2  # (the forced plan keeps the base plan's sizes)
-        assert all(b.size <= slot for b in s._slots)
+        layer = max(s._span(ps) for ps in s._final_streamed().values())
+        assert s.prefetcher and layer <= slot < m.plan.ring_bytes
+        assert s._ring.size == -(-m.plan.ring_bytes // ggml_ops.PAGE) * ggml_ops.PAGE
         repacked = any(t.repacked and m.plan.resident_rows[t.name] < t.rows for t in mats)
         assert hasattr(s, "_bounce") == repacked
         assert not repacked or s._bounce.size <= planner._bounce(mats)
+        streamed = m.logits([t % m.cfg.n_vocab for t in PROMPT])
+    assert np.array_equal(streamed, resident)
 
 
 @pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_mixed_path", "tiny_llama_tied_path"])

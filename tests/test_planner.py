@@ -119,7 +119,7 @@ def test_minimum_working_set_is_well_below_a_model_with_a_large_tied_head():
 def test_whole_model_that_fits_stays_resident(shape, extra):
     tensors, fixed = SHAPES[shape]
     p = plan(tensors, fixed + total(tensors) + extra, fixed, MACHINE)
-    assert (p.window, p.streamed_bytes, p.slot_bytes, p.bounce_bytes) == (0, 0, 0, 0)
+    assert (p.window, p.streamed_bytes, p.slot_bytes, p.ring_bytes, p.bounce_bytes) == (0,) * 5
     assert p.resident_bytes == total(tensors)
     assert all(p.resident_rows[t.name] == t.rows for t in tensors)
     assert p.predicted_s == pytest.approx(total(tensors) / MACHINE.compute_bw)
@@ -137,7 +137,7 @@ def test_every_streamed_layer_fits_its_slot(shape, frac, balance, window):
     except BudgetError:
         return
     if not p.streamed_bytes:
-        assert (p.slot_bytes, p.bounce_bytes, p.window) == (0, 0, 0)
+        assert (p.slot_bytes, p.ring_bytes, p.bounce_bytes, p.window) == (0, 0, 0, 0)
         return
     pieces = max(sum(-(-(t.rows - p.resident_rows[t.name]) * t.row_bytes // STREAM_CHUNK) + 1
                      for t in tensors if t.layer == layer) for layer in {t.layer for t in tensors})
@@ -148,8 +148,14 @@ def test_every_streamed_layer_fits_its_slot(shape, frac, balance, window):
     assert p.resident_bytes + p.streamed_bytes == total(tensors)
     n_streamed = sum(1 for s in p.streamed_per_layer if s)
     assert (p.window >= 1) == (n_streamed > 0) and p.window <= n_streamed
-    assert p.total_bytes() == (fixed + p.resident_bytes + p.window * p.slot_bytes
-                               + p.bounce_bytes)
+    assert p.total_bytes() == fixed + p.resident_bytes + p.ring_bytes + p.bounce_bytes
+    # the ring: one layer, and room to read ahead, a piece at least, a layer at most
+    piece = max(min(t.rows - p.resident_rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+                for t in tensors)
+    if p.window == 1:
+        assert p.ring_bytes == p.slot_bytes
+    else:
+        assert p.slot_bytes + piece < p.ring_bytes <= p.window * p.slot_bytes
 
 
 @FAST
@@ -407,16 +413,29 @@ def _growth(fixed: int) -> tuple[tuple[int, int], ...]:
 
 
 def _used_at(p, tensors, stage, cuts) -> int:
-    """Independent of the planner: resident rows, slots (each piece with its alignment slack, and
-    `cuts` stage boundaries that may split pieces) and the bounce buffer."""
+    """Independent of the planner: the stage's resident rows, the ring (sized for the plan's own
+    streaming, the most there is: the prefetcher goes round all of it in every stage; a slot of
+    the largest layer's pieces,
+    each with its alignment slack and `cuts` stage boundaries that may split pieces; plus, with a
+    window of 2 or more, a lookahead: the largest piece at least, what the disk reads in a layer's
+    compute if more, a slot at most) and the bounce buffer."""
     layers: dict[int, int] = {}
+    busy: dict[int, float] = {}  # seconds a layer computes and repacks
+    piece = 0
     for t in tensors:
-        n = t.rows - stage.resident_rows[t.name]
+        n = t.rows - p.resident_rows[t.name]
         pieces = -(-n // chunk_rows(t.row_bytes)) + cuts if n else 0
         layers[t.layer] = layers.get(t.layer, 0) + n * t.row_bytes + pieces * PIECE_SLACK
+        busy[t.layer] = (busy.get(t.layer, 0.0) + t.nbytes / MACHINE.compute_bw
+                         + (n * t.row_bytes / MACHINE.repack_bw if t.repacked else 0.0))
+        piece = max(piece, min(n, chunk_rows(t.row_bytes)) * t.row_bytes + PIECE_SLACK)
     n = sum(1 for s in layers.values() if s)
-    slots = min(p.window, n) * max(layers.values())
-    return stage.resident_bytes + slots + (p.bounce_bytes if n else 0)
+    if not n:
+        return stage.resident_bytes
+    slot, win = max(layers.values()), min(p.window, n)
+    ahead = int(MACHINE.disk_bw * max(busy.values()))
+    ring = slot + (win - 1) * min(slot, max(piece, ahead))
+    return stage.resident_bytes + ring + p.bounce_bytes
 
 
 @FAST
@@ -472,7 +491,7 @@ def test_no_stages_when_everything_is_resident():
 def _prompt_total(p, tensors, rows) -> int:
     """Independent of the planner: memory while a prompt batch runs with `rows` resident."""
     resident = sum(rows[t.name] * t.row_bytes for t in tensors)
-    return p.fixed_bytes + p.prompt_extra_bytes + resident + p.window * p.slot_bytes + p.bounce_bytes
+    return p.fixed_bytes + p.prompt_extra_bytes + resident + p.ring_bytes + p.bounce_bytes
 
 
 @FAST
