@@ -48,6 +48,7 @@ class Prefetcher:
         self.io_busy_s = 0.0  # reader time spent reading
         self.layers_loaded = 0  # layer loads completed (a layer counts again on every token)
         self.convert_busy_s = 0.0  # converter time spent repacking in the ring
+        self.started_over = 0  # jobs placed at 0 because they would have crossed the ring's end
         self._threads: list[threading.Thread] = []
         self._reset_state()
         self._start()
@@ -123,6 +124,7 @@ class Prefetcher:
                     if not self._wait(lambda: self._place(nbytes) is not None):
                         return
                     pos = self._place(nbytes)
+                    self.started_over += pos != self._tail
                     self._tail = pos + nbytes
                 t0 = time.perf_counter()
                 src = self._read(job, pos % self._ring)

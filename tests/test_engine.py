@@ -371,3 +371,24 @@ def test_the_loan_and_a_stage_boundary_together_are_bit_exact(tiny_mixed_path, m
     streamed, reads, held, info = _chat(tiny_mixed_path)
     assert info["prompts"] == 2 and held[-1] < held[0]  # the stage's rows were given up
     assert np.array_equal(streamed, resident)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_mixed_path"])
+def test_a_ring_without_the_double_mapping_streams_bit_exactly(model, request, monkeypatch):
+    """Where memfd is refused the ring is one plain mapping with a piece to spare, and pieces that
+    would cross its end start over at 0: the same logits."""
+    import os
+    path = request.getfixturevalue(model)
+    resident, _ = _logits(path)
+
+    def refused(*a, **k):
+        raise OSError(38, "memfd_create refused")
+    monkeypatch.setattr(os, "memfd_create", refused)
+    _squeeze_budget(monkeypatch, 0.35)
+    with fm.load(path, n_ctx=64, n_threads=2) as m:
+        assert not m._store._ring.wraps
+        streamed = m.logits([t % m.cfg.n_vocab for t in PROMPT])
+        for _ in range(3):  # a few passes, so that pieces go round the ring
+            streamed = np.concatenate([streamed, m.logits([t % m.cfg.n_vocab for t in PROMPT])])
+        assert m._store.prefetcher.started_over > 0
+    assert np.array_equal(streamed, np.concatenate([resident] * 4))
