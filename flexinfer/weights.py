@@ -3,13 +3,14 @@
 Each matrix of the plan becomes one or two tensor headers: rows [0, r) resident, rows [r, N) streamed
 (see planner.py). Resident parts live in one engine-allocated buffer, of the CPU_REPACK type when
 repacking is on, loaded once with O_DIRECT and mlocked where the OS allows. Streamed parts are read
-into a ring of slots by the prefetcher and re-pointed at their slot before their layer is computed.
-In `mmap` mode the headers point into a read-only mapping of the file and the OS pages.
+into a ring of bytes by the prefetcher (prefetch.py) and re-pointed there before their layer is
+computed. In `mmap` mode the headers point into a read-only mapping of the file and the OS pages.
 
-A streamed piece is read with O_DIRECT straight into its slot, in the whole 4096-byte blocks that
+A streamed piece is read with O_DIRECT straight into the ring, in the whole 4096-byte blocks that
 cover it, so it lands at its file offset's place inside its first block (up to 8 KB of slack per
 piece, planner.PIECE_SLACK). Repacked types are then converted where they lie, a few hundred rows at
-a time through a small bounce buffer: no staging buffer the size of a piece (two of 8 MB before).
+a time through a small bounce buffer: no staging buffer the size of a piece. Loading reads resident
+parts the same way, about 8 MiB at a time through one staging buffer.
 
 get(layer)/release(layer) bracket the use of a layer's weights; the head (output_norm, output) is
 layer n_layer. token_embd is never loaded whole: embed_rows reads the rows of the tokens in use.
@@ -20,6 +21,10 @@ them in one page-aligned region per stage. prepare(positions) moves to the stage
 positions: it frees the regions of the stages left behind (their pages go back to the OS at once,
 before the KV cache grows into them) and from then on streams those parts like the others. Every
 matrix keeps the same row blocks all along, so the engine's graphs stay valid.
+
+The loan (planner.py): rows resident while decoding but not while a prompt batch runs are parts of
+their own too, in a page-aligned region; begin_prompt releases it and streams them, end_prompt reads
+them back into it.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ class Part:
     def nbytes(self) -> int:
         return self.rows * self.row_bytes
 
-    def place(self, buf: Buffer, addr: int) -> None:
+    def place(self, buf: Buffer | ggml_ops.Ring, addr: int) -> None:
         if self.repack:
             ggml_ops.place(self.header, buf, addr)
         else:  # plain memory, even inside a repack buffer: same kernels as the resident run
@@ -281,9 +286,10 @@ class WeightStore:
         return out
 
     def _make_ring(self, threaded: bool) -> None:
-        """The ring the prefetcher reads into, sized by the plan for the last stage (and a
-        prompt's streaming, the most there is), and the converter's bounce buffer. Pages are
-        charged as they are written, so an earlier stage costs what it streams (planner._used)."""
+        """The ring the prefetcher reads into, as the plan sized it for the most streaming there is
+        (the last stage's, with the loan while a prompt runs), and the converter's bounce buffer.
+        The reader goes round all of the ring whatever a stage streams: the plan counts all of it
+        in every stage."""
         final = self._final_streamed()
         window = self.plan.window if threaded else 1
         layer = max(self._span(ps) for ps in final.values())  # the most one layer takes
@@ -319,7 +325,7 @@ class WeightStore:
         self._restream()
 
     def _restream(self) -> None:
-        """The streamed set changed: read in file order, lay the slots out again, start over."""
+        """The streamed set changed: read in file order, list each layer's jobs again, restart."""
         for parts in self._streamed.values():
             parts.sort(key=lambda p: p.offset)
         self._job_lists = {l: self._jobs_of(ps) for l, ps in self._streamed.items()}
