@@ -335,23 +335,28 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
         return finish(all_rows, 0, "mmap", fx, (note,))
     if mode != "prefetch" and fx + total <= budget:
         return finish(all_rows, 0, "all-resident", fx)
-    win = min(window or (1 if mode == "sync" else 2), len(layers))  # more slots than layers: unused
+    # layers read ahead: the caller's, else the faster of 2 and 3 (one more lookahead in the ring
+    # against the rows it displaces); more than there are layers would be unused
+    wins = [window] if window else [1] if mode == "sync" else [2, 3]
+    wins = sorted({min(w, len(layers)) for w in wins})
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked
         nothing = {t.name: 0 for t in tensors}
-        minimum = fx + _ring(layers, nothing, spec, win) + _bounce(tensors)
+        minimum = fx + _ring(layers, nothing, spec, wins[0]) + _bounce(tensors)
         if minimum > budget:
             raise BudgetError(minimum, budget)
-        return finish(nothing, win, "none", fx)
+        return finish(nothing, wins[0], "none", fx)
     best, minimum = None, None
-    for name, order in orders.items():
-        rows, least = _solve(layers, tensors, budget - fx, win, order, balance, spec)
-        minimum = fx + least if minimum is None else min(minimum, fx + least)
-        if rows is None:
-            continue
-        cand = finish(rows, win, name if balance else f"{name}, whole layers", fx)
-        if cand.total_bytes() <= budget and (best is None or cand.predicted_s < best.predicted_s):
-            best = cand
+    for win in wins:
+        for name, order in orders.items():
+            rows, least = _solve(layers, tensors, budget - fx, win, order, balance, spec)
+            minimum = fx + least if minimum is None else min(minimum, fx + least)
+            if rows is None:
+                continue
+            cand = finish(rows, win, name if balance else f"{name}, whole layers", fx)
+            if cand.total_bytes() <= budget and (best is None
+                                                 or cand.predicted_s < best.predicted_s):
+                best = cand
     if best is None:  # keeping everything resident always works, whatever the window
         raise BudgetError(min(minimum, fx + total), budget)
     order = POLICIES[best.policy.split(",")[0]]

@@ -546,3 +546,20 @@ def test_no_loan_where_nothing_is_locked(mode):
     tensors, fixed, budget = budget_at("llama7b", 0.8)
     p = plan(tensors, budget, fixed, MACHINE, mode=mode, prompt_extra=25 << 20)
     assert p.prompt_rows == {} and p.fixed_bytes == fixed + (25 << 20)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("frac", [0.4, 0.8])
+def test_the_default_window_is_the_faster_of_two_and_three(shape, frac):
+    tensors, fixed, budget = budget_at(shape, frac)
+    chosen = plan(tensors, budget, fixed, MACHINE)
+    fits = []
+    for w in (2, 3):
+        try:
+            fits.append(plan(tensors, budget, fixed, MACHINE, window=w))
+        except BudgetError:  # three layers' lookahead may not fit where two do
+            assert w == 3
+    assert chosen.predicted_s == min(p.predicted_s for p in fits)
+    assert chosen.window in {p.window for p in fits}
+    if len(fits) == 2 and fits[1].window == 3:
+        assert fits[1].ring_bytes > fits[0].ring_bytes  # one more lookahead
