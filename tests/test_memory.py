@@ -82,3 +82,40 @@ def test_a_growing_cache_stays_under_the_limit(smollm2_path):
     assert out["resident_bytes"] < started_with
     assert run.peak_bytes is not None and run.peak_bytes <= budget["budget_bytes"]
     assert out["tokens"] == resident["tokens"] and len(out["tokens"]) == 90
+
+
+_TWO_TURNS = """
+import json, sys
+import flexinfer
+budget = int(sys.argv[2]) if len(sys.argv) > 2 else None
+with flexinfer.load(sys.argv[1], n_ctx=256, n_threads=2, memory_budget=budget) as m:
+    ids, out = [], []
+    for turn in ("The capital of France is", " and the capital of Italy is"):
+        new = m.tokenize(turn, add_bos=not ids)
+        logits = m._forward(new, len(ids))  # a prompt batch, after the history so far
+        ids += new
+        for _ in range(12):
+            tok = int(logits[-1].argmax())
+            ids.append(tok)
+            out.append(tok)
+            logits = m._forward([tok], len(ids) - 1)
+    print(json.dumps({"tokens": out, "prompts": m._store.prompts, "loan": m.plan.loan_bytes}))
+"""
+
+
+def test_two_prompt_turns_lend_and_read_back_under_the_limit(smollm2_path):
+    """A second prompt after decoding releases the loan again and reads it back again: still no
+    OOM kill, the peak at or under the budget, and the resident run's tokens."""
+    argv = [sys.executable, "-c", _TWO_TURNS, str(smollm2_path)]
+    r = run_limited(argv, None, timeout=300)
+    assert r.returncode == 0, r.stderr[-500:]
+    resident = json.loads(r.stdout)
+    full = _plan(smollm2_path, 1 << 40)
+    budget = _plan(smollm2_path, full["fixed_bytes"] + int(0.6 * full["resident_bytes"]))
+    assert budget["loan_bytes"] > 0
+    r = run_limited(argv + [str(budget["budget_bytes"])], budget["budget_bytes"], timeout=300)
+    assert r.returncode == 0 and not r.oom_killed, (r.returncode, r.oom_killed, r.stderr[-500:])
+    out = json.loads(r.stdout)
+    assert out["prompts"] == 2 and out["loan"] > 0
+    assert r.peak_bytes is not None and r.peak_bytes <= budget["budget_bytes"]
+    assert out["tokens"] == resident["tokens"]
