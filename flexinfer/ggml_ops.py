@@ -182,6 +182,8 @@ _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_long)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10  # Linux values (mmap does not export them)
+_PROT_NONE = 0
 
 
 class Ring:
@@ -240,9 +242,6 @@ class Ring:
             self._plain = None
         self._tag.free()
 
-
-_MAP_FIXED = 0x10  # Linux values (mmap does not export them)
-_PROT_NONE = 0
 
 
 def copy(dst: int, src: int, nbytes: int) -> None:

@@ -244,7 +244,7 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
             raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working "
                                  f"set for {os.path.basename(g.path)} at context {n_ctx}: "
                                  f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
-    if o.n_ubatch is None and p.streamed_bytes and not p.prompt_rows and p.mode == "prefetch":
+    if o.n_ubatch is None and p.streamed_bytes and p.mode == "prefetch":  # no loan there
         need = p.t_io / (p.t_cpu_bound / PREFILL_SPEEDUP)  # tokens whose compute hides the reads
         small = MIN_UBATCH
         while small < need and small < ubatch:

@@ -279,7 +279,7 @@ def _early(sizes: list[int], window: int, ring: int) -> list[float] | None:
     streamed = [s for s in sizes if s]
     if not ring or not streamed or window < 2:
         return None
-    out, prev = [], [s for s in sizes if s][-(window - 1):]  # the last ones, before the first
+    out, prev = [], streamed[-(window - 1):]  # the last ones, before the first
     for s in sizes:
         if s:
             out.append(min(1.0, max(0.0, ring - sum(prev)) / s))
@@ -482,9 +482,9 @@ def _solve(layers, tensors, room: int, win: int, order, balance: bool, spec: Rin
     Balanced, the room used as a function of the streamed amount S falls while every layer larger
     than S gives up S and only `win` slots grow with it; once S passes the size of
     all but a few layers, it rises again. A tied head (token_embd as output) is often 8x a block
-    (SmolLM2: 17.7 MB vs 2.2 MB), so streaming it whole would need 2 slots of
-    the head, more than the model. The bottom of that valley lies at a layer size; only the falling
-    side below it is bisected."""
+    (SmolLM2: 17.7 MB vs 2.2 MB), so streaming it whole would need a ring the size of the head
+    and more. The bottom of that valley lies at a layer size; only the falling side below it is
+    bisected."""
     def used(rows):
         return _used(layers, tensors, win, rows, spec)
 

@@ -273,7 +273,7 @@ class WeightStore:
             src = self.reader.read_span(stage, p.offset + r0 * p.row_bytes, n * p.row_bytes)
             if p.repack:
                 ggml_ops.repack_rows(p.header, buf, self._convert, addr + r0 * p.row_bytes, src, n,
-                                     convert_rows(p.row_bytes))
+                                     step)
             else:
                 ggml_ops.copy(addr + r0 * p.row_bytes, src, n * p.row_bytes)
 
@@ -371,9 +371,9 @@ class WeightStore:
         every job starts block-aligned, as O_DIRECT needs)."""
         return [(p, span(p.offset, p.nbytes)[1]) for p in parts]
 
-    @staticmethod
-    def _span(parts: list[Part]) -> int:
-        return sum(span(p.offset, p.nbytes)[1] for p in parts)
+    @classmethod
+    def _span(cls, parts: list[Part]) -> int:
+        return sum(nbytes for _, nbytes in cls._jobs_of(parts))
 
     def _jobs(self, layer: int):
         return self._job_lists[layer]
