@@ -22,6 +22,7 @@ from flexinfer.config import ModelConfig
 from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_I64, Allocator,
                                 Backend, Buffer, Ops, Tensor, TensorTable)
 from flexinfer.gguf_file import row_bytes
+from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import KVCache
 from flexinfer.models.llama import Batch
 
@@ -60,15 +61,15 @@ class Inputs:
     """Engine-owned input memory, sized once for the largest batch: numpy views write it."""
 
     @staticmethod
-    def sizes(cfg: ModelConfig, n_ctx: int, n_ubatch: int, embd_row_bytes: int) -> dict:
+    def sizes(cfg: ModelConfig, n_cells: int, n_ubatch: int, embd_row_bytes: int) -> dict:
         pad = _pad(n_ubatch, KQ_MASK_PAD)
         return {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
-                "mask": 2 * n_ctx * pad}
+                "out": 4 * n_ubatch, "mask": 2 * n_cells * pad}
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int, embd_row_bytes: int):
-        self.n_ubatch, self.n_ctx = n_ubatch, n_ctx
-        sizes = self.sizes(cfg, n_ctx, n_ubatch, embd_row_bytes)
+    def __init__(self, cfg: ModelConfig, n_cells: int, n_ubatch: int, embd_row_bytes: int):
+        self.n_ubatch, self.n_cells = n_ubatch, n_cells
+        sizes = self.sizes(cfg, n_cells, n_ubatch, embd_row_bytes)
         self.addr, off = {}, 0
         self._buf = Buffer(sum(_pad(s, 64) for s in sizes.values()))
         for k, s in sizes.items():
@@ -78,6 +79,7 @@ class Inputs:
         mv = ggml_ops.memview
         self.pos = np.frombuffer(mv(self.addr["pos"], sizes["pos"]), dtype=np.int32)
         self.rows = np.frombuffer(mv(self.addr["rows"], sizes["rows"]), dtype=np.int64)
+        self.out = np.frombuffer(mv(self.addr["out"], sizes["out"]), dtype=np.int32)
         self._idx = np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)
         self._idx[:] = np.arange(n_ubatch)
         self._mask = mv(self.addr["mask"], sizes["mask"])
@@ -89,61 +91,79 @@ class Inputs:
         self._idx[:] = np.arange(self.n_ubatch)
 
     @staticmethod
-    def decode_bytes(cfg: ModelConfig, n_ctx: int, embd_row_bytes: int) -> int:
-        """What a decode step writes of the inputs, at most: one token's rows, a page more for
-        each of the six inputs (they start inside pages), and the first page, which holds idx."""
-        one = Inputs.sizes(cfg, n_ctx, 1, embd_row_bytes)
+    def decode_bytes(cfg: ModelConfig, n_cells: int, n_decode: int, embd_row_bytes: int) -> int:
+        """What a decode step of n_decode tokens writes of the inputs, at most: their rows, a page
+        more for each of the seven inputs (they start inside pages), and the first page, which
+        holds idx."""
+        one = Inputs.sizes(cfg, n_cells, n_decode, embd_row_bytes)
         return sum(_pad(s, ggml_ops.PAGE) + ggml_ops.PAGE for s in one.values()) + ggml_ops.PAGE
 
-    def set_batch(self, pos: int, T: int, n_kv: int) -> None:
-        self.pos[:T] = np.arange(pos, pos + T)
-        self.rows[:T] = self.pos[:T]
+    def set_batch(self, b: TokenBatch, cells: np.ndarray, n_ctx: int, n_kv: int) -> int:
+        """Write positions, cache cells, the rows whose logits are wanted, and the mask: token t
+        sees cell c when c is in its sequence's slot at a position <= its own. Returns n_out."""
+        T = len(b)
+        pos = np.asarray(b.pos, dtype=np.int32)
+        self.pos[:T] = pos
+        self.rows[:T] = cells
+        out = np.flatnonzero(b.logits)
+        self.out[:len(out)] = out
         t_pad = _pad(T, KQ_MASK_PAD)
         mask = np.frombuffer(self._mask, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
-        visible = np.arange(n_kv)[None, :] <= (pos + np.arange(t_pad))[:, None]
-        visible[T:] = False
-        mask[:] = np.where(visible, np.float16(0), np.float16(-np.inf))
+        c = np.arange(n_kv)
+        seqs = np.asarray(b.seqs)
+        visible = (c[None, :] // n_ctx == seqs[:, None]) & (c[None, :] % n_ctx <= pos[:, None])
+        mask[:T] = np.where(visible, np.float16(0), np.float16(-np.inf))
+        mask[T:] = np.float16(-np.inf)
+        return len(out)
 
     def close(self) -> None:
-        del self.pos, self.rows, self._mask, self._idx
+        del self.pos, self.rows, self.out, self._mask, self._idx
         self._buf.free()
 
 
 class Engine:
+    """step(batch) -> logits: one weight pass for every token of the batch, whatever sequences
+    they belong to. Steps of at most n_decode tokens (one per running sequence) use the decode
+    compute buffer, kept all along; larger ones (prompts) a prompt buffer made for them, whose
+    memory resident weight rows lend (the loan, weights.py)."""
+
     def __init__(self, cfg: ModelConfig, arch, store, kv: KVCache, backend: Backend | None,
                  n_ubatch: int, warm: bool = True):
         self.cfg, self.arch, self.store, self.kv, self.backend = cfg, arch, store, kv, backend
-        self.n_ubatch = min(n_ubatch, kv.n_ctx)
-        self.inputs = Inputs(cfg, kv.n_ctx, self.n_ubatch, store.embd_row_bytes)
+        self.n_decode = max(1, kv.n_seq)  # a decode step: one token per sequence
+        self.n_ubatch = max(min(n_ubatch, kv.n_cells), self.n_decode)
+        self.inputs = Inputs(cfg, kv.n_cells, self.n_ubatch, store.embd_row_bytes)
         self._sets: OrderedDict[tuple[int, int, int], GraphSet] = OrderedDict()
+        self._max_sets = MAX_GRAPH_SETS + self.n_decode - 1  # a decode set for each width
         self.alloc, self._prompt_alloc = Allocator(), None
         self._reserve()
         if warm:
-            self._graphs(1, min(kv.n_ctx, KV_BUCKET), 1)  # the decode graphs, built before timing
+            self._graphs(1, min(kv.n_cells, KV_BUCKET), 1)  # the decode graphs, built before timing
 
     def _reserve(self) -> None:
         """Two compute buffers, each sized once for its largest graphs so that cached graphs never
-        move: a decode step's, kept, and a prompt batch's, made when a batch comes and freed before
-        decoding goes on (end_prompt). The 7B's are 0.5 MB and 25 MB (128 tokens): decoding does
-        not hold the larger one, and the planner lends it resident weight rows (planner.py).
-        compute_bytes is what stays (the decode buffer, the CPU backend's work buffer, which grows
-        to the largest batch's and stays, and what decoding writes of the inputs); prompt_bytes is
-        what a prompt batch adds (its buffer, and the rest of the inputs)."""
-        n_ctx, work = self.kv.n_ctx, 0
+        move: a decode step's (n_decode tokens), kept, and a prompt batch's, made when a batch
+        comes and freed before decoding goes on (end_prompt). The 7B's are 0.5 MB and 25 MB
+        (128 tokens): decoding does not hold the larger one, and the planner lends it resident
+        weight rows (planner.py). compute_bytes is what stays (the decode buffer, the CPU
+        backend's work buffer, which grows to the largest batch's and stays, and what decoding
+        writes of the inputs); prompt_bytes is what a prompt batch adds (its buffer, and the rest
+        of the inputs)."""
+        n_cells, work = self.kv.n_cells, 0
         threads = self.backend.n_threads if self.backend else 1
         self.prompt_bytes = 0
-        for T in sorted({1, self.n_ubatch}):
-            worst = self._build(T, n_ctx, min(T, MAX_LOGIT_ROWS), alloc=False)
-            alloc = self.alloc if T == 1 else Allocator()
+        for T in sorted({self.n_decode, self.n_ubatch}):
+            worst = self._build(T, n_cells, min(T, MAX_LOGIT_ROWS), alloc=False)
+            alloc = self.alloc if T <= self.n_decode else Allocator()
             for ops in (worst.layers[0], worst.head):
                 alloc.reserve(ops)
                 work = max(work, ops.work_size(threads))
-            if T > 1:
+            if T > self.n_decode:
                 self.prompt_bytes = alloc.size()
                 alloc.free()  # reserved only to be measured: nothing was written to it
             worst.free()
         decode_inputs = min(self.inputs.nbytes, Inputs.decode_bytes(
-            self.cfg, n_ctx, self.store.embd_row_bytes))
+            self.cfg, n_cells, self.n_decode, self.store.embd_row_bytes))
         self.compute_bytes = self.alloc.size() + work + decode_inputs
         if self.prompt_bytes:
             self.prompt_bytes += self.inputs.nbytes - decode_inputs
@@ -168,7 +188,7 @@ class Engine:
         embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out)
         if alloc:
             for ops in (embed, *layers, head):
-                (self.alloc if T == 1 else self._prompt_alloc).alloc(ops)
+                (self.alloc if T <= self.n_decode else self._prompt_alloc).alloc(ops)
         return GraphSet(embed, layers, head, logits, n_out)
 
     def _embed_graph(self, T: int) -> Ops:
@@ -180,10 +200,12 @@ class Engine:
         return ops
 
     def _head_graph(self, T: int, n_out: int) -> tuple[Ops, Tensor]:
-        ops, e = Ops(_node_budget(self.store.layers[self.cfg.n_layer], 32)), self.cfg.n_embd
-        x = ops.input(TYPE_F32, (e, T), self.inputs.addr["x"])
-        if n_out < T:  # only the last n_out positions
-            x = ops.view_2d(x, e, n_out, 4 * e, 4 * e * (T - n_out))
+        """The head over the n_out rows of x the batch wants logits for (inputs["out"])."""
+        ops, e, a = Ops(_node_budget(self.store.layers[self.cfg.n_layer], 32)), self.cfg.n_embd, \
+            self.inputs.addr
+        x = ops.input(TYPE_F32, (e, T), a["x"])
+        if n_out < T:
+            x = ops.get_rows(x, ops.input(TYPE_I32, (n_out,), a["out"]))
         w = self.store.layers[self.cfg.n_layer]
         logits = self.arch.build_head(ops, self.cfg, w["output_norm.weight"], w["output.weight"], x)
         return ops, ops.output(logits)
@@ -194,12 +216,12 @@ class Engine:
         if gs is not None:
             self._sets.move_to_end(key)
             return gs
-        while len(self._sets) >= MAX_GRAPH_SETS:
+        while len(self._sets) >= self._max_sets:
             self._sets.popitem(last=False)[1].free()
-        if T > 1 and self._prompt_alloc is None:
+        if T > self.n_decode and self._prompt_alloc is None:
             self._prompt_alloc = Allocator()
-            worst = self._build(self.n_ubatch, self.kv.n_ctx, min(self.n_ubatch, MAX_LOGIT_ROWS),
-                                alloc=False)
+            worst = self._build(self.n_ubatch, self.kv.n_cells,
+                                min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
             for ops in (worst.layers[0], worst.head):
                 self._prompt_alloc.reserve(ops)
             worst.free()
@@ -209,41 +231,55 @@ class Engine:
     def end_prompt(self) -> None:
         """Free the prompt buffer and its graphs, then let the store read its loan back."""
         if self._prompt_alloc is not None:
-            for key in [k for k in self._sets if k[0] > 1]:
+            for key in [k for k in self._sets if k[0] > self.n_decode]:
                 self._sets.pop(key).free()
             self._prompt_alloc.free()
             self._prompt_alloc = None
             self.inputs.release()
         self.store.end_prompt()
 
-    def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
-        """Run tokens at positions pos.. through the model; returns float32 logits of the last token
-        (1, n_vocab), or of every token (len(tokens), n_vocab) with all_logits."""
-        self.store.prepare(pos + len(tokens))  # a later stage of the plan, if the cache grows into it
-        step = min(self.n_ubatch, MAX_LOGIT_ROWS) if all_logits else self.n_ubatch
-        prompt = min(step, len(tokens)) > 1
+    def step(self, batch: TokenBatch, more_prompt: bool = False) -> np.ndarray:
+        """Run the batch's tokens through the model, writing their K/V to their cells; returns the
+        float32 logits of the tokens that want them, in batch order: (n_logits, n_vocab).
+        A batch of more than n_decode tokens is a prompt step: the loan goes before it and comes
+        back after it, unless more_prompt says another prompt step follows at once."""
+        for seq, pos in zip(batch.seqs, batch.pos):
+            self.kv.note_written(seq, pos + 1)
+        self.store.prepare(self.kv.cells_charged())  # a later stage, if the cache grows into it
+        prompt = len(batch) > self.n_decode
         if prompt:
             self.store.begin_prompt()  # the loan goes before the prompt buffer comes
         else:
-            self.end_prompt()  # a prompt that was interrupted: decoding needs the loan back
-        out = []
-        for i in range(0, len(tokens), step):
-            chunk = tokens[i:i + step]
-            last = i + step >= len(tokens)
-            n_out = len(chunk) if all_logits else (1 if last else 0)
-            logits = self._forward_chunk(chunk, pos + i, n_out)
-            if n_out:
-                out.append(logits)
-        if prompt:  # the prompt buffer goes before the loan comes back, in the prompt's time
-            self.end_prompt()
+            self.end_prompt()  # after a prompt step: decoding needs the loan back
+        out = [self._forward_chunk(chunk) for chunk in self._chunks(batch)]
+        if prompt and not more_prompt:  # the buffer goes before the loan comes back, in the
+            self.end_prompt()  # prompt's time
+        out = [o for o in out if o is not None]
+        if not out:
+            return np.zeros((0, self.cfg.n_vocab), dtype=np.float32)
         return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def _forward_chunk(self, tokens: list[int], pos: int, n_out: int) -> np.ndarray | None:
-        T = len(tokens)
-        n_kv = min(self.kv.n_ctx, _pad(pos + T, KV_BUCKET))
+    def _chunks(self, batch: TokenBatch):
+        """Pieces of at most n_ubatch tokens and MAX_LOGIT_ROWS logit rows each."""
+        i, n = 0, len(batch)
+        while i < n:
+            j, wanted = i, 0
+            while j < n and j - i < self.n_ubatch and wanted + batch.logits[j] <= MAX_LOGIT_ROWS:
+                wanted += batch.logits[j]
+                j += 1
+            yield batch.slice(i, j)
+            i = j
+
+    def _forward_chunk(self, b: TokenBatch) -> np.ndarray | None:
+        T, kv = len(b), self.kv
+        cells = np.asarray(b.seqs, dtype=np.int64) * kv.n_ctx + np.asarray(b.pos, dtype=np.int64)
+        n_kv = min(kv.n_cells, _pad(int(cells.max()) + 1, KV_BUCKET))
+        n_out = b.n_logits
         gs = self._graphs(T, n_kv, max(n_out, 1))
-        self.store.embed_rows(tokens, self.inputs.addr["emb"])
-        self.inputs.set_batch(pos, T, n_kv)
+        self.store.embed_rows(b.tokens, self.inputs.addr["emb"])
+        self.inputs.set_batch(b, cells, kv.n_ctx, n_kv)
+        if not n_out:
+            self.inputs.out[0] = T - 1
         self.backend.compute(gs.embed.graph)
         try:
             for il, ops in enumerate(gs.layers):
@@ -302,11 +338,13 @@ _PLACEHOLDER = 1 << 12  # never dereferenced: the allocator skips tensors that h
 
 
 class _HeaderKV:
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
-        self.n_ctx = n_ctx
+    """Cache headers of the real types and shapes over a placeholder address."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, n_seq: int, type_k: int, type_v: int):
+        self.n_ctx, self.n_seq, self.n_cells = n_ctx, n_seq, n_ctx * n_seq
         self._table = TensorTable(2)
-        self.k = [self._table.new("k", TYPE_F16, (cfg.n_embd_kv, n_ctx))] * cfg.n_layer
-        self.v = [self._table.new("v", TYPE_F16, (cfg.n_embd_kv, n_ctx))] * cfg.n_layer
+        self.k = [self._table.new("k", type_k, (cfg.n_embd_kv, self.n_cells))] * cfg.n_layer
+        self.v = [self._table.new("v", type_v, (cfg.n_embd_kv, self.n_cells))] * cfg.n_layer
         for t in (self.k[0], self.v[0]):
             ggml_ops.point(t, ggml_ops.Placement(_PLACEHOLDER, None, None))
 
@@ -315,11 +353,12 @@ class _HeaderKV:
 
 
 def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch: int,
-                          n_threads: int) -> tuple[int, int]:
+                          n_threads: int, n_seq: int = 1, type_k: int = TYPE_F16,
+                          type_v: int = TYPE_F16) -> tuple[int, int]:
     """(bytes the engine keeps for computing, bytes a prompt batch takes on top while it runs),
     measured on header-only weights, so the planner subtracts the real figures before any weight
     loads (the 7B at context 256 and 128-token batches: 3 MB and 25 MB)."""
-    store, kv = _HeaderStore(g, cfg, specs), _HeaderKV(cfg, n_ctx)
+    store, kv = _HeaderStore(g, cfg, specs), _HeaderKV(cfg, n_ctx, n_seq, type_k, type_v)
     try:  # no backend is created: the engine only reads its thread count to size the work buffer
         eng = Engine(cfg, arch, store, kv, SimpleNamespace(n_threads=n_threads), n_ubatch,
                      warm=False)

@@ -46,30 +46,31 @@ def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int, truncate: bool) -> l
     return ids[-keep:]
 
 
-def prefill(model, ids: list[int], times: RunTimes):
+def sampler_for(opts: SamplingOptions):
+    return make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p, opts.repeat_penalty,
+                        opts.repeat_last_n, opts.seed)
+
+
+def prefill(model, ids: list[int], times: RunTimes, seq: int = 0):
+    """Evaluate the prompt in sequence `seq`, after the tokens the cache already holds for it
+    (at least the last token is evaluated, for its logits); returns the last logits."""
     t0 = time.perf_counter()
-    logits = model._forward(ids, 0)[-1]
-    times.prompt_tokens, times.prefill_s = len(ids), time.perf_counter() - t0
+    cached = min(model.cache.common_prefix(seq, ids), len(ids) - 1)
+    logits = model._forward(ids[cached:], cached, seq=seq)[-1]
+    times.prompt_tokens, times.cached_tokens = len(ids), cached
+    times.prefill_s = time.perf_counter() - t0
     return logits
 
 
-def _counters(model) -> tuple[int, float, float, float]:
-    store = model._store
-    p = store.prefetcher if store else None
-    return (model._reader.bytes_read if model._reader else 0,
-            p.io_busy_s if p else 0.0, p.stall_s if p else 0.0, p.convert_busy_s if p else 0.0)
-
-
 def generate_ids(model, ids: list[int], opts: SamplingOptions,
-                 times: RunTimes | None = None) -> Iterator[int]:
+                 times: RunTimes | None = None, seq: int = 0) -> Iterator[int]:
     """Yield generated token ids until an end-of-generation token, max_tokens, or a full context."""
     times = times if times is not None else RunTimes()
     model._check_tokens(ids)
-    sampler = make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p,
-                           opts.repeat_penalty, opts.repeat_last_n, opts.seed)
+    sampler = sampler_for(opts)
     history = list(ids)
-    logits = prefill(model, ids, times)
-    r0, io0, st0, cv0 = _counters(model)
+    logits = prefill(model, ids, times, seq)
+    r0, io0, st0, cv0 = model.io_counters()
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
@@ -81,9 +82,9 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
             yield tok
             if len(history) >= model.n_ctx:
                 return
-            logits = model._forward([tok], len(history) - 1)[-1]
+            logits = model._forward([tok], len(history) - 1, seq=seq)[-1]
     finally:
-        r1, io1, st1, cv1 = _counters(model)
+        r1, io1, st1, cv1 = model.io_counters()
         times.decode_s = time.perf_counter() - t0
         times.bytes_read, times.io_busy_s, times.stall_s = r1 - r0, io1 - io0, st1 - st0
         times.convert_s = cv1 - cv0

@@ -453,6 +453,11 @@ def row_stride(t: Tensor) -> int:
     return t.contents.nb[1]
 
 
+def head_stride(t: Tensor, head_dim: int) -> int:
+    """Bytes of head_dim elements of t's type: one head's part of a (quantized) cache row."""
+    return ggml.ggml_row_size(t.contents.type, head_dim)
+
+
 class Allocator:
     """Graph memory for intermediates. Reserved once for the worst case graph, so later graphs are
     placed in the same buffer and never move what earlier cached graphs point at."""

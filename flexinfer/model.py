@@ -11,7 +11,7 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +23,9 @@ from flexinfer.direct_io import DirectReader
 from flexinfer.engine import Engine, measure_compute_bytes
 from flexinfer.errors import FlexInferError
 from flexinfer.ggml_ops import Backend
-from flexinfer.kv_cache import KVCache, kv_bytes, kv_growth
+from flexinfer.batch import TokenBatch
+from flexinfer.kv_cache import (KVCache, cache_type, check_cache_type, kv_bytes,
+                                 kv_growth)
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
 from flexinfer.planner import BudgetError, Machine, Plan, plan
@@ -47,7 +49,9 @@ class Options:
     repack: bool = True  # use ggml's repacked kernels where the type allows
     n_ubatch: int | None = None  # prompt tokens per batch; default 512, fewer when streaming
     direct_io: bool = True  # O_DIRECT reads
-    notes: list = field(default_factory=list)
+    n_seq: int = 1  # sequences decoded together (--parallel); each has n_ctx cells of the cache
+    cache_type_k: str = "f16"  # --cache-type-k: f16 | q8_0 | q4_0
+    cache_type_v: str = "f16"  # --cache-type-v
 
 
 def _check_options(o: Options) -> None:
@@ -56,7 +60,8 @@ def _check_options(o: Options) -> None:
     if o.preserve not in ("auto", "ffn", "attn"):
         raise FlexInferError(f"--preserve: {o.preserve!r} is not one of auto, ffn, attn")
     for name, v, lo in (("--ctx-size", o.n_ctx, 1), ("--threads", o.n_threads, 1),
-                        ("--prefetch-window", o.prefetch_window, 1), ("n_ubatch", o.n_ubatch, 1)):
+                        ("--prefetch-window", o.prefetch_window, 1), ("n_ubatch", o.n_ubatch, 1),
+                        ("--parallel", o.n_seq, 1)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise FlexInferError(f"{name}: must be a whole number >= {lo}, got {v!r}")
 
@@ -72,11 +77,12 @@ class Model:
         self.g, self.cfg, self.specs = check_model(self.path)
         self.tokenizer = Tokenizer.from_gguf(self.g)
         self.arch = ARCHS[self.cfg.arch]
-        self.n_ctx = opts.n_ctx or min(DEFAULT_CTX, self.cfg.n_ctx_train)
+        self.n_ctx = opts.n_ctx or min(DEFAULT_CTX, self.cfg.n_ctx_train)  # per sequence
+        self.n_seq = opts.n_seq
         self.n_threads = opts.n_threads or os.cpu_count() or 1
         self.stats = Stats()
         self._closed = False
-        self._engine = self._store = self._kv = self._backend = self._reader = None
+        self._engine = self._store = self.cache = self._backend = self._reader = None
         try:
             self._load(opts)
         except MemoryError as e:  # the OS refused an allocation the plan expected to fit
@@ -95,6 +101,10 @@ class Model:
 
     def _load(self, o: Options) -> None:
         planned = make_plan(self.g, self.cfg, self.specs, o, self.n_ctx, self.n_threads)
+        if planned.n_ctx != self.n_ctx:  # the default context did not fit the budget
+            self._note(f"context {planned.n_ctx} (the default {self.n_ctx} does not fit "
+                       f"{_gb(planned.budget)}; -c sets it)")
+            self.n_ctx = planned.n_ctx
         self.plan, repack = planned.plan, planned.repack
         self.stats.set_plan(self.plan, planned.budget, planned.source, planned.machine)
         self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
@@ -105,11 +115,12 @@ class Model:
         if self._store.mlock_errno:
             self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
                        "resident weights are not locked")
-        self._kv = KVCache(self.cfg, self.n_ctx)
+        self.cache = KVCache(self.cfg, self.n_ctx, self.n_seq, *_cache_types(self.cfg, o))
         self._backend = Backend(self.n_threads)
-        self._engine = Engine(self.cfg, self.arch, self._store, self._kv, self._backend,
+        self._engine = Engine(self.cfg, self.arch, self._store, self.cache, self._backend,
                               planned.n_ubatch)
         self.stats.compute_bytes = self._engine.compute_bytes
+        self.n_ubatch = self._engine.n_ubatch  # tokens one step computes at a time
 
     # ---- the API
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
@@ -119,7 +130,8 @@ class Model:
         return self.tokenizer.decode(list(ids))
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        """float32 logits, one row per position: (len(ids), n_vocab)."""
+        """float32 logits, one row per position: (len(ids), n_vocab), evaluated from position 0
+        in sequence 0."""
         self._check_tokens(ids)
         return self._forward(list(ids), 0, all_logits=True)
 
@@ -129,19 +141,71 @@ class Model:
         if len(ids) > self.n_ctx:
             raise FlexInferError(f"{len(ids)} tokens do not fit the context of {self.n_ctx} "
                                  "(use --ctx-size or --truncate)")
+        self._check_tokens_range(ids)
+
+    def step(self, batch: TokenBatch, more_prompt: bool = False) -> np.ndarray:
+        """One weight pass for every token of the batch (each with its sequence and position):
+        the float32 logits of the tokens that want them, in batch order (n_logits, n_vocab).
+        A sequence's tokens continue it: the first is at the position after what the cache holds
+        for it (cache.keep(seq, n) forgets the rest first). more_prompt: another prompt step
+        follows at once (the prompt loan stays out, weights.py)."""
+        if self._closed:
+            raise FlexInferError("the model is closed")
+        self._check_batch(batch)
+        try:
+            out = self._engine.step(batch, more_prompt)
+        except BaseException:
+            for seq in set(batch.seqs):  # what this step wrote is not to be trusted
+                self.cache.keep(seq, min(p for s, p in zip(batch.seqs, batch.pos) if s == seq))
+            raise
+        for tok, seq in zip(batch.tokens, batch.seqs):
+            self.cache.tokens[seq].append(tok)
+        if self.plan.mode != "mmap":  # less as the KV cache grows
+            self.stats.resident_bytes = self._store.resident_bytes
+            self.stats.stage = self._store.stage
+        return out
+
+    def _check_batch(self, b: TokenBatch) -> None:
+        if not b.tokens:
+            raise FlexInferError("no tokens to evaluate")
+        if not len(b.tokens) == len(b.seqs) == len(b.pos) == len(b.logits):
+            raise FlexInferError("batch: tokens, seqs, pos and logits differ in length")
+        self._check_tokens_range(b.tokens)
+        nxt = {}
+        for seq, pos in zip(b.seqs, b.pos):
+            if not 0 <= seq < self.n_seq:
+                raise FlexInferError(f"batch: sequence {seq} is outside 0..{self.n_seq - 1} "
+                                     "(--parallel)")
+            want = nxt.get(seq, len(self.cache.tokens[seq]))
+            if pos != want:
+                raise FlexInferError(f"batch: sequence {seq} continues at position {want}, "
+                                     f"not {pos}")
+            if pos >= self.n_ctx:
+                raise FlexInferError(f"batch: sequence {seq} is full (context {self.n_ctx})")
+            nxt[seq] = pos + 1
+
+    def _check_tokens_range(self, ids) -> None:
         bad = [t for t in ids if not 0 <= t < self.cfg.n_vocab]
         if bad:
             raise FlexInferError(f"token id {bad[0]} is outside the vocabulary "
                                  f"(0..{self.cfg.n_vocab - 1})")
 
-    def _forward(self, ids: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
-        if self._closed:
-            raise FlexInferError("the model is closed")
-        out = self._engine.forward(ids, pos, all_logits)
-        if self.plan.mode != "mmap":  # less as the KV cache grows
-            self.stats.resident_bytes = self._store.resident_bytes
-            self.stats.stage = self._store.stage
-        return out
+    def _forward(self, ids: list[int], pos: int, all_logits: bool = False,
+                 seq: int = 0) -> np.ndarray:
+        """ids at positions pos.. of one sequence (what it held from pos on is forgotten):
+        the last token's logits (1, n_vocab), or every token's with all_logits."""
+        self.cache.keep(seq, pos)
+        b = TokenBatch()
+        b.add_run(list(ids), seq, pos, all_logits=all_logits)
+        return self.step(b)
+
+    def io_counters(self) -> tuple[int, float, float, float]:
+        """(bytes read from the model file, reader busy s, compute stalled s, converter busy s)
+        since load: differences of two readings give a stretch of work's figures."""
+        p = self._store.prefetcher if self._store else None
+        return (self._reader.bytes_read if self._reader else 0,
+                p.io_busy_s if p else 0.0, p.stall_s if p else 0.0,
+                p.convert_busy_s if p else 0.0)
 
     def generate(self, prompt, **kw):
         from flexinfer.generate import generate
@@ -155,7 +219,7 @@ class Model:
         if self._closed:
             return
         self._closed = True
-        for part in (self._engine, self._store, self._kv, self._backend, self._reader):
+        for part in (self._engine, self._store, self.cache, self._backend, self._reader):
             if part is not None:
                 part.close()
 
@@ -184,16 +248,46 @@ class Planned(NamedTuple):
     machine: Machine
     repack: bool
     n_ubatch: int  # prompt tokens per batch the engine will use
+    n_ctx: int  # cells per sequence: the one asked for, or the largest default that fits
 
 
 DEFAULT_UBATCH = 512  # llama.cpp's
 MIN_UBATCH = 128  # 7B under 1 GB, 512-token prompt: 16.9 tok/s at 128, 18.4 at 512, 15.8 at 64
+MIN_DEFAULT_CTX = 256  # a default context is never cut below this to fit the budget
 PREFILL_SPEEDUP = 2  # per token, a prompt batch computes this much faster than a decode step
 # (measured on the 7B here: 20.0 prompt tok/s against 9.44 decode tok/s, docs/benchmarks.md)
 
 
+def _cache_types(cfg: ModelConfig, o: Options) -> tuple[int, int]:
+    tk = cache_type(o.cache_type_k, "--cache-type-k")
+    tv = cache_type(o.cache_type_v, "--cache-type-v")
+    check_cache_type(cfg, tk, "--cache-type-k")
+    check_cache_type(cfg, tv, "--cache-type-v")
+    return tk, tv
+
+
 def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int) -> Planned:
-    """Budget -> Plan, from sizes and calibration only (no weight is read).
+    """Budget -> Plan, from sizes and calibration only (no weight is read). When the context was
+    not given (o.n_ctx is None) and the default does not fit, the largest context that does, in
+    multiples of 256 down to MIN_DEFAULT_CTX; an explicit one that does not fit is refused."""
+    try:
+        return _make_plan(g, cfg, specs, o, n_ctx, n_threads)
+    except FlexInferError:
+        if o.n_ctx is not None or n_ctx <= MIN_DEFAULT_CTX:
+            raise
+    lo, hi = MIN_DEFAULT_CTX // 256, n_ctx // 256  # in units of 256 cells: lo fits? hi does not
+    best = _make_plan(g, cfg, specs, o, lo * 256, n_threads)  # refused here: nothing fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            best, lo = _make_plan(g, cfg, specs, o, mid * 256, n_threads), mid
+        except FlexInferError:
+            hi = mid
+    return best
+
+
+def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int) -> Planned:
+    """The plan at one context.
 
     A prompt batch's compute buffer grows with the batch (the 7B: 0.2 MB per token, 100 MB at
     512). Where rows are locked (flexinfer, sync) the plan lends it resident rows that are read
@@ -204,25 +298,28 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
     efficiently: 32-64 tokens cost 14-16% of prompt speed). A budget too small for the default
     batch's buffer tries smaller ones, down to MIN_UBATCH, before it is refused."""
     budget, source = resolve_budget(o.memory_budget)
-    ubatch = min(o.n_ubatch or DEFAULT_UBATCH, n_ctx)
-    kv = kv_bytes(cfg, n_ctx)
-    by_ctx = kv + 2 * n_ctx * ubatch  # KV cache + f16 attention mask rows
+    n_cells = n_ctx * o.n_seq
+    types = _cache_types(cfg, o)
+    ubatch = max(min(o.n_ubatch or DEFAULT_UBATCH, n_cells), o.n_seq)
+    kv = kv_bytes(cfg, n_cells, *types)
+    by_ctx = kv + 2 * n_cells * ubatch  # KV cache + f16 attention mask rows
     if by_ctx > budget:  # checked before anything sized by the context is allocated
         least = by_ctx + rss_bytes() + HEADROOM
         raise FlexInferError(f"--memory-budget: {_gb(budget)} ({source}) is below the minimum "
-                             f"working set for {os.path.basename(g.path)} at context {n_ctx}: at "
-                             f"least {_gb(least)}; the KV cache and attention mask alone need "
-                             f"{_gb(by_ctx)} (try a smaller --ctx-size)")
+                             f"working set for {os.path.basename(g.path)} at context {n_ctx}"
+                             f"{_seqs(o.n_seq)}: at least {_gb(least)}; the KV cache and "
+                             f"attention mask alone need {_gb(by_ctx)} (try a smaller --ctx-size)")
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
     mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
     gc.collect()  # the parser's and tokenizer builder's garbage, then the heap it leaves behind
     ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
     mach = machine.calibrate(g, repack, n_threads)
-    growth = kv_growth(cfg, n_ctx) if o.offload in ("flexinfer", "sync") else ()
+    growth = kv_growth(cfg, n_cells, *types) if o.offload in ("flexinfer", "sync") else ()
 
     def planned(ub: int) -> Plan:
-        keep, prompt = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads)
+        keep, prompt = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads,
+                                             o.n_seq, *types)
         fixed_parts = {  # what the weights cannot use while decoding, in bytes
             "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
@@ -239,11 +336,12 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
             break
         except BudgetError as e:
             if o.n_ubatch is None and ubatch > MIN_UBATCH:
-                ubatch = max(MIN_UBATCH, ubatch // 2)  # a smaller prompt buffer may fit
+                ubatch = max(MIN_UBATCH, ubatch // 2, o.n_seq)  # a smaller prompt buffer may fit
                 continue
             raise FlexInferError(f"--memory-budget: {_gb(e.budget)} is below the minimum working "
-                                 f"set for {os.path.basename(g.path)} at context {n_ctx}: "
-                                 f"{_gb(e.minimum)} (try a smaller --ctx-size)") from None
+                                 f"set for {os.path.basename(g.path)} at context {n_ctx}"
+                                 f"{_seqs(o.n_seq)}: {_gb(e.minimum)} (try a smaller "
+                                 "--ctx-size)") from None
     if o.n_ubatch is None and p.streamed_bytes and p.mode == "prefetch":  # no loan there
         need = p.t_io / (p.t_cpu_bound / PREFILL_SPEEDUP)  # tokens whose compute hides the reads
         small = MIN_UBATCH
@@ -251,7 +349,11 @@ def make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: int
             small *= 2
         if small < ubatch:  # less compute memory: fits wherever the larger batch did
             p, ubatch = planned(small), small
-    return Planned(p, budget, source, mach, repack, ubatch)
+    return Planned(p, budget, source, mach, repack, ubatch, n_ctx)
+
+
+def _seqs(n_seq: int) -> str:
+    return f" with {n_seq} sequences" if n_seq > 1 else ""
 
 
 def _gb(n: int) -> str:
@@ -260,5 +362,6 @@ def _gb(n: int) -> str:
 
 def load(path, **options) -> Model:
     """Load a GGUF model. Options: n_ctx, n_threads, memory_budget, offload, balance, preserve,
-    prefetch_window, repack, n_ubatch, direct_io (see Options)."""
+    prefetch_window, repack, n_ubatch, direct_io, n_seq, cache_type_k, cache_type_v (see
+    Options)."""
     return Model(path, **options)

@@ -38,6 +38,7 @@ class RunTimes:
     """One generate call: prompt and decode timings, and the streaming counters over the decode."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, already in the cache: not evaluated again
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
@@ -50,7 +51,9 @@ class RunTimes:
         n = max(self.decode_tokens, 1)
         decode_tps = self.decode_tokens / self.decode_s if self.decode_s else 0.0
         return {
-            "prefill_tokens_per_s": _r(self.prompt_tokens / self.prefill_s if self.prefill_s else 0),
+            "prefill_tokens_per_s": _r((self.prompt_tokens - self.cached_tokens) / self.prefill_s
+                                       if self.prefill_s else 0),
+            "cached_tokens": self.cached_tokens,
             "decode_tokens_per_s": _r(decode_tps),
             "load_s": _r(stats.load_s),
             "peak_memory_bytes": peak_rss_bytes(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexinfer.config import ModelConfig
-from flexinfer.ggml_ops import ROPE_NORM, Ops, Tensor
+from flexinfer.ggml_ops import ROPE_NORM, Ops, Tensor, head_stride, row_stride
 
 ROPE_MODE = ROPE_NORM  # rotate adjacent pairs (GPT-J style); qwen2 rotates halves (NEOX)
 QKV_BIAS = False  # qwen2 adds biases to q, k and v
@@ -101,11 +101,14 @@ def _rope(ops: Ops, cfg: ModelConfig, t: Tensor, batch: Batch, mode: int) -> Ten
 
 def _attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor,
                batch: Batch) -> Tensor:
-    """Flash attention over the first n_kv cache rows; GQA heads share K/V by broadcast."""
-    hd, row = cfg.head_dim, cfg.n_embd_kv * 2  # f16 cache rows
+    """Flash attention over the first n_kv cache cells; GQA heads share K/V by broadcast. Strides
+    come from the cache tensors, which may be F16, Q8_0 or Q4_0."""
+    hd = cfg.head_dim
     q = ops.permute(q, 0, 2, 1, 3)  # (hd, T, n_head)
-    k = ops.view_3d(k_cache, hd, batch.n_kv, cfg.n_head_kv, row, hd * 2)  # (hd, n_kv, n_head_kv)
-    v = ops.view_3d(v_cache, hd, batch.n_kv, cfg.n_head_kv, row, hd * 2)
+    k = ops.view_3d(k_cache, hd, batch.n_kv, cfg.n_head_kv, row_stride(k_cache),
+                    head_stride(k_cache, hd))  # (hd, n_kv, n_head_kv)
+    v = ops.view_3d(v_cache, hd, batch.n_kv, cfg.n_head_kv, row_stride(v_cache),
+                    head_stride(v_cache, hd))
     out = ops.flash_attn(q, k, v, batch.mask, 1.0 / hd ** 0.5)  # (hd, n_head, T)
     return ops.reshape_2d(out, cfg.n_embd, batch.n_tokens)
 
