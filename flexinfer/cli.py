@@ -42,12 +42,17 @@ def _model_args(p) -> None:
     p.add_argument("--preserve", default="auto", choices=("auto", "ffn", "attn"))
     p.add_argument("--prefetch-window", type=int, default=None, help="layers read ahead")
     p.add_argument("--no-repack", action="store_true", help="plain kernels, no repacked weights")
+    for which in ("k", "v"):
+        p.add_argument(f"--cache-type-{which}", "-ct" + which, default="f16",
+                       choices=("f16", "q8_0", "q4_0"), help=f"KV cache type for {which.upper()}")
 
 
 def _options(a) -> dict:
     return dict(n_ctx=a.ctx_size, n_threads=a.threads, memory_budget=a.memory_budget,
                 offload=a.offload, balance=not a.no_balance, preserve=a.preserve,
-                prefetch_window=a.prefetch_window, repack=not a.no_repack)
+                prefetch_window=a.prefetch_window, repack=not a.no_repack,
+                cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+                n_seq=getattr(a, "parallel", 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("model")
     tok.add_argument("--no-bos", action="store_true")
     tok.add_argument("--json", action="store_true", help="stdin: a JSON list of strings")
+    bt = sub.add_parser("batch", help="generate for every prompt of a JSONL file, N at a time")
+    bt.add_argument("model", help="a .gguf path or a cached name")
+    bt.add_argument("prompts", help='JSONL: {"prompt": ...} or {"messages": [...]} a line')
+    bt.add_argument("-o", "--output", default=None, help="JSONL results (default: stdout)")
+    bt.add_argument("-np", "--parallel", type=int, default=4, help="sequences at once (4)")
+    _sampling_args(bt)
+    _model_args(bt)
+    bt.add_argument("--truncate", action="store_true", help="keep the end of a too-long prompt")
+    bt.add_argument("--ignore-eos", action="store_true", help="generate past end-of-generation")
+    bt.add_argument("--json", action="store_true", help="a summary object last on stdout")
     pl = sub.add_parser("plan", help="print the memory plan without running")
     pl.add_argument("model")
     _model_args(pl)
+    pl.add_argument("-np", "--parallel", type=int, default=1, help="sequences decoded together")
     pl.add_argument("--json", action="store_true")
     pull = sub.add_parser("pull", help="download a known model into the cache")
     pull.add_argument("name")
@@ -111,6 +127,12 @@ def _run(a) -> int:
     return run_command(a, _options(a))
 
 
+def _batch(a) -> int:
+    from flexinfer.cli_batch import batch_command
+    from flexinfer.cli_run import _sampling
+    return batch_command(a, _options(a), _sampling(a))
+
+
 def _tokenize(a) -> int:
     from flexinfer.cli_run import tokenize_command
     return tokenize_command(a)
@@ -134,5 +156,5 @@ def _models(a) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "tokenize": _tokenize, "plan": _plan, "pull": _pull, "models": _models,
+COMMANDS = {"run": _run, "batch": _batch, "tokenize": _tokenize, "plan": _plan, "pull": _pull, "models": _models,
             "synth": lambda a: a.func(a), "bench": lambda a: a.func(a)}

@@ -107,7 +107,8 @@ def _interactive(model, a) -> int:
 
 def _stats_line(times: RunTimes, s: dict) -> str:
     gb = 1e9
-    line = (f"flexinfer: load {s['load_s']:.2f} s | prompt {times.prompt_tokens} tok "
+    cached = f" ({times.cached_tokens} cached)" if times.cached_tokens else ""
+    line = (f"flexinfer: load {s['load_s']:.2f} s | prompt {times.prompt_tokens} tok{cached} "
             f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {times.decode_tokens} tok "
             f"{s['decode_tokens_per_s']:.2f} tok/s | peak {s['peak_memory_bytes'] / gb:.2f} GB | "
             f"budget {s['budget_bytes'] / gb:.2f} GB ({s['budget_source']}) | "
@@ -155,7 +156,7 @@ def plan_command(a, options: dict) -> int:
     tokenizer = Tokenizer.from_gguf(g)  # built as `run` builds it, so the measured RSS matches
     n_ctx = o.n_ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
     planned = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
-    report = plan_report(planned, g.file_size, n_ctx)
+    report = {**plan_report(planned, g.file_size, planned.n_ctx), "parallel": o.n_seq}
     del tokenizer
     if a.json:
         print(json.dumps(report, indent=1))
