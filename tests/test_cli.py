@@ -124,6 +124,17 @@ def test_errors_are_one_line_and_exit_2(tiny_llama_path, args, frag):
     assert len(lines) == 1 and frag in lines[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args,want", [
+    (("models", "--bogus"), "flexinfer: unrecognized arguments: --bogus"),  # the top-level parser
+    (("run", "-p", "x", "-n", "abc"), "flexinfer: run: argument -n/--max-tokens: invalid int value: 'abc'"),
+    (("plan",), "flexinfer: plan: the following arguments are required: model"),
+])
+def test_argument_errors_name_the_program_once(args, want):
+    r = cli(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == want + "\n"
+
+
 def test_python_api(smollm2_path):
     with flexinfer.load(smollm2_path, n_ctx=256, n_threads=2) as model:
         ids = model.tokenize("Hello world")
