@@ -67,7 +67,13 @@ def test_chat_one_shot_and_interactive(smollm2_path):
     assert r.returncode == 0, r.stderr
     replies = [line for line in r.stdout.splitlines() if line.strip()]
     assert len(replies) == 2, r.stdout  # one reply per line of input
-    assert sum("decode" in line for line in r.stderr.splitlines()) == 2  # a stats line per turn
+    lines = r.stderr.splitlines()
+    assert sum(" load " in line for line in lines) == 1, r.stderr  # loading is told once,
+    assert lines[0].startswith("flexinfer: load ") and "budget" in lines[0]  # before the first turn
+    turns = [line for line in lines if "decode" in line]  # then each turn has a line of its own
+    assert [t.split(" | ")[0] for t in turns] == ["flexinfer: turn 1", "flexinfer: turn 2"], r.stderr
+    for t in turns:
+        assert " load " not in t and "prompt" in t and "tok/s" in t and "resident" in t
 
 
 def _vocab(name: str) -> Path:
