@@ -7,6 +7,7 @@ import os
 import sys
 
 from flexinfer.errors import FlexInferError
+from flexinfer.progress import LoadProgress
 from flexinfer.stats import RunTimes, load_line, turn_line
 
 
@@ -35,7 +36,14 @@ def run_command(a, options: dict) -> int:
         raise FlexInferError("run: give a prompt with -p TEXT or -f FILE (or use --chat)")
     if a.system is not None and not a.chat:
         raise FlexInferError("run: --system needs --chat")
-    with load(resolve(a.model), **options) as model:
+    path = resolve(a.model)  # a pull shows its own bar
+    bar = None if a.json else LoadProgress()  # silent unless stderr is a terminal and it is slow
+    try:
+        model = load(path, **options, progress=bar)
+    finally:
+        if bar:
+            bar.end()
+    with model:
         if a.chat and prompt is None:
             return _interactive(model, a)
         messages = _messages(a.system, prompt) if a.chat else None

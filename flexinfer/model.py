@@ -48,6 +48,7 @@ class Options:
     n_ubatch: int | None = None  # prompt tokens per batch; default 512, fewer when streaming
     direct_io: bool = True  # O_DIRECT reads
     notes: list = field(default_factory=list)
+    progress: object = None  # None or called with (bytes read, bytes to read) while loading
 
 
 def _check_options(o: Options) -> None:
@@ -101,7 +102,7 @@ class Model:
                                     note=self._note)
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
                                   reader=self._reader)
-        self._store.load(o.offload)
+        self._store.load(o.offload, o.progress)
         if self._store.mlock_errno:
             self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
                        "resident weights are not locked")
@@ -260,5 +261,5 @@ def _gb(n: int) -> str:
 
 def load(path, **options) -> Model:
     """Load a GGUF model. Options: n_ctx, n_threads, memory_budget, offload, balance, preserve,
-    prefetch_window, repack, n_ubatch, direct_io (see Options)."""
+    prefetch_window, repack, n_ubatch, direct_io, progress (see Options)."""
     return Model(path, **options)

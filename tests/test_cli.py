@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,56 @@ def test_argument_errors_name_the_program_once(args, want):
     r = cli(*args)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == want + "\n"
+
+
+def cli_tty_stderr(*args, env=None, timeout=300):
+    """cli() with stderr on a pseudo-terminal, as a user's shell has it: (returncode, stdout,
+    stderr)."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "flexinfer", *map(str, args)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                         env={**os.environ, **(env or {})})
+    os.close(slave)
+    err = b""
+    try:
+        while chunk := os.read(master, 4096):
+            err += chunk
+    except OSError:  # EIO: the child closed the terminal (Linux)
+        pass
+    finally:
+        os.close(master)
+    out = p.communicate(timeout=timeout)[0]
+    return p.returncode, out.decode(), err.decode()
+
+
+BAR = "MB resident weights"
+FAST = {"FLEXINFER_PROGRESS_AFTER": "0"}  # every load counts as slow
+
+
+def test_load_progress_bar_only_on_a_terminal_and_never_with_json(tiny_llama_path):
+    run = ("run", tiny_llama_path, "-p", "x", "-n", "2", "-c", "64")
+    code, _, err = cli_tty_stderr(*run, env=FAST)
+    assert code == 0, err
+    assert BAR in err and "] 100% " in err and err.startswith("\r\033[K["), err
+    code, out, err = cli_tty_stderr(*run, "--json", env=FAST)
+    assert code == 0 and json.loads(out)["tokens"] and BAR not in err, err
+    code, _, err = cli_tty_stderr(*run, env={"FLEXINFER_PROGRESS_AFTER": "3600"})  # a quick load
+    assert code == 0 and BAR not in err, err
+    r = cli(*run, env=FAST)  # stderr a pipe, as in a log
+    assert r.returncode == 0 and BAR not in r.stderr, r.stderr
+    r = cli(*run, env={"FLEXINFER_PROGRESS_AFTER": "soon"})
+    assert r.returncode == 2 and r.stderr == (
+        "flexinfer: FLEXINFER_PROGRESS_AFTER: 'soon' is not a number of seconds >= 0\n")
+
+
+def test_load_reports_progress_in_bytes(tiny_llama_path):
+    calls = []
+    with flexinfer.load(tiny_llama_path, n_ctx=64, progress=lambda *a: calls.append(a)) as m:
+        resident = m.stats.resident_bytes
+    done = [d for d, _ in calls]
+    total = calls[-1][1]
+    assert len(calls) > 2 and done == sorted(done) and {t for _, t in calls} == {total}
+    assert calls[-1] == (total, total) and resident <= total  # matrices, and vectors besides
 
 
 def test_python_api(smollm2_path):
