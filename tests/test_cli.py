@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,25 @@ def test_load_reports_progress_in_bytes(tiny_llama_path):
     total = calls[-1][1]
     assert len(calls) > 2 and done == sorted(done) and {t for _, t in calls} == {total}
     assert calls[-1] == (total, total) and resident <= total  # matrices, and vectors besides
+
+
+def test_demo_answers_alike_in_ram_and_under_a_budget_that_streams(smollm2_path):
+    """scripts/demo.sh's first command: the same greedy answer twice, the second run under a
+    budget from the plan, with less resident and bytes read from disk for every token."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "scripts/demo.py", str(smollm2_path)], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    runs = [i for i, line in enumerate(out) if line.startswith("$ flexinfer run")]
+    assert len(runs) == 2 and "--memory-budget" in out[runs[1]], r.stdout
+    answers = [out[i + 1] for i in runs]
+    assert answers[0] and answers[0] == answers[1], r.stdout
+    stats = [line for line in r.stderr.splitlines() if line.startswith("flexinfer: load")]
+    assert len(stats) == 2, r.stderr
+    resident = [float(re.search(r"resident ([0-9.]+) GB", line)[1]) for line in stats]
+    assert resident[1] < resident[0] and "(--memory-budget)" in stats[1], stats
+    assert ", read " not in stats[0] and float(re.search(r"read ([0-9.]+) GB/token", stats[1])[1]) > 0
 
 
 def test_python_api(smollm2_path):
