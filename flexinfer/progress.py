@@ -69,7 +69,7 @@ class LoadProgress:
         self.stream.flush()
 
     def end(self) -> None:
-        """Ends the bar's line (once), so what follows, an error too, starts on a line of its own."""
+        """Ends the bar's line (once): what follows, an error too, starts on a line of its own."""
         if self.shown and not self.ended:
             self.ended = True
             self.stream.write("\n")

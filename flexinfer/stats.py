@@ -79,7 +79,8 @@ GB = 1e9
 
 def load_line(s: dict) -> str:
     """What loading did, once: `load 0.39 s | budget 0.17 GB (--memory-budget)`."""
-    return f"load {s['load_s']:.2f} s | budget {s['budget_bytes'] / GB:.2f} GB ({s['budget_source']})"
+    return (f"load {s['load_s']:.2f} s | "
+            f"budget {s['budget_bytes'] / GB:.2f} GB ({s['budget_source']})")
 
 
 def turn_line(times: RunTimes, s: dict) -> str:

@@ -73,7 +73,8 @@ def test_chat_one_shot_and_interactive(smollm2_path):
     assert sum(" load " in line for line in lines) == 1, r.stderr  # loading is told once,
     assert lines[0].startswith("flexinfer: load ") and "budget" in lines[0]  # before the first turn
     turns = [line for line in lines if "decode" in line]  # then each turn has a line of its own
-    assert [t.split(" | ")[0] for t in turns] == ["flexinfer: turn 1", "flexinfer: turn 2"], r.stderr
+    assert [t.split(" | ")[0] for t in turns] == ["flexinfer: turn 1", "flexinfer: turn 2"], \
+        r.stderr
     for t in turns:
         assert " load " not in t and "prompt" in t and "tok/s" in t and "resident" in t
 
@@ -134,7 +135,8 @@ def test_errors_are_one_line_and_exit_2(tiny_llama_path, args, frag):
 
 @pytest.mark.parametrize("args,want", [
     (("models", "--bogus"), "flexinfer: unrecognized arguments: --bogus"),  # the top-level parser
-    (("run", "-p", "x", "-n", "abc"), "flexinfer: run: argument -n/--max-tokens: invalid int value: 'abc'"),
+    (("run", "-p", "x", "-n", "abc"),
+     "flexinfer: run: argument -n/--max-tokens: invalid int value: 'abc'"),  # a subcommand's
     (("plan",), "flexinfer: plan: the following arguments are required: model"),
 ])
 def test_argument_errors_name_the_program_once(args, want):
@@ -209,7 +211,8 @@ def test_demo_answers_alike_in_ram_and_under_a_budget_that_streams(smollm2_path)
     assert len(stats) == 2, r.stderr
     resident = [float(re.search(r"resident ([0-9.]+) GB", line)[1]) for line in stats]
     assert resident[1] < resident[0] and "(--memory-budget)" in stats[1], stats
-    assert ", read " not in stats[0] and float(re.search(r"read ([0-9.]+) GB/token", stats[1])[1]) > 0
+    assert ", read " not in stats[0]
+    assert float(re.search(r"read ([0-9.]+) GB/token", stats[1])[1]) > 0
 
 
 def test_python_api(smollm2_path):
