@@ -16,8 +16,9 @@ EXIT_USAGE, EXIT_INTERRUPT = 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not a usage dump
-        raise FlexInferError(f"{self.prog}: {message}")
+    def error(self, message):  # one line, not a usage dump; main() puts "flexinfer: " before it
+        sub = self.prog.partition(" ")[2]  # "run" for `flexinfer run`, "" at the top level
+        raise FlexInferError(f"{sub}: {message}" if sub else message)
 
 
 def _sampling_args(p) -> None:

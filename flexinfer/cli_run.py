@@ -7,7 +7,8 @@ import os
 import sys
 
 from flexinfer.errors import FlexInferError
-from flexinfer.stats import RunTimes
+from flexinfer.progress import LoadProgress
+from flexinfer.stats import RunTimes, load_line, turn_line
 
 
 def _read_prompt(a) -> str | None:
@@ -35,7 +36,14 @@ def run_command(a, options: dict) -> int:
         raise FlexInferError("run: give a prompt with -p TEXT or -f FILE (or use --chat)")
     if a.system is not None and not a.chat:
         raise FlexInferError("run: --system needs --chat")
-    with load(resolve(a.model), **options) as model:
+    path = resolve(a.model)  # a pull shows its own bar
+    bar = None if a.json else LoadProgress()  # silent unless stderr is a terminal and it is slow
+    try:
+        model = load(path, **options, progress=bar)
+    finally:
+        if bar:
+            bar.end()
+    with model:
         if a.chat and prompt is None:
             return _interactive(model, a)
         messages = _messages(a.system, prompt) if a.chat else None
@@ -85,6 +93,8 @@ def _interactive(model, a) -> int:
     from flexinfer.generate import chat
     messages = [{"role": "system", "content": a.system}] if a.system else []
     tty = sys.stdin.isatty()
+    print(f"flexinfer: {load_line(RunTimes().as_dict(model.stats))}", file=sys.stderr)  # once
+    turn = 0
     while True:
         if tty:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -94,7 +104,7 @@ def _interactive(model, a) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
+        turn, reply = turn + 1, []
         times = RunTimes()
         for piece in chat(model, messages, times=times, **_sampling(a)):
             reply.append(piece.text)
@@ -102,25 +112,13 @@ def _interactive(model, a) -> int:
             sys.stdout.flush()
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
-        print(_stats_line(times, times.as_dict(model.stats)), file=sys.stderr)
+        print(f"flexinfer: turn {turn} | {turn_line(times, times.as_dict(model.stats))}",
+              file=sys.stderr)
 
 
 def _stats_line(times: RunTimes, s: dict) -> str:
-    gb = 1e9
-    cached = f" ({times.cached_tokens} cached)" if times.cached_tokens else ""
-    line = (f"flexinfer: load {s['load_s']:.2f} s | prompt {times.prompt_tokens} tok{cached} "
-            f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {times.decode_tokens} tok "
-            f"{s['decode_tokens_per_s']:.2f} tok/s | peak {s['peak_memory_bytes'] / gb:.2f} GB | "
-            f"budget {s['budget_bytes'] / gb:.2f} GB ({s['budget_source']}) | "
-            f"{s['offload_mode']}, resident {s['resident_bytes'] / gb:.2f} GB")
-    n_stages = s["plan"].get("stages", 1)
-    if n_stages > 1:  # a growing KV cache: which stage of the plan the run reached
-        line += f" (KV stage {s['stage'] + 1}/{n_stages})"
-    line += f" | compute {s['compute_s_per_token']:.3f} s/token"
-    if s["bytes_read_per_token"]:
-        line += (f", read {s['bytes_read_per_token'] / gb:.3f} GB/token at {s['io_gbps']:.2f} GB/s"
-                 f", stall {100 * s['stall_fraction']:.0f}%")
-    return line
+    """A one-shot run's line: loading and the run together."""
+    return f"flexinfer: {load_line(s)} | {turn_line(times, s)}"
 
 
 def tokenize_command(a) -> int:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from flexinfer.errors import FlexInferError
+from flexinfer.progress import bar_text
 
 DEFAULT_MODEL = "smollm2"  # what `resolve(None)` runs, pulled on first use
 _CHUNK = 1 << 20  # extract in 1 MiB chunks: one progress update per MiB
-_BAR_WIDTH = 30  # characters of '#' at 100%
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,5 @@ def _copy(src: BinaryIO, out: BinaryIO, total: int, progress: bool) -> None:
 
 
 def _draw_bar(done: int, total: int) -> None:
-    frac = done / total if total else 1.0
-    bar = "#" * int(frac * _BAR_WIDTH)
-    sys.stderr.write(f"\r[{bar:<{_BAR_WIDTH}}] {frac:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+    sys.stderr.write(f"\r{bar_text(done, total)}")
     sys.stderr.flush()

@@ -52,6 +52,7 @@ class Options:
     n_seq: int = 1  # sequences decoded together (--parallel); each has n_ctx cells of the cache
     cache_type_k: str = "f16"  # --cache-type-k: f16 | q8_0 | q4_0
     cache_type_v: str = "f16"  # --cache-type-v
+    progress: object = None  # None or called with (bytes read, bytes to read) while loading
 
 
 def _check_options(o: Options) -> None:
@@ -111,7 +112,7 @@ class Model:
                                     note=self._note)
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
                                   reader=self._reader)
-        self._store.load(o.offload)
+        self._store.load(o.offload, o.progress)
         if self._store.mlock_errno:
             self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
                        "resident weights are not locked")
@@ -362,6 +363,6 @@ def _gb(n: int) -> str:
 
 def load(path, **options) -> Model:
     """Load a GGUF model. Options: n_ctx, n_threads, memory_budget, offload, balance, preserve,
-    prefetch_window, repack, n_ubatch, direct_io, n_seq, cache_type_k, cache_type_v (see
-    Options)."""
+    prefetch_window, repack, n_ubatch, direct_io, n_seq, cache_type_k, cache_type_v,
+    progress (see Options)."""
     return Model(path, **options)

@@ -73,3 +73,32 @@ class RunTimes:
 
 def _r(x: float) -> float:
     return round(float(x), 4)
+
+
+# ---- the stats lines on stderr. One-shot: load_line + turn_line in one. Chat: the load line once,
+# then a turn line per reply. GB are 1e9 bytes.
+GB = 1e9
+
+
+def load_line(s: dict) -> str:
+    """What loading did, once: `load 0.39 s | budget 0.17 GB (--memory-budget)`."""
+    return (f"load {s['load_s']:.2f} s | "
+            f"budget {s['budget_bytes'] / GB:.2f} GB ({s['budget_source']})")
+
+
+def turn_line(times: RunTimes, s: dict) -> str:
+    """What one generate call did: prompt and decode tokens and rates, peak memory, what was
+    resident (it shrinks as the KV cache grows), compute per token and what streamed."""
+    cached = f" ({times.cached_tokens} cached)" if times.cached_tokens else ""
+    line = (f"prompt {times.prompt_tokens} tok{cached} {s['prefill_tokens_per_s']:.1f} tok/s | "
+            f"decode {times.decode_tokens} tok {s['decode_tokens_per_s']:.2f} tok/s | "
+            f"peak {s['peak_memory_bytes'] / GB:.2f} GB | "
+            f"{s['offload_mode']}, resident {s['resident_bytes'] / GB:.2f} GB")
+    n_stages = s["plan"].get("stages", 1)
+    if n_stages > 1:  # a growing KV cache: which stage of the plan the run reached
+        line += f" (KV stage {s['stage'] + 1}/{n_stages})"
+    line += f" | compute {s['compute_s_per_token']:.3f} s/token"
+    if s["bytes_read_per_token"]:
+        line += (f", read {s['bytes_read_per_token'] / GB:.3f} GB/token at {s['io_gbps']:.2f} GB/s"
+                 f", stall {100 * s['stall_fraction']:.0f}%")
+    return line

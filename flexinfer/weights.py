@@ -183,12 +183,13 @@ class WeightStore:
         return Part(h, info.offset + r0 * rb, r1 - r0, rb, repack)
 
     # ---- loading
-    def load(self, mode: str) -> None:
+    def load(self, mode: str, progress=None) -> None:
+        """progress: None or called with (bytes read, bytes to read) as resident weights load."""
         if mode == "mmap":
             self._map_file()
             return
         self._make_converter()
-        self._load_resident()
+        self._load_resident(progress)
         if self._final_streamed():
             self._make_ring(threaded=mode != "sync")
 
@@ -220,7 +221,7 @@ class WeightStore:
         self._convert_table = TensorTable(max(1, len(groups)))
         self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
 
-    def _load_resident(self) -> None:
+    def _load_resident(self, progress=None) -> None:
         """Read the resident parts into one buffer, each stage's in a page-aligned region of its
         own, through one staging buffer of at most STREAM_CHUNK: a part is read and converted a
         chunk of rows at a time, so loading never needs room for a whole large tensor (a 150k-token
@@ -238,6 +239,7 @@ class WeightStore:
         parts = [p for ps in groups for p in ps]
         stage = Buffer(max((self._load_rows(p) * p.row_bytes for p in parts), default=0)
                        + 2 * ALIGN)
+        done, total = 0, sum(p.nbytes for p in parts)  # for progress(done, total), part by part
         try:
             for i, ((start, _), ps) in enumerate(zip(spans, groups)):
                 addr = buf.base + start
@@ -247,6 +249,9 @@ class WeightStore:
                     p.place(buf, addr)
                     self._load_part(p, buf, addr, stage.base, stage.size)
                     addr += _a(p.nbytes)
+                    done += p.nbytes
+                    if progress:
+                        progress(done, total)
         finally:
             stage.free()
         self._loan_region = (buf.base + spans[1][0], spans[1][1])

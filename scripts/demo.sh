@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up flexinfer in .venv (first time only) and run the default model (SmolLM2-135M-Instruct,
-# fetched once into ~/.cache/flexinfer). Extra arguments go to `flexinfer run`.
+# Set up flexinfer in .venv (first time only) and show what it is for: the default model
+# (SmolLM2-135M-Instruct, fetched once into ~/.cache/flexinfer) answering one prompt in RAM and
+# again under a memory budget too small for it (scripts/demo.py). With arguments, runs
+# `flexinfer run ARGS` instead, e.g. `bash scripts/demo.sh --chat`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,5 +11,5 @@ if [ ! -x .venv/bin/flexinfer ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet .
 fi
-if [ "$#" -eq 0 ]; then set -- --chat -p "Hello"; fi  # the instruct model answers as a chat
+if [ "$#" -eq 0 ]; then exec .venv/bin/python scripts/demo.py; fi
 exec .venv/bin/flexinfer run "$@"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +69,14 @@ def test_chat_one_shot_and_interactive(smollm2_path):
     assert r.returncode == 0, r.stderr
     replies = [line for line in r.stdout.splitlines() if line.strip()]
     assert len(replies) == 2, r.stdout  # one reply per line of input
-    assert sum("decode" in line for line in r.stderr.splitlines()) == 2  # a stats line per turn
+    lines = r.stderr.splitlines()
+    assert sum(" load " in line for line in lines) == 1, r.stderr  # loading is told once,
+    assert lines[0].startswith("flexinfer: load ") and "budget" in lines[0]  # before the first turn
+    turns = [line for line in lines if "decode" in line]  # then each turn has a line of its own
+    assert [t.split(" | ")[0] for t in turns] == ["flexinfer: turn 1", "flexinfer: turn 2"], \
+        r.stderr
+    for t in turns:
+        assert " load " not in t and "prompt" in t and "tok/s" in t and "resident" in t
 
 
 def _vocab(name: str) -> Path:
@@ -122,6 +131,88 @@ def test_errors_are_one_line_and_exit_2(tiny_llama_path, args, frag):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and frag in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,want", [
+    (("models", "--bogus"), "flexinfer: unrecognized arguments: --bogus"),  # the top-level parser
+    (("run", "-p", "x", "-n", "abc"),
+     "flexinfer: run: argument -n/--max-tokens: invalid int value: 'abc'"),  # a subcommand's
+    (("plan",), "flexinfer: plan: the following arguments are required: model"),
+])
+def test_argument_errors_name_the_program_once(args, want):
+    r = cli(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == want + "\n"
+
+
+def cli_tty_stderr(*args, env=None, timeout=300):
+    """cli() with stderr on a pseudo-terminal, as a user's shell has it: (returncode, stdout,
+    stderr)."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "flexinfer", *map(str, args)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                         env={**os.environ, **(env or {})})
+    os.close(slave)
+    err = b""
+    try:
+        while chunk := os.read(master, 4096):
+            err += chunk
+    except OSError:  # EIO: the child closed the terminal (Linux)
+        pass
+    finally:
+        os.close(master)
+    out = p.communicate(timeout=timeout)[0]
+    return p.returncode, out.decode(), err.decode()
+
+
+BAR = "MB resident weights"
+FAST = {"FLEXINFER_PROGRESS_AFTER": "0"}  # every load counts as slow
+
+
+def test_load_progress_bar_only_on_a_terminal_and_never_with_json(tiny_llama_path):
+    run = ("run", tiny_llama_path, "-p", "x", "-n", "2", "-c", "64")
+    code, _, err = cli_tty_stderr(*run, env=FAST)
+    assert code == 0, err
+    assert BAR in err and "] 100% " in err and "\r\033[K[" in err, err  # drawn in place
+    code, out, err = cli_tty_stderr(*run, "--json", env=FAST)
+    assert code == 0 and json.loads(out)["tokens"] and BAR not in err, err
+    code, _, err = cli_tty_stderr(*run, env={"FLEXINFER_PROGRESS_AFTER": "3600"})  # a quick load
+    assert code == 0 and BAR not in err, err
+    r = cli(*run, env=FAST)  # stderr a pipe, as in a log
+    assert r.returncode == 0 and BAR not in r.stderr, r.stderr
+    r = cli(*run, env={"FLEXINFER_PROGRESS_AFTER": "soon"})
+    assert r.returncode == 2 and r.stderr == (
+        "flexinfer: FLEXINFER_PROGRESS_AFTER: 'soon' is not a number of seconds >= 0\n")
+
+
+def test_load_reports_progress_in_bytes(tiny_llama_path):
+    calls = []
+    with flexinfer.load(tiny_llama_path, n_ctx=64, progress=lambda *a: calls.append(a)) as m:
+        resident = m.stats.resident_bytes
+    done = [d for d, _ in calls]
+    total = calls[-1][1]
+    assert len(calls) > 2 and done == sorted(done) and {t for _, t in calls} == {total}
+    assert calls[-1] == (total, total) and resident <= total  # matrices, and vectors besides
+
+
+def test_demo_answers_alike_in_ram_and_under_a_budget_that_streams(smollm2_path):
+    """scripts/demo.sh's first command: the same greedy answer twice, the second run under a
+    budget from the plan, with less resident and bytes read from disk for every token."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "scripts/demo.py", str(smollm2_path)], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    runs = [i for i, line in enumerate(out) if line.startswith("$ flexinfer run")]
+    assert len(runs) == 2 and "--memory-budget" in out[runs[1]], r.stdout
+    answers = [out[i + 1] for i in runs]
+    assert answers[0] and answers[0] == answers[1], r.stdout
+    stats = [line for line in r.stderr.splitlines() if line.startswith("flexinfer: load")]
+    assert len(stats) == 2, r.stderr
+    resident = [float(re.search(r"resident ([0-9.]+) GB", line)[1]) for line in stats]
+    assert resident[1] < resident[0] and "(--memory-budget)" in stats[1], stats
+    assert ", read " not in stats[0]
+    assert float(re.search(r"read ([0-9.]+) GB/token", stats[1])[1]) > 0
 
 
 def test_python_api(smollm2_path):

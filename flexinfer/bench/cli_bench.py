@@ -80,7 +80,7 @@ def options_from_args(args, log=sweep._stderr) -> sweep.BenchOptions:
     if not os.path.isfile(args.model):
         raise FlexInferError(f"{args.model}: no such model file")
     if importlib.util.find_spec("matplotlib") is None:  # found now, not after an hour of points
-        raise FlexInferError("flexinfer bench needs matplotlib for its plot: "
+        raise FlexInferError("bench: needs matplotlib for its plot: "
                              "pip install 'flexinfer[bench]'")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())  # "": peers only
     unknown = [m for m in modes if m not in sweep.MODES]
