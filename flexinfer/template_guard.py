@@ -53,9 +53,9 @@ class Limits:
 _BUDGET: ContextVar["Budget | None"] = ContextVar("flexinfer_template_budget", default=None)
 
 
-def current() -> "Budget | None":
-    """The budget of the render running in this thread (None outside render_chat)."""
-    return _BUDGET.get()
+# current() -> the budget of the render running in this thread or task (None outside
+# render_chat); the ContextVar's own method, as it is called for every operator and filter.
+current = _BUDGET.get
 
 
 class Budget:
