@@ -344,3 +344,30 @@ def test_every_filter_and_global_is_priced():
     assert set(_ENV.filters) - ours == set(template_costs.FILTERS)
     assert set(jinja2.defaults.DEFAULT_FILTERS) <= set(template_costs.FILTERS)
     assert set(_ENV.globals) <= set(template_costs.GLOBALS)
+
+
+def _model_with_template(path: Path, template: str) -> Path:
+    """A tiny synthetic llama (2 layers, 64 wide) whose tokenizer.chat_template is `template`."""
+    from flexinfer.bench.synth import (SynthSpec, model_metadata, resolve_vocab, tensor_chunks,
+                                       tensor_plan, tokenizer_metadata, vocab_path)
+    from flexinfer.bench.synth_writer import write_gguf
+    spec = SynthSpec("llama", 2, 64, 128, 4, 2, seed=17)
+    tok = tokenizer_metadata(vocab_path(spec))
+    tok["tokenizer.chat_template"] = template
+    n_vocab = resolve_vocab(spec, tok["tokenizer.ggml.tokens"], vocab_path(spec))
+    write_gguf(path, "llama", model_metadata(spec, n_vocab, "bomb"), tok,
+               tensor_plan(spec, n_vocab), lambda i, t: tensor_chunks(spec, i, t), None)
+    return path
+
+
+@pytest.mark.parametrize("name", ["nested_ranges", "namespace_tilde_doubling"])
+def test_cli_chat_with_a_bomb_template_exits_2_with_one_line(tmp_path, name):
+    """The issue's report, end to end: `flexinfer run MODEL --chat -p hi` with a hostile
+    template is one line naming the file, exit 2, no hang, not 24 GB."""
+    model = _model_with_template(tmp_path / "bomb.gguf", BOMBS[name][0])
+    r = subprocess.run([sys.executable, "-m", "flexinfer", "run", str(model), "--chat", "-p", "hi",
+                        "-n", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"{model}: chat template exceeded the " in lines[0]
