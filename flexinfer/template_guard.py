@@ -20,7 +20,7 @@ A limit crossed raises TemplateLimit; render_chat turns it into one FlexInferErr
 """
 
 import time
-from collections.abc import ItemsView, Iterator, KeysView, ValuesView
+from collections.abc import ItemsView, KeysView, ValuesView
 from contextvars import ContextVar
 from dataclasses import dataclass
 
