@@ -158,7 +158,8 @@ def _price_call(obj, args: tuple, kwargs: dict) -> tuple[int, tuple]:
         if name == "join" and args:
             items = materialize(args[0])
             shape = Shape(items)
-            return shape.text_bytes + len(owner) * 4 * len(items), (items,) + args[1:]
+            slots = 0 if isinstance(items, (list, tuple)) else 8 * len(items)  # a str's chars
+            return shape.text_bytes + (len(owner) * 4) * len(items) + slots, (items,) + args[1:]
         return costs.STR_METHODS.get(name, costs.STR_METHOD_DEFAULT)(owner, *args, **kwargs), args
     wrapped = getattr(obj, "__wrapped__", None)  # the sandbox's wrapper of str.format(_map)
     if name in ("format", "format_map") and isinstance(getattr(wrapped, "__self__", None), str):
@@ -191,7 +192,8 @@ def _guard_filter(name: str, func):
             if name == "join":
                 value = materialize(value)
                 sep = args[0] if args else kwargs.get("d", "")
-                cost = text_bytes(value) + text_bytes(sep) * len(value)
+                # jinja2 joins map(str, value): a list of 8-byte slots, then the text
+                cost = text_bytes(value) + (text_bytes(sep) + 8) * len(value)
             else:
                 cost = rule(value, *args, **kwargs)
             b.reserve(cost, f"the filter '{name}'")

@@ -284,7 +284,7 @@ def check_operand(x):
 def materialize(iterable) -> list:
     """A list of the items, each counted as a loop iteration (what `join` is about to read)."""
     if isinstance(iterable, (list, tuple, str)):
-        return list(iterable) if isinstance(iterable, str) else iterable
+        return iterable  # sized already (a str is joined character by character, as jinja2 does)
     b = _BUDGET.get()
     out = []
     for x in iterable:

@@ -58,6 +58,7 @@ BOMBS = {
     "power_huge": ("{{ 2 ** 100000000 }}", "memory"),
     "int_squaring": (doubling("{% set ns.n = ns.n * ns.n %}"), "memory"),
     "join_big_range": ("{% set s = range(99999)|join('x' * 1000) %}", "memory"),
+    "join_long_string": ("{{ ('x' * 4000000)|join(',') }}", "memory"),
     "join_doubling": (doubling("{% set ns.s = [ns.s, ns.s]|join %}"), "memory"),
     "str_join_method_doubling": (doubling("{% set ns.s = ns.s.join([ns.s, ns.s]) %}"), "memory"),
     "filter_center": (doubling("{% set ns.s = ns.s|center(ns.s|length * 2) %}"), "memory"),
