@@ -116,8 +116,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             result = super().call(context, obj, *args, **kwargs)
         finally:
             b.leave()
-        if not isinstance(obj, (Macro, LoopContext)):  # their text was charged when joined
-            b.charge(shallow_bytes(result))
+        if not isinstance(obj, (Macro, LoopContext)) and not _returns_a_part(obj):
+            b.charge(shallow_bytes(result))  # (a macro's text was charged when it was joined)
         return result
 
     def concat(self, pieces) -> str:
@@ -131,6 +131,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         if b is None:
             return "".join(map(str, values))
         return b.join([v if isinstance(v, str) else _priced_text(v, b) for v in values])
+
+
+def _returns_a_part(obj) -> bool:
+    """A method of a dict, list or tuple (get, index, items...) returns what it holds, not a new
+    value; only copy() builds one."""
+    return isinstance(getattr(obj, "__self__", None), (dict, list, tuple)) and \
+        getattr(obj, "__name__", "") != "copy"
 
 
 def _priced_text(value, b: Budget) -> str:
