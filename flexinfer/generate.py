@@ -111,7 +111,7 @@ def chat_prompt(model, messages: list[dict]) -> list[int]:
     """Render the model's chat template (sandboxed) and tokenize it with control tokens parsed."""
     md, tok = model.g.metadata, model.tokenizer
     template = md.get("tokenizer.chat_template") or DEFAULT_CHATML
-    text = render_chat(template, messages, source=model.path,
+    text = render_chat(template, messages, source=model.path, n_ctx=model.n_ctx,
                        bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
                        eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
     ids = model.tokenize(text, special=True)

@@ -130,8 +130,6 @@ def test_hf_extras_loopcontrols_generation_and_namespace():
     "{{ messages.append(1) }}",
     "{{ messages[0].update({'role': 'x'}) }}",
     "{{ messages[0].clear() }}",
-    "{{ 'a' * 100000000 }}",
-    "{{ 2 ** 100000000 }}",
 ])
 def test_sandbox_escapes_fail_with_a_clear_error(template):
     msgs = [{"role": "user", "content": "x"}]
