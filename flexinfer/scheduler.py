@@ -118,15 +118,17 @@ class BatchLoop:
         m._check_tokens_range(req.ids)
 
     def _admit(self) -> None:
+        """Cancelled waiting requests leave the queue; then the first ones take free slots."""
+        for item in [w for w in self.waiting if w[2].cancelled]:
+            self.waiting.remove(item)
+            item[1](Event("done", finish_reason="cancelled", usage=self._usage(None, item[0])))
         while self.waiting and len(self.running) < self.n_parallel:
             req, on_event, handle = self.waiting.popleft()
-            if handle.cancelled:
-                on_event(Event("done", finish_reason="cancelled", usage=self._usage(None, req)))
-                continue
             slot, cached = self._pick_slot(req.ids)
             self.model.cache.keep(slot, cached)
             self.running[slot] = _Seq(req, on_event, handle, slot, cached, self.model)
-            self.totals["requests"] += 1
+            self.totals["prompt_tokens"] += len(req.ids)  # tokens in, cached ones included
+            self.totals["cached_tokens"] += cached
 
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
         """The free slot holding the longest prefix of ids (least recently used on ties), and how
@@ -164,7 +166,7 @@ class BatchLoop:
         kind = "prompt" if prompt_tokens else "decode"
         self.totals[kind + "_s"] += dt
         self.totals[kind + "_steps"] += 1
-        self.totals["prompt_tokens"] += prompt_tokens
+        self.totals["prefill_tokens"] += prompt_tokens  # evaluated
         self.totals["bytes_read"] += self.model.io_counters()[0] - r0
         for seq, row in zip(rows, logits):
             self._last_used[seq.slot] = now
@@ -232,11 +234,12 @@ class BatchLoop:
         if tail:
             seq.on_event(Event("piece", tail, -1))
         del self.running[seq.slot]
-        self.totals["cached_tokens"] += seq.cached
+        self.totals["requests"] += 1
         seq.on_event(Event("done", finish_reason=reason, usage=self._usage(seq, seq.req)))
 
     def _fail(self, seq: _Seq, message: str) -> None:
         self.running.pop(seq.slot, None)
+        self.totals["requests"] += 1
         self.model.cache.keep(seq.slot, 0)
         seq.on_event(Event("error", message=message))
 
@@ -257,6 +260,8 @@ class BatchLoop:
             self._finish(seq, reason)
 
     def stats(self) -> dict:
+        """requests: finished (any reason); prompt_tokens: tokens in, of which cached_tokens came
+        from the cache; decode_tok_s: tokens sampled in decode-only steps over their time."""
         t, m = self.totals, self.model
         decoded = t["decode_tokens_in_decode"]
         return {
@@ -264,7 +269,7 @@ class BatchLoop:
             "requests": t["requests"], "prompt_tokens": t["prompt_tokens"],
             "decode_tokens": t["decode_tokens"], "cached_tokens": t["cached_tokens"],
             "decode_tok_s": round(decoded / t["decode_s"], 3) if t["decode_s"] else 0.0,
-            "prefill_tok_s": round(t["prompt_tokens"] / t["prompt_s"], 3) if t["prompt_s"] else 0.0,
+            "prefill_tok_s": round(t["prefill_tokens"] / t["prompt_s"], 3) if t["prompt_s"] else 0.0,
             "bytes_read_per_token": int(t["bytes_read"] / max(1, t["decode_tokens"])),
             "resident_bytes": m.stats.resident_bytes, "budget_bytes": m.stats.budget_bytes,
         }
