@@ -98,15 +98,14 @@ class Inputs:
         one = Inputs.sizes(cfg, n_cells, n_decode, embd_row_bytes)
         return sum(_pad(s, ggml_ops.PAGE) + ggml_ops.PAGE for s in one.values()) + ggml_ops.PAGE
 
-    def set_batch(self, b: TokenBatch, cells: np.ndarray, n_ctx: int, n_kv: int) -> int:
-        """Write positions, cache cells, the rows whose logits are wanted, and the mask: token t
-        sees cell c when c is in its sequence's slot at a position <= its own. Returns n_out."""
+    def set_batch(self, b: TokenBatch, cells: np.ndarray, n_ctx: int, n_kv: int) -> None:
+        """Write positions, cache cells and the mask: token t sees cell c when c is in its
+        sequence's slot at a position <= its own. (The rows whose logits are wanted go to `out`
+        before each head computation.)"""
         T = len(b)
         pos = np.asarray(b.pos, dtype=np.int32)
         self.pos[:T] = pos
         self.rows[:T] = cells
-        out = np.flatnonzero(b.logits)
-        self.out[:len(out)] = out
         t_pad = _pad(T, KQ_MASK_PAD)
         mask = np.frombuffer(self._mask, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
         c = np.arange(n_kv)
@@ -114,7 +113,6 @@ class Inputs:
         visible = (c[None, :] // n_ctx == seqs[:, None]) & (c[None, :] % n_ctx <= pos[:, None])
         mask[:T] = np.where(visible, np.float16(0), np.float16(-np.inf))
         mask[T:] = np.float16(-np.inf)
-        return len(out)
 
     def close(self) -> None:
         del self.pos, self.rows, self.out, self._mask, self._idx
@@ -260,42 +258,41 @@ class Engine:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _chunks(self, batch: TokenBatch):
-        """Pieces of at most n_ubatch tokens and MAX_LOGIT_ROWS logit rows each."""
-        i, n = 0, len(batch)
-        while i < n:
-            j, wanted = i, 0
-            while j < n and j - i < self.n_ubatch and wanted + batch.logits[j] <= MAX_LOGIT_ROWS:
-                wanted += batch.logits[j]
-                j += 1
-            yield batch.slice(i, j)
-            i = j
+        """Pieces of at most n_ubatch tokens: llama.cpp's micro-batches. Each piece runs through
+        the layers whole, however many logit rows it wants (they come out MAX_LOGIT_ROWS at a
+        time), so a prompt's attention runs over the same batch shapes as llama.cpp's (a short
+        last piece takes ggml's untiled flash attention, which rounds differently)."""
+        for i in range(0, len(batch), self.n_ubatch):
+            yield batch.slice(i, i + self.n_ubatch)
 
     def _forward_chunk(self, b: TokenBatch) -> np.ndarray | None:
         T, kv = len(b), self.kv
         cells = np.asarray(b.seqs, dtype=np.int64) * kv.n_ctx + np.asarray(b.pos, dtype=np.int64)
         n_kv = min(kv.n_cells, _pad(int(cells.max()) + 1, KV_BUCKET))
-        n_out = b.n_logits
-        gs = self._graphs(T, n_kv, max(n_out, 1))
+        wanted = np.flatnonzero(b.logits)
+        gs = self._graphs(T, n_kv, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
         self.store.embed_rows(b.tokens, self.inputs.addr["emb"])
         self.inputs.set_batch(b, cells, kv.n_ctx, n_kv)
-        if not n_out:
-            self.inputs.out[0] = T - 1
         self.backend.compute(gs.embed.graph)
+        out = []
         try:
             for il, ops in enumerate(gs.layers):
                 self.store.get(il)
                 self.backend.compute(ops.graph)
                 self.store.release(il)
             self.store.get(self.cfg.n_layer)  # even when unused: the prefetch order includes it
-            if n_out:
+            for i in range(0, len(wanted), gs.n_out):  # the head, n_out rows at a time
+                rows = wanted[i:i + gs.n_out]
+                self.inputs.out[:gs.n_out] = np.pad(rows, (0, gs.n_out - len(rows)), mode="edge")
                 self.backend.compute(gs.head.graph)
+                out.append(ggml_ops.as_numpy(gs.logits, (gs.n_out, self.cfg.n_vocab))[:len(rows)])
             self.store.release(self.cfg.n_layer)
         except BaseException:
             self.store.reset()  # the prefetcher restarts at layer 0 for the next forward pass
             raise
-        if not n_out:
+        if not out:
             return None
-        return ggml_ops.as_numpy(gs.logits, (gs.n_out, self.cfg.n_vocab))
+        return np.concatenate(out) if len(out) > 1 else out[0]
 
     def close(self) -> None:
         for gs in self._sets.values():
