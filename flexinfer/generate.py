@@ -32,6 +32,8 @@ class SamplingOptions:
     seed: int | None = None  # same seed, same output
     truncate: bool = False  # cut a prompt longer than the context instead of refusing it
     ignore_eos: bool = False  # keep generating past end-of-generation tokens (benchmarks)
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens: -= (count > 0) * this
+    frequency_penalty: float = 0.0  # OpenAI's, over generated tokens: -= count * this
 
 
 def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int, truncate: bool) -> list[int]:
@@ -66,14 +68,15 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
     times = times if times is not None else RunTimes()
     model._check_tokens(ids)
     sampler = make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p,
-                           opts.repeat_penalty, opts.repeat_last_n, opts.seed)
+                           opts.repeat_penalty, opts.repeat_last_n, opts.seed,
+                           opts.presence_penalty, opts.frequency_penalty)
     history = list(ids)
     logits = prefill(model, ids, times)
     r0, io0, st0, cv0 = _counters(model)
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
-            tok = sampler(logits, history)
+            tok = sampler(logits, history, len(ids))
             if tok in model.tokenizer.eog_ids and not opts.ignore_eos:
                 return
             history.append(tok)
