@@ -47,14 +47,15 @@ class QueueFull(FlexInferError):
 
 
 class Handle:
-    def __init__(self, req: Request, on_event: Callable[[Event], None]):
-        self.req, self.on_event = req, on_event
+    def __init__(self, sched: Scheduler, req: Request, on_event: Callable[[Event], None]):
+        self.sched, self.req, self.on_event = sched, req, on_event
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
-        """The sequence leaves before its next token (or is dropped from the queue)."""
+        """A running sequence leaves before its next token; a waiting one leaves the queue now."""
         self.cancelled.set()
+        self.sched._drop(self)
 
 
 class StopMatcher:
@@ -115,7 +116,7 @@ class Scheduler:
             self._thread.join()
 
     def submit(self, req: Request, on_event: Callable[[Event], None]) -> Handle:
-        h = Handle(req, on_event)
+        h = Handle(self, req, on_event)
         with self._cond:
             if self._closing:
                 raise FlexInferError("the scheduler is closed")
@@ -125,6 +126,14 @@ class Scheduler:
             self._queue.append(h)
             self._cond.notify()
         return h
+
+    def _drop(self, h: Handle) -> None:
+        with self._cond:
+            try:
+                self._queue.remove(h)
+            except ValueError:
+                return  # running, finished or never queued: the engine loop sees the flag
+        self._finish(h, "cancelled", 0, 0, None, 0.0)
 
     def stats(self) -> dict:
         t, st = self._totals, self.model.stats
@@ -198,7 +207,8 @@ class Scheduler:
         t["bytes_read"] += times.bytes_read
 
     def _finish(self, h: Handle, reason: str, n_prompt: int, n_out: int, ttft, decode_s) -> None:
-        self._totals["requests"] += 1
+        with self._cond:  # also called from the thread that cancels a waiting request
+            self._totals["requests"] += 1
         usage = dict(prompt_tokens=n_prompt, completion_tokens=n_out, cached_tokens=0,
                      ttft_s=ttft, decode_s=decode_s)
         h.on_event(Event("done", finish_reason=reason, usage=usage))

@@ -57,8 +57,8 @@ class Server:
 
     def post(self, path, key=KEY, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + path, headers={**headers, **kw.pop("headers", {})},
-                          timeout=60, **kw)
+        kw.setdefault("timeout", 60)
+        return httpx.post(self.url + path, headers={**headers, **kw.pop("headers", {})}, **kw)
 
     def metrics(self) -> dict:
         r = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
@@ -203,6 +203,20 @@ def test_client_dropping_mid_stream_cancels_its_sequence(server):
         _m(before, "flexinfer_requests_cancelled_total") + 1
     made = _m(m, "flexinfer_completion_tokens_total") - _m(before, "flexinfer_completion_tokens_total")
     assert made < 200 + 4, "the dropped sequence ran on to max_tokens"
+    # a non-streaming client that gives up waiting
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", json={"prompt": "Count:", "max_tokens": 200,
+                                             "ignore_eos": True}, timeout=httpx.Timeout(30, read=1))
+    deadline = time.monotonic() + 30
+    while _m(m := server.metrics(), "flexinfer_requests_cancelled_total") < \
+            _m(before, "flexinfer_requests_cancelled_total") + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _m(m, "flexinfer_requests_cancelled_total") == \
+        _m(before, "flexinfer_requests_cancelled_total") + 2
+    _wait_metric(server, "flexinfer_running_sequences", 0, cmp=lambda v, want: v <= want)
+    made = _m(server.metrics(), "flexinfer_completion_tokens_total") - \
+        _m(before, "flexinfer_completion_tokens_total")
+    assert made < 2 * 200, "the non-streaming request ran on after its client left"
 
 
 def _error(r: httpx.Response, status: int, param=None) -> dict:
@@ -296,9 +310,10 @@ def test_metrics_are_prometheus_text(server):
     assert _m(m, "process_resident_memory_bytes") > 10 ** 7
 
 
-def _wait_metric(s: Server, name: str, value: float, within: float = 10) -> None:
+def _wait_metric(s: Server, name: str, value: float, within: float = 30,
+                 cmp=lambda v, want: v >= want) -> None:
     deadline = time.monotonic() + within
-    while _m(s.metrics(), name) < value:
+    while not cmp(_m(s.metrics(), name), value):
         assert time.monotonic() < deadline, f"{name} did not reach {value} in {within} s"
         time.sleep(0.05)
 
@@ -328,6 +343,17 @@ def test_timeout_and_full_queue(smollm2_path, tmp_path):
         assert queued and queued[0].choices[0].finish_reason == "length"
         assert queued[0].usage.completion_tokens < n
         assert _m(s.metrics(), "flexinfer_requests_timed_out_total") == 2
+        # SIGTERM with a stream open: the stream ends at the next step and the server exits
+        _wait_metric(s, "flexinfer_running_sequences", 0, cmp=lambda v, want: v <= want)
+        stream = c.completions.create(**long, stream=True)
+        next(stream)
+        t0 = time.monotonic()
+        s.proc.terminate()
+        rest = list(stream)
+        assert rest and rest[-1].choices[0].finish_reason == "length"
+        s.proc.wait(30)
+        assert time.monotonic() - t0 < 10
+        assert "Traceback" not in s.log_path.read_text(), s.log_path.read_text()
     finally:
         s.stop()
 

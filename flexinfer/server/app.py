@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class State:
     server: object = None  # the uvicorn.Server, told to exit when the load fails
     responses: dict = field(default_factory=dict)  # status -> count
     counts: dict = field(default_factory=lambda: {"cancelled": 0, "timed_out": 0})
+    close_lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
@@ -87,6 +90,8 @@ class _CountStatus:
 
 
 async def _api_error(req, e: ApiError) -> JSONResponse:
+    if req.url.path != "/health":
+        log.info("%s %s: %d %s", req.method, req.url.path, e.status, e.message)
     return e.response()
 
 
@@ -107,7 +112,9 @@ async def _lifespan(app: FastAPI):
     task = asyncio.create_task(_load(state))
     yield
     await asyncio.gather(task, return_exceptions=True)  # a load under way finishes first
-    await run_in_threadpool(_close, state)
+    await run_in_threadpool(close_engine, state)
+    if state.model is not None:
+        state.model.close()
 
 
 async def _load(state: State) -> None:
@@ -133,11 +140,13 @@ async def _load(state: State) -> None:
              s.budget_source, s.offload_mode, s.resident_bytes / 1e9)
 
 
-def _close(state: State) -> None:
-    if state.scheduler is not None:
-        state.scheduler.close()
-    if state.model is not None:
-        state.model.close()
+def close_engine(state: State) -> None:
+    """Cancel every sequence and stop the engine thread, once (on SIGTERM, then at the end). Open
+    streams then end at the next step with finish_reason "length", so the shutdown is prompt."""
+    with state.close_lock:
+        if state.scheduler is not None and not state.closed:
+            state.closed = True
+            state.scheduler.close()
 
 
 def _check_key(state: State, req: HttpRequest) -> None:
@@ -285,7 +294,8 @@ async def _complete(state: State, req: HttpRequest, kind: str):
         raise ApiError(503, str(e), code="queue_full",
                        headers={"Retry-After": RETRY_AFTER_S}) from None
     if p.stream:
-        return EventSourceResponse(_sse(state, job, shape, p), ping=15)
+        # on SIGTERM the engine closes and every stream ends at its next step: let it (8 s)
+        return EventSourceResponse(_sse(state, job, shape, p), ping=15, shutdown_grace_period=8)
     return await _whole(state, req, job, shape)
 
 

@@ -54,6 +54,26 @@ def _logging() -> None:
     lg.propagate = False
 
 
+def _server_class(uvicorn):
+    """uvicorn waits for open connections before the app's shutdown; streams that generate for
+    minutes would hold it. On SIGINT/SIGTERM this one also closes the scheduler (on a worker thread:
+    it joins the engine thread, up to one step), which ends every stream at its next step."""
+    import asyncio
+
+    from flexinfer.server.app import close_engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            state = self.config.app.state.flex
+            try:  # a signal handler: schedule, never block here
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            loop.call_soon_threadsafe(loop.run_in_executor, None, close_engine, state)
+    return Server
+
+
 def serve_command(a, options: dict) -> int:
     import uvicorn
 
@@ -72,8 +92,8 @@ def serve_command(a, options: dict) -> int:
     _logging()
     sock = _bind(a.host, a.port)
     app = create_app(cfg)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5))
+    server = _server_class(uvicorn)(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                   timeout_graceful_shutdown=10))
     app.state.flex.server = server
     logging.getLogger("flexinfer.server").info(
         "listening on http://%s:%d (model %s loading)", a.host, sock.getsockname()[1], name)
