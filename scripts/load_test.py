@@ -8,6 +8,12 @@ token, requests and errors, and the server's peak memory, sampled every 0.1 s fr
     python scripts/load_test.py --url http://127.0.0.1:8080 --clients 16 --duration 120 \
         --pid $(pgrep -n -f 'flexinfer serve') --cgroup /sys/fs/cgroup/memory/serve --out run.json
 
+Or let it start the server under a fresh memory cgroup (page cache dropped first), wait for /health,
+run the load, then stop the server and report the cgroup's peak and whether the OOM killer fired:
+
+    python scripts/load_test.py --launch "flexinfer serve MODEL --port 8080 -t 2 --parallel 4" \
+        --memory-limit 2G --url http://127.0.0.1:8080 --clients 16 --duration 120 --label flexinfer
+
 Token counts come from the server's usage (stream_options.include_usage); a server that sends no
 usage is counted one token per content chunk.
 """
@@ -16,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
+import httpx
 import openai
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle gear works.",
@@ -108,6 +118,43 @@ def client_loop(i: int, a, until: float, out: dict, lock: threading.Lock) -> Non
             out["requests"] += 1
 
 
+@contextmanager
+def launched(a):
+    """Start --launch under a new cgroup of --memory-limit (the child joins before exec, so every
+    byte it touches is charged); yield (pid, cgroup dir, cgroup); stop it at the end."""
+    from flexinfer.budget import parse_size
+    from flexinfer.cgroup import _JOIN_AND_EXEC, MemoryCgroup, drop_page_cache
+    group = MemoryCgroup.create("load-test", parse_size(a.memory_limit, "--memory-limit"))
+    drop_page_cache()
+    log = open(a.server_log, "w")
+    proc = subprocess.Popen(["sh", "-c", _JOIN_AND_EXEC, str(group.procs_file),
+                             *shlex.split(a.launch)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + a.ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"load_test: the server exited with {proc.returncode}; see "
+                                 f"{a.server_log}")
+            try:
+                if httpx.get(a.url.rstrip("/") + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"load_test: the server was not ready in {a.ready_timeout} s")
+            time.sleep(0.5)
+        yield proc.pid, str(group.path), group
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        group.remove()
+
+
 def pct(xs: list[float], p: float) -> float | None:
     if not xs:
         return None
@@ -128,7 +175,27 @@ def main() -> int:
     ap.add_argument("--cgroup", default=None, help="cgroup v1 memory dir: peak usage")
     ap.add_argument("--label", default="", help="a name for this run in the output")
     ap.add_argument("--out", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--launch", default=None, help="a server command to start under a cgroup")
+    ap.add_argument("--memory-limit", default="2G", help="that cgroup's limit (with --launch)")
+    ap.add_argument("--server-log", default="load_test_server.log", help="its stdout and stderr")
+    ap.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for /health")
     a = ap.parse_args()
+    if a.launch:
+        with launched(a) as (a.pid, a.cgroup, group):
+            res = run_load(a)
+            res["oom_killed"] = group.oom_killed()
+            res["memory_limit"] = a.memory_limit
+            res["launch"] = a.launch
+    else:
+        res = run_load(a)
+    print(json.dumps(res, indent=1))
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return 1 if res["errors"] or res.get("oom_killed") else 0
+
+
+def run_load(a) -> dict:
     out, lock = {"ttft": [], "tokens": 0, "requests": 0, "errors": []}, threading.Lock()
     with Memory(a.pid, a.cgroup) as mem:
         t0 = time.perf_counter()
@@ -148,11 +215,7 @@ def main() -> int:
            "ttft_mean_s": statistics.fmean(out["ttft"]) if out["ttft"] else None,
            "peak_rss_bytes": mem.peak_rss or None, "peak_cgroup_bytes": mem.peak_cgroup or None,
            "memory_samples": mem.samples, "first_errors": out["errors"][:5]}
-    print(json.dumps(res, indent=1))
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
-    return 1 if out["errors"] else 0
+    return res
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "test-key"
-CTX = 256
+CTX = 512
+LONG = CTX - 20  # ignore_eos generations that a client leaves: far longer than it waits
 MAX_BODY = 65536
 SYSTEM, USER = "Answer briefly.", "What is the capital of France?"
 
@@ -185,7 +186,7 @@ def test_client_dropping_mid_stream_cancels_its_sequence(server):
     others = []
     t = threading.Thread(target=lambda: others.append(c.completions.create(
         model="m", prompt="Hello", temperature=0, max_tokens=4)))
-    stream = c.completions.create(model="m", prompt="Count:", temperature=0, max_tokens=200,
+    stream = c.completions.create(model="m", prompt="Count:", temperature=0, max_tokens=LONG,
                                   stream=True, extra_body={"ignore_eos": True})
     got = [next(stream) for _ in range(3)]
     t.start()
@@ -202,10 +203,10 @@ def test_client_dropping_mid_stream_cancels_its_sequence(server):
     assert _m(m, "flexinfer_requests_cancelled_total") == \
         _m(before, "flexinfer_requests_cancelled_total") + 1
     made = _m(m, "flexinfer_completion_tokens_total") - _m(before, "flexinfer_completion_tokens_total")
-    assert made < 200 + 4, "the dropped sequence ran on to max_tokens"
+    assert made < LONG + 4, "the dropped sequence ran on to max_tokens"
     # a non-streaming client that gives up waiting
     with pytest.raises(httpx.ReadTimeout):
-        server.post("/v1/completions", json={"prompt": "Count:", "max_tokens": 200,
+        server.post("/v1/completions", json={"prompt": "Count:", "max_tokens": LONG,
                                              "ignore_eos": True}, timeout=httpx.Timeout(30, read=1))
     deadline = time.monotonic() + 30
     while _m(m := server.metrics(), "flexinfer_requests_cancelled_total") < \
@@ -216,7 +217,7 @@ def test_client_dropping_mid_stream_cancels_its_sequence(server):
     _wait_metric(server, "flexinfer_running_sequences", 0, cmp=lambda v, want: v <= want)
     made = _m(server.metrics(), "flexinfer_completion_tokens_total") - \
         _m(before, "flexinfer_completion_tokens_total")
-    assert made < 2 * 200, "the non-streaming request ran on after its client left"
+    assert made < 2 * LONG, "the non-streaming request ran on after its client left"
 
 
 def _error(r: httpx.Response, status: int, param=None) -> dict:
@@ -242,7 +243,7 @@ def _error(r: httpx.Response, status: int, param=None) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
-    ({"messages": [{"role": "user", "content": "x " * 400}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x " * (CTX + 100)}]}, "messages"),
 ])
 def test_bad_chat_requests_get_400(server, body, param):
     _error(server.post("/v1/chat/completions", json=body), 400, param)
@@ -251,7 +252,7 @@ def test_bad_chat_requests_get_400(server, body, param):
 @pytest.mark.parametrize("body, param", [
     ({}, "prompt"), ({"prompt": 7}, "prompt"), ({"prompt": [1, -2]}, "prompt"),
     ({"prompt": [10 ** 9]}, "prompt"), ({"prompt": "x", "seed": 1.5}, "seed"),
-    ({"prompt": "x " * 400}, "prompt"), ([1, 2], None),
+    ({"prompt": "x " * (CTX + 100)}, "prompt"), ([1, 2], None),
 ])
 def test_bad_completion_requests_get_400(server, body, param):
     err = _error(server.post("/v1/completions", json=body), 400, param)
@@ -319,10 +320,11 @@ def _wait_metric(s: Server, name: str, value: float, within: float = 30,
 
 
 def test_timeout_and_full_queue(smollm2_path, tmp_path):
-    s = Server(smollm2_path, tmp_path, "--timeout", "4", "--max-queue", "1", "--parallel", "1")
+    s = Server(smollm2_path, tmp_path, "--timeout", "4", "--max-queue", "1", "--parallel", "1",
+               "-c", "4096")
     try:
         c = s.client()
-        n = CTX - 10  # far more than 4 s of tokens
+        n = 4000  # far more than 4 s of tokens
         long = dict(model="m", prompt="Count:", temperature=0, max_tokens=n,
                     extra_body={"ignore_eos": True})
         stream = c.completions.create(**long, stream=True, stream_options={"include_usage": True})
