@@ -16,6 +16,11 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+# Imported here, not first inside a capsys test: bench/cli_synth.py's ProgressLine binds sys.stderr as
+# a default argument at import, and capsys's stream is closed after the test that made it.
+import flexinfer.bench.cli_synth  # noqa: E402, F401
+from flexinfer.cli import main as cli_main  # noqa: E402
+
 KEY = "test-key"
 CTX = 512
 LONG = CTX - 20  # ignore_eos generations that a client leaves: far longer than it waits
@@ -361,7 +366,6 @@ def test_timeout_and_full_queue(smollm2_path, tmp_path):
 
 
 def test_serve_bad_options_exit_2_with_one_line(smollm2_path, capsys):
-    from flexinfer.cli import main
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -371,6 +375,6 @@ def test_serve_bad_options_exit_2_with_one_line(smollm2_path, capsys):
                                                                  "--memory-budget"),
                            (["--port", in_use], "cannot listen"), (["-c", "0"], "--ctx-size")):
             with pytest.raises(SystemExit) as e:
-                main(["serve", str(smollm2_path), *args])
+                cli_main(["serve", str(smollm2_path), *args])
             err = capsys.readouterr().err
             assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
