@@ -90,11 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(pl)
     pl.add_argument("-np", "--parallel", type=int, default=1, help="sequences decoded together")
     pl.add_argument("--json", action="store_true")
+    _add_serve(sub)
     pull = sub.add_parser("pull", help="download a known model into the cache")
     pull.add_argument("name")
     sub.add_parser("models", help="list cached models")
     _add_optional(sub)
     return ap
+
+
+def _add_serve(sub) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    sv.add_argument("model", nargs="?", default=None, help="a .gguf path or a cached name")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080, help="0: any free port")
+    sv.add_argument("--parallel", "-np", type=int, default=4, help="sequences generated at once")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more: 503")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    sv.add_argument("--timeout", type=float, default=None,
+                    help="seconds a request may take; then it ends with finish_reason length")
+    sv.add_argument("--max-body", type=int, default=1 << 20, help="request body bytes (1 MiB)")
+    sv.add_argument("--alias", default=None, help="the model name clients see (the file's name)")
+    _model_args(sv)
 
 
 def _add_optional(sub) -> None:
@@ -144,6 +160,11 @@ def _plan(a) -> int:
     return plan_command(a, _options(a))
 
 
+def _serve(a) -> int:
+    from flexinfer.server.main import serve_command
+    return serve_command(a, _options(a))
+
+
 def _pull(a) -> int:
     from flexinfer.hub import pull
     print(pull(a.name))
@@ -157,5 +178,6 @@ def _models(a) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "batch": _batch, "tokenize": _tokenize, "plan": _plan, "pull": _pull, "models": _models,
+COMMANDS = {"run": _run, "batch": _batch, "serve": _serve, "tokenize": _tokenize, "plan": _plan,
+            "pull": _pull, "models": _models,
             "synth": lambda a: a.func(a), "bench": lambda a: a.func(a)}

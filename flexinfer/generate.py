@@ -32,6 +32,8 @@ class SamplingOptions:
     seed: int | None = None  # same seed, same output
     truncate: bool = False  # cut a prompt longer than the context instead of refusing it
     ignore_eos: bool = False  # keep generating past end-of-generation tokens (benchmarks)
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens: -= (count > 0) * this
+    frequency_penalty: float = 0.0  # OpenAI's, over generated tokens: -= count * this
 
 
 def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int, truncate: bool) -> list[int]:
@@ -48,7 +50,8 @@ def fit_prompt(ids: list[int], n_ctx: int, max_tokens: int, truncate: bool) -> l
 
 def sampler_for(opts: SamplingOptions):
     return make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p, opts.repeat_penalty,
-                        opts.repeat_last_n, opts.seed)
+                        opts.repeat_last_n, opts.seed, opts.presence_penalty,
+                        opts.frequency_penalty)
 
 
 def prefill(model, ids: list[int], times: RunTimes, seq: int = 0):
@@ -74,7 +77,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
-            tok = sampler(logits, history)
+            tok = sampler(logits, history, len(ids))
             if tok in model.tokenizer.eog_ids and not opts.ignore_eos:
                 return
             history.append(tok)

@@ -1,6 +1,6 @@
 """Pick the next token from a vector of logits, the way llama.cpp users expect.
 
-The chain is llama.cpp's default order: repeat penalty, top-k, top-p, min-p, temperature, draw.
+The chain is llama.cpp's default order: penalties (repeat, then OpenAI's presence/frequency), top-k, top-p, min-p, temperature, draw.
 Temperature 0 is greedy argmax and skips everything after the penalty. Every step works on a
 candidate subset as soon as one exists, so a 150k vocabulary is touched by O(n) numpy passes only
 (one argpartition for top-k, one exp for probabilities); there is no Python loop over the vocab and
@@ -30,10 +30,16 @@ class Sampler:
     repeat_last_n: int  # how many recent history tokens are penalized; 0: off, -1: all history
     seed: int | None  # the seed given; None drew one from the OS
     rng: np.random.Generator = field(repr=False, compare=False)  # PCG64(seed): same seed, same draws
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), n_prompt: int = 0) -> int:
+        """history: prompt then generated ids; the first n_prompt of them are the prompt, which
+        the presence and frequency penalties skip (they count generated tokens only)."""
         logits = _penalize(np.asarray(logits, dtype=np.float32), history,
                            self.repeat_penalty, self.repeat_last_n)
+        logits = _penalize_counts(logits, history[n_prompt:], self.presence_penalty,
+                                  self.frequency_penalty)
         if self.temperature == 0 or self.top_k == 1:
             return _argmax(logits)
         ids = _top_k(logits, self.top_k)  # (k,) candidate token ids
@@ -62,7 +68,8 @@ class Sampler:
 
 def make_sampler(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-                 seed: int | None = None) -> Sampler:
+                 seed: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0) -> Sampler:
     """Validate the options (FlexInferError names the flag at fault) and build a Sampler."""
     _check(_is_real(temperature) and temperature >= 0, "--temperature", ">= 0", temperature)
     _check(_is_int(top_k) and top_k >= 0, "--top-k", "an integer >= 0 (0 = off)", top_k)
@@ -73,9 +80,12 @@ def make_sampler(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
     _check(_is_int(repeat_last_n) and repeat_last_n >= -1, "--repeat-last-n",
            "an integer >= -1 (-1 = all history)", repeat_last_n)
     _check(seed is None or (_is_int(seed) and seed >= 0), "--seed", "an integer >= 0", seed)
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        _check(_is_real(v) and -2 <= v <= 2, name, "in [-2, 2] (OpenAI's range)", v)
     return Sampler(float(temperature), int(top_k), float(top_p), float(min_p),
                    float(repeat_penalty), int(repeat_last_n), seed,
-                   np.random.Generator(np.random.PCG64(seed)))
+                   np.random.Generator(np.random.PCG64(seed)),
+                   float(presence_penalty), float(frequency_penalty))
 
 
 def _check(ok: bool, option: str, rule: str, value) -> None:
@@ -102,6 +112,20 @@ def _penalize(logits: np.ndarray, history: Sequence[int], penalty: float, last_n
     out = logits.copy()
     vals = out[ids]
     out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def _penalize_counts(logits: np.ndarray, generated: Sequence[int], presence: float,
+                     frequency: float) -> np.ndarray:
+    """OpenAI's penalties: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, count[j]
+    being how many times token j was generated so far. Copies, never writes the caller's array."""
+    if (presence == 0.0 and frequency == 0.0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    keep = (ids >= 0) & (ids < logits.shape[0])
+    ids, counts = ids[keep], counts[keep]
+    out = logits.copy()
+    out[ids] -= (counts * frequency + presence).astype(np.float32)
     return out
 
 

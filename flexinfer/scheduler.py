@@ -201,7 +201,7 @@ class BatchLoop:
         opts, m = seq.req.sampling, self.model
         if seq.generated >= opts.max_tokens:
             return self._finish(seq, "length")
-        tok = seq.sampler(logits, seq.history)
+        tok = seq.sampler(logits, seq.history, len(seq.req.ids))
         if tok in m.tokenizer.eog_ids and not opts.ignore_eos:
             return self._finish(seq, "stop")
         seq.history.append(tok)

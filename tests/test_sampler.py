@@ -173,3 +173,70 @@ def test_fast_on_a_150k_vocab():
             s(logits, history)
         per_token = (time.perf_counter() - t) / 20
         assert per_token < 0.05, (kw, per_token)  # 1-12 ms here; 50 ms leaves room for a busy CI
+
+
+def test_frequency_penalty_subtracts_count_times_penalty():
+    logits = np.array([3.0, 2.0, 0.0], np.float32)
+    assert make_sampler(temperature=0, frequency_penalty=0.4)(logits, [0, 0]) == 0  # 3 - 0.8 = 2.2
+    assert make_sampler(temperature=0, frequency_penalty=0.6)(logits, [0, 0]) == 1  # 3 - 1.2 = 1.8
+    assert make_sampler(temperature=0, frequency_penalty=0.4)(logits, [0, 0, 0]) == 1  # 3 - 1.2
+
+
+def test_presence_penalty_is_once_per_token_whatever_the_count():
+    logits = np.array([3.0, 2.0, 0.0], np.float32)
+    assert make_sampler(temperature=0, presence_penalty=0.9)(logits, [0] * 5) == 0  # 3 - 0.9
+    assert make_sampler(temperature=0, presence_penalty=1.1)(logits, [0]) == 1  # 3 - 1.1
+    both = make_sampler(temperature=0, presence_penalty=0.3, frequency_penalty=0.3)
+    assert both(logits, [0, 0]) == 0  # 3 - 0.6 - 0.3 = 2.1
+    assert both(logits, [0, 0, 0]) == 1  # 3 - 0.9 - 0.3 = 1.8
+    assert make_sampler(temperature=0, presence_penalty=-1.5)(logits, [1]) == 1  # 2 + 1.5 > 3
+
+
+def test_penalties_skip_the_prompt_and_leave_the_callers_array():
+    logits = np.array([3.0, 2.0, 0.0], np.float32)
+    before = logits.copy()
+    s = make_sampler(temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
+    assert s(logits, [0, 0, 0], n_prompt=3) == 0  # only prompt tokens: nothing generated yet
+    assert s(logits, [0, 0, 0, 0], n_prompt=3) == 1
+    np.testing.assert_array_equal(logits, before)
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [-2.1, 2.5, float("nan"), "1"])
+def test_penalty_range_checked(name, value):
+    with pytest.raises(FlexInferError, match=f"^{name} must be in \\[-2, 2\\]"):
+        make_sampler(**{name: value})
+
+
+class _FixedLogitsModel:
+    """A stand-in for Model in generate_ids: every step the same logits (token 5 best, then 4)."""
+    n_ctx = 64
+
+    class tokenizer:
+        eog_ids = {0}
+
+    class cache:
+        @staticmethod
+        def common_prefix(seq, ids):
+            return 0
+
+    def _check_tokens(self, ids):
+        pass
+
+    def io_counters(self):
+        return 0, 0.0, 0.0, 0.0
+
+    def _forward(self, ids, pos, seq=0):
+        row = np.zeros(8, np.float32)
+        row[5], row[4] = 2.0, 1.5
+        return row[None, :]
+
+
+def test_generate_ids_applies_the_penalties_to_generated_tokens_only():
+    from flexinfer.generate import SamplingOptions, generate_ids
+    model, prompt = _FixedLogitsModel(), [5, 5, 5, 5]
+    plain = SamplingOptions(max_tokens=4, temperature=0)
+    assert list(generate_ids(model, prompt, plain)) == [5, 5, 5, 5]
+    freq = SamplingOptions(max_tokens=4, temperature=0, frequency_penalty=0.4)
+    # 5 then (2 - 0.4 = 1.6 > 1.5) 5 then (2 - 0.8 < 1.5) 4 then (1.5 - 0.4 = 1.1 < 1.2) 5
+    assert list(generate_ids(model, prompt, freq)) == [5, 5, 4, 5]
