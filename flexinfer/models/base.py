@@ -121,6 +121,12 @@ def rms_norm(ops: Ops, cfg: ModelConfig, x: Tensor, weight: Tensor) -> Tensor:
     return ops.mul(ops.rms_norm(x, cfg.norm_eps), weight)
 
 
+def head_norm(ops: Ops, cfg: ModelConfig, t: Tensor, w: dict, name: str) -> Tensor:
+    """qwen3/gemma3's RMS norm over each head of q or k (t is (hd, heads, T)), when w has it."""
+    weight = w.get(name)
+    return t if weight is None else rms_norm(ops, cfg, t, weight)
+
+
 def proj(ops: Ops, w: dict, name: str, cur: Tensor) -> Tensor:
     """w[name.weight] @ cur, plus w[name.bias] when the file has one."""
     out = ops.mul_mat(w[name + ".weight"], cur)
