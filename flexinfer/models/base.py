@@ -58,6 +58,13 @@ class Batch:
     mask_swa: Tensor | None = None
 
 
+def window(cfg: ModelConfig, il: int) -> int:
+    """Layer il's attention kind for the cache and the planner: its sliding window in positions
+    (gemma3's sliding layers: cfg.n_swa; a query sees keys pos_q - n_swa < pos_k <= pos_q), or 0
+    for full causal attention. Every layer's K/V rows are cfg.n_embd_kv wide."""
+    return cfg.n_swa if cfg.is_swa(il) else 0
+
+
 def layer_weights(layers: list[dict], il: int) -> dict:
     """Layer il's weights plus the non-layer tensors layers read (role "rope"), which the store
     keeps in the head's dict (layers[-1]) under their full names."""
