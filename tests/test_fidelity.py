@@ -152,6 +152,7 @@ def _drop(*names):
         for n in names:
             w.pop(n, None)
         return cfg, w, x, batch
+    change.__name__ = "drop_" + "_".join(n.split(".")[0] for n in names)
     return change
 
 
@@ -189,7 +190,7 @@ BREAKS = [  # (reference, arch module, the feature broken)
 
 
 @pytest.mark.parametrize("name,arch,change", BREAKS,
-                         ids=[f"{a}-{getattr(c, '__name__', 'drop')}" for _, a, c in BREAKS])
+                         ids=[f"{a}-{c.__name__.strip('_')}" for _, a, c in BREAKS])
 def test_each_feature_moves_the_logits(name, arch, change, request, tmp_path_factory, monkeypatch):
     """The synthetic weights are strong enough that the comparison with llama.cpp fails when one
     feature is left out: the fidelity tests above could not pass with it broken."""
@@ -201,6 +202,6 @@ def test_each_feature_moves_the_logits(name, arch, change, request, tmp_path_fac
     tf, s = ref["teacher_forced"], ref["settings"]
     with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
         agree, diff = compare(model.logits(tf["ids"]), tf["top8_flash_attn_on"])
-    print(f"\n{name} broken by {getattr(change, '__name__', 'drop')}: top-1 {agree:.4f}, "
+    print(f"\n{name} broken by {change.__name__.strip('_')}: top-1 {agree:.4f}, "
           f"max logit diff {diff:.3g}")
     assert agree < MIN_TOP1_AGREEMENT or diff > MAX_LOGIT_DIFF
