@@ -447,14 +447,8 @@ class Ops:
         return ggml.ggml_rope_ext(self._ctx, a, pos, freq_factors, n_rot, mode, n_ctx_orig, base,
                                   freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
 
-    def swiglu_fused(self, a):
-        """silu(first half of ne0) * second half: phi3's fused gate|up rows (ggml_swiglu)."""
-        return ggml.ggml_swiglu(self._ctx, a)
-
-    def geglu(self, gate, up):
-        """gelu(gate) * up (tanh-approximated gelu, as gemma and llama.cpp use)."""
-        return ggml.ggml_geglu_split(self._ctx, gate, up)
-
+    def swiglu_fused(self, a): return ggml.ggml_swiglu(self._ctx, a)  # silu(1st half) * 2nd half
+    def geglu(self, gate, up): return ggml.ggml_geglu_split(self._ctx, gate, up)  # gelu(g) * up
     def tanh(self, a): return ggml.ggml_tanh(self._ctx, a)
 
     def flash_attn(self, q, k, v, mask, scale: float):
@@ -467,23 +461,10 @@ def row_stride(t: Tensor) -> int:
     return t.contents.nb[1]
 
 
-def stride(t: Tensor, dim: int) -> int:
-    """nb[dim]: bytes between consecutive elements along dimension dim."""
-    return t.contents.nb[dim]
-
-
-def ne(t: Tensor, dim: int) -> int:
-    """ne[dim]: elements along dimension dim (a cache's ne[1] is its cell count)."""
-    return t.contents.ne[dim]
-
-
-def type_of(t: Tensor) -> int:
-    return t.contents.type
-
-
-def row_size(type_id: int, n: int) -> int:
-    """Bytes of n elements of a type (n a multiple of its block size): ggml_row_size."""
-    return ggml.ggml_row_size(type_id, n)
+def stride(t: Tensor, dim: int) -> int: return t.contents.nb[dim]  # bytes along dim
+def ne(t: Tensor, dim: int) -> int: return t.contents.ne[dim]  # a cache's ne[1]: its cells
+def type_of(t: Tensor) -> int: return t.contents.type
+def row_size(type_id: int, n: int) -> int: return ggml.ggml_row_size(type_id, n)  # n elements
 
 
 class Allocator:
