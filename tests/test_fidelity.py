@@ -177,6 +177,7 @@ def _no_attn_factor(ops, cfg, il, w, x, batch):
     return dataclasses.replace(cfg, rope_attn_factor=1.0), w, x, batch
 
 
+BREAK_POSITIONS = 128  # the first half of the teacher-forced text: enough to see it, half the time
 BREAKS = [  # (reference, arch module, the feature broken)
     ("reference_llama_rope_freqs_synth.json", "llama", _drop("rope_freqs.weight")),
     ("reference_qwen3_synth.json", "qwen3", _drop("attn_q_norm.weight", "attn_k_norm.weight")),
@@ -200,8 +201,9 @@ def test_each_feature_moves_the_logits(name, arch, change, request, tmp_path_fac
     module = importlib.import_module(f"flexinfer.models.{arch}")
     monkeypatch.setattr(module, "build_layer", _wrap(module, change))
     tf, s = ref["teacher_forced"], ref["settings"]
+    n = BREAK_POSITIONS
     with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
-        agree, diff = compare(model.logits(tf["ids"]), tf["top8_flash_attn_on"])
+        agree, diff = compare(model.logits(tf["ids"][:n]), tf["top8_flash_attn_on"][:n])
     print(f"\n{name} broken by {change.__name__.strip('_')}: top-1 {agree:.4f}, "
           f"max logit diff {diff:.3g}")
     assert agree < MIN_TOP1_AGREEMENT or diff > MAX_LOGIT_DIFF
