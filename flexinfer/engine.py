@@ -24,7 +24,7 @@ from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_
 from flexinfer.gguf_file import row_bytes
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import KVCache
-from flexinfer.models.llama import Batch
+from flexinfer.models.base import Batch, layer_weights
 
 KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
 MAX_LOGIT_ROWS = 64  # logits for every position are computed this many rows at a time
@@ -65,7 +65,8 @@ class Inputs:
         pad = _pad(n_ubatch, KQ_MASK_PAD)
         return {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
-                "out": 4 * n_ubatch, "mask": 2 * n_cells * pad}
+                "out": 4 * n_ubatch, "mask": 2 * n_cells * pad,
+                **({"mask_swa": 2 * n_cells * pad} if cfg.n_swa else {})}
 
     def __init__(self, cfg: ModelConfig, n_cells: int, n_ubatch: int, embd_row_bytes: int):
         self.n_ubatch, self.n_cells = n_ubatch, n_cells
@@ -83,6 +84,8 @@ class Inputs:
         self._idx = np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)
         self._idx[:] = np.arange(n_ubatch)
         self._mask = mv(self.addr["mask"], sizes["mask"])
+        self.n_swa = cfg.n_swa  # sliding-window layers read their own mask (gemma3)
+        self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"]) if cfg.n_swa else None
 
     def release(self) -> None:
         """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
@@ -113,9 +116,15 @@ class Inputs:
         visible = (c[None, :] // n_ctx == seqs[:, None]) & (c[None, :] % n_ctx <= pos[:, None])
         mask[:T] = np.where(visible, np.float16(0), np.float16(-np.inf))
         mask[T:] = np.float16(-np.inf)
+        if self.n_swa:  # llama.cpp: key hidden when pos_q - pos_k >= n_swa
+            near = pos[:, None] - (c % n_ctx)[None, :] < self.n_swa
+            swa = np.frombuffer(self._mask_swa, dtype=np.float16,
+                                count=t_pad * n_kv).reshape(t_pad, n_kv)
+            swa[:T] = np.where(visible & near, np.float16(0), np.float16(-np.inf))
+            swa[T:] = np.float16(-np.inf)
 
     def close(self) -> None:
-        del self.pos, self.rows, self.out, self._mask, self._idx
+        del self.pos, self.rows, self.out, self._mask, self._idx, self._mask_swa
         self._buf.free()
 
 
@@ -173,12 +182,14 @@ class Engine:
         layers = []
         for il in range(cfg.n_layer):
             ops = Ops(_node_budget(self.store.layers[il], 96))
+            mask_shape = (n_kv, _pad(T, KQ_MASK_PAD))
             batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
                           ops.input(TYPE_I64, (T,), a["rows"]),
-                          ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]))
+                          ops.input(TYPE_F16, mask_shape, a["mask"]),
+                          ops.input(TYPE_F16, mask_shape, a["mask_swa"]) if cfg.n_swa else None)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
-            out = self.arch.build_layer(ops, cfg, self.store.layers[il], x, batch, self.kv.k[il],
-                                        self.kv.v[il], self.arch.ROPE_MODE)
+            out = self.arch.build_layer(ops, cfg, il, layer_weights(self.store.layers, il), x,
+                                        batch, self.kv.k[il], self.kv.v[il])
             ops.output(ops.cpy(out, x))
             layers.append(ops)
             if not alloc:
@@ -205,7 +216,7 @@ class Engine:
         if n_out < T:
             x = ops.get_rows(x, ops.input(TYPE_I32, (n_out,), a["out"]))
         w = self.store.layers[self.cfg.n_layer]
-        logits = self.arch.build_head(ops, self.cfg, w["output_norm.weight"], w["output.weight"], x)
+        logits = self.arch.build_head(ops, self.cfg, w, x)
         return ops, ops.output(logits)
 
     def _graphs(self, T: int, n_kv: int, n_out: int) -> GraphSet:

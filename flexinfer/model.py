@@ -303,7 +303,8 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
     types = _cache_types(cfg, o)
     ubatch = max(min(o.n_ubatch or DEFAULT_UBATCH, n_cells), o.n_seq)
     kv = kv_bytes(cfg, n_cells, *types)
-    by_ctx = kv + 2 * n_cells * ubatch  # KV cache + f16 attention mask rows
+    masks = 2 if cfg.n_swa else 1  # sliding-window layers have a mask of their own
+    by_ctx = kv + 2 * n_cells * ubatch * masks  # KV cache + f16 attention mask rows
     if by_ctx > budget:  # checked before anything sized by the context is allocated
         least = by_ctx + rss_bytes() + HEADROOM
         raise FlexInferError(f"--memory-budget: {_gb(budget)} ({source}) is below the minimum "
