@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--truncate", action="store_true", help="keep the end of a too-long prompt")
     run.add_argument("--ignore-eos", action="store_true", help="generate past end-of-generation")
     run.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
+    run.add_argument("--disk-rate", default=None, help="cap reads of the model's disk at this "
+                     "rate, e.g. 500M (bytes/s), in an I/O cgroup: emulates a slower disk (needs "
+                     "root or a delegated cgroup)")
     tok = sub.add_parser("tokenize", help="text on stdin -> token ids")
     tok.add_argument("model")
     tok.add_argument("--no-bos", action="store_true")

@@ -35,7 +35,10 @@ def run_command(a, options: dict) -> int:
         raise FlexInferError("run: give a prompt with -p TEXT or -f FILE (or use --chat)")
     if a.system is not None and not a.chat:
         raise FlexInferError("run: --system needs --chat")
-    with load(resolve(a.model), **options) as model:
+    from flexinfer.disk_cap import capped, parse_rate
+    path = resolve(a.model)
+    rate = parse_rate(a.disk_rate) if getattr(a, "disk_rate", None) else None
+    with capped(path, rate), load(path, **options) as model:
         if a.chat and prompt is None:
             return _interactive(model, a)
         messages = _messages(a.system, prompt) if a.chat else None

@@ -10,7 +10,7 @@ from typing import Iterator
 from flexinfer.chat import DEFAULT_CHATML, render_chat
 from flexinfer.errors import FlexInferError
 from flexinfer.sampler import make_sampler
-from flexinfer.stats import RunTimes
+from flexinfer.stats import RunTimes, process_read_bytes
 from flexinfer.tokenizer import StreamDecoder
 
 
@@ -53,11 +53,12 @@ def prefill(model, ids: list[int], times: RunTimes):
     return logits
 
 
-def _counters(model) -> tuple[int, float, float, float]:
+def _counters(model) -> tuple[int, float, float, float, int]:
     store = model._store
     p = store.prefetcher if store else None
     return (model._reader.bytes_read if model._reader else 0,
-            p.io_busy_s if p else 0.0, p.stall_s if p else 0.0, p.convert_busy_s if p else 0.0)
+            p.io_busy_s if p else 0.0, p.stall_s if p else 0.0, p.convert_busy_s if p else 0.0,
+            process_read_bytes())
 
 
 def generate_ids(model, ids: list[int], opts: SamplingOptions,
@@ -69,7 +70,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
                            opts.repeat_penalty, opts.repeat_last_n, opts.seed)
     history = list(ids)
     logits = prefill(model, ids, times)
-    r0, io0, st0, cv0 = _counters(model)
+    r0, io0, st0, cv0, d0 = _counters(model)
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
@@ -83,10 +84,10 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
                 return
             logits = model._forward([tok], len(history) - 1)[-1]
     finally:
-        r1, io1, st1, cv1 = _counters(model)
+        r1, io1, st1, cv1, d1 = _counters(model)
         times.decode_s = time.perf_counter() - t0
         times.bytes_read, times.io_busy_s, times.stall_s = r1 - r0, io1 - io0, st1 - st0
-        times.convert_s = cv1 - cv0
+        times.convert_s, times.disk_read = cv1 - cv0, d1 - d0
 
 
 def generate(model, prompt: str | list[int], *, add_bos: bool | None = None,

@@ -7,13 +7,15 @@ neither the cache nor readahead flatters it.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import platform
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from flexinfer.cgroup import drop_page_cache
+from flexinfer.cgroup import drop_page_cache, run_limited
 from flexinfer.errors import FlexInferError
 from flexinfer.machine import cpu_model
 
@@ -39,6 +41,21 @@ def measure_disk_bandwidth(path, *, max_bytes: int = MAX_BYTES, block: int = BLO
     samples = tuple(sorted(p[0] for p in passes))
     _, done, direct, dropped = passes[0]
     return DiskBandwidth(samples[len(samples) // 2], samples, done, direct, dropped)
+
+
+def measure_disk_capped(path, rate: int | None) -> DiskBandwidth:
+    """measure_disk_bandwidth, in a child process whose reads are capped at rate bytes/s (an I/O
+    cgroup, disk_cap.py; FlexInferError where none can be made); in this process when uncapped."""
+    if rate is None:
+        return measure_disk_bandwidth(path)
+    argv = [sys.executable, "-m", "flexinfer.bench.machine", os.fspath(path)]
+    run = run_limited(argv, None, timeout=3600, disk_rate=(os.fspath(path), rate))
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
+        raise FlexInferError(f"{path}: the capped disk measurement failed: {lines[-1]}")
+    d = json.loads(run.stdout)
+    return DiskBandwidth(d["bytes_per_s"], tuple(d["samples"]), d["bytes_read"], d["direct"],
+                         d["cache_dropped"])
 
 
 def _one_pass(path, max_bytes: int, block: int) -> tuple[float, int, bool, bool]:
@@ -99,3 +116,7 @@ def machine_info() -> dict:
         "memory_total_bytes": memory_total_bytes(),
         "python": platform.python_version(),
     }
+
+
+if __name__ == "__main__":  # python -m flexinfer.bench.machine MODEL: the disk's bandwidth as JSON
+    print(json.dumps(asdict(measure_disk_bandwidth(sys.argv[1]))))
