@@ -19,7 +19,7 @@ from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import GGUFFile, read_gguf, row_bytes
 from flexinfer.hub import home
-from flexinfer.planner import Machine
+from flexinfer.planner import CAP_PAUSE_CREDIT_S, Machine
 
 DISK_SAMPLE = 256 << 20  # bytes read to measure the disk (about 0.15 s at 1.6 GB/s)
 CHUNK = 8 << 20  # bytes per O_DIRECT read, as the streaming reads of large tensors
@@ -126,7 +126,9 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False) 
         cache[dkey] = measure_disk(g.path, g.file_size)
     _save_cache(cache)
     compute_bw, repack_bw = cache[ckey]
-    return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw)
+    capped = bool(os.environ.get("FLEXINFER_DISK_RATE"))  # a blkio cap refunds pauses
+    return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw,
+                   pause_credit_s=CAP_PAUSE_CREDIT_S if capped else 0.0)
 
 
 def record_calibration(path: str, n_threads: int, disk_bw: float | None,
