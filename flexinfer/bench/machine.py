@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from flexinfer.cgroup import drop_page_cache, run_limited
+from flexinfer.direct_io import READ_DEPTH
+from flexinfer.prefetch import ReadPool
 from flexinfer.errors import FlexInferError
 from flexinfer.machine import cpu_model
 
@@ -82,22 +84,25 @@ def _open_buffered(path) -> int:
                              f"{e.strerror}") from None
 
 
-def _read_span(fd: int, size: int, block: int) -> int:
-    """Reads [0, size) in block-sized preadv calls into one page-aligned buffer.
-
-    O_DIRECT needs an aligned address, offset and length; an anonymous mmap is page-aligned.
-    """
-    buf = mmap.mmap(-1, block)
+def _read_span(fd: int, size: int, block: int, depth: int = READ_DEPTH) -> int:
+    """Reads [0, size) in block-sized preadv calls, `depth` in flight as the engine's reader has
+    them (direct_io.READ_DEPTH), into page-aligned buffers (O_DIRECT needs an aligned address,
+    offset and length; an anonymous mmap is page-aligned)."""
+    bufs = [mmap.mmap(-1, block) for _ in range(depth)]
+    pool = ReadPool(depth)
     try:
         done = 0
         while done < size:
-            got = os.preadv(fd, [buf], done)
-            if got <= 0:
+            offsets = [done + i * block for i in range(depth) if done + i * block < size]
+            got = pool.map(lambda i: os.preadv(fd, [bufs[i]], offsets[i]), range(len(offsets)))
+            done += sum(got)
+            if sum(got) < block * len(offsets):  # the end of the file
                 break
-            done += got
         return done
     finally:
-        buf.close()
+        pool.close()
+        for b in bufs:
+            b.close()
 
 
 def memory_total_bytes() -> int | None:
