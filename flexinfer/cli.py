@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model")
     _model_args(pl)
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--disk-rate", default=None, help="plan for reads capped at this rate (the "
+                    "calibration of `run --disk-rate RATE`; needs root or a delegated cgroup)")
     pull = sub.add_parser("pull", help="download a known model into the cache")
     pull.add_argument("name")
     sub.add_parser("models", help="list cached models")

@@ -157,7 +157,10 @@ def plan_command(a, options: dict) -> int:
     g, cfg, specs = check_model(resolve(a.model))
     tokenizer = Tokenizer.from_gguf(g)  # built as `run` builds it, so the measured RSS matches
     n_ctx = o.n_ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
-    planned = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
+    from flexinfer.disk_cap import capped, parse_rate
+    rate = parse_rate(a.disk_rate) if getattr(a, "disk_rate", None) else None
+    with capped(g.path, rate):  # a calibration it makes is the capped disk's
+        planned = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
     report = plan_report(planned, g.file_size, n_ctx)
     del tokenizer
     if a.json:

@@ -294,3 +294,47 @@ def test_capped_read_runs_at_the_cap(tmp_path):
     left = [p for p in disk_cap.current_io_hierarchy().mount.iterdir()
             if p.name.startswith(f"flexinfer-io-{os.getpid()}-")]
     assert left == []
+
+
+def run_cli(argv) -> int:
+    from flexinfer import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code
+
+
+def test_run_disk_rate_bad_value_or_no_controller_is_one_line(tiny_llama_path, capsys,
+                                                               monkeypatch):
+    base = ["run", str(tiny_llama_path), "-p", "hi", "-n", "1", "--temp", "0", "-c", "64"]
+    assert run_cli(base + ["--disk-rate", "fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--disk-rate" in err[0] and "'fast'" in err[0]
+    monkeypatch.setattr(disk_cap, "current_io_hierarchy", lambda: None)
+    assert run_cli(base + ["--disk-rate", "100M"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be capped" in err[0]
+
+
+@pytest.mark.skipif(IO_REASON is not None, reason=f"reads cannot be capped here: {IO_REASON}")
+def test_run_under_a_cap_joins_it_and_leaves(tiny_llama_path, capsys):
+    before = Path("/proc/self/cgroup").read_text()
+    argv = ["run", str(tiny_llama_path), "-p", "hi", "-n", "2", "--temp", "0", "-c", "64",
+            "--json", "--disk-rate", "100M"]
+    assert run_cli(argv) == 0
+    assert capsys.readouterr().out.strip().startswith("{")
+    assert Path("/proc/self/cgroup").read_text() == before  # back where it came from
+    assert "FLEXINFER_DISK_RATE" not in os.environ
+    mount = disk_cap.current_io_hierarchy().mount
+    assert not [p for p in mount.iterdir() if p.name.startswith(f"flexinfer-io-{os.getpid()}-")]
+
+
+@pytest.mark.skipif(IO_REASON is not None, reason=f"reads cannot be capped here: {IO_REASON}")
+def test_capped_moves_this_process_in_and_out():
+    before = Path("/proc/self/cgroup").read_text()
+    with disk_cap.capped(__file__, 123_000_000) as cap:
+        inside = Path("/proc/self/cgroup").read_text()
+        assert f"/{cap.path.name}\n" in inside and cap.path.name not in before
+        name, _ = disk_cap.cap_file(cap.hierarchy.version, cap.device, cap.rate)
+        assert "123000000" in (cap.path / name).read_text()
+        assert os.environ["FLEXINFER_DISK_RATE"] == "123000000"
+    assert Path("/proc/self/cgroup").read_text() == before and not cap.path.exists()

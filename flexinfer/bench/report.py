@@ -177,7 +177,8 @@ def markdown(results: dict) -> str:
         mine = [r for r in rows if r.get("disk_rate_bytes_per_s") == rate]
         first = [r for r in mine if r["prompt_tokens"] == prompts[0]]
         out += [f"## Disk {rate_label(rate)}: reads {_fmt(disk.get('disk_bw_bytes_per_s', 0) / GB, '.3f')}"
-                f" GB/s (O_DIRECT, median of passes), load {disk.get('load_avg', '?')}", "",
+                f" GB/s (O_DIRECT, median of passes), load average "
+                f"{' '.join(f'{x:.1f}' for x in disk.get('load_avg') or [])} at its start", "",
                 f"### Decode tokens/s (prompt {prompts[0]} tokens, "
                 f"{results['options']['tokens']} generated)", "",
                 *table(first, modes, "decode_tokens_per_s", ".2f", True), "",
