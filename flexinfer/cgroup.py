@@ -270,16 +270,38 @@ _JOIN_AND_EXEC = 'echo $$ > "$0" && exec "$@"'
 
 
 def run_limited(argv: list[str], limit_bytes: int | None, *, env=None,
-                timeout: float | None = None) -> LimitedRun:
-    """Runs argv to completion inside a new memory cgroup of limit_bytes (None: no limit)."""
+                timeout: float | None = None, disk_rate: tuple[str, int] | None = None
+                ) -> LimitedRun:
+    """Runs argv to completion inside a new memory cgroup of limit_bytes (None: no limit).
+
+    disk_rate (model path, bytes/s): also cap reads from that file's disk (disk_cap.py). That cap
+    is never dropped quietly: where it cannot be set, FlexInferError, and nothing runs."""
+    from flexinfer import disk_cap  # it builds on this module's parsing
     group, note = None, "no limit asked for"
+    cap = None
+    if disk_rate is not None:  # first: the one that must not fail quietly
+        cap = disk_cap.DiskCap.create(*disk_rate)
+        env = {**(os.environ if env is None else env), disk_cap.ENV: str(disk_rate[1])}
     if limit_bytes is not None:
         try:
             group = MemoryCgroup.create("flexinfer", limit_bytes)
         except FlexInferError as e:
             note = str(e)
     try:
-        full = ["/bin/sh", "-c", _JOIN_AND_EXEC, str(group.procs_file), *argv] if group else argv
+        joins = [group.procs_file] if group else []
+        if cap and group and cap.hierarchy.version == 2 and group.version == 2:
+            cap.remove()  # one unified hierarchy: the memory cgroup carries io.max too
+            try:
+                disk_cap.DiskCap.apply_to(group.path, cap.hierarchy, cap.device, cap.rate)
+            except OSError as e:
+                raise FlexInferError(f"--disk-rate: cannot write io.max in {group.path}: "
+                                     f"{e.strerror or e}") from None
+            finally:
+                cap = None
+        joins += [cap.procs_file] if cap else []
+        full = list(argv)
+        for procs in joins:
+            full = ["/bin/sh", "-c", _JOIN_AND_EXEC, str(procs), *full]
         status, seconds, timed_out, out, err = _spawn_and_wait(full, env, timeout)
         peak = group.peak_bytes() if group else None
         oom = group.oom_killed() if group else False
@@ -288,6 +310,8 @@ def run_limited(argv: list[str], limit_bytes: int | None, *, env=None,
     finally:
         if group:
             group.remove()
+        if cap:
+            cap.remove()
 
 
 def _spawn_and_wait(argv, env, timeout):

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--truncate", action="store_true", help="keep the end of a too-long prompt")
     run.add_argument("--ignore-eos", action="store_true", help="generate past end-of-generation")
     run.add_argument("--json", action="store_true", help="one JSON object on stdout at the end")
+    run.add_argument("--disk-rate", default=None, help="cap reads of the model's disk at this "
+                     "rate, e.g. 500M (bytes/s), in an I/O cgroup: emulates a slower disk (needs "
+                     "root or a delegated cgroup)")
     tok = sub.add_parser("tokenize", help="text on stdin -> token ids")
     tok.add_argument("model")
     tok.add_argument("--no-bos", action="store_true")
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(pl)
     pl.add_argument("-np", "--parallel", type=int, default=1, help="sequences decoded together")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--disk-rate", default=None, help="plan for reads capped at this rate (the "
+                    "calibration of `run --disk-rate RATE`; needs root or a delegated cgroup)")
     _add_serve(sub)
     pull = sub.add_parser("pull", help="download a known model into the cache")
     pull.add_argument("name")

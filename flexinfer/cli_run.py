@@ -29,14 +29,21 @@ def _sampling(a) -> dict:
 
 
 def run_command(a, options: dict) -> int:
+    from flexinfer.disk_cap import capped, parse_rate
     from flexinfer.hub import resolve
-    from flexinfer.model import load
     prompt = _read_prompt(a)
     if prompt is None and not a.chat:
         raise FlexInferError("run: give a prompt with -p TEXT or -f FILE (or use --chat)")
     if a.system is not None and not a.chat:
         raise FlexInferError("run: --system needs --chat")
     path = resolve(a.model)  # a pull shows its own bar
+    rate = parse_rate(a.disk_rate) if getattr(a, "disk_rate", None) else None
+    with capped(path, rate):
+        return _run_loaded(a, path, options, prompt)
+
+
+def _run_loaded(a, path, options: dict, prompt: str | None) -> int:
+    from flexinfer.model import load
     bar = None if a.json else LoadProgress()  # silent unless stderr is a terminal and it is slow
     try:
         model = load(path, **options, progress=bar)
@@ -153,7 +160,10 @@ def plan_command(a, options: dict) -> int:
     g, cfg, specs = check_model(resolve(a.model))
     tokenizer = Tokenizer.from_gguf(g)  # built as `run` builds it, so the measured RSS matches
     n_ctx = o.n_ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
-    planned = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
+    from flexinfer.disk_cap import capped, parse_rate
+    rate = parse_rate(a.disk_rate) if getattr(a, "disk_rate", None) else None
+    with capped(g.path, rate):  # a calibration it makes is the capped disk's
+        planned = make_plan(g, cfg, specs, o, n_ctx, o.n_threads or os.cpu_count() or 1)
     report = {**plan_report(planned, g.file_size, planned.n_ctx), "parallel": o.n_seq}
     del tokenizer
     if a.json:

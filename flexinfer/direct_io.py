@@ -15,9 +15,14 @@ import threading
 
 from flexinfer.errors import StreamError
 from flexinfer.ggml_ops import memview
+from flexinfer.prefetch import ReadPool
 
 ALIGN = 4096  # bytes; O_DIRECT offset, length and address alignment
 READ_CHUNK = 4 << 20  # bytes per preadv: 4 MiB reads ran 5-25% faster than 16 MiB ones here
+READ_DEPTH = 2  # preadv calls in flight for a span of several chunks (a streamed piece is two):
+# here one 4 MiB read at a time got 0.69-0.75 GB/s, two 0.86-0.99 (under a 1 GB/s cap: 0.69 ->
+# 0.99), four no more than two; under a 0.5 GB/s cap all the same (docs/benchmarks.md,
+# scripts/read_concurrency.py). NVMe wants depth to pass about 2 GB/s.
 
 
 def align_down(n: int) -> int:
@@ -37,8 +42,11 @@ def span(offset: int, nbytes: int) -> tuple[int, int]:
 class DirectReader:
     """Positional reads of a model file. Thread-safe: preadv carries its own offset."""
 
-    def __init__(self, path: str, expect_size: int, direct: bool = True, note=None):
+    def __init__(self, path: str, expect_size: int, direct: bool = True, note=None,
+                 depth: int = READ_DEPTH):
         self.path, self.expect_size = path, expect_size
+        self.fd = -1
+        self._pool = ReadPool(depth) if depth > 1 else None  # threads start on first use
         self.direct = False
         self.bytes_read = 0
         self._lock = threading.Lock()
@@ -89,13 +97,30 @@ class DirectReader:
         return dst + (offset - start)
 
     def _pread_full(self, dst: int, start: int, length: int, need: int) -> int:
+        """Bytes read from start on, in READ_CHUNK pieces, READ_DEPTH of them in flight; stops
+        at the end of the file (the count of contiguous bytes read is returned)."""
+        chunks = [(off, min(READ_CHUNK, length - off)) for off in range(0, need, READ_CHUNK)]
+        if self._pool is None or len(chunks) < 2:
+            got = [self._pread_chunk(dst, start, c) for c in chunks]
+        else:
+            got = self._pool.map(lambda c: self._pread_chunk(dst, start, c), chunks)
         done = 0
-        while done < need:
-            size = min(READ_CHUNK, length - done)
+        for (off, size), n in zip(chunks, got):
+            done += n
+            if n < size:  # the end of the file: nothing after this chunk counts
+                break
+        return done
+
+    def _pread_chunk(self, dst: int, start: int, chunk: tuple[int, int]) -> int:
+        """Reads one chunk (offset from start, size) whole unless the file ends; bytes read."""
+        off, size = chunk
+        done = 0
+        while done < size:
             try:
-                n = os.preadv(self.fd, [memview(dst + done, size)], start + done)
+                n = os.preadv(self.fd, [memview(dst + off + done, size - done)],
+                              start + off + done)
             except OSError as e:
-                raise StreamError(f"{self.path}: read failed at offset {start + done}: "
+                raise StreamError(f"{self.path}: read failed at offset {start + off + done}: "
                                   f"{e.strerror or e}") from None
             if n == 0:
                 break
@@ -103,6 +128,8 @@ class DirectReader:
         return done
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

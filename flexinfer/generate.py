@@ -73,7 +73,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
     sampler = sampler_for(opts)
     history = list(ids)
     logits = prefill(model, ids, times, seq)
-    r0, io0, st0, cv0 = model.io_counters()
+    r0, io0, st0, cv0, d0 = model.io_counters()
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
@@ -87,10 +87,10 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
                 return
             logits = model._forward([tok], len(history) - 1, seq=seq)[-1]
     finally:
-        r1, io1, st1, cv1 = model.io_counters()
+        r1, io1, st1, cv1, d1 = model.io_counters()
         times.decode_s = time.perf_counter() - t0
         times.bytes_read, times.io_busy_s, times.stall_s = r1 - r0, io1 - io0, st1 - st0
-        times.convert_s = cv1 - cv0
+        times.convert_s, times.disk_read = cv1 - cv0, d1 - d0
 
 
 def generate(model, prompt: str | list[int], *, add_bos: bool | None = None,

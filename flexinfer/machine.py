@@ -19,7 +19,7 @@ from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import GGUFFile, read_gguf, row_bytes
 from flexinfer.hub import home
-from flexinfer.planner import Machine
+from flexinfer.planner import CAP_PAUSE_CREDIT_S, Machine
 
 DISK_SAMPLE = 256 << 20  # bytes read to measure the disk (about 0.15 s at 1.6 GB/s)
 CHUNK = 8 << 20  # bytes per O_DIRECT read, as the streaming reads of large tensors
@@ -108,23 +108,32 @@ def main_type(g: GGUFFile) -> int:
     return max(sizes, key=sizes.get) if sizes else TYPE_F32
 
 
+def disk_key(path: str, disk_rate: int | None = None) -> str:
+    """The cache key of a file's disk; under a read cap (FLEXINFER_DISK_RATE, set by
+    `--disk-rate`), the disk at that cap is another disk."""
+    rate = disk_rate or os.environ.get("FLEXINFER_DISK_RATE")
+    return f"disk|{os.stat(path).st_dev}" + (f"|cap{int(rate)}" if rate else "")
+
+
 def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False) -> Machine:
     cache = _load_cache()
-    dev = os.stat(g.path).st_dev
     tid = main_type(g)
     ckey = f"{cpu_model()}|t{n_threads}|type{tid}|repack{int(repack)}"
-    dkey = f"disk|{dev}"
+    dkey = disk_key(g.path)
     if refresh or ckey not in cache:
         cache[ckey] = measure_compute(tid, repack, n_threads)
     if refresh or dkey not in cache:
         cache[dkey] = measure_disk(g.path, g.file_size)
     _save_cache(cache)
     compute_bw, repack_bw = cache[ckey]
-    return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw)
+    capped = bool(os.environ.get("FLEXINFER_DISK_RATE"))  # a blkio cap refunds pauses
+    return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw,
+                   pause_credit_s=CAP_PAUSE_CREDIT_S if capped else 0.0)
 
 
 def record_calibration(path: str, n_threads: int, disk_bw: float | None,
-                       t_cpu: float | None, repack: bool = True) -> None:
+                       t_cpu: float | None, repack: bool = True,
+                       disk_rate: int | None = None) -> None:
     """Store bandwidths measured elsewhere (the bench's disk passes, its resident decode run) as
     this machine's calibration, so later plans predict from the same run's numbers."""
     try:
@@ -133,7 +142,7 @@ def record_calibration(path: str, n_threads: int, disk_bw: float | None,
         return
     cache = _load_cache()
     if disk_bw:
-        cache[f"disk|{os.stat(path).st_dev}"] = disk_bw
+        cache[disk_key(path, disk_rate)] = disk_bw
     ckey = f"{cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}"
     if t_cpu and ckey in cache:
         matrix_bytes = sum(t.nbytes for t in g.tensors.values()

@@ -29,7 +29,7 @@ from flexinfer.kv_cache import (KVCache, cache_type, check_cache_type, kv_bytes,
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
 from flexinfer.planner import BudgetError, Machine, Plan, plan
-from flexinfer.stats import Stats
+from flexinfer.stats import Stats, process_read_bytes
 from flexinfer.tokenizer import Tokenizer
 from flexinfer.weights import WeightStore, matrices
 
@@ -200,13 +200,14 @@ class Model:
         b.add_run(list(ids), seq, pos, all_logits=all_logits)
         return self.step(b)
 
-    def io_counters(self) -> tuple[int, float, float, float]:
-        """(bytes read from the model file, reader busy s, compute stalled s, converter busy s)
-        since load: differences of two readings give a stretch of work's figures."""
+    def io_counters(self) -> tuple[int, float, float, float, int]:
+        """(bytes our reader read from the model file, reader busy s, compute stalled s,
+        converter busy s, bytes the process read from storage, page faults included: what mmap
+        reads) since load: differences of two readings give a stretch of work's figures."""
         p = self._store.prefetcher if self._store else None
         return (self._reader.bytes_read if self._reader else 0,
                 p.io_busy_s if p else 0.0, p.stall_s if p else 0.0,
-                p.convert_busy_s if p else 0.0)
+                p.convert_busy_s if p else 0.0, process_read_bytes())
 
     def generate(self, prompt, **kw):
         from flexinfer.generate import generate

@@ -54,6 +54,11 @@ PIECE_SLACK = 8192  # bytes a piece may take in its slot beyond its own: O_DIREC
 CONVERT_CHUNK = 512 << 10  # bytes: a repacked piece is converted in place this many rows at a time,
 # each group copied out to a bounce buffer first (ggml repacks from one buffer into another); small
 # enough to stay in the core's L2 cache
+CREDIT_FLOOR = 0.6  # a read the disk refunds a pause for still takes this share of its time: under
+# a 0.5 GB/s blkio cap, a reader pausing 40-75 ms between 75 MB reads read at 1.35-1.71x the cap
+# (docs/benchmarks.md, scripts/cap_burst.py)
+CAP_PAUSE_CREDIT_S = 0.1  # s: a blkio cap refunded pauses of up to 75 ms almost whole (62 of 75 ms)
+# and 150 ms pauses not at all (a new throttle slice starts), measured as above
 POLICIES = {
     "ffn": ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output",
             "output"),
@@ -86,6 +91,9 @@ class Machine:
     compute_bw: float  # weight bytes/s a decode step multiplies through, all resident
     repack_bw: float  # bytes/s the converter repacks
     read_latency: float = 100e-6  # s per read request, on top of the bandwidth
+    pause_credit_s: float = 0.0  # a reader's pause up to this long is refunded by the next reads
+    # (they may run faster than disk_bw, down to CREDIT_FLOOR of their time): 0 for a real disk,
+    # CAP_PAUSE_CREDIT_S under a blkio read cap, whose token bucket lends what a pause saved
 
 
 class RingSpec(NamedTuple):
@@ -219,9 +227,17 @@ def _streamed(layers, rows) -> dict[int, int]:
     return {l: sum((t.rows - rows[t.name]) * t.row_bytes for t in ts) for l, ts in layers.items()}
 
 
+def refunded(io: float, idle: float, credit: float) -> float:
+    """A read of io seconds after the reader idled `idle` seconds, on a disk that refunds pauses
+    up to `credit` seconds (a blkio cap; 0: a real disk, which refunds nothing)."""
+    if not credit or idle <= 0 or idle > credit:
+        return io
+    return max(io - idle, io * CREDIT_FLOOR)
+
+
 def simulate(loads: list[tuple[float, float]], computes: list[float], window: int,
              tokens: int = 5, early: list[float] | None = None,
-             lag: list[float] | None = None) -> float:
+             lag: list[float] | None = None, credit: float = 0.0) -> float:
     """Seconds per token in steady state for a layer pipeline: one reader thread (io), one converter
     (repack, which shares the cores with compute), compute in layer order, `window` layers ahead.
 
@@ -233,7 +249,8 @@ def simulate(loads: list[tuple[float, float]], computes: list[float], window: in
     works piece by piece behind the reader: lag[j] of layer j's conversion is left when its last
     read ends (1: all of it, as if it waited for the whole layer).
     The pipeline can settle into a cycle longer than one token, so the first token (the warm-up)
-    is dropped and the others are averaged."""
+    is dropped and the others are averaged. credit: pauses of the reader up to that long are
+    refunded by its next read (refunded(); a blkio cap does that, a disk does not)."""
     assert tokens >= 2, "one warm-up token, then at least one measured"
     n = len(computes)
     read_end = conv_end = 0.0
@@ -245,7 +262,8 @@ def simulate(loads: list[tuple[float, float]], computes: list[float], window: in
         if io > 0:
             slot_free = comp_end[streamed[-window]] if window and len(streamed) >= window else 0.0
             part = early[k % n] if early else 1.0
-            read_end = max(read_end, slot_free) + io * part
+            begin = max(read_end, slot_free)
+            read_end = begin + refunded(io * part, begin - read_end, credit)
             if part < 1.0:
                 read_end = max(read_end, comp_end[streamed[-1]] if streamed else 0.0)
                 read_end += io * (1.0 - part)
@@ -271,10 +289,27 @@ def _cost(layers, rows, machine: Machine, window: int, sync: bool,
     t_io = sum(io for io, _ in loads)
     t_cpu = sum(computes) + sum(c for _, c in loads)
     if sync:
-        return t_io, t_cpu, t_io + t_cpu
+        return t_io, t_cpu, _sync_time(loads, computes, machine.pause_credit_s)
     lag = [min(1.0, STREAM_CHUNK / s) if s else 1.0 for s in sizes]  # the last piece's share
     return t_io, t_cpu, simulate(loads, computes, window, early=_early(sizes, window, ring),
-                                 lag=lag)
+                                 lag=lag, credit=machine.pause_credit_s)
+
+
+def _sync_time(loads, computes, credit: float) -> float:
+    """Seconds per token reading each layer, then converting and computing it, on one thread: the
+    sum of everything, less what a disk that refunds pauses (a blkio cap) gives back for the
+    compute between reads (the second of two tokens, so the first read's pause counts too)."""
+    if not credit:
+        return sum(io for io, _ in loads) + sum(computes) + sum(c for _, c in loads)
+    now = read_end = start = 0.0
+    for k in range(2 * len(loads)):
+        if k == len(loads):
+            start = now
+        (io, conv), comp = loads[k % len(loads)], computes[k % len(loads)]
+        if io > 0:
+            now = read_end = now + refunded(io, now - read_end, credit)
+        now += conv + comp
+    return now - start
 
 
 def _early(sizes: list[int], window: int, ring: int) -> list[float] | None:
@@ -339,9 +374,11 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
         return finish(all_rows, 0, "mmap", fx, (note,))
     if mode != "prefetch" and fx + total <= budget:
         return finish(all_rows, 0, "all-resident", fx)
-    # layers read ahead: the caller's, else the faster of 2 and 3 (one more lookahead in the ring
-    # against the rows it displaces); more than there are layers would be unused
-    wins = [window] if window else [1] if mode == "sync" else [2, 3]
+    # layers read ahead: the caller's, else for flexinfer the fastest of 1, 2 and 3 by the cost
+    # model: a lookahead in the ring displaces resident rows, so it costs reads on every token,
+    # and with compute short (or refunded, under a blkio cap) one layer at a time wins (issue 18);
+    # more than there are layers would be unused
+    wins = [window] if window else {"sync": [1], "flexinfer": [1, 2, 3]}.get(mode, [2])
     wins = sorted({min(w, len(layers)) for w in wins})
     orders = POLICIES if preserve == "auto" else {preserve: POLICIES[preserve]}
     if mode == "prefetch":  # asynchronous, nothing locked

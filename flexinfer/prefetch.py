@@ -1,4 +1,5 @@
-"""The only module that starts threads: it fills a ring of bytes with layers, ahead of compute.
+"""The only module that starts threads: it fills a ring of bytes with layers, ahead of compute,
+and runs a reader's several reads at once (ReadPool).
 
 Two threads, so reading and converting overlap:
 - the reader reads each job (a streamed tensor piece) straight into the ring, in layer order;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from flexinfer.errors import FlexInferError, StreamError
@@ -228,3 +230,27 @@ class Prefetcher:
     @property
     def alive(self) -> int:
         return sum(t.is_alive() for t in self._threads)
+
+
+class ReadPool:
+    """`depth` calls in flight at once (direct_io.py: several preadv of one span, which a disk
+    with a queue serves faster than one at a time). map() returns the results in order and raises
+    the first call's error in the caller; the threads start on first use, close() joins them."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def map(self, fn: Callable[[Any], Any], items: list) -> list:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="flexinfer-read")
+            pool = self._pool
+        return list(pool.map(fn, items))
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)

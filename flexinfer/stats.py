@@ -46,10 +46,15 @@ class RunTimes:
     io_busy_s: float = 0.0  # reader thread time in reads, during decode
     stall_s: float = 0.0  # compute waiting for weights, during decode
     convert_s: float = 0.0  # converter thread time uploading (repacking) streamed weights
+    disk_read: int = 0  # /proc/self/io read_bytes during decode: what the disk gave this process,
+    # page faults of a mapping (mmap mode) included, which the reader's count cannot see
 
     def as_dict(self, stats: Stats) -> dict:
         n = max(self.decode_tokens, 1)
         decode_tps = self.decode_tokens / self.decode_s if self.decode_s else 0.0
+        read, busy = self.bytes_read, self.io_busy_s
+        if stats.offload_mode == "mmap":  # no reader: faults read on the computing thread
+            read, busy = self.disk_read, self.decode_s
         return {
             "prefill_tokens_per_s": _r((self.prompt_tokens - self.cached_tokens) / self.prefill_s
                                        if self.prefill_s else 0),
@@ -57,8 +62,9 @@ class RunTimes:
             "decode_tokens_per_s": _r(decode_tps),
             "load_s": _r(stats.load_s),
             "peak_memory_bytes": peak_rss_bytes(),
-            "bytes_read_per_token": int(self.bytes_read / n),
-            "io_gbps": _r(self.bytes_read / self.io_busy_s / 1e9 if self.io_busy_s else 0.0),
+            "bytes_read_per_token": int(read / n),
+            "disk_read_bytes_per_token": int(self.disk_read / n),
+            "io_gbps": _r(read / busy / 1e9 if busy else 0.0),
             "compute_s_per_token": _r(max(self.decode_s - self.stall_s, 0) / n),
             "stall_fraction": _r(self.stall_s / self.decode_s if self.decode_s else 0.0),
             "convert_s_per_token": _r(self.convert_s / n),
@@ -73,6 +79,20 @@ class RunTimes:
 
 def _r(x: float) -> float:
     return round(float(x), 4)
+
+
+def process_read_bytes(path: str = "/proc/self/io") -> int:
+    """Bytes this process (all its threads) caused to be read from storage: `read_bytes` of
+    /proc/self/io. Counts O_DIRECT reads and page faults alike; 0 where the file is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "read_bytes":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 # ---- the stats lines on stderr. One-shot: load_line + turn_line in one. Chat: the load line once,

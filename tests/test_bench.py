@@ -5,14 +5,17 @@ a tiny model where llama_cpp is installed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import io
 import json
+import os
 import sys
 
 import pytest
 
 from flexinfer.bench import cli_bench, sweep
+from flexinfer.bench.machine import DiskBandwidth
 from flexinfer.bench.progress import ProgressBar
 from flexinfer.bench.sweep import BenchOptions, Deps, Point, bound_tokens_per_s, run_sweep
 from flexinfer.cgroup import LimitedRun
@@ -41,10 +44,11 @@ class FakeRunner:
     timeout; anything else: budget GB * 0.2 tokens/s (constrained as told)."""
 
     def __init__(self, constrained: bool = True):
-        self.constrained, self.calls = constrained, []
+        self.constrained, self.calls, self.rates = constrained, [], []
 
-    def __call__(self, argv, limit, *, timeout=None) -> LimitedRun:
+    def __call__(self, argv, limit, *, timeout=None, disk_rate=None) -> LimitedRun:
         self.calls.append((argv, limit, timeout))
+        self.rates.append(disk_rate)
         mode, c = mode_of(argv), self.constrained and limit is not None
         if limit is None:
             return LimitedRun(0, fake_json(10.0), "", None, False, 1.0, False)
@@ -73,7 +77,7 @@ def options(model, out, **kw) -> BenchOptions:
 
 
 def deps(runner, reason=None, log=None) -> Deps:
-    return Deps(run=runner, calibrate=lambda *a: None, drop_caches=lambda: True, cgroup_reason=lambda: reason,
+    return Deps(run=runner, calibrate=lambda *a, **k: None, drop_caches=lambda: True, cgroup_reason=lambda: reason,
                 machine=lambda: {"cores": 2, "cpu_model": "fake", "kernel": "6.0"},
                 log=log or (lambda s: None), progress_stream=io.StringIO())
 
@@ -126,7 +130,7 @@ def test_unconstrained_runs_are_marked_and_said_once(model, tmp_path):
 
 
 def test_failed_resident_run_leaves_io_only_bounds(model, tmp_path):
-    def runner(argv, limit, *, timeout=None):
+    def runner(argv, limit, *, timeout=None, disk_rate=None):
         if limit is None:
             return LimitedRun(1, "", "ImportError: no engine yet\n", None, False, 0.1, False)
         return FakeRunner()(argv, limit, timeout=timeout)
@@ -163,6 +167,60 @@ def test_prompt_lengths_are_points_with_prefill_tables(model, tmp_path):
     assert prompt.split() == ["the"] * 64
     md = (tmp_path / "results.md").read_text()
     assert "## Prefill tokens/s (prompt 64 tokens)" in md and "| 4.00 | 50.0 |" in md
+
+
+class RateRunner(FakeRunner):
+    """Decode tokens/s = the cap in GB/s times (1 + repeat / 10): repeats differ, rates too."""
+
+    def __call__(self, argv, limit, *, timeout=None, disk_rate=None) -> LimitedRun:
+        super().__call__(argv, limit, timeout=timeout, disk_rate=disk_rate)
+        if limit is None:
+            return LimitedRun(0, fake_json(10.0), "", None, False, 1.0, False)
+        runs = sum(1 for r in self.rates if r == disk_rate) - 1
+        k = runs // 2  # two budgets per repeat
+        return LimitedRun(0, fake_json(disk_rate[1] / GB * (1 + k / 10)), "", 1, False, 1.0, True)
+
+
+def test_disk_rates_cap_every_point_and_calibration(model, tmp_path):
+    runner, measured, calibrated = RateRunner(), [], []
+
+    def disk(path, rate):
+        measured.append((path, rate))
+        return DiskBandwidth(rate * 0.98, (rate * 0.98,), 1, True, True)
+
+    d = dataclasses.replace(deps(runner), disk_bandwidth=disk,
+                            calibrate=lambda *a, **k: calibrated.append(k["disk_rate"]))
+    opts = options(model, tmp_path, modes=("flexinfer",), budgets=(GB, 2 * GB), disk_bw=None,
+                   disk_rates=(GB // 2, GB), repeats=3, t_cpu=0.1)
+    results = run_sweep(opts, d)
+    assert measured == [(str(model), GB // 2), (str(model), GB)] and calibrated == [GB // 2, GB]
+    assert runner.rates == [(str(model), GB // 2)] * 6 + [(str(model), GB)] * 6
+    rows = results["rows"]
+    assert [r["disk_rate_bytes_per_s"] for r in rows] == [GB // 2] * 6 + [GB] * 6
+    assert [r["repeat"] for r in rows[:6]] == [0, 0, 1, 1, 2, 2]
+    # the bound at 1 GB budget: 2 GB left to read at the rate's calibrated 0.98 of the cap
+    assert rows[0]["bound_tokens_per_s"] == pytest.approx(0.49 / 2)
+    assert rows[6]["bound_tokens_per_s"] == pytest.approx(0.98 / 2)
+    assert [x["disk_rate_bytes_per_s"] for x in results["disks"]] == [GB // 2, GB]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Disk 0.5 GB/s: reads 0.490 GB/s" in md and "## Disk 1 GB/s: reads 0.980" in md
+    assert "| 1.00 | 0.55 (0.50-0.60) | 0.24 |" in md  # median of 0.5, 0.55, 0.6
+    assert "| 1.00 | 1.10 (1.00-1.20) | 0.49 |" in md
+    assert (tmp_path / "throughput.png").exists()
+
+
+def test_disk_rate_option_stops_where_no_cap_can_be_set(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli_bench, "io_cap_unavailable_reason", lambda path: "no blkio here")
+    with pytest.raises(FlexInferError, match="no blkio here"):
+        cli_bench.options_from_args(bench_args(model, tmp_path, "--budgets", "1G",
+                                               "--disk-rate", "500M"))
+    monkeypatch.setattr(cli_bench, "io_cap_unavailable_reason", lambda path: None)
+    opts = cli_bench.options_from_args(bench_args(model, tmp_path, "--budgets", "1G",
+                                                  "--disk-rate", "500M,1G", "--repeats", "3"))
+    assert opts.disk_rates == (5 * 10**8, 10**9) and opts.repeats == 3
+    with pytest.raises(FlexInferError, match="--disk-rate"):
+        cli_bench.options_from_args(bench_args(model, tmp_path, "--budgets", "1G",
+                                               "--disk-rate", "fast"))
 
 
 def test_commands():
@@ -248,3 +306,40 @@ def test_llamacpp_peer_for_real(tiny_llama_path, tmp_path):
     for row in results["rows"]:
         assert row["status"] == "ok", row["status"]
         assert row["decode_tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+
+
+MMAP_CHILD = """
+import mmap, sys
+from flexinfer.stats import process_read_bytes
+f = open(sys.argv[1], 'rb')
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+before = process_read_bytes()
+total = sum(m[i] for i in range(0, len(m), 4096))  # one byte a page: every page faulted in
+print(process_read_bytes() - before)
+"""
+
+
+def test_mmap_reads_are_counted(tmp_path):
+    """Page faults of a mapping read from disk show in /proc/self/io, which mmap rows report."""
+    from flexinfer.cgroup import drop_page_cache, run_limited
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(16 << 20))
+    if not drop_page_cache():
+        pytest.skip("cannot drop the page cache (not root): the pages would be cached")
+    run = run_limited([sys.executable, "-c", MMAP_CHILD, str(path)], None, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 15 << 20
+
+
+def test_mmap_stats_report_process_reads(tmp_path):
+    from flexinfer.stats import RunTimes, Stats, process_read_bytes
+    io = tmp_path / "io"
+    io.write_text("rchar: 10\nwchar: 0\nread_bytes: 123456\nwrite_bytes: 0\n")
+    assert process_read_bytes(str(io)) == 123456 and process_read_bytes(str(tmp_path / "x")) == 0
+    times = RunTimes(decode_tokens=4, decode_s=2.0, bytes_read=0, disk_read=4 * 10**9)
+    mmap_row = times.as_dict(Stats(offload_mode="mmap"))
+    assert mmap_row["bytes_read_per_token"] == 10**9 and mmap_row["io_gbps"] == 2.0
+    times.bytes_read, times.io_busy_s = 8 * 10**8, 1.0
+    direct_row = times.as_dict(Stats(offload_mode="flexinfer"))  # the reader's own count
+    assert direct_row["bytes_read_per_token"] == 2 * 10**8 and direct_row["io_gbps"] == 0.8
+    assert direct_row["disk_read_bytes_per_token"] == 10**9

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flexinfer import cgroup
+from flexinfer import cgroup, disk_cap
+from flexinfer.errors import FlexInferError
 from flexinfer.cgroup import (MemoryCgroup, cgroup_limit_bytes, cgroup_unavailable_reason,
                               find_hierarchy, parse_limit, parse_proc_cgroup, run_limited)
 
@@ -161,3 +162,179 @@ def test_container_mount_shows_its_own_subtree(tmp_path):
 def test_no_cgroup_mounts(tmp_path):
     files = fake_proc(tmp_path, "22 1 0:5 / /proc rw - proc proc rw\n", "0::/\n")
     assert cgroup_limit_bytes(**files) is None
+
+
+# ---- the disk cap (disk_cap.py): device lookup, v1 and v2 files, missing controller ----
+
+def fake_sysfs(tmp_path) -> Path:
+    """/sys/dev/block with a disk 8:0 (sda), its partition 8:1 (sda1) and a dm device 253:2, as
+    symlinks into a /sys/devices tree, the way the kernel lays them out."""
+    devices = tmp_path / "devices" / "pci0" / "block" / "sda"
+    write(devices / "dev", "8:0\n")
+    write(devices / "sda1" / "dev", "8:1\n")
+    write(devices / "sda1" / "partition", "1\n")
+    write(tmp_path / "devices" / "virtual" / "block" / "dm-2" / "dev", "253:2\n")
+    sysfs = tmp_path / "dev" / "block"
+    sysfs.mkdir(parents=True)
+    (sysfs / "8:0").symlink_to(devices)
+    (sysfs / "8:1").symlink_to(devices / "sda1")
+    (sysfs / "253:2").symlink_to(tmp_path / "devices" / "virtual" / "block" / "dm-2")
+    return sysfs
+
+
+def test_whole_disk_of_a_partition_and_of_a_disk(tmp_path):
+    sysfs = fake_sysfs(tmp_path)
+    assert disk_cap.whole_disk(8, 1, sysfs) == (8, 0)  # the throttle takes whole disks only
+    assert disk_cap.whole_disk(8, 0, sysfs) == (8, 0)
+    assert disk_cap.whole_disk(253, 2, sysfs) == (253, 2)  # dm: its own whole disk
+    with pytest.raises(FlexInferError, match="0:45 is not a block device"):
+        disk_cap.whole_disk(0, 45, sysfs)  # tmpfs, overlay: no block device to throttle
+
+
+def test_file_device_is_this_disk():
+    dev = os.stat(__file__).st_dev
+    if not Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").exists():
+        pytest.skip("this test file is not on a block device")
+    major, minor = disk_cap.file_device(__file__)
+    assert Path(f"/sys/dev/block/{major}:{minor}/dev").read_text().strip() == f"{major}:{minor}"
+    assert not Path(f"/sys/dev/block/{major}:{minor}/partition").exists()
+    with pytest.raises(FlexInferError, match="no-such.gguf: cannot stat"):
+        disk_cap.file_device("/no-such.gguf")
+
+
+def test_cap_file_contents():
+    assert disk_cap.cap_file(1, (254, 0), 500_000_000) == (
+        "blkio.throttle.read_bps_device", "254:0 500000000")
+    assert disk_cap.cap_file(2, (8, 16), 10**9) == ("io.max", "8:16 rbps=1000000000")
+    assert disk_cap.parse_rate("500M") == 5 * 10**8 and disk_cap.parse_rate("1G") == 10**9
+    with pytest.raises(FlexInferError, match="--disk-rate"):
+        disk_cap.parse_rate("fast")
+
+
+def test_io_hierarchy_v1_v2_and_none(tmp_path):
+    blk, uni = tmp_path / "blkio", tmp_path / "unified"
+    write(blk / "cgroup.procs", "")
+    write(uni / "cgroup.controllers", "cpu io memory\n")
+    v1 = f"35 31 0:33 / {blk} rw - cgroup cgroup rw,blkio\n"
+    v2 = f"41 31 0:38 / {uni} rw - cgroup2 cgroup2 rw\n"
+    assert disk_cap.find_io_hierarchy(v1 + v2, "7:blkio:/\n0::/\n").version == 1
+    h = disk_cap.find_io_hierarchy(v2, "0::/\n")
+    assert h.version == 2 and h.mount == uni
+    write(uni / "cgroup.controllers", "cpu memory\n")  # v2 without io: nothing to write
+    assert disk_cap.find_io_hierarchy(v2, "0::/\n") is None
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cap_written_in_a_new_cgroup(tmp_path, version, monkeypatch):
+    """On a plain directory standing in for the cgroup mount: the files a kernel would get."""
+    sysfs = fake_sysfs(tmp_path / "sys")
+    monkeypatch.setattr(disk_cap, "_st_dev", lambda path: os.makedev(8, 1))  # on sda1
+    mount = tmp_path / "cg"
+    write(mount / "cgroup.subtree_control", "")
+    h = disk_cap.IOHierarchy(version, mount, mount)
+    with disk_cap.DiskCap.create("model.gguf", 500_000_000, hierarchy=h, sysfs=sysfs) as cap:
+        assert cap.device == (8, 0) and cap.path.parent == mount
+        name = "blkio.throttle.read_bps_device" if version == 1 else "io.max"
+        text = "8:0 500000000" if version == 1 else "8:0 rbps=500000000"
+        assert (cap.path / name).read_text() == text
+        if version == 2:
+            assert (mount / "cgroup.subtree_control").read_text() == "+io"
+        (cap.path / name).unlink()  # a real cgroup directory empties itself on rmdir
+    assert not cap.path.exists()
+
+
+def test_no_io_controller_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(disk_cap, "current_io_hierarchy", lambda: None)
+    with pytest.raises(FlexInferError, match="no blkio .* or io .* controller"):
+        disk_cap.DiskCap.create(__file__, 10**8)
+    reason = disk_cap.io_cap_unavailable_reason(__file__)
+    assert reason and "cannot be capped" in reason
+    with pytest.raises(FlexInferError, match="cannot be capped"):  # never run uncapped
+        run_limited([sys.executable, "-c", "print(1)"], None, disk_rate=(__file__, 10**8))
+
+
+def test_unwritable_cgroup_says_it_needs_root(tmp_path, monkeypatch):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    mount.chmod(0o500)
+    h = disk_cap.IOHierarchy(1, mount, mount)
+    if os.access(mount, os.W_OK):  # root ignores the mode bits: make mkdir fail another way
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    with pytest.raises(FlexInferError, match="needs root or a delegated cgroup"):
+        disk_cap.DiskCap.create(__file__, 10**8, hierarchy=h)
+
+
+IO_REASON = disk_cap.io_cap_unavailable_reason(__file__)
+
+READ_CHILD = """
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf, done, t0 = mmap.mmap(-1, 1 << 20), 0, time.perf_counter()
+while done < int(sys.argv[2]):
+    done += os.preadv(fd, [buf], done)
+print(done / (time.perf_counter() - t0), os.environ.get("FLEXINFER_DISK_RATE"))
+"""
+
+
+@pytest.mark.skipif(IO_REASON is not None, reason=f"reads cannot be capped here: {IO_REASON}")
+def test_capped_read_runs_at_the_cap(tmp_path):
+    """A child reading 24 MiB with O_DIRECT under a 24 MB/s cap takes about a second."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(24 << 20))
+    os.sync()
+    cgroup.drop_page_cache()
+    rate = 24_000_000
+    run = run_limited([sys.executable, "-c", READ_CHILD, str(path), str(24 << 20)], None,
+                      timeout=60, disk_rate=(str(path), rate))
+    assert run.returncode == 0, run.stderr
+    speed, env = run.stdout.split()
+    assert env == str(rate)  # the child knows its cap (machine.py keys its calibration by it)
+    assert 0.6 * rate < float(speed) < 1.35 * rate  # uncapped, this disk reads 0.7-3 GB/s
+    left = [p for p in disk_cap.current_io_hierarchy().mount.iterdir()
+            if p.name.startswith(f"flexinfer-io-{os.getpid()}-")]
+    assert left == []
+
+
+def run_cli(argv) -> int:
+    from flexinfer import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code
+
+
+def test_run_disk_rate_bad_value_or_no_controller_is_one_line(tiny_llama_path, capsys,
+                                                               monkeypatch):
+    base = ["run", str(tiny_llama_path), "-p", "hi", "-n", "1", "--temp", "0", "-c", "64"]
+    assert run_cli(base + ["--disk-rate", "fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--disk-rate" in err[0] and "'fast'" in err[0]
+    monkeypatch.setattr(disk_cap, "current_io_hierarchy", lambda: None)
+    assert run_cli(base + ["--disk-rate", "100M"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be capped" in err[0]
+
+
+@pytest.mark.skipif(IO_REASON is not None, reason=f"reads cannot be capped here: {IO_REASON}")
+def test_run_under_a_cap_joins_it_and_leaves(tiny_llama_path, capsys):
+    before = Path("/proc/self/cgroup").read_text()
+    argv = ["run", str(tiny_llama_path), "-p", "hi", "-n", "2", "--temp", "0", "-c", "64",
+            "--json", "--disk-rate", "100M"]
+    assert run_cli(argv) == 0
+    assert capsys.readouterr().out.strip().startswith("{")
+    assert Path("/proc/self/cgroup").read_text() == before  # back where it came from
+    assert "FLEXINFER_DISK_RATE" not in os.environ
+    mount = disk_cap.current_io_hierarchy().mount
+    assert not [p for p in mount.iterdir() if p.name.startswith(f"flexinfer-io-{os.getpid()}-")]
+
+
+@pytest.mark.skipif(IO_REASON is not None, reason=f"reads cannot be capped here: {IO_REASON}")
+def test_capped_moves_this_process_in_and_out():
+    before = Path("/proc/self/cgroup").read_text()
+    with disk_cap.capped(__file__, 123_000_000) as cap:
+        inside = Path("/proc/self/cgroup").read_text()
+        assert f"/{cap.path.name}\n" in inside and cap.path.name not in before
+        name, _ = disk_cap.cap_file(cap.hierarchy.version, cap.device, cap.rate)
+        assert "123000000" in (cap.path / name).read_text()
+        assert os.environ["FLEXINFER_DISK_RATE"] == "123000000"
+    assert Path("/proc/self/cgroup").read_text() == before and not cap.path.exists()

@@ -414,3 +414,40 @@ def test_ctrl_c_while_waiting_in_acquire(no_thread_left_behind):
     s.p.close()
     assert time.monotonic() - t0 < 1.0 and s.p.alive == 0
     assert flexinfer_threads() <= before
+
+
+# ---- several reads in flight (ReadPool, direct_io.READ_DEPTH)
+def test_read_pool_runs_calls_at_once_in_order_and_joins(no_thread_left_behind):
+    from flexinfer.prefetch import ReadPool
+    pool = ReadPool(2)
+    both = threading.Barrier(2, timeout=5)  # only passes if two calls are in flight together
+    assert pool.map(lambda x: (both.wait(), x * 10)[1], [1, 2, 3, 4]) == [10, 20, 30, 40]
+    with pytest.raises(ZeroDivisionError):  # the first error reaches the caller
+        pool.map(lambda x: 1 / x, [1, 0, 2])
+    pool.close()
+    assert not any(t.name.startswith("flexinfer-read") and t.is_alive()
+                   for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("offset, nbytes", [(0, 9 << 20), (5000, (12 << 20) + 1234 - 5000), (100, 3000)])
+def test_reads_in_flight_give_the_same_bytes(tmp_path, no_thread_left_behind, offset, nbytes):
+    """A span of several 4 MiB chunks read two at a time lands exactly as one at a time; a span
+    running past the end of the file stops there."""
+    import os
+
+    from flexinfer.direct_io import DirectReader, span
+    from flexinfer.ggml_ops import Buffer, memview
+    data = os.urandom((12 << 20) + 1234)
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    got = []
+    for depth in (1, 2):
+        reader = DirectReader(str(path), len(data), depth=depth)
+        buf = Buffer(span(offset, nbytes)[1] + 8192)
+        try:
+            at = reader.read_span(buf.base, offset, nbytes)
+            got.append(bytes(memview(at, nbytes)))
+        finally:
+            buf.free()
+            reader.close()
+    assert got[0] == got[1] == data[offset:offset + nbytes]

@@ -14,6 +14,7 @@ import sys
 
 from flexinfer.bench import sweep
 from flexinfer.budget import parse_size as budget_parse_size
+from flexinfer.disk_cap import io_cap_unavailable_reason, parse_rate
 from flexinfer.errors import FlexInferError
 
 
@@ -58,6 +59,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point (1800)")
     p.add_argument("--disk-bw", help="disk bandwidth, e.g. 1.6G (per second); default: measure")
     p.add_argument("--t-cpu", type=float, help="decode s/token fully resident; default: measure")
+    p.add_argument("--disk-rate", help="comma-separated read caps, e.g. 500M,1G (bytes/s), each "
+                   "its own sweep: every point and the disk calibration run in an I/O cgroup "
+                   "capping reads of the model's disk (needs root or a delegated cgroup)")
+    p.add_argument("--repeats", default="1", help="runs of every point, modes alternating; "
+                   "tables show the median and the spread (default 1)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=bench_main)
     return p
@@ -99,9 +105,24 @@ def options_from_args(args, log=sweep._stderr) -> sweep.BenchOptions:
         threads=positive_int("--threads")(args.threads),
         ctx=positive_int("--ctx")(args.ctx) if args.ctx != "0" else None,
         timeout_s=args.timeout, disk_bw=parse_size(args.disk_bw, "--disk-bw") if args.disk_bw else None,
-        t_cpu=args.t_cpu, command_line=shlex.join(sys.argv), notes=notes)
+        t_cpu=args.t_cpu, command_line=shlex.join(sys.argv), notes=notes,
+        disk_rates=disk_rates(args), repeats=positive_int("--repeats")(args.repeats))
     check_ctx(opts)
     return opts
+
+
+def disk_rates(args) -> tuple:
+    """--disk-rate as bytes/s, checked now: a cap that cannot be set stops the bench before any
+    point runs (never measured uncapped under a capped label)."""
+    if not args.disk_rate:
+        return (None,)
+    if args.disk_bw:
+        raise FlexInferError("--disk-bw and --disk-rate: give one (a cap is measured under it)")
+    rates = parse_list(args.disk_rate, "--disk-rate", lambda t: parse_rate(t))
+    reason = io_cap_unavailable_reason(args.model)
+    if reason:
+        raise FlexInferError(reason)
+    return rates
 
 
 def check_ctx(opts: sweep.BenchOptions):

@@ -69,8 +69,9 @@ def parse_override(text: str) -> tuple[str, str]:
 class ProgressLine:
     """`synth: 1.21/3.79 GB  32%  2.1 s` on stderr, redrawn at most 10 times a second."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.start, self.last = stream, time.monotonic(), 0.0
+    def __init__(self, stream=None):
+        # sys.stderr when called, not when this module was imported (it may be replaced since)
+        self.stream, self.start, self.last = stream or sys.stderr, time.monotonic(), 0.0
 
     def __call__(self, done: int, total: int):
         now = time.monotonic()

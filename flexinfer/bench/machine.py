@@ -7,13 +7,17 @@ neither the cache nor readahead flatters it.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import platform
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from flexinfer.cgroup import drop_page_cache
+from flexinfer.cgroup import drop_page_cache, run_limited
+from flexinfer.direct_io import READ_DEPTH
+from flexinfer.prefetch import ReadPool
 from flexinfer.errors import FlexInferError
 from flexinfer.machine import cpu_model
 
@@ -41,6 +45,21 @@ def measure_disk_bandwidth(path, *, max_bytes: int = MAX_BYTES, block: int = BLO
     return DiskBandwidth(samples[len(samples) // 2], samples, done, direct, dropped)
 
 
+def measure_disk_capped(path, rate: int | None) -> DiskBandwidth:
+    """measure_disk_bandwidth, in a child process whose reads are capped at rate bytes/s (an I/O
+    cgroup, disk_cap.py; FlexInferError where none can be made); in this process when uncapped."""
+    if rate is None:
+        return measure_disk_bandwidth(path)
+    argv = [sys.executable, "-m", "flexinfer.bench.machine", os.fspath(path)]
+    run = run_limited(argv, None, timeout=3600, disk_rate=(os.fspath(path), rate))
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
+        raise FlexInferError(f"{path}: the capped disk measurement failed: {lines[-1]}")
+    d = json.loads(run.stdout)
+    return DiskBandwidth(d["bytes_per_s"], tuple(d["samples"]), d["bytes_read"], d["direct"],
+                         d["cache_dropped"])
+
+
 def _one_pass(path, max_bytes: int, block: int) -> tuple[float, int, bool, bool]:
     dropped = drop_page_cache()
     try:
@@ -65,22 +84,25 @@ def _open_buffered(path) -> int:
                              f"{e.strerror}") from None
 
 
-def _read_span(fd: int, size: int, block: int) -> int:
-    """Reads [0, size) in block-sized preadv calls into one page-aligned buffer.
-
-    O_DIRECT needs an aligned address, offset and length; an anonymous mmap is page-aligned.
-    """
-    buf = mmap.mmap(-1, block)
+def _read_span(fd: int, size: int, block: int, depth: int = READ_DEPTH) -> int:
+    """Reads [0, size) in block-sized preadv calls, `depth` in flight as the engine's reader has
+    them (direct_io.READ_DEPTH), into page-aligned buffers (O_DIRECT needs an aligned address,
+    offset and length; an anonymous mmap is page-aligned)."""
+    bufs = [mmap.mmap(-1, block) for _ in range(depth)]
+    pool = ReadPool(depth)
     try:
         done = 0
         while done < size:
-            got = os.preadv(fd, [buf], done)
-            if got <= 0:
+            offsets = [done + i * block for i in range(depth) if done + i * block < size]
+            got = pool.map(lambda i: os.preadv(fd, [bufs[i]], offsets[i]), range(len(offsets)))
+            done += sum(got)
+            if sum(got) < block * len(offsets):  # the end of the file
                 break
-            done += got
         return done
     finally:
-        buf.close()
+        pool.close()
+        for b in bufs:
+            b.close()
 
 
 def memory_total_bytes() -> int | None:
@@ -99,3 +121,7 @@ def machine_info() -> dict:
         "memory_total_bytes": memory_total_bytes(),
         "python": platform.python_version(),
     }
+
+
+if __name__ == "__main__":  # python -m flexinfer.bench.machine MODEL: the disk's bandwidth as JSON
+    print(json.dumps(asdict(measure_disk_bandwidth(sys.argv[1]))))

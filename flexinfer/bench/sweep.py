@@ -8,6 +8,12 @@ sweep goes on. The bound of each budget is the paper's:
 with T_cpu the decode seconds per token of a fully resident run and disk_bw the O_DIRECT
 sequential read bandwidth of the model file.
 
+With disk rates (--disk-rate), every point and the disk calibration run in an I/O cgroup capping
+reads of the model's disk at that rate (disk_cap.py), each rate its own sweep with its own
+calibration and bound; a rate that cannot be capped stops the bench (FlexInferError). With
+repeats, the points run that many times, modes alternating within each repeat; tables show the
+median and the spread.
+
 The command builder and the runner are injected (Deps), so the tests drive the whole sweep with a
 fake runner and no model.
 """
@@ -24,7 +30,7 @@ from typing import Callable
 
 from flexinfer.bench import report
 from flexinfer.bench.report import bound_tokens_per_s
-from flexinfer.bench.machine import machine_info, measure_disk_bandwidth
+from flexinfer.bench.machine import machine_info, measure_disk_capped
 from flexinfer.bench.progress import ProgressBar
 from flexinfer.machine import record_calibration
 from flexinfer.cgroup import LimitedRun, cgroup_unavailable_reason, drop_page_cache, run_limited
@@ -41,6 +47,8 @@ class Point:
     mode: str  # a MODES entry or a peer mode ("llama.cpp-mmap")
     budget_bytes: int | None  # the cgroup limit and --memory-budget; None: unlimited
     prompt_tokens: int  # prompt length P
+    disk_rate: int | None = None  # bytes/s the disk is capped at; None: uncapped
+    repeat: int = 0  # 0, 1, ... of BenchOptions.repeats
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class BenchOptions:
     t_cpu: float | None = None  # decode s/token fully resident; None: measure it
     command_line: str = ""  # as typed, for results.json
     notes: tuple[str, ...] = ()  # said while parsing the options (a peer skipped), for the report
+    disk_rates: tuple[int | None, ...] = (None,)  # bytes/s caps, each its own sweep; None: none
+    repeats: int = 1  # runs of every point
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,13 @@ class Row:
     seconds: float = 0.0  # wall time of the whole process
     command: list[str] = field(default_factory=list)
     predicted_tokens_per_s: float | None = None  # what `flexinfer plan` predicted for this point
+    disk_rate_bytes_per_s: int | None = None  # the cap this point ran under; None: uncapped
+    repeat: int = 0
+    disk_read_bytes_per_token: float | None = None  # /proc/self/io read_bytes while decoding
+    compute_s_per_token: float | None = None
+    convert_s_per_token: float | None = None
+    window: int | None = None  # the plan's layers read ahead
+    load_avg: list | None = None  # 1, 5, 15 min load when the point started
 
 
 # ---- commands ----
@@ -128,7 +145,7 @@ class Deps:
     command: Callable[[BenchOptions, Point], list[str]] = build_command
     run: Callable[..., LimitedRun] = run_limited  # (argv, limit_bytes, timeout=) -> LimitedRun
     drop_caches: Callable[[], bool] = drop_page_cache
-    disk_bandwidth: Callable = measure_disk_bandwidth
+    disk_bandwidth: Callable = measure_disk_capped  # (path, rate or None) -> DiskBandwidth
     cgroup_reason: Callable[[], str | None] = cgroup_unavailable_reason
     machine: Callable[[], dict] = machine_info
     log: Callable[[str], None] = _stderr
@@ -164,7 +181,8 @@ def status_of(run: LimitedRun, result: dict | None) -> str:
     return "ok" if result is not None else "crashed: no JSON object on stdout"
 
 
-def make_row(point: Point, run: LimitedRun, argv: list[str], bound: float | None) -> Row:
+def make_row(point: Point, run: LimitedRun, argv: list[str], bound: float | None,
+             load_avg=None) -> Row:
     result = parse_result(run.stdout) if run.returncode == 0 else None
     status = status_of(run, result)
     r = result if status == "ok" else {}
@@ -174,21 +192,27 @@ def make_row(point: Point, run: LimitedRun, argv: list[str], bound: float | None
                decode / bound if decode and bound else None,
                r.get("peak_memory_bytes", run.peak_bytes), run.peak_bytes,
                r.get("bytes_read_per_token"), r.get("io_gbps"), r.get("stall_fraction"),
-               r.get("load_s"), run.seconds, argv, (r.get("plan") or {}).get("predicted_tokens_per_s"))
+               r.get("load_s"), run.seconds, argv, (r.get("plan") or {}).get("predicted_tokens_per_s"),
+               point.disk_rate, point.repeat, r.get("disk_read_bytes_per_token"),
+               r.get("compute_s_per_token"), r.get("convert_s_per_token"),
+               (r.get("plan") or {}).get("window"), load_avg)
 
 
 def run_point(opts: BenchOptions, deps: Deps, point: Point, bound: float | None) -> Row:
     argv = deps.command(opts, point)
     deps.drop_caches()
-    run = deps.run(argv, point.budget_bytes, timeout=opts.timeout_s)
-    return make_row(point, run, argv, bound)
+    load_avg = [round(x, 2) for x in os.getloadavg()]
+    rate = (opts.model, point.disk_rate) if point.disk_rate else None
+    run = deps.run(argv, point.budget_bytes, timeout=opts.timeout_s, disk_rate=rate)
+    return make_row(point, run, argv, bound, load_avg)
 
 
 # ---- the sweep ----
 
-def plan_points(opts: BenchOptions) -> list[Point]:
-    return [Point(mode, budget, p) for p in opts.prompt_tokens for budget in opts.budgets
-            for mode in opts.modes]
+def plan_points(opts: BenchOptions, rate: int | None = None) -> list[Point]:
+    """One rate's points: repeat after repeat, each over every prompt, budget and mode."""
+    return [Point(mode, budget, p, rate, k) for k in range(opts.repeats)
+            for p in opts.prompt_tokens for budget in opts.budgets for mode in opts.modes]
 
 
 def measure_t_cpu(opts: BenchOptions, deps: Deps, notes: list[str]) -> tuple[float | None, Row]:
@@ -210,13 +234,14 @@ def cgroup_notes(opts: BenchOptions, deps: Deps) -> list[str]:
     return notes
 
 
-def measure_disk(opts: BenchOptions, deps: Deps):
-    """(measurement or None when --disk-bw was given, bytes/s)."""
+def measure_disk(opts: BenchOptions, deps: Deps, rate: int | None = None):
+    """(measurement or None when --disk-bw was given, bytes/s), under the cap `rate`."""
     if opts.disk_bw:
         return None, opts.disk_bw
-    disk = deps.disk_bandwidth(opts.model)
+    disk = deps.disk_bandwidth(opts.model, rate)
     deps.log(f"bench: disk reads {disk.bytes_per_s / 1e9:.2f} GB/s "
-             f"({'O_DIRECT' if disk.direct else 'buffered'}, median of {len(disk.samples)})")
+             f"({'O_DIRECT' if disk.direct else 'buffered'}, median of {len(disk.samples)}"
+             f"{', capped at ' + report.rate_label(rate) if rate else ''})")
     return disk, disk.bytes_per_s
 
 
@@ -226,27 +251,35 @@ def run_sweep(opts: BenchOptions, deps: Deps = Deps()) -> dict:
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_bytes = os.path.getsize(opts.model)
-    points = plan_points(opts)
-    bar = ProgressBar(len(points) + (opts.t_cpu is None), deps.progress_stream)
+    n_points = len(plan_points(opts)) * len(opts.disk_rates)
+    bar = ProgressBar(n_points + (opts.t_cpu is None), deps.progress_stream)
     notes = cgroup_notes(opts, deps)
-    disk, disk_bw = measure_disk(opts, deps)
     t_cpu, resident = opts.t_cpu, None
-    if t_cpu is None:
+    if t_cpu is None:  # compute only: uncapped, everything resident
         bar.start("resident run for T_cpu")
         t_cpu, resident = measure_t_cpu(opts, deps, notes)
         bar.step()
-    deps.calibrate(opts.model, opts.threads, disk_bw, t_cpu)
-    machine = {**deps.machine(), **report.disk_fields(disk, disk_bw), "t_cpu_s_per_token": t_cpu}
-    results = report.new_results(opts, model_bytes, machine, resident, notes)
+    results = None
     try:
-        for point in points:
-            bar.start(f"{point.mode} @ {report.gib(point.budget_bytes)} GB, "
-                      f"P={point.prompt_tokens}")
-            bound = bound_tokens_per_s(model_bytes, point.budget_bytes, t_cpu, disk_bw)
-            results["rows"].append(dataclasses.asdict(run_point(opts, deps, point, bound)))
-            report.write_json(out, results)
-            bar.step()
+        for rate in opts.disk_rates:
+            disk, disk_bw = measure_disk(opts, deps, rate)
+            deps.calibrate(opts.model, opts.threads, disk_bw, t_cpu, disk_rate=rate)
+            fields = {**report.disk_fields(disk, disk_bw), "disk_rate_bytes_per_s": rate,
+                      "load_avg": list(os.getloadavg())}
+            if results is None:
+                machine = {**deps.machine(), **fields, "t_cpu_s_per_token": t_cpu}
+                results = report.new_results(opts, model_bytes, machine, resident, notes)
+            results["disks"].append(fields)
+            for point in plan_points(opts, rate):
+                bar.start(f"{point.mode} @ {report.gib(point.budget_bytes)} GB, "
+                          f"P={point.prompt_tokens}{', ' + report.rate_label(rate) if rate else ''}"
+                          f"{f', run {point.repeat + 1}' if opts.repeats > 1 else ''}")
+                bound = bound_tokens_per_s(model_bytes, point.budget_bytes, t_cpu, disk_bw)
+                results["rows"].append(dataclasses.asdict(run_point(opts, deps, point, bound)))
+                report.write_json(out, results)
+                bar.step()
     finally:
         bar.finish()
-        report.write_all(out, results)
+        if results is not None:
+            report.write_all(out, results)
     return results
