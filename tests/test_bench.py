@@ -34,7 +34,7 @@ def fake_json(decode: float, prefill: float = 50.0) -> str:
 
 
 def mode_of(argv: list[str]) -> str:
-    if "flexinfer.bench.peer_llamacpp" in argv:
+    if "flexinfer.bench.peer_llamacpp" in argv or "flexinfer.bench.peer_batched" in argv:
         return "llama.cpp-repack" if "--repack" in argv else "llama.cpp-mmap"
     return "no-balance" if "--no-balance" in argv else argv[argv.index("--offload") + 1]
 
@@ -292,6 +292,39 @@ def test_progress_bar(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("bench [--------------------]  0/3") and "left ?" in lines[0]
     assert "2/3" in lines[2] and "left ~0:00" in lines[2] and lines[-1].endswith("done")
+
+
+def test_parallel_points_run_batches_of_b_sequences(model, tmp_path):
+    """--parallel 1,4: every point once per B, flexinfer through `flexinfer batch -np B` with B
+    prompts, the peer through the batched llama.cpp peer; one table column (and plot line) per
+    mode and B; the bound grows with B while reads dominate."""
+    runner = FakeRunner()
+    opts = options(model, tmp_path / "out", modes=("flexinfer", "llama.cpp-mmap"),
+                   budgets=(2 * GB,), parallel=(1, 4))
+    results = run_sweep(opts, deps(runner))
+    rows = {r["mode"]: r for r in results["rows"]}
+    assert set(rows) == {"flexinfer", "flexinfer x4", "llama.cpp-mmap", "llama.cpp-mmap x4"}
+    assert rows["flexinfer x4"]["parallel"] == 4
+    assert rows["flexinfer x4"]["bound_tokens_per_s"] == pytest.approx(4 * 1.0)
+    batch = [a for a, limit, _ in runner.calls if limit and "batch" in a and "-np" in a]
+    argv = next(a for a in batch if a[a.index("-np") + 1] == "4")
+    prompts = argv[argv.index("batch") + 2]
+    lines = [json.loads(x) for x in open(prompts).read().splitlines()]
+    assert len(lines) == 4 and all(x["max_tokens"] == 4 for x in lines)
+    peer = [a for a, limit, _ in runner.calls if "flexinfer.bench.peer_batched" in a]
+    assert sorted(a[a.index("--parallel") + 1] for a in peer) == ["1", "4"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| flexinfer | llama.cpp-mmap | flexinfer x4 | llama.cpp-mmap x4 |" in md
+
+
+def test_parallel_batch_point_for_real(tiny_llama_path, tmp_path):
+    """A B = 2 point in a real `flexinfer batch` subprocess: an aggregate decode rate comes back."""
+    opts = BenchOptions(str(tiny_llama_path), (512 << 20,), ("flexinfer",), str(tmp_path),
+                        tokens=4, disk_bw=1e9, t_cpu=0.001, timeout_s=300, parallel=(2,))
+    quiet = Deps(drop_caches=lambda: True, log=lambda s: None, progress_stream=io.StringIO())
+    row = run_sweep(opts, quiet)["rows"][0]
+    assert row["status"] == "ok", row["status"]
+    assert row["mode"] == "flexinfer x2" and row["decode_tokens_per_s"] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp not installed")

@@ -62,6 +62,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--disk-rate", help="comma-separated read caps, e.g. 500M,1G (bytes/s), each "
                    "its own sweep: every point and the disk calibration run in an I/O cgroup "
                    "capping reads of the model's disk (needs root or a delegated cgroup)")
+    p.add_argument("--parallel", "-np", default="1",
+                   help="comma-separated sequence counts B, e.g. 1,2,4,8: each point runs B "
+                        "sequences through `flexinfer batch` (the peer: llama.cpp's batch API)")
     p.add_argument("--repeats", default="1", help="runs of every point, modes alternating; "
                    "tables show the median and the spread (default 1)")
     p.add_argument("--out", required=True, help="output directory")
@@ -106,7 +109,8 @@ def options_from_args(args, log=sweep._stderr) -> sweep.BenchOptions:
         ctx=positive_int("--ctx")(args.ctx) if args.ctx != "0" else None,
         timeout_s=args.timeout, disk_bw=parse_size(args.disk_bw, "--disk-bw") if args.disk_bw else None,
         t_cpu=args.t_cpu, command_line=shlex.join(sys.argv), notes=notes,
-        disk_rates=disk_rates(args), repeats=positive_int("--repeats")(args.repeats))
+        disk_rates=disk_rates(args), repeats=positive_int("--repeats")(args.repeats),
+        parallel=parse_list(args.parallel, "--parallel", positive_int("--parallel")))
     check_ctx(opts)
     return opts
 

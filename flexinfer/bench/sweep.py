@@ -49,6 +49,12 @@ class Point:
     prompt_tokens: int  # prompt length P
     disk_rate: int | None = None  # bytes/s the disk is capped at; None: uncapped
     repeat: int = 0  # 0, 1, ... of BenchOptions.repeats
+    parallel: int = 1  # sequences decoded together (`flexinfer batch -np`); 1: `flexinfer run`
+
+    @property
+    def label(self) -> str:
+        """The mode as the tables and the plot show it: one line per mode and B."""
+        return self.mode if self.parallel == 1 else f"{self.mode} x{self.parallel}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,11 @@ class BenchOptions:
     notes: tuple[str, ...] = ()  # said while parsing the options (a peer skipped), for the report
     disk_rates: tuple[int | None, ...] = (None,)  # bytes/s caps, each its own sweep; None: none
     repeats: int = 1  # runs of every point
+    parallel: tuple[int, ...] = (1,)  # sequences per weight pass, each its own row (--parallel)
+
+    @property
+    def labels(self) -> list[str]:
+        return [Point(m, None, 0, parallel=b).label for b in self.parallel for m in self.modes]
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class Row:
     convert_s_per_token: float | None = None
     window: int | None = None  # the plan's layers read ahead
     load_avg: list | None = None  # 1, 5, 15 min load when the point started
+    parallel: int = 1  # sequences per weight pass; decode_tokens_per_s is their aggregate
 
 
 # ---- commands ----
@@ -111,18 +123,40 @@ def context_length(opts: BenchOptions) -> int:
     return opts.ctx if opts.ctx else -(-need // 256) * 256
 
 
+def prompts_file(opts: BenchOptions, point: Point) -> str:
+    """B copies of the point's prompt as `flexinfer batch` input, in the output directory."""
+    path = Path(opts.out_dir) / f"prompts-p{point.prompt_tokens}-b{point.parallel}.jsonl"
+    line = json.dumps({"prompt": prompt_text(point.prompt_tokens), "max_tokens": opts.tokens,
+                       "temperature": 0})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((line + "\n") * point.parallel)
+    return str(path)
+
+
 def flexinfer_command(opts: BenchOptions, point: Point) -> list[str]:
-    argv = [sys.executable, "-m", "flexinfer", "run", opts.model, "--json", "-n", str(opts.tokens),
-            "-t", str(opts.threads), "-c", str(context_length(opts)), "--temp", "0"]
+    if opts.parallel != (1,):  # every B through `batch`, so the rows compare like with like
+        argv = [sys.executable, "-m", "flexinfer", "batch", opts.model,
+                prompts_file(opts, point), "-o", os.devnull, "-np", str(point.parallel),
+                "--json", "--ignore-eos"]
+    else:
+        argv = [sys.executable, "-m", "flexinfer", "run", opts.model, "--json",
+                "-n", str(opts.tokens)]
+    argv += ["-t", str(opts.threads), "-c", str(context_length(opts)), "--temp", "0"]
     if point.budget_bytes is not None:
         argv += ["--memory-budget", str(point.budget_bytes)]
     argv += ["--offload", "flexinfer" if point.mode == "no-balance" else point.mode]
     if point.mode == "no-balance":
         argv.append("--no-balance")
-    return argv + ["-p", prompt_text(point.prompt_tokens)]
+    return argv if opts.parallel != (1,) else argv + ["-p", prompt_text(point.prompt_tokens)]
 
 
 def peer_command(opts: BenchOptions, point: Point) -> list[str]:
+    if opts.parallel != (1,):
+        argv = [sys.executable, "-m", "flexinfer.bench.peer_batched", opts.model,
+                "--parallel", str(point.parallel), "--tokens", str(opts.tokens),
+                "--threads", str(opts.threads), "--ctx", str(context_length(opts)),
+                "-p", prompt_text(point.prompt_tokens)]
+        return argv + (["--repack"] if point.mode == "llama.cpp-repack" else [])
     argv = [sys.executable, "-m", "flexinfer.bench.peer_llamacpp", opts.model,
             "--tokens", str(opts.tokens), "--threads", str(opts.threads),
             "--ctx", str(context_length(opts)), "-p", prompt_text(point.prompt_tokens)]
@@ -187,7 +221,7 @@ def make_row(point: Point, run: LimitedRun, argv: list[str], bound: float | None
     status = status_of(run, result)
     r = result if status == "ok" else {}
     decode = r.get("decode_tokens_per_s")
-    return Row(point.mode, point.budget_bytes, point.prompt_tokens, status, run.constrained,
+    return Row(point.label, point.budget_bytes, point.prompt_tokens, status, run.constrained,
                decode, r.get("prefill_tokens_per_s"), bound,
                decode / bound if decode and bound else None,
                r.get("peak_memory_bytes", run.peak_bytes), run.peak_bytes,
@@ -195,7 +229,7 @@ def make_row(point: Point, run: LimitedRun, argv: list[str], bound: float | None
                r.get("load_s"), run.seconds, argv, (r.get("plan") or {}).get("predicted_tokens_per_s"),
                point.disk_rate, point.repeat, r.get("disk_read_bytes_per_token"),
                r.get("compute_s_per_token"), r.get("convert_s_per_token"),
-               (r.get("plan") or {}).get("window"), load_avg)
+               (r.get("plan") or {}).get("window"), load_avg, point.parallel)
 
 
 def run_point(opts: BenchOptions, deps: Deps, point: Point, bound: float | None) -> Row:
@@ -211,8 +245,9 @@ def run_point(opts: BenchOptions, deps: Deps, point: Point, bound: float | None)
 
 def plan_points(opts: BenchOptions, rate: int | None = None) -> list[Point]:
     """One rate's points: repeat after repeat, each over every prompt, budget and mode."""
-    return [Point(mode, budget, p, rate, k) for k in range(opts.repeats)
-            for p in opts.prompt_tokens for budget in opts.budgets for mode in opts.modes]
+    return [Point(mode, budget, p, rate, k, b) for k in range(opts.repeats)
+            for p in opts.prompt_tokens for budget in opts.budgets for b in opts.parallel
+            for mode in opts.modes]
 
 
 def measure_t_cpu(opts: BenchOptions, deps: Deps, notes: list[str]) -> tuple[float | None, Row]:
@@ -275,6 +310,9 @@ def run_sweep(opts: BenchOptions, deps: Deps = Deps()) -> dict:
                           f"P={point.prompt_tokens}{', ' + report.rate_label(rate) if rate else ''}"
                           f"{f', run {point.repeat + 1}' if opts.repeats > 1 else ''}")
                 bound = bound_tokens_per_s(model_bytes, point.budget_bytes, t_cpu, disk_bw)
+                if bound and point.parallel > 1:  # B sequences share each pass's reads: while
+                    # reads dominate, B x the one-sequence bound (compute grows with B; see docs)
+                    bound *= point.parallel
                 results["rows"].append(dataclasses.asdict(run_point(opts, deps, point, bound)))
                 report.write_json(out, results)
                 bar.step()
