@@ -448,6 +448,33 @@ class Ops:
         ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
         return out
 
+    # ---- mixture of experts (models/moe.py), the ops llama.cpp's build_moe_ffn uses
+    def mul_mat_id(self, experts, b, ids):
+        """experts (ne0, n_out, n_expert) 3-D; b (ne0, n_b, T) with n_b 1 (every chosen expert
+        reads the token's row) or n_used; ids (n_used, T) i32 -> (n_out, n_used, T): for each
+        token, the products with the experts it chose. Only the chosen experts' slabs are read."""
+        return ggml.ggml_mul_mat_id(self._ctx, experts, b, ids)
+
+    def argsort_top_k(self, a, k: int):
+        """(n, T) -> (k, T) i32: the indices of each column's k largest values, largest first
+        (a descending argsort viewed to its first k rows, as ggml_argsort_top_k builds it)."""
+        return ggml.ggml_argsort_top_k(self._ctx, a, k)
+
+    @staticmethod
+    def shape(a) -> tuple[int, ...]:
+        """A graph tensor's ne, to its last dimension above 1 (at least 2 entries)."""
+        ne = list(a.contents.ne)
+        while len(ne) > 2 and ne[-1] == 1:
+            ne.pop()
+        return tuple(ne)
+
+    def soft_max(self, a): return ggml.ggml_soft_max(self._ctx, a)
+    def sigmoid(self, a): return ggml.ggml_sigmoid(self._ctx, a)
+    def silu(self, a): return ggml.ggml_silu(self._ctx, a)
+    def div(self, a, b): return ggml.ggml_div(self._ctx, a, b)
+    def sum_rows(self, a): return ggml.ggml_sum_rows(self._ctx, a)
+    def clamp(self, a, lo: float, hi: float): return ggml.ggml_clamp(self._ctx, a, lo, hi)
+
 
 def row_stride(t: Tensor) -> int:
     return t.contents.nb[1]

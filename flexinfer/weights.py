@@ -82,7 +82,7 @@ def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTenso
     tied). `repackable(info)` says whether a tensor's type is converted on upload."""
     out = []
     for s in specs:
-        if s.role in ("attn", "ffn") and len(s.shape) == 2:
+        if s.role in ("attn", "ffn") and len(s.shape) >= 2:
             kind = s.name.split(".")[2]
             out.append(_plan_tensor(g.tensors[s.name], s.layer, kind, repackable))
     head = g.tensors.get("output.weight") or g.tensors["token_embd.weight"]
@@ -91,8 +91,17 @@ def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTenso
 
 
 def _plan_tensor(info: TensorInfo, layer: int, kind: str, repackable) -> PlanTensor:
-    return PlanTensor(info.name, layer, kind, info.shape[1], row_bytes(info.type, info.shape[0]),
-                      repackable(info))
+    rows, rb = plan_rows(info)
+    return PlanTensor(info.name, layer, kind, rows, rb, repackable(info))
+
+
+def plan_rows(info: TensorInfo) -> tuple[int, int]:
+    """(rows, bytes per row) as the plan splits a tensor. A 3-D expert tensor (ne0, ne1, n_expert)
+    is one row of all its bytes: resident whole or streamed whole, never split (mul_mat_id needs
+    every expert in one tensor; expert-level streaming will split it by experts instead)."""
+    if len(info.shape) == 3:
+        return 1, info.nbytes
+    return info.shape[1], row_bytes(info.type, info.shape[0])
 
 
 class WeightStore:
@@ -153,14 +162,14 @@ class WeightStore:
             self._vector_bytes += part.nbytes
             self.layers[layer][key] = part.header
             return
-        n = info.shape[1]
+        n, rb = plan_rows(info)
         rs = [rows.get(info.name, n) for rows in self._stage_rows]  # never growing, stage by stage
         parts = []
         kept = self._prompt_rows.get(info.name, rs[-1])
         if kept > 0:  # kept at every stage, and while a prompt runs
             parts.append(self._part(info, 0, kept))
             self._resident.append(parts[-1])
-        step = chunk_rows(row_bytes(info.type, info.shape[0]))
+        step = chunk_rows(rb)
         for r0 in range(kept, rs[-1], step):  # the loan: streamed only while a prompt runs
             parts.append(self._part(info, r0, min(rs[-1], r0 + step)))
             self._loan.append((layer, parts[-1]))
@@ -175,6 +184,9 @@ class WeightStore:
 
     def _part(self, info: TensorInfo, r0: int, r1: int, vector: bool = False) -> Part:
         if vector:
+            h = self._table.new(info.name, info.type, info.shape)
+            return Part(h, info.offset, 1, info.nbytes, False)
+        if len(info.shape) == 3:  # an expert tensor: one part, the whole tensor (plan_rows)
             h = self._table.new(info.name, info.type, info.shape)
             return Part(h, info.offset, 1, info.nbytes, False)
         rb = row_bytes(info.type, info.shape[0])

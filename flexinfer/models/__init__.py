@@ -3,9 +3,10 @@ tensor_specs(cfg, tied, qkv_bias), build_layer(...), build_head(...)."""
 
 from types import ModuleType
 
-from flexinfer.models import llama, qwen2
+from flexinfer.models import llama, qwen2, qwen2moe, qwen3moe
 
-ARCHS: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2}
+ARCHS: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "qwen2moe": qwen2moe,
+                                "qwen3moe": qwen3moe}
 
 from flexinfer.config import ModelConfig  # noqa: E402
 from flexinfer.errors import GGUFError  # noqa: E402

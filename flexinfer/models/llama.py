@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from flexinfer.config import ModelConfig
 from flexinfer.ggml_ops import ROPE_NORM, Ops, Tensor
+from flexinfer.models import moe
 
 ROPE_MODE = ROPE_NORM  # rotate adjacent pairs (GPT-J style); qwen2 rotates halves (NEOX)
 QKV_BIAS = False  # qwen2 adds biases to q, k and v
@@ -37,10 +38,13 @@ def layer_specs(cfg: ModelConfig, i: int, qkv_bias: bool) -> list[TensorSpec]:
         TensorSpec(b + "attn_v.weight", (e, kv), "attn", i),
         TensorSpec(b + "attn_output.weight", (e, e), "attn", i),
         TensorSpec(b + "ffn_norm.weight", (e,), "norm", i, False),
-        TensorSpec(b + "ffn_gate.weight", (e, ff), "ffn", i),
-        TensorSpec(b + "ffn_up.weight", (e, ff), "ffn", i),
-        TensorSpec(b + "ffn_down.weight", (ff, e), "ffn", i),
     ]
+    if cfg.n_expert:  # mixtral: the FFN is n_expert experts of n_ff (models/moe.py)
+        specs += moe.moe_specs(cfg, i, cfg.n_ff_exp)
+    else:
+        specs += [TensorSpec(b + "ffn_gate.weight", (e, ff), "ffn", i),
+                  TensorSpec(b + "ffn_up.weight", (e, ff), "ffn", i),
+                  TensorSpec(b + "ffn_down.weight", (ff, e), "ffn", i)]
     if qkv_bias:
         specs += [TensorSpec(b + "attn_q.bias", (e,), "attn", i, False),
                   TensorSpec(b + "attn_k.bias", (kv,), "attn", i, False),
@@ -83,6 +87,8 @@ def build_layer(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], x: Tensor, bat
     attn = _attention(ops, cfg, q, k_cache, v_cache, batch)
     x = ops.add(ops.mul_mat(w["attn_output.weight"], attn), x)
     cur = ops.mul(ops.rms_norm(x, cfg.norm_eps), w["ffn_norm.weight"])
+    if cfg.n_expert:  # mixtral: softmax top-K, weights normalized, as llama.cpp's llama graph
+        return ops.add(moe.ffn_moe(ops, cfg, w, cur, norm_weights=True), x)
     gate = ops.mul_mat(w["ffn_gate.weight"], cur)  # (n_ff, T)
     up = ops.mul_mat(w["ffn_up.weight"], cur)
     return ops.add(ops.mul_mat(w["ffn_down.weight"], ops.swiglu(gate, up)), x)
