@@ -24,6 +24,7 @@ from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_
 from flexinfer.gguf_file import row_bytes
 from flexinfer.kv_cache import KVCache
 from flexinfer.models.llama import Batch
+from flexinfer.models import moe
 
 KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
 MAX_LOGIT_ROWS = 64  # logits for every position are computed this many rows at a time
@@ -154,7 +155,7 @@ class Engine:
         cfg, a = self.cfg, self.inputs.addr
         layers = []
         for il in range(cfg.n_layer):
-            ops = Ops(_node_budget(self.store.layers[il], 96))
+            ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
             batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
                           ops.input(TYPE_I64, (T,), a["rows"]),
                           ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]))

