@@ -8,15 +8,18 @@ from dataclasses import dataclass
 from flexinfer.errors import GGUFError
 from flexinfer.gguf_file import GGUFFile
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3moe", "qwen2moe")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe")
 MAX_LAYERS = 1024  # the largest public models have ~130
 MAX_EMBD = 1 << 16
 MAX_CTX = 1 << 24
+# rope scaling types llama.cpp knows but yarn: its ext_factor and attention scale are not built here
+ROPE_SCALINGS = ("none", "linear", "longrope")
+FULL_ROPE = ("llama",)  # llama.cpp: n_rot must equal the head size
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # general.architecture: "llama" or "qwen2"
+    arch: str  # general.architecture: one of ARCHITECTURES
     n_layer: int  # {arch}.block_count: 30 for SmolLM2-135M, 32 for Llama-2-7B
     n_embd: int  # {arch}.embedding_length: 576 / 4096
     n_ff: int  # {arch}.feed_forward_length: 1536 / 11008
@@ -28,6 +31,16 @@ class ModelConfig:
     rope_base: float  # {arch}.rope.freq_base: 10000 for Llama 2, 100000 for SmolLM2
     rope_freq_scale: float  # 1 / {arch}.rope.scaling.factor for linear scaling, else 1
     norm_eps: float  # {arch}.attention.layer_norm_rms_epsilon: 1e-5 for llama, 1e-6 for qwen2
+    # {arch}.attention.key_length (= value_length: files where they differ are refused); else
+    # n_embd / n_head. 64 for SmolLM2, 128 for Qwen3-0.6B (whose n_embd / n_head is 64)
+    head_dim: int = 0
+    rope_scaling: str = "linear"  # {arch}.rope.scaling.type: none | linear | longrope (as llama.cpp)
+    rope_attn_factor: float = 1.0  # {arch}.rope.scaling.attn_factor: rope's cos/sin multiplier
+    n_ctx_orig: int = 0  # {arch}.rope.scaling.original_context_length; n_ctx_train when absent
+    n_swa: int = 0  # {arch}.attention.sliding_window (gemma3: 512 or 1024); 0 = no sliding window
+    swa_layers: tuple[bool, ...] = ()  # per layer: True where the window applies (gemma3: 5 of 6)
+    rope_base_swa: float = 10000.0  # {arch}.rope.freq_base_swa: the base on sliding layers
+    logit_softcap: float = 0.0  # {arch}.final_logit_softcapping (gemma): 0 = none
     # mixture of experts (0 experts: a dense FFN); Qwen3-30B-A3B: 128 experts, 8 used, 768 wide
     n_expert: int = 0  # {arch}.expert_count
     n_expert_used: int = 0  # {arch}.expert_used_count: experts each token goes through
@@ -36,12 +49,17 @@ class ModelConfig:
     n_ff_shexp: int = 0  # qwen2moe's shared expert: {arch}.expert_shared_feed_forward_length, n_ff
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def n_embd_kv(self) -> int:
+        """Width of one K row and one V row of a layer's cache: head_dim * n_head_kv."""
+        return self.head_dim * self.n_head_kv
 
     @property
-    def n_embd_kv(self) -> int:
-        return self.head_dim * self.n_head_kv
+    def n_embd_q(self) -> int:
+        """Width of Q and of attention's output: head_dim * n_head (!= n_embd for qwen3, gemma3)."""
+        return self.head_dim * self.n_head
+
+    def is_swa(self, il: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[il]
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> ModelConfig:
@@ -70,33 +88,50 @@ class ModelConfig:
 
         n_embd = get("embedding_length", int, lo=1, hi=MAX_EMBD)
         n_head = get("attention.head_count", int, lo=1, hi=n_embd)
-        if n_embd % n_head:
+        if f"{arch}.attention.key_length" not in m and n_embd % n_head:  # else heads are that
             raise GGUFError(g.path, f"metadata '{arch}.attention.head_count': {n_head} heads do "
                                     f"not divide the embedding length {n_embd}")
         n_head_kv = get("attention.head_count_kv", int, n_head, lo=1, hi=n_head)
         if n_head % n_head_kv:
             raise GGUFError(g.path, f"metadata '{arch}.attention.head_count_kv': {n_head_kv} "
                                     f"does not divide head_count {n_head}")
-        head_dim = n_embd // n_head
-        scaling = m.get(f"{arch}.rope.scaling.type", "none")
-        if not isinstance(scaling, str):
+        head_dim = get("attention.key_length", int, n_embd // n_head, lo=1, hi=MAX_EMBD)
+        if get("attention.value_length", int, head_dim, lo=1, hi=MAX_EMBD) != head_dim:
+            raise GGUFError(g.path, f"metadata '{arch}.attention.value_length' differs from "
+                                    f"'{arch}.attention.key_length' {head_dim} (not supported)")
+        scaling = m.get(f"{arch}.rope.scaling.type", "linear")  # llama.cpp's default
+        if not isinstance(scaling, str) or scaling not in ROPE_SCALINGS:
             raise GGUFError(g.path, f"metadata '{arch}.rope.scaling.type': {_show(scaling)} is "
-                                    "not a string")
-        factor = get("rope.scaling.factor", float, 1.0, lo=1e-6, hi=1e6)
+                                    f"not supported (supported: {', '.join(ROPE_SCALINGS)})")
+        # the older key name, as llama.cpp reads it when rope.scaling.factor is absent
+        factor = get("rope.scale_linear", float, 0.0, lo=0.0, hi=1e6)
+        factor = get("rope.scaling.factor", float, factor, lo=0.0, hi=1e6)
+        n_ctx_train = get("context_length", int, lo=1, hi=MAX_CTX)
+        n_layer = get("block_count", int, lo=1, hi=MAX_LAYERS)
         embd = g.tensors.get("token_embd.weight")
         return cls(
             arch=arch,
-            n_layer=get("block_count", int, lo=1, hi=MAX_LAYERS),
+            n_layer=n_layer,
             n_embd=n_embd,
             n_ff=get("feed_forward_length", int, lo=1, hi=1 << 20),
             n_head=n_head,
             n_head_kv=n_head_kv,
             n_vocab=embd.shape[1] if embd and len(embd.shape) == 2 else 0,
-            n_ctx_train=get("context_length", int, lo=1, hi=MAX_CTX),
-            n_rot=_even(g, arch, get("rope.dimension_count", int, head_dim, lo=2, hi=head_dim)),
+            n_ctx_train=n_ctx_train,
+            n_rot=_n_rot(g, arch, get("rope.dimension_count", int, head_dim, lo=2, hi=head_dim),
+                         head_dim),
             rope_base=get("rope.freq_base", float, 10000.0, lo=1e-3, hi=1e12),
-            rope_freq_scale=1.0 / factor if scaling == "linear" else 1.0,
+            # llama.cpp: 1 / factor for every type but none (0 or absent: 1)
+            rope_freq_scale=1.0 / factor if factor and scaling != "none" else 1.0,
             norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5, lo=1e-12, hi=1.0),
+            head_dim=head_dim,
+            rope_scaling=scaling,
+            rope_attn_factor=get("rope.scaling.attn_factor", float, 1.0, lo=1e-6, hi=1e6),
+            n_ctx_orig=get("rope.scaling.original_context_length", int, n_ctx_train, lo=1,
+                           hi=MAX_CTX),
+            **_swa(g, arch, n_layer, get),
+            logit_softcap=get("final_logit_softcapping", float, 0.0, lo=0.0, hi=1e6)
+            if arch == "gemma3" else 0.0,
             **_experts(g, arch, get),
         )
 
@@ -125,10 +160,35 @@ def _experts(g: GGUFFile, arch: str, get) -> dict:
     return out
 
 
-def _even(g: GGUFFile, arch: str, n_rot: int) -> int:
+def _n_rot(g: GGUFFile, arch: str, n_rot: int, head_dim: int) -> int:
     if n_rot % 2:
         raise GGUFError(g.path, f"metadata '{arch}.rope.dimension_count': {n_rot} is odd")
+    if arch in FULL_ROPE and n_rot != head_dim:  # llama.cpp refuses these too
+        raise GGUFError(g.path, f"metadata '{arch}.rope.dimension_count': {n_rot} is not the "
+                                f"head size {head_dim}")
     return n_rot
+
+
+def _swa(g: GGUFFile, arch: str, n_layer: int, get) -> dict:
+    """The sliding window, as llama.cpp reads it: gemma3 only (phi3's is disabled in llama.cpp
+    too). Layer il slides when il % pattern < pattern - 1 (pattern 6: five layers of six), or as a
+    per-layer bool array says."""
+    if arch != "gemma3":
+        return {}
+    n_swa = get("attention.sliding_window", int, 0, lo=0, hi=MAX_CTX)
+    if n_swa == 0:
+        return {}
+    key = f"{arch}.attention.sliding_window_pattern"
+    pattern = g.metadata.get(key, 6)
+    if isinstance(pattern, (list, tuple)) or getattr(pattern, "ndim", 0) == 1:
+        layers = tuple(bool(v) for v in pattern)
+        if len(layers) != n_layer:
+            raise GGUFError(g.path, f"metadata '{key}': {len(layers)} values for {n_layer} layers")
+    else:
+        n = get("attention.sliding_window_pattern", int, 6, lo=0, hi=MAX_LAYERS)
+        layers = tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+    return {"n_swa": n_swa, "swa_layers": layers,
+            "rope_base_swa": get("rope.freq_base_swa", float, 10000.0, lo=1e-3, hi=1e12)}
 
 
 def _show(v) -> str:

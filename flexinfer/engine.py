@@ -23,7 +23,7 @@ from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_
                                 Backend, Buffer, Ops, Tensor, TensorTable)
 from flexinfer.gguf_file import row_bytes
 from flexinfer.kv_cache import KVCache
-from flexinfer.models.llama import Batch
+from flexinfer.models.base import Batch, layer_weights
 from flexinfer.models import moe
 
 KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
@@ -65,7 +65,7 @@ class Inputs:
         pad = _pad(n_ubatch, KQ_MASK_PAD)
         return {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
-                "mask": 2 * n_ctx * pad}
+                "mask": 2 * n_ctx * pad, **({"mask_swa": 2 * n_ctx * pad} if cfg.n_swa else {})}
 
     def __init__(self, cfg: ModelConfig, n_ctx: int, n_ubatch: int, embd_row_bytes: int):
         self.n_ubatch, self.n_ctx = n_ubatch, n_ctx
@@ -82,6 +82,8 @@ class Inputs:
         self._idx = np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)
         self._idx[:] = np.arange(n_ubatch)
         self._mask = mv(self.addr["mask"], sizes["mask"])
+        self.n_swa = cfg.n_swa  # single-sequence window mask until the lead's batching lands
+        self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"]) if cfg.n_swa else None
 
     def release(self) -> None:
         """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
@@ -104,9 +106,14 @@ class Inputs:
         visible = np.arange(n_kv)[None, :] <= (pos + np.arange(t_pad))[:, None]
         visible[T:] = False
         mask[:] = np.where(visible, np.float16(0), np.float16(-np.inf))
+        if self.n_swa:  # llama.cpp: key hidden when pos_q - pos_k >= n_swa
+            near = (pos + np.arange(t_pad))[:, None] - np.arange(n_kv)[None, :] < self.n_swa
+            swa = np.frombuffer(self._mask_swa, dtype=np.float16, count=t_pad * n_kv)
+            swa.reshape(t_pad, n_kv)[:] = np.where(visible & near, np.float16(0),
+                                                   np.float16(-np.inf))
 
     def close(self) -> None:
-        del self.pos, self.rows, self._mask, self._idx
+        del self.pos, self.rows, self._mask, self._idx, self._mask_swa
         self._buf.free()
 
 
@@ -156,12 +163,14 @@ class Engine:
         layers = []
         for il in range(cfg.n_layer):
             ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
+            mask_shape = (n_kv, _pad(T, KQ_MASK_PAD))
             batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
                           ops.input(TYPE_I64, (T,), a["rows"]),
-                          ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]))
+                          ops.input(TYPE_F16, mask_shape, a["mask"]),
+                          ops.input(TYPE_F16, mask_shape, a["mask_swa"]) if cfg.n_swa else None)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
-            out = self.arch.build_layer(ops, cfg, self.store.layers[il], x, batch, self.kv.k[il],
-                                        self.kv.v[il], self.arch.ROPE_MODE)
+            out = self.arch.build_layer(ops, cfg, il, layer_weights(self.store.layers, il), x,
+                                        batch, self.kv.k[il], self.kv.v[il])
             ops.output(ops.cpy(out, x))
             layers.append(ops)
             if not alloc:
@@ -186,7 +195,7 @@ class Engine:
         if n_out < T:  # only the last n_out positions
             x = ops.view_2d(x, e, n_out, 4 * e, 4 * e * (T - n_out))
         w = self.store.layers[self.cfg.n_layer]
-        logits = self.arch.build_head(ops, self.cfg, w["output_norm.weight"], w["output.weight"], x)
+        logits = self.arch.build_head(ops, self.cfg, w, x)
         return ops, ops.output(logits)
 
     def _graphs(self, T: int, n_kv: int, n_out: int) -> GraphSet:

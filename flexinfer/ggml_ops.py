@@ -439,9 +439,23 @@ class Ops:
         return ggml.ggml_view_3d(self._ctx, a, n0, n1, n2, nb1, nb2, offset)
 
     def rope(self, a, pos, n_rot: int, mode: int, n_ctx_orig: int, base: float, freq_scale: float,
-             freq_factors=None):
+             freq_factors=None, *, ext_factor: float = 0.0, attn_factor: float = 1.0,
+             beta_fast: float = 32.0, beta_slow: float = 1.0):
+        """ggml_rope_ext. freq_factors: None or an F32 (n_rot / 2,) tensor; pair i's angle is
+        divided by freq_factors[i] (Llama 3.1's rope_freqs, phi3's LongRoPE factors). attn_factor
+        multiplies cos and sin (llama.cpp's rope.scaling.attn_factor)."""
         return ggml.ggml_rope_ext(self._ctx, a, pos, freq_factors, n_rot, mode, n_ctx_orig, base,
-                                  freq_scale, 0.0, 1.0, 32.0, 1.0)
+                                  freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
+
+    def swiglu_fused(self, a):
+        """silu(first half of ne0) * second half: phi3's fused gate|up rows (ggml_swiglu)."""
+        return ggml.ggml_swiglu(self._ctx, a)
+
+    def geglu(self, gate, up):
+        """gelu(gate) * up (tanh-approximated gelu, as gemma and llama.cpp use)."""
+        return ggml.ggml_geglu_split(self._ctx, gate, up)
+
+    def tanh(self, a): return ggml.ggml_tanh(self._ctx, a)
 
     def flash_attn(self, q, k, v, mask, scale: float):
         out = ggml.ggml_flash_attn_ext(self._ctx, q, k, v, mask, scale, 0.0, 0.0)
@@ -478,6 +492,25 @@ class Ops:
 
 def row_stride(t: Tensor) -> int:
     return t.contents.nb[1]
+
+
+def stride(t: Tensor, dim: int) -> int:
+    """nb[dim]: bytes between consecutive elements along dimension dim."""
+    return t.contents.nb[dim]
+
+
+def ne(t: Tensor, dim: int) -> int:
+    """ne[dim]: elements along dimension dim (a cache's ne[1] is its cell count)."""
+    return t.contents.ne[dim]
+
+
+def type_of(t: Tensor) -> int:
+    return t.contents.type
+
+
+def row_size(type_id: int, n: int) -> int:
+    """Bytes of n elements of a type (n a multiple of its block size): ggml_row_size."""
+    return ggml.ggml_row_size(type_id, n)
 
 
 class Allocator:

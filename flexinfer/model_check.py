@@ -13,7 +13,7 @@ import os
 from flexinfer.config import ModelConfig
 from flexinfer.gguf_file import GGUFFile, read_gguf
 from flexinfer.models import specs_for
-from flexinfer.models.llama import TensorSpec
+from flexinfer.models.base import TensorSpec
 from flexinfer.vocab_check import check_tokenizer_metadata
 
 

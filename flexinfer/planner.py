@@ -55,11 +55,15 @@ CONVERT_CHUNK = 512 << 10  # bytes: a repacked piece is converted in place this 
 # each group copied out to a bounce buffer first (ggml repacks from one buffer into another); small
 # enough to stay in the core's L2 cache
 POLICIES = {
-    "ffn": ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_output", "output"),
-    "attn": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output"),
-    "kv-ffn": ("attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_output", "output"),
-    "ffn-attn": ("ffn_down", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "output"),
-}
+    "ffn": ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output",
+            "output"),
+    "attn": ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+             "output"),
+    "kv-ffn": ("attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_output",
+               "output"),
+    "ffn-attn": ("ffn_down", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up",
+                 "output"),
+}  # attn_qkv: phi3's fused q|k|v, an attention matrix; phi3's fused gate|up is ffn_up
 
 
 @dataclass(frozen=True)

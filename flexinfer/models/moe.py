@@ -27,7 +27,13 @@ from __future__ import annotations
 
 from flexinfer.config import ModelConfig
 from flexinfer.ggml_ops import Ops, Tensor
+from flexinfer.models import base
+from flexinfer.models.base import TensorSpec
 
+# the K weights divided by their sum, per arch, as llama.cpp's graphs pass norm_w (not the file's
+# expert_weights_norm, which they do not read); expert_weights_scale is not applied by any of them
+NORMALIZED = {"llama": True, "qwen3moe": True, "qwen2moe": False}
+SHARED_EXPERT = ("qwen2moe",)
 F16_TINY = 6.103515625e-5  # 2^-14, the smallest normal f16: llama.cpp's floor for the weight sum
 EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # graph nodes a MoE FFN adds beyond a dense one (router, softmax, top-k, weights and their norm,
@@ -41,24 +47,30 @@ def graph_nodes(cfg: ModelConfig) -> int:
     return MOE_NODES + 2 * cfg.n_expert_used if cfg.n_expert else 0
 
 
-def moe_specs(cfg: ModelConfig, i: int, n_ff_exp: int) -> list[TensorSpec]:
-    """The router and the three expert tensors of layer i (3-D: (ne0, rows, n_expert))."""
-    from flexinfer.models.llama import TensorSpec  # llama.py imports this module
-    e, n, b = cfg.n_embd, cfg.n_expert, f"blk.{i}."
-    return [TensorSpec(b + "ffn_gate_inp.weight", (e, n), "ffn", i),
-            TensorSpec(b + "ffn_gate_exps.weight", (e, n_ff_exp, n), "ffn", i),
-            TensorSpec(b + "ffn_up_exps.weight", (e, n_ff_exp, n), "ffn", i),
-            TensorSpec(b + "ffn_down_exps.weight", (n_ff_exp, e, n), "ffn", i)]
+def ffn_specs(cfg: ModelConfig, i: int) -> list[TensorSpec]:
+    """Layer i's FFN tensors when cfg.n_expert > 0 (llama.block_specs calls this): the router,
+    the three expert tensors (3-D: (ne0, rows, n_expert)) and qwen2moe's shared expert."""
+    e, n, ff, b = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp, f"blk.{i}."
+    specs = [base.mat(b + "ffn_gate_inp.weight", e, n, "ffn", i),
+             TensorSpec(b + "ffn_gate_exps.weight", (e, ff, n), "ffn", i),
+             TensorSpec(b + "ffn_up_exps.weight", (e, ff, n), "ffn", i),
+             TensorSpec(b + "ffn_down_exps.weight", (ff, e, n), "ffn", i)]
+    if cfg.arch in SHARED_EXPERT:  # its gate vector (n_embd,) and a dense FFN of n_ff_shexp
+        sh = cfg.n_ff_shexp
+        specs += [base.vec(b + "ffn_gate_inp_shexp.weight", e, i),
+                  base.mat(b + "ffn_gate_shexp.weight", e, sh, "ffn", i),
+                  base.mat(b + "ffn_up_shexp.weight", e, sh, "ffn", i),
+                  base.mat(b + "ffn_down_shexp.weight", sh, e, "ffn", i)]
+    return specs
 
 
-def shared_expert_specs(cfg: ModelConfig, i: int) -> list[TensorSpec]:
-    """qwen2moe's shared expert: its gate vector (n_embd,) and a dense SwiGLU FFN of n_ff_shexp."""
-    from flexinfer.models.llama import TensorSpec
-    e, ff, b = cfg.n_embd, cfg.n_ff_shexp, f"blk.{i}."
-    return [TensorSpec(b + "ffn_gate_inp_shexp.weight", (e,), "norm", i, False),
-            TensorSpec(b + "ffn_gate_shexp.weight", (e, ff), "ffn", i),
-            TensorSpec(b + "ffn_up_shexp.weight", (e, ff), "ffn", i),
-            TensorSpec(b + "ffn_down_shexp.weight", (ff, e), "ffn", i)]
+def ffn(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor) -> Tensor:
+    """The whole MoE FFN over cur (n_embd, T), the normed FFN input (llama.block calls this):
+    routed experts, plus the gated shared expert where the arch has one."""
+    out = ffn_moe(ops, cfg, w, cur, NORMALIZED[cfg.arch])
+    if cfg.arch in SHARED_EXPERT:
+        out = ops.add(out, shared_expert(ops, w, cur))
+    return out
 
 
 def ffn_moe(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor,
