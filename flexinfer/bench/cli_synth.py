@@ -18,7 +18,8 @@ SPEC_FLAGS = {"arch": "arch", "layers": "n_layer", "embd": "n_embd", "ff": "n_ff
               "seed": "seed", "ctx": "ctx_len", "rope_base": "rope_base",
               "vocab_file": "vocab_file"}
 SPEC_FLAGS.update({"experts": "n_expert", "experts_used": "n_expert_used",  # MoE archs
-                   "expert_ff": "n_ff_exp", "shared_ff": "n_ff_shexp", "router": "router"})
+                   "expert_ff": "n_ff_exp", "shared_ff": "n_ff_shexp", "router": "router",
+                   "head_dim": "head_dim"})
 
 
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     moe.add_argument("--experts-used", type=int, help="experts each token uses (top K)")
     moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's is --ff)")
     moe.add_argument("--shared-ff", type=int, help="qwen2moe's shared expert width (default --ff)")
+    moe.add_argument("--head-dim", type=int, help="attention head size (key_length); default "
+                                                  "embd / heads")
     moe.add_argument("--router", help="uniform (default): every expert as likely; zipf:S: a few "
                                       "experts win most tokens (S=1 strong, S=0.5 milder)")
     p.set_defaults(func=synth_main)

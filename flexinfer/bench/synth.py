@@ -66,14 +66,19 @@ class SynthSpec:
     n_ff_exp: int = 0  # expert width (qwen); 0: n_ff / n_expert_used. Mixtral's experts are n_ff
     n_ff_shexp: int = 0  # qwen2moe's shared expert width; 0: n_ff
     router: str = "uniform"  # "uniform" or "zipf:S": how unevenly the router picks experts
+    head_dim: int = 0  # attention.key_length (qwen3moe); 0: n_embd / n_head, no key_length written
 
     def __post_init__(self):
         if isinstance(self.overrides, Mapping):
             object.__setattr__(self, "overrides", tuple(sorted(self.overrides.items())))
 
     @property
+    def n_embd_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
     def n_embd_kv(self) -> int:
-        return self.n_embd // self.n_head * self.n_head_kv
+        return self.n_embd_head * self.n_head_kv
 
 
 PRESETS: dict[str, SynthSpec] = {
@@ -82,6 +87,10 @@ PRESETS: dict[str, SynthSpec] = {
     "llama2-13b": SynthSpec("llama", 40, 5120, 13824, 40, 40, 32000),
     "codellama-34b": SynthSpec("llama", 48, 8192, 22016, 64, 8, 32000),
     "tiny": SynthSpec("llama", 2, 64, 128, 4, 2, None),
+    # Qwen3-30B-A3B (17 GB in Q4_0): 128 experts of 768, 8 used; heads of 128 (q is 4096 wide)
+    "qwen3-30b-a3b": SynthSpec("qwen3moe", 48, 2048, 6144, 32, 4, None, ctx_len=40960,
+                               rope_base=1e6, n_expert=128, n_expert_used=8, n_ff_exp=768,
+                               head_dim=128),
     # Mixtral-8x7B-v0.1 (26 GB in Q4_0): 8 experts of 14336, 2 used; rope base 1e6
     "mixtral-8x7b": SynthSpec("mixtral", 32, 4096, 14336, 32, 8, 32000, ctx_len=32768,
                               rope_base=1e6, n_expert=8, n_expert_used=2),
@@ -150,7 +159,7 @@ def check_spec(spec: SynthSpec):
     for field in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "ctx_len"):
         if getattr(spec, field) <= 0:
             raise FlexInferError(f"{field} {getattr(spec, field)}: must be > 0")
-    if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
+    if (not spec.head_dim and spec.n_embd % spec.n_head) or spec.n_head % spec.n_head_kv:
         raise FlexInferError(f"heads {spec.n_head}/{spec.n_head_kv}: n_embd {spec.n_embd} must "
                              "divide by n_head and n_head by n_head_kv")
     moe.check(spec)
@@ -233,7 +242,7 @@ def model_metadata(spec: SynthSpec, n_vocab: int, name: str) -> dict[str, tuple[
         f"{a}.attention.head_count_kv": ("uint32", spec.n_head_kv),
         f"{a}.attention.layer_norm_rms_epsilon": ("float32", RMS_EPS[a]),
         f"{a}.rope.freq_base": ("float32", float(spec.rope_base)),
-        f"{a}.rope.dimension_count": ("uint32", spec.n_embd // spec.n_head),
+        f"{a}.rope.dimension_count": ("uint32", spec.n_embd_head),
     }
 
 
