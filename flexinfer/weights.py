@@ -186,9 +186,11 @@ class WeightStore:
         if vector:
             h = self._table.new(info.name, info.type, info.shape)
             return Part(h, info.offset, 1, info.nbytes, False)
-        if len(info.shape) == 3:  # an expert tensor: one part, the whole tensor (plan_rows)
+        if len(info.shape) == 3:  # an expert tensor: one part, the whole tensor (plan_rows),
+            # counted in ggml rows so that loading goes through the staging buffer ~8 MiB at a time
             h = self._table.new(info.name, info.type, info.shape)
-            return Part(h, info.offset, 1, info.nbytes, False)
+            ne0, ne1, ne2 = info.shape
+            return Part(h, info.offset, ne1 * ne2, row_bytes(info.type, ne0), False)
         rb = row_bytes(info.type, info.shape[0])
         h = self._table.new(f"{info.name}[{r0}:{r1}]", info.type, (info.shape[0], r1 - r0))
         repack = self.repack and ggml_ops.repacks(info.type, info.shape)
