@@ -333,9 +333,9 @@ def repack_in_place(t: Tensor, buf: Buffer, headers: dict, bounce: int, step: in
     """Convert t, whose raw rows were read to where it points inside `buf`, where it lies: each
     group of `step` rows is copied to `bounce` and converted back (repack_rows)."""
     c = t.contents
-    rb = c.nb[1]
-    for r0 in range(0, c.ne[1], step):
-        n = min(step, c.ne[1] - r0)
+    rb, rows = c.nb[1], c.ne[1] * c.ne[2] * c.ne[3]  # a 3-D expert tensor: all its experts' rows
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
         at = c.data + r0 * rb
         ctypes.memmove(bounce, at, n * rb)
         repack_rows(t, buf, headers, at, bounce, n, step)
@@ -346,7 +346,11 @@ _TRAITS: dict[tuple, int | None] = {}
 
 def repack_traits(type_id: int, shape: tuple[int, ...]) -> int | None:
     """The `extra` (repack traits) ggml's CPU_REPACK buffer gives a weight of this type and shape,
-    None when it does not convert it. Probed once each on a private tensor (virtual memory only)."""
+    None when it does not convert it. Probed once each on a private tensor (virtual memory only).
+    A 3-D expert tensor (ne0, ne1, n_expert) gets what a (ne0, ne1) matrix gets: ggml chooses by
+    type and ne1 alone, repacks its ne1 * n_expert rows as one run of 8-row groups, and multiplies
+    it with the repacked mul_mat_id kernel."""
+    shape = tuple(shape[:2])
     key = (type_id, *shape)
     if REPACK_BUFT is None or len(shape) != 2:
         return None

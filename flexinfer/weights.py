@@ -92,7 +92,9 @@ def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTenso
 
 def _plan_tensor(info: TensorInfo, layer: int, kind: str, repackable) -> PlanTensor:
     rows, rb = plan_rows(info)
-    return PlanTensor(info.name, layer, kind, rows, rb, repackable(info))
+    # a whole expert tensor is repacked too, but a row group at a time like any part; the plan's
+    # flag would size its bounce buffer as the whole tensor (one plan row), so it says no
+    return PlanTensor(info.name, layer, kind, rows, rb, repackable(info) and len(info.shape) == 2)
 
 
 def plan_rows(info: TensorInfo) -> tuple[int, int]:
@@ -190,7 +192,8 @@ class WeightStore:
             # counted in ggml rows so that loading goes through the staging buffer ~8 MiB at a time
             h = self._table.new(info.name, info.type, info.shape)
             ne0, ne1, ne2 = info.shape
-            return Part(h, info.offset, ne1 * ne2, row_bytes(info.type, ne0), False)
+            repack = self.repack and ggml_ops.repacks(info.type, info.shape)
+            return Part(h, info.offset, ne1 * ne2, row_bytes(info.type, ne0), repack)
         rb = row_bytes(info.type, info.shape[0])
         h = self._table.new(f"{info.name}[{r0}:{r1}]", info.type, (info.shape[0], r1 - r0))
         repack = self.repack and ggml_ops.repacks(info.type, info.shape)
