@@ -2,7 +2,7 @@
 flexinfer to it without llama.cpp installed.
 
     pip install .[peers]        # llama-cpp-python, dev only; build flags in docs/fidelity.md
-    python scripts/make_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python scripts/make_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [reference_X.json ...]
     python scripts/make_reference.py --moe     # only the mixture-of-experts ones (tests/test_moe.py)
 
 For each model it records:
@@ -54,6 +54,29 @@ SYNTH_LLAMA_TIED = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8,
                              type="q4_0", overrides={"ffn_down": "q8_0"}, tied=True, seed=12,
                              norm_noise=0.1)
 
+# One per architecture of issue 13, each feature strong enough that breaking it fails the test:
+# llama 3.1-style rope_freqs (factors 1-16 on every pair, base 500000)
+SYNTH_LLAMA_ROPE_FREQS = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                                   type="q4_0", overrides={"ffn_down": "q8_0"}, seed=13,
+                                   norm_noise=0.1, rope_base=500000.0, rope_factors=True)
+# qwen3: per-head q/k norms, head_dim 64 so q (512) is wider than n_embd (256), tied like 0.6B
+SYNTH_QWEN3 = SynthSpec("qwen3", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                        head_dim=64, type="q4_0", overrides={"token_embd": "q8_0"}, tied=True,
+                        seed=14, norm_noise=0.1, rope_base=1000000.0)
+# gemma3: six layers, so five slide (window 64 of the 256 forced tokens) and one is global (base
+# 1e6; the sliding ones 10000); embedding scale, q/k and post norms, GELU FFN, tied
+SYNTH_GEMMA3 = SynthSpec("gemma3", n_layer=6, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                         head_dim=128, type="q4_0", overrides={"token_embd": "q8_0"}, tied=True,
+                         seed=15, norm_noise=0.1, rope_base=1000000.0, n_swa=64)
+# phi3: fused qkv and gate|up; LongRoPE: original context 256 < n_ctx 512, so the long factors
+SYNTH_PHI3 = SynthSpec("phi3", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=4,
+                       type="q4_0", overrides={"ffn_down": "q8_0"}, seed=16, norm_noise=0.1,
+                       rope_factors=True, attn_factor=1.19, orig_ctx=256)
+SYNTH_ARCHS = {"reference_llama_rope_freqs_synth.json": SYNTH_LLAMA_ROPE_FREQS,
+               "reference_qwen3_synth.json": SYNTH_QWEN3,
+               "reference_gemma3_synth.json": SYNTH_GEMMA3,
+               "reference_phi3_synth.json": SYNTH_PHI3}
+
 # Mixture of experts (tests/test_moe.py): 3 layers, 128 wide, 8 experts of which 2 are used, Q4_0
 # with the router in F32 (as llama.cpp's quantizer leaves it); norm weights != 1. The router's
 # logits spread about 2 (synth_moe.ROUTER_GAIN), so a wrong top-K or weighting shows. Q8_0 only in
@@ -65,6 +88,8 @@ SYNTH_QWEN3MOE = SynthSpec("qwen3moe", **MOE, n_ff_exp=128, router="zipf:0.5", s
 SYNTH_QWEN2MOE = SynthSpec("qwen2moe", **MOE, n_ff_exp=128, n_ff_shexp=256, seed=22,
                            overrides={"token_embd": "q8_0", "ffn_down_exps": "q8_0"})
 SYNTH_MIXTRAL = SynthSpec("mixtral", **MOE, seed=23)
+SYNTH_MOE = {f"reference_{s.arch}_synth.json": s
+             for s in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL)}
 
 
 def user(text: str) -> dict:
@@ -255,22 +280,19 @@ def write(name: str, data: dict) -> None:
     print(f"wrote {name}: stops {stops}; llama.cpp flash attention off vs on: {forced}")
 
 
-def moe_references() -> None:
-    """The mixture-of-experts references: one tiny synthetic model per MoE architecture."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL):
-            write(f"reference_{spec.arch}_synth.json", synth_reference(spec, Path(tmp)))
-
-
 def main() -> None:
-    if "--moe" in sys.argv:
-        moe_references()
-        return
-    write("reference_smollm2.json", reference(find_smollm2(), PROMPTS, {"model": SMOLLM2}))
+    """All references, or only those named: `make_reference.py reference_qwen3_synth.json`."""
+    only = [a for a in sys.argv[1:] if a.endswith(".json")]
+    only += list(SYNTH_MOE) if "--moe" in sys.argv else []
+    sys.argv[1:] = [a for a in sys.argv[1:] if not a.endswith(".json")]
+    if not only:
+        write("reference_smollm2.json", reference(find_smollm2(), PROMPTS, {"model": SMOLLM2}))
+    synth = {"reference_qwen2_synth.json": SYNTH_QWEN2,
+             "reference_llama_tied_synth.json": SYNTH_LLAMA_TIED, **SYNTH_ARCHS, **SYNTH_MOE}
     with tempfile.TemporaryDirectory() as tmp:
-        write("reference_qwen2_synth.json", synth_reference(SYNTH_QWEN2, Path(tmp)))
-        write("reference_llama_tied_synth.json", synth_reference(SYNTH_LLAMA_TIED, Path(tmp)))
-    moe_references()
+        for name, spec in synth.items():
+            if not only or name in only:
+                write(name, synth_reference(spec, Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ flexinfer. What is compared and the numbers measured: docs/fidelity.md.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -21,7 +22,10 @@ from flexinfer.generate import chat_prompt
 
 DATA = Path(__file__).parent / "data"
 REFERENCES = ("reference_smollm2.json", "reference_qwen2_synth.json",
-              "reference_llama_tied_synth.json")
+              "reference_llama_tied_synth.json", "reference_llama_rope_freqs_synth.json",
+              "reference_qwen3_synth.json", "reference_gemma3_synth.json",
+              "reference_phi3_synth.json")
+SYNTH_REFERENCES = [r for r in REFERENCES if r.endswith("_synth.json")]
 MIN_TOP1_AGREEMENT = 0.99  # over the 256 teacher-forced positions
 MAX_LOGIT_DIFF = 0.5  # on llama.cpp's top-8 ids; measured 0 with flash attention (bit-identical)
 
@@ -44,14 +48,20 @@ def model_file(ref: dict, request, tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("fidelity") / f"{spec.arch}.gguf", spec)
 
 
+def checked_file(name: str, request, tmp_path_factory) -> tuple[dict, Path]:
+    """The reference and its model file, whose digest must be the reference's."""
+    ref = json.loads((DATA / name).read_text(encoding="utf-8"))
+    path = model_file(ref, request, tmp_path_factory)
+    assert sha256(path) == ref["sha256"], (
+        f"{path} is not the model {name} was made from (a synthetic writer change, or "
+        "another SmolLM2 file): rerun scripts/make_reference.py")
+    return ref, path
+
+
 @pytest.fixture(scope="module", params=REFERENCES)
 def case(request, tmp_path_factory):
     """(reference, loaded model, name), one model at a time."""
-    ref = json.loads((DATA / request.param).read_text(encoding="utf-8"))
-    path = model_file(ref, request, tmp_path_factory)
-    assert sha256(path) == ref["sha256"], (
-        f"{path} is not the model {request.param} was made from (a synthetic writer change, or "
-        "another SmolLM2 file): rerun scripts/make_reference.py")
+    ref, path = checked_file(request.param, request, tmp_path_factory)
     s = ref["settings"]
     with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
         yield ref, model, request.param
@@ -109,3 +119,89 @@ def test_teacher_forced_logits_match_llamacpp(case):
           f"{agree_off:.4f}, {diff_off:.3g}")
     assert agree >= MIN_TOP1_AGREEMENT, f"{name}: top-1 agreement {agree:.4f}"
     assert diff <= MAX_LOGIT_DIFF, f"{name}: largest logit difference {diff:.3g}"
+
+
+@pytest.mark.parametrize("name", SYNTH_REFERENCES)
+def test_streamed_equals_resident(name, request, tmp_path_factory, monkeypatch):
+    """Each architecture's teacher-forced logits, with most rows streamed, bit for bit."""
+    from tests.test_engine import _squeeze_budget
+
+    ref, path = checked_file(name, request, tmp_path_factory)
+    s, ids = ref["settings"], ref["teacher_forced"]["ids"][:64]
+    with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
+        resident = model.logits(ids)
+    _squeeze_budget(monkeypatch, 0.35)
+    with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"], offload="flexinfer") as model:
+        streamed = model.logits(ids)
+        assert model._store.prefetcher.layers_loaded > 0, "the plan must stream"
+    assert np.array_equal(streamed, resident)
+
+
+def _wrap(module, change):
+    """module.build_layer with (cfg, il, w, x, batch) changed by change() first."""
+    real = module.build_layer
+
+    def build_layer(ops, cfg, il, w, x, batch, k_cache, v_cache):
+        cfg, w, x, batch = change(ops, cfg, il, dict(w), x, batch)
+        return real(ops, cfg, il, w, x, batch, k_cache, v_cache)
+    return build_layer
+
+
+def _drop(*names):
+    def change(ops, cfg, il, w, x, batch):
+        for n in names:
+            w.pop(n, None)
+        return cfg, w, x, batch
+    change.__name__ = "drop_" + "_".join(n.split(".")[0] for n in names)
+    return change
+
+
+def _unscale_embedding(ops, cfg, il, w, x, batch):
+    return cfg, w, ops.scale(x, cfg.n_embd ** -0.5) if il == 0 else x, batch
+
+
+def _global_base_everywhere(ops, cfg, il, w, x, batch):
+    return dataclasses.replace(cfg, rope_base_swa=cfg.rope_base), w, x, batch
+
+
+def _no_window(ops, cfg, il, w, x, batch):
+    return cfg, w, x, dataclasses.replace(batch, mask_swa=batch.mask)
+
+
+def _short_factors(ops, cfg, il, w, x, batch):
+    w["rope_factors_long.weight"] = w["rope_factors_short.weight"]
+    return cfg, w, x, batch
+
+
+def _no_attn_factor(ops, cfg, il, w, x, batch):
+    return dataclasses.replace(cfg, rope_attn_factor=1.0), w, x, batch
+
+
+BREAKS = [  # (reference, arch module, the feature broken)
+    ("reference_llama_rope_freqs_synth.json", "llama", _drop("rope_freqs.weight")),
+    ("reference_qwen3_synth.json", "qwen3", _drop("attn_q_norm.weight", "attn_k_norm.weight")),
+    ("reference_gemma3_synth.json", "gemma3", _drop("attn_q_norm.weight", "attn_k_norm.weight")),
+    ("reference_gemma3_synth.json", "gemma3", _unscale_embedding),
+    ("reference_gemma3_synth.json", "gemma3", _global_base_everywhere),
+    ("reference_gemma3_synth.json", "gemma3", _no_window),
+    ("reference_phi3_synth.json", "phi3", _short_factors),
+    ("reference_phi3_synth.json", "phi3", _no_attn_factor),
+]
+
+
+@pytest.mark.parametrize("name,arch,change", BREAKS,
+                         ids=[f"{a}-{c.__name__.strip('_')}" for _, a, c in BREAKS])
+def test_each_feature_moves_the_logits(name, arch, change, request, tmp_path_factory, monkeypatch):
+    """The synthetic weights are strong enough that the comparison with llama.cpp fails when one
+    feature is left out: the fidelity tests above could not pass with it broken."""
+    import importlib
+
+    ref, path = checked_file(name, request, tmp_path_factory)
+    module = importlib.import_module(f"flexinfer.models.{arch}")
+    monkeypatch.setattr(module, "build_layer", _wrap(module, change))
+    tf, s = ref["teacher_forced"], ref["settings"]
+    with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
+        agree, diff = compare(model.logits(tf["ids"]), tf["top8_flash_attn_on"])
+    print(f"\n{name} broken by {change.__name__.strip('_')}: top-1 {agree:.4f}, "
+          f"max logit diff {diff:.3g}")
+    assert agree < MIN_TOP1_AGREEMENT or diff > MAX_LOGIT_DIFF

@@ -236,6 +236,18 @@ def _dir(m, tmp):
     return tmp / "a-directory.gguf"
 
 
+def _extra_tensor(name: str, n: int):
+    """A case that adds an F32 tensor of n elements (data appended, aligned) to the valid file."""
+    def make(m, tmp):
+        off = len(m.data) + (-len(m.data) % 32)
+        infos = [(k, *v) for k, v in m.infos.items()] + [(name, (n,), 0, off)]
+        head = b"GGUF" + u32(3) + u64(len(infos)) + u64(len(m.kvs))
+        body = head + b"".join(m.kvs.values()) + b"".join(tinfo(*i) for i in infos)
+        data = m.data + bytes(off - len(m.data)) + np.ones(n, np.float32).tobytes()
+        return body + bytes(-len(body) % 32) + data
+    return make
+
+
 TOK, SCORES, TTYPE = "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"
 TRUNC = "truncated"
 CASES = [
@@ -387,6 +399,19 @@ CASES = [
      "'tokenizer.ggml.x\\ny_token_id' token id 5000 is outside"),
     ("bos-string", lambda m, t: m.set_str("tokenizer.ggml.bos_token_id", "<s>"),
      "'tokenizer.ggml.bos_token_id' is a string, expected an integer token id"),
+    # tensors the architecture does not use: refused, not silently ignored (issue 13)
+    ("unused-tensor", _extra_tensor("blk.0.attn_output.bias", N_EMBD),
+     "tensor 'blk.0.attn_output.bias' is not used by llama"),
+    ("unused-rope-factors", _extra_tensor("rope_factors_long.weight", 8),
+     "tensor 'rope_factors_long.weight' is not used by llama"),
+    ("rope-freqs-wrong-shape", _extra_tensor("rope_freqs.weight", 7),
+     "tensor 'rope_freqs.weight' has shape [7], expected [8]"),
+    ("value-length-differs", lambda m, t: m.set_num("llama.attention.value_length", U32, 32),
+     "'llama.attention.value_length' differs from 'llama.attention.key_length' 16"),
+    ("rope-scaling-yarn", lambda m, t: m.set_str("llama.rope.scaling.type", "yarn"),
+     "'llama.rope.scaling.type': 'yarn' is not supported"),
+    ("rope-dims-not-head", lambda m, t: m.set_num("llama.rope.dimension_count", U32, 8),
+     "'llama.rope.dimension_count': 8 is not the head size 16"),
 ]
 
 

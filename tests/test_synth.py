@@ -172,6 +172,9 @@ def test_presets_plan_sizes():
     (SynthSpec(type="q9_9"), "q9_9"),
     (SynthSpec(arch="gpt2"), "gpt2"),
     (SynthSpec(n_head=3), "heads 3/2"),
+    (SynthSpec(arch="qwen2", rope_factors=True), "qwen2 has none"),
+    (SynthSpec(n_swa=16), "only gemma3"),
+    (SynthSpec(arch="phi3", head_dim=32), "phi3's q must be n_embd wide"),
 ])
 def test_bad_specs_name_the_fault(tmp_path, spec, words):
     with pytest.raises(FlexInferError, match=words.replace(".", r"\.")):
@@ -212,3 +215,45 @@ def _flexinfer(argv) -> int:
     with pytest.raises(SystemExit) as done:
         cli.main(argv)
     return done.value.code
+
+
+ARCH_CASES = {  # arch -> SynthSpec changes beyond TINY_SHAPE
+    "qwen3": dict(head_dim=32),
+    "gemma3": dict(head_dim=32, n_swa=8, tied=True),
+    "phi3": dict(rope_factors=True, attn_factor=1.19, orig_ctx=64),
+    "llama": dict(rope_factors=True),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CASES))
+def test_each_arch_writes_what_flexinfer_checks(arch, tmp_path):
+    """Names and shapes as llama.cpp's loader wants them (the fidelity references prove llama.cpp
+    loads them); check_model accepts every tensor: none is unused, none missing."""
+    from flexinfer.model_check import check_model
+
+    spec = SynthSpec(arch, **TINY_SHAPE, **ARCH_CASES[arch], seed=5)
+    g, cfg, specs = check_model(write_synthetic(tmp_path / f"{arch}.gguf", spec))
+    assert sorted(s.name for s in specs) == sorted(g.tensors)
+    t, m = g.tensors, g.metadata
+    hd = spec.head_dim or 16
+    if arch in ("qwen3", "gemma3"):
+        assert t["blk.0.attn_q.weight"].shape == (64, 4 * hd)
+        assert t["blk.0.attn_output.weight"].shape == (4 * hd, 64)
+        assert t["blk.0.attn_q_norm.weight"].shape == (hd,) and cfg.head_dim == hd
+        assert m[f"{arch}.attention.key_length"] == hd
+    if arch == "gemma3":
+        assert t["blk.1.post_ffw_norm.weight"].shape == (64,) and cfg.n_swa == 8
+        assert cfg.swa_layers == (True, True)  # five of six slide: layers 0-4
+    if arch == "phi3":
+        assert t["blk.0.attn_qkv.weight"].shape == (64, 64 + 2 * 32)
+        assert t["blk.0.ffn_up.weight"].shape == (64, 2 * 128)
+        assert "blk.0.ffn_gate.weight" not in t
+        assert t["rope_factors_long.weight"].shape == (8,)
+        assert cfg.n_ctx_orig == 64 and math.isclose(cfg.rope_attn_factor, 1.19, rel_tol=1e-6)
+        assert values(g.path, t["rope_factors_short.weight"]).min() >= 1.0
+    if arch == "llama":
+        f = values(g.path, t["rope_freqs.weight"])
+        assert f.shape == (1, 8) and f.min() >= 1.0 and f.max() > 2.0  # every pair moved
+
+
+TINY_SHAPE = dict(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2)

@@ -16,10 +16,10 @@ from flexinfer.errors import FlexInferError
 SPEC_FLAGS = {"arch": "arch", "layers": "n_layer", "embd": "n_embd", "ff": "n_ff",
               "heads": "n_head", "kv_heads": "n_head_kv", "vocab": "n_vocab", "type": "type",
               "seed": "seed", "ctx": "ctx_len", "rope_base": "rope_base",
-              "vocab_file": "vocab_file"}
+              "vocab_file": "vocab_file", "head_dim": "head_dim", "swa": "n_swa",
+              "attn_factor": "attn_factor", "orig_ctx": "orig_ctx"}
 SPEC_FLAGS.update({"experts": "n_expert", "experts_used": "n_expert_used",  # MoE archs
-                   "expert_ff": "n_ff_exp", "shared_ff": "n_ff_shexp", "router": "router",
-                   "head_dim": "head_dim"})
+                   "expert_ff": "n_ff_exp", "shared_ff": "n_ff_shexp", "router": "router"})
 
 
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,6 +31,13 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=synth.ARCHS)
     for flag in ("layers", "embd", "ff", "heads", "kv-heads", "vocab", "seed", "ctx"):
         p.add_argument(f"--{flag}", type=int)
+    p.add_argument("--head-dim", type=int, help="attention.key_length (default n_embd / heads)")
+    p.add_argument("--swa", type=int, help="gemma3: sliding window (5 layers of 6 slide)")
+    p.add_argument("--rope-factors", action="store_true",
+                   help="llama: rope_freqs.weight (Llama 3.1); phi3: LongRoPE long/short factors")
+    p.add_argument("--attn-factor", type=float, help="rope.scaling.attn_factor")
+    p.add_argument("--orig-ctx", type=int, help="rope.scaling.original_context_length (phi3: the "
+                                                  "long factors apply above it)")
     p.add_argument("--type", choices=[t.lower() for t in supported_types()],
                    help="type of every matrix (default q4_0); norms stay f32")
     p.add_argument("--override", action="append", default=[], metavar="ROLE=TYPE",
@@ -43,8 +50,6 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     moe.add_argument("--experts-used", type=int, help="experts each token uses (top K)")
     moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's is --ff)")
     moe.add_argument("--shared-ff", type=int, help="qwen2moe's shared expert width (default --ff)")
-    moe.add_argument("--head-dim", type=int, help="attention head size (key_length); default "
-                                                  "embd / heads")
     moe.add_argument("--router", help="uniform (default): every expert as likely; zipf:S: a few "
                                       "experts win most tokens (S=1 strong, S=0.5 milder)")
     p.set_defaults(func=synth_main)
@@ -56,6 +61,8 @@ def spec_from_args(args) -> synth.SynthSpec:
                if getattr(args, flag, None) is not None}
     if args.tied:
         changes["tied"] = True
+    if args.rope_factors:
+        changes["rope_factors"] = True
     if args.override:
         changes["overrides"] = dict(parse_override(o) for o in args.override)
     return synth.preset(args.preset, **changes)

@@ -19,16 +19,16 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from flexinfer.bench import synth_archs as archs
 from flexinfer.bench import synth_blocks as blocks
 from flexinfer.bench import synth_moe as moe
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import read_gguf
 
-ARCHS = ("llama", "qwen2")
-MATRIX_ROLES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output",
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+MATRIX_ROLES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output",
                 "ffn_gate", "ffn_up", "ffn_down")
-VOCAB_FILES = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
-RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
+VOCAB_FILES, RMS_EPS = archs.VOCAB_FILES, archs.RMS_EPS
 ARCHS += moe.MOE_ARCHS  # mixture of experts: synth_moe.py
 MATRIX_ROLES += moe.EXPERT_ROLES
 VOCAB_FILES.update(moe.VOCAB_FILES)
@@ -41,9 +41,9 @@ Progress = Callable[[int, int], None]  # (bytes written, total bytes)
 
 @dataclass(frozen=True)
 class SynthSpec:
-    """What to write. Shapes follow llama.cpp: n_embd_kv = n_embd / n_head * n_head_kv."""
+    """What to write. Shapes follow llama.cpp: n_embd_kv = head_dim * n_head_kv."""
 
-    arch: str = "llama"  # "llama" or "qwen2" (qwen2: q, k, v biases; rms eps 1e-6)
+    arch: str = "llama"  # one of ARCHS (qwen2: q, k, v biases; qwen3/gemma3: q/k norms; ...)
     n_layer: int = 2  # transformer blocks
     n_embd: int = 64  # hidden size
     n_ff: int = 128  # feed-forward size
@@ -60,25 +60,25 @@ class SynthSpec:
     seed: int = 0  # same seed and spec: the same bytes
     vocab_file: str | None = None  # None: shared/vocab/ggml-vocab-llama-spm.gguf or -qwen2.gguf
     norm_noise: float = 0.0  # norm weights are 1 + N(0, norm_noise); 0 writes exactly 1.0
+    head_dim: int | None = None  # attention.key_length/value_length; None: n_embd / n_head, unwritten
+    rope_factors: bool = False  # llama: rope_freqs.weight; phi3: rope_factors_long/short.weight
+    n_swa: int = 0  # gemma3: attention.sliding_window (0: unwritten, no window)
+    attn_factor: float | None = None  # rope.scaling.attn_factor (phi3's LongRoPE writes one)
+    orig_ctx: int | None = None  # rope.scaling.original_context_length (phi3: long factors above)
     # mixture of experts (qwen3moe, qwen2moe, mixtral; synth_moe.py)
     n_expert: int = 0  # experts per layer
     n_expert_used: int = 0  # experts each token uses (top K)
     n_ff_exp: int = 0  # expert width (qwen); 0: n_ff / n_expert_used. Mixtral's experts are n_ff
     n_ff_shexp: int = 0  # qwen2moe's shared expert width; 0: n_ff
     router: str = "uniform"  # "uniform" or "zipf:S": how unevenly the router picks experts
-    head_dim: int = 0  # attention.key_length (qwen3moe); 0: n_embd / n_head, no key_length written
 
     def __post_init__(self):
         if isinstance(self.overrides, Mapping):
             object.__setattr__(self, "overrides", tuple(sorted(self.overrides.items())))
 
     @property
-    def n_embd_head(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
     def n_embd_kv(self) -> int:
-        return self.n_embd_head * self.n_head_kv
+        return archs.head_dim(self) * self.n_head_kv
 
 
 PRESETS: dict[str, SynthSpec] = {
@@ -105,7 +105,8 @@ class SynthTensor:
     shape: tuple[int, ...]  # (ne0,), (ne0, ne1) or, experts, (ne0, ne1, n_expert)
     type: str  # ggml type name: "Q4_0", "F32", ...
     rms: float  # target rms of the values; 0 with fill == "ones"
-    fill: str = "random"  # "random", "ones" for norm weights, "router" (synth_moe.py)
+    fill: str = "random"  # "random", "ones" for norm weights, "factors" for rope factors,
+    # "router" for a MoE router (synth_moe.py)
 
     @property
     def n_elems(self) -> int:
@@ -153,13 +154,16 @@ def check_spec(spec: SynthSpec):
     """Refuses a spec llama.cpp could not load, naming the field at fault."""
     if spec.arch not in ARCHS:
         raise FlexInferError(f"arch {spec.arch!r}: must be one of {', '.join(ARCHS)}")
+    why = archs.check_arch_spec(spec)
+    if why:
+        raise FlexInferError(why)
     if spec.type.upper() not in FILE_TYPES:
         raise FlexInferError(f"type {spec.type!r}: must be one of "
                              f"{', '.join(t.lower() for t in blocks.supported_types())}")
     for field in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "ctx_len"):
         if getattr(spec, field) <= 0:
             raise FlexInferError(f"{field} {getattr(spec, field)}: must be > 0")
-    if (not spec.head_dim and spec.n_embd % spec.n_head) or spec.n_head % spec.n_head_kv:
+    if (spec.head_dim is None and spec.n_embd % spec.n_head) or spec.n_head % spec.n_head_kv:
         raise FlexInferError(f"heads {spec.n_head}/{spec.n_head_kv}: n_embd {spec.n_embd} must "
                              "divide by n_head and n_head by n_head_kv")
     moe.check(spec)
@@ -201,17 +205,7 @@ def vector(name: str, n: int, spec: SynthSpec, bias: bool = False) -> SynthTenso
 def layer_tensors(spec: SynthSpec, i: int) -> list[SynthTensor]:
     if spec.arch in moe.MOE_ARCHS:
         return moe.layer_tensors(spec, i, matrix, vector, SynthTensor)
-    p, e, kv, ff = f"blk.{i}", spec.n_embd, spec.n_embd_kv, spec.n_ff
-    out = [vector(f"{p}.attn_norm.weight", e, spec),
-           matrix(spec, f"{p}.attn_q", e, e), matrix(spec, f"{p}.attn_k", e, kv),
-           matrix(spec, f"{p}.attn_v", e, kv)]
-    if spec.arch == "qwen2":
-        out += [vector(f"{p}.attn_q.bias", e, spec, True),
-                vector(f"{p}.attn_k.bias", kv, spec, True),
-                vector(f"{p}.attn_v.bias", kv, spec, True)]
-    return out + [matrix(spec, f"{p}.attn_output", e, e), vector(f"{p}.ffn_norm.weight", e, spec),
-                  matrix(spec, f"{p}.ffn_gate", e, ff), matrix(spec, f"{p}.ffn_up", e, ff),
-                  matrix(spec, f"{p}.ffn_down", ff, e)]
+    return archs.layer_tensors(spec, i, matrix, vector)
 
 
 def tensor_plan(spec: SynthSpec, n_vocab: int) -> list[SynthTensor]:
@@ -223,7 +217,9 @@ def tensor_plan(spec: SynthSpec, n_vocab: int) -> list[SynthTensor]:
         out.append(matrix(spec, "output", spec.n_embd, n_vocab))
     for i in range(spec.n_layer):
         out += layer_tensors(spec, i)
-    return out
+    # rope factors last: the tensors before them keep their index, hence their seed and bytes
+    n_pairs = archs.head_dim(spec) // 2
+    return out + [SynthTensor(n, (n_pairs,), "F32", 0.0, "factors") for n in archs.factor_names(spec)]
 
 
 def model_metadata(spec: SynthSpec, n_vocab: int, name: str) -> dict[str, tuple[str, object]]:
@@ -242,7 +238,8 @@ def model_metadata(spec: SynthSpec, n_vocab: int, name: str) -> dict[str, tuple[
         f"{a}.attention.head_count_kv": ("uint32", spec.n_head_kv),
         f"{a}.attention.layer_norm_rms_epsilon": ("float32", RMS_EPS[a]),
         f"{a}.rope.freq_base": ("float32", float(spec.rope_base)),
-        f"{a}.rope.dimension_count": ("uint32", spec.n_embd_head),
+        f"{a}.rope.dimension_count": ("uint32", archs.head_dim(spec)),
+        **archs.arch_metadata(spec),
     }
 
 
@@ -267,6 +264,9 @@ def tensor_chunks(spec: SynthSpec, index: int, t: SynthTensor):
     rng = blocks.make_rng(spec.seed, index)
     if t.fill == "router":
         yield moe.router_values(spec, t, rng).view(np.uint8)
+        return
+    if t.fill == "factors":
+        yield archs.factor_values(rng, t.name, t.n_elems).view(np.uint8)
         return
     if t.fill == "ones":
         values = np.ones(t.n_elems, np.float32)

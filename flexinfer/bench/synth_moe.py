@@ -56,9 +56,8 @@ def parse_router(text: str) -> float:
 
 def check(spec) -> None:
     """Refuses a MoE spec llama.cpp could not load, naming the field at fault."""
-    if spec.head_dim < 0 or spec.head_dim % 2 or spec.head_dim and spec.arch not in MOE_ARCHS:
-        raise FlexInferError(f"head-dim {spec.head_dim}: must be even and > 0, and is only "
-                             f"written for {', '.join(MOE_ARCHS)}")
+    if spec.arch == "mixtral" and spec.head_dim:  # arch_metadata would write mixtral.* keys
+        raise FlexInferError(f"head-dim {spec.head_dim}: mixtral's heads are n_embd / n_head")
     if spec.arch not in MOE_ARCHS:
         if spec.n_expert:
             raise FlexInferError(f"experts {spec.n_expert}: arch {spec.arch!r} has none (MoE "
@@ -86,9 +85,7 @@ def metadata(spec) -> dict[str, tuple[str, object]]:
     if spec.arch not in MOE_ARCHS:
         return {}
     a = gguf_arch(spec.arch)
-    out = {} if not spec.head_dim else {f"{a}.attention.key_length": ("uint32", spec.head_dim),
-                                        f"{a}.attention.value_length": ("uint32", spec.head_dim)}
-    out |= {f"{a}.expert_count": ("uint32", spec.n_expert),
+    out = {f"{a}.expert_count": ("uint32", spec.n_expert),
            f"{a}.expert_used_count": ("uint32", spec.n_expert_used)}
     if spec.arch != "mixtral":
         out[f"{a}.expert_feed_forward_length"] = ("uint32", n_ff_exp(spec))
@@ -99,7 +96,7 @@ def metadata(spec) -> dict[str, tuple[str, object]]:
 
 def layer_tensors(spec, i: int, matrix, vector, tensor) -> list:
     """One block's tensors. matrix/vector are synth.py's makers; tensor is SynthTensor."""
-    p, e, kv, hd = f"blk.{i}", spec.n_embd, spec.n_embd_kv, spec.n_embd_head
+    p, e, kv, hd = f"blk.{i}", spec.n_embd, spec.n_embd_kv, (spec.head_dim or spec.n_embd // spec.n_head)
     q = hd * spec.n_head  # n_embd unless head_dim says otherwise (Qwen3-30B-A3B: 4096)
     out = [vector(f"{p}.attn_norm.weight", e, spec),
            matrix(spec, f"{p}.attn_q", e, q), matrix(spec, f"{p}.attn_k", e, kv),

@@ -58,6 +58,13 @@ class Batch:
     mask_swa: Tensor | None = None
 
 
+def window(cfg: ModelConfig, il: int) -> int:
+    """Layer il's attention kind for the cache and the planner: its sliding window in positions
+    (gemma3's sliding layers: cfg.n_swa; a query sees keys pos_q - n_swa < pos_k <= pos_q), or 0
+    for full causal attention. Every layer's K/V rows are cfg.n_embd_kv wide."""
+    return cfg.n_swa if cfg.is_swa(il) else 0
+
+
 def layer_weights(layers: list[dict], il: int) -> dict:
     """Layer il's weights plus the non-layer tensors layers read (role "rope"), which the store
     keeps in the head's dict (layers[-1]) under their full names."""
@@ -119,6 +126,12 @@ def rms_norm(ops: Ops, cfg: ModelConfig, x: Tensor, weight: Tensor) -> Tensor:
     """llama.cpp's build_norm(LLM_NORM_RMS): rms_norm over ne0, then times the weight
     (broadcast: a (head_dim,) weight normalizes each head of a (head_dim, n_head, T) tensor)."""
     return ops.mul(ops.rms_norm(x, cfg.norm_eps), weight)
+
+
+def head_norm(ops: Ops, cfg: ModelConfig, t: Tensor, w: dict, name: str) -> Tensor:
+    """qwen3/gemma3's RMS norm over each head of q or k (t is (hd, heads, T)), when w has it."""
+    weight = w.get(name)
+    return t if weight is None else rms_norm(ops, cfg, t, weight)
 
 
 def proj(ops: Ops, w: dict, name: str, cur: Tensor) -> Tensor:

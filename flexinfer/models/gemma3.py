@@ -10,7 +10,7 @@ Differences from llama, in graph order:
 - q scaled by 1/sqrt(head_dim) before attention (1/sqrt(n_embd / n_head) for the 62-layer 27B, as
   llama.cpp decides by layer count), attention itself unscaled;
 - RMS norms on the attention output and on the FFN output before each residual add
-  (attn_post_norm, ffn_post_norm); gemma's (1 + w) norm weights are stored with the 1 added;
+  (post_attention_norm, post_ffw_norm); gemma's (1 + w) norm weights are stored with the 1 added;
 - a GELU-gated FFN (ggml_geglu_split);
 - usually a tied output; final_logit_softcapping when the file sets it.
 """
@@ -39,8 +39,8 @@ def tensor_specs(cfg: ModelConfig, tied: bool, names=frozenset()) -> list[Tensor
         b = f"blk.{i}."
         specs += [base.vec(b + "attn_norm.weight", e, i), *base.qkv_specs(cfg, i, bias=False),
                   base.vec(b + "attn_q_norm.weight", hd, i), base.vec(b + "attn_k_norm.weight", hd, i),
-                  base.vec(b + "attn_post_norm.weight", e, i), base.vec(b + "ffn_norm.weight", e, i),
-                  *base.ffn_specs(cfg, i), base.vec(b + "ffn_post_norm.weight", e, i)]
+                  base.vec(b + "post_attention_norm.weight", e, i), base.vec(b + "ffn_norm.weight", e, i),
+                  *base.ffn_specs(cfg, i), base.vec(b + "post_ffw_norm.weight", e, i)]
     return specs + base.head_specs(cfg, tied)
 
 
@@ -60,19 +60,19 @@ def build_layer(ops: Ops, cfg: ModelConfig, il: int, w: dict, x: Tensor, batch: 
     T = batch.n_tokens
     cur = base.rms_norm(ops, cfg, x, w["attn_norm.weight"])
     q, k, v = base.qkv(ops, cfg, w, cur, T)
-    q = base.rope(ops, cfg, base.rms_norm(ops, cfg, q, w["attn_q_norm.weight"]), batch, ROPE_MODE,
-                  base=base_l, freq_scale=scale_l)
-    k = base.rope(ops, cfg, base.rms_norm(ops, cfg, k, w["attn_k_norm.weight"]), batch, ROPE_MODE,
-                  base=base_l, freq_scale=scale_l)
+    q = base.rope(ops, cfg, base.head_norm(ops, cfg, q, w, "attn_q_norm.weight"), batch,
+                  ROPE_MODE, base=base_l, freq_scale=scale_l)
+    k = base.rope(ops, cfg, base.head_norm(ops, cfg, k, w, "attn_k_norm.weight"), batch,
+                  ROPE_MODE, base=base_l, freq_scale=scale_l)
     q = ops.scale(q, query_scale(cfg))
     base.store_kv(ops, cfg, k, v, k_cache, v_cache, batch)
     attn = base.attention(ops, cfg, q, k_cache, v_cache, batch, 1.0,
                           batch.mask_swa if swa else None)
     cur = base.rms_norm(ops, cfg, ops.mul_mat(w["attn_output.weight"], attn),
-                        w["attn_post_norm.weight"])
+                        w["post_attention_norm.weight"])
     x = ops.add(cur, x)
     cur = base.geglu_ffn(ops, w, base.rms_norm(ops, cfg, x, w["ffn_norm.weight"]))
-    return ops.add(base.rms_norm(ops, cfg, cur, w["ffn_post_norm.weight"]), x)
+    return ops.add(base.rms_norm(ops, cfg, cur, w["post_ffw_norm.weight"]), x)
 
 
 def build_head(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor) -> Tensor:

@@ -56,9 +56,8 @@ def block(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor, batch: Batch, k_cache:
     T = batch.n_tokens
     cur = base.rms_norm(ops, cfg, x, w["attn_norm.weight"])
     q, k, v = base.qkv(ops, cfg, w, cur, T)  # (hd, heads, T)
-    if "attn_q_norm.weight" in w:
-        q = base.rms_norm(ops, cfg, q, w["attn_q_norm.weight"])
-        k = base.rms_norm(ops, cfg, k, w["attn_k_norm.weight"])
+    q = base.head_norm(ops, cfg, q, w, "attn_q_norm.weight")
+    k = base.head_norm(ops, cfg, k, w, "attn_k_norm.weight")
     factors = w.get(ROPE_FREQS)
     q = base.rope(ops, cfg, q, batch, mode, factors=factors)
     k = base.rope(ops, cfg, k, batch, mode, factors=factors)
