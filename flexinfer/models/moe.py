@@ -19,8 +19,9 @@ its views, so the float rounding is the same. qwen2moe adds a shared expert, a d
 gated per token by sigmoid(ffn_gate_inp_shexp . x), the sigmoid computed as silu(g) / g as in
 llama.cpp's qwen2moe graph.
 
-Every weight of a layer is one tensor here: the *_exps tensors are kept whole (resident, or streamed
-as whole tensors); expert-level streaming will read only the slabs of the chosen experts.
+The router and the shared expert are matrices like any other (split in row blocks when streamed);
+the *_exps tensors are kept whole, resident or streamed whole (weights.plan_rows); expert-level
+streaming will read only the slabs of the chosen experts.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from flexinfer.models.base import TensorSpec
 NORMALIZED = {"llama": True, "qwen3moe": True, "qwen2moe": False}
 SHARED_EXPERT = ("qwen2moe",)
 F16_TINY = 6.103515625e-5  # 2^-14, the smallest normal f16: llama.cpp's floor for the weight sum
-EXPS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # graph nodes a MoE FFN adds beyond a dense one (router, softmax, top-k, weights and their norm,
 # three mul_mat_id, the weighting), plus a view and an add per used expert
 MOE_NODES = 32
