@@ -346,17 +346,15 @@ _TRAITS: dict[tuple, int | None] = {}
 
 def repack_traits(type_id: int, shape: tuple[int, ...]) -> int | None:
     """The `extra` (repack traits) ggml's CPU_REPACK buffer gives a weight of this type and shape,
-    None when it does not convert it. Probed once each on a private tensor (virtual memory only).
-    A 3-D expert tensor (ne0, ne1, n_expert) gets what a (ne0, ne1) matrix gets: ggml chooses by
-    type and ne1 alone, repacks its ne1 * n_expert rows as one run of 8-row groups, and multiplies
-    it with the repacked mul_mat_id kernel."""
-    shape = tuple(shape[:2])
-    key = (type_id, *shape)
-    if REPACK_BUFT is None or len(shape) != 2:
+    None when it does not convert it. Probed once each on a private tensor (virtual memory only). A
+    3-D expert tensor (ne0, ne1, E) gets a (ne0, ne1) matrix's (ggml looks at type and ne1; its
+    ne1 * E rows are repacked as one run of 8-row groups, for the repacked mul_mat_id kernel)."""
+    key = (type_id, *shape[:2])
+    if REPACK_BUFT is None or len(key) != 3:
         return None
     if key not in _TRAITS:
         table = TensorTable(1)
-        t = table.new("probe", type_id, shape)
+        t = table.new("probe", type_id, key[1:])
         buf = Buffer(nbytes(t), repack=True)
         ggml.ggml_backend_tensor_alloc(buf.handle, t, buf.base)
         _TRAITS[key] = t.contents.extra or None
@@ -451,43 +449,17 @@ class Ops:
         return ggml.ggml_rope_ext(self._ctx, a, pos, freq_factors, n_rot, mode, n_ctx_orig, base,
                                   freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
 
-    def swiglu_fused(self, a):
-        """silu(first half of ne0) * second half: phi3's fused gate|up rows (ggml_swiglu)."""
-        return ggml.ggml_swiglu(self._ctx, a)
-
-    def geglu(self, gate, up):
-        """gelu(gate) * up (tanh-approximated gelu, as gemma and llama.cpp use)."""
-        return ggml.ggml_geglu_split(self._ctx, gate, up)
-
+    def swiglu_fused(self, a): return ggml.ggml_swiglu(self._ctx, a)  # silu(1st half) * 2nd half
+    def geglu(self, gate, up): return ggml.ggml_geglu_split(self._ctx, gate, up)  # gelu(g) * up
     def tanh(self, a): return ggml.ggml_tanh(self._ctx, a)
 
     def flash_attn(self, q, k, v, mask, scale: float):
         out = ggml.ggml_flash_attn_ext(self._ctx, q, k, v, mask, scale, 0.0, 0.0)
         ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
         return out
-
-    # ---- mixture of experts (models/moe.py), the ops llama.cpp's build_moe_ffn uses
-    def mul_mat_id(self, experts, b, ids):
-        """experts (ne0, n_out, n_expert) 3-D; b (ne0, n_b, T) with n_b 1 (every chosen expert
-        reads the token's row) or n_used; ids (n_used, T) i32 -> (n_out, n_used, T): for each
-        token, the products with the experts it chose. Only the chosen experts' slabs are read."""
-        return ggml.ggml_mul_mat_id(self._ctx, experts, b, ids)
-
-    def argsort_top_k(self, a, k: int):
-        """(n, T) -> (k, T) i32: the indices of each column's k largest values, largest first
-        (a descending argsort viewed to its first k rows, as ggml_argsort_top_k builds it)."""
-        return ggml.ggml_argsort_top_k(self._ctx, a, k)
-
-    @staticmethod
-    def shape(a) -> tuple[int, ...]:
-        """A graph tensor's ne, to its last dimension above 1 (at least 2 entries)."""
-        ne = list(a.contents.ne)
-        while len(ne) > 2 and ne[-1] == 1:
-            ne.pop()
-        return tuple(ne)
-
+    def mul_mat_id(self, a, b, ids): return ggml.ggml_mul_mat_id(self._ctx, a, b, ids)  # moe.py
+    def argsort_top_k(self, a, k: int): return ggml.ggml_argsort_top_k(self._ctx, a, k)
     def soft_max(self, a): return ggml.ggml_soft_max(self._ctx, a)
-    def sigmoid(self, a): return ggml.ggml_sigmoid(self._ctx, a)
     def silu(self, a): return ggml.ggml_silu(self._ctx, a)
     def div(self, a, b): return ggml.ggml_div(self._ctx, a, b)
     def sum_rows(self, a): return ggml.ggml_sum_rows(self._ctx, a)
@@ -498,23 +470,10 @@ def row_stride(t: Tensor) -> int:
     return t.contents.nb[1]
 
 
-def stride(t: Tensor, dim: int) -> int:
-    """nb[dim]: bytes between consecutive elements along dimension dim."""
-    return t.contents.nb[dim]
-
-
-def ne(t: Tensor, dim: int) -> int:
-    """ne[dim]: elements along dimension dim (a cache's ne[1] is its cell count)."""
-    return t.contents.ne[dim]
-
-
-def type_of(t: Tensor) -> int:
-    return t.contents.type
-
-
-def row_size(type_id: int, n: int) -> int:
-    """Bytes of n elements of a type (n a multiple of its block size): ggml_row_size."""
-    return ggml.ggml_row_size(type_id, n)
+def stride(t: Tensor, dim: int) -> int: return t.contents.nb[dim]  # bytes along dim
+def ne(t: Tensor, dim: int) -> int: return t.contents.ne[dim]  # a cache's ne[1]: its cells
+def type_of(t: Tensor) -> int: return t.contents.type
+def row_size(type_id: int, n: int) -> int: return ggml.ggml_row_size(type_id, n)  # n elements
 
 
 class Allocator:

@@ -138,8 +138,9 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def open_llama(path: Path, flash_attn: bool) -> llama_cpp.Llama:
-    return llama_cpp.Llama(str(path), **{**SETTINGS, "flash_attn": flash_attn}, verbose=False)
+def open_llama(path: Path, flash_attn: bool, **changes) -> llama_cpp.Llama:
+    return llama_cpp.Llama(str(path), **{**SETTINGS, "flash_attn": flash_attn, **changes},
+                           verbose=False)
 
 
 def tokenize(llm: llama_cpp.Llama, text: str, special: bool) -> list[int]:

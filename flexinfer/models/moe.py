@@ -27,6 +27,7 @@ streaming will read only the slabs of the chosen experts.
 from __future__ import annotations
 
 from flexinfer.config import ModelConfig
+from flexinfer import ggml_ops
 from flexinfer.ggml_ops import Ops, Tensor
 from flexinfer.models import base
 from flexinfer.models.base import TensorSpec
@@ -77,7 +78,7 @@ def ffn_moe(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor,
             norm_weights: bool) -> Tensor:
     """The routed experts over cur (n_embd, T), the normed FFN input; returns (n_embd, T)."""
     e, n, k = cfg.n_embd, cfg.n_expert, cfg.n_expert_used
-    T = ops.shape(cur)[1]
+    T = ggml_ops.ne(cur, 1)
     probs = ops.soft_max(ops.mul_mat(w["ffn_gate_inp.weight"], cur))  # (E, T)
     selected = ops.argsort_top_k(probs, k)  # (K, T) i32
     weights = ops.get_rows(ops.reshape_3d(probs, 1, n, T), selected)  # (1, K, T)
