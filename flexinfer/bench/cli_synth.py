@@ -51,7 +51,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's is --ff)")
     moe.add_argument("--shared-ff", type=int, help="qwen2moe's shared expert width (default --ff)")
     moe.add_argument("--router", help="uniform (default): every expert as likely; zipf:S: a few "
-                                      "experts win most tokens (S=1 strong, S=0.5 milder)")
+                                      "experts take most picks (S=1: 16 of 128 take 68%%)")
     p.set_defaults(func=synth_main)
     return p
 
