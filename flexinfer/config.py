@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from flexinfer.errors import GGUFError
 from flexinfer.gguf_file import GGUFFile
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe")
 MAX_LAYERS = 1024  # the largest public models have ~130
 MAX_EMBD = 1 << 16
 MAX_CTX = 1 << 24
@@ -41,6 +41,12 @@ class ModelConfig:
     swa_layers: tuple[bool, ...] = ()  # per layer: True where the window applies (gemma3: 5 of 6)
     rope_base_swa: float = 10000.0  # {arch}.rope.freq_base_swa: the base on sliding layers
     logit_softcap: float = 0.0  # {arch}.final_logit_softcapping (gemma): 0 = none
+    # mixture of experts (0 experts: a dense FFN); Qwen3-30B-A3B: 128 experts, 8 used, 768 wide
+    n_expert: int = 0  # {arch}.expert_count
+    n_expert_used: int = 0  # {arch}.expert_used_count: experts each token goes through
+    n_ff_exp: int = 0  # {arch}.expert_feed_forward_length; n_ff / n_expert_used when absent
+    # (mixtral, arch llama: n_ff)
+    n_ff_shexp: int = 0  # qwen2moe's shared expert: {arch}.expert_shared_feed_forward_length, n_ff
 
     @property
     def n_embd_kv(self) -> int:
@@ -126,7 +132,32 @@ class ModelConfig:
             **_swa(g, arch, n_layer, get),
             logit_softcap=get("final_logit_softcapping", float, 0.0, lo=0.0, hi=1e6)
             if arch == "gemma3" else 0.0,
+            **_experts(g, arch, get),
         )
+
+
+MOE_ARCHS = ("qwen3moe", "qwen2moe")  # experts required; llama has them when expert_count > 0
+MAX_EXPERTS = 1024  # llama.cpp's LLAMA_MAX_EXPERTS
+
+
+def _experts(g: GGUFFile, arch: str, get) -> dict:
+    """The MoE fields, checked as llama.cpp checks them: qwen3moe/qwen2moe need experts, llama has
+    them only when expert_count > 0 (mixtral), and expert_used_count is in [1, expert_count]."""
+    lo = 1 if arch in MOE_ARCHS else 0
+    n_expert = get("expert_count", int, None if lo else 0, lo=lo, hi=MAX_EXPERTS)
+    if not n_expert:
+        return {}
+    n_used = get("expert_used_count", int, lo=1, hi=n_expert)
+    n_ff = get("feed_forward_length", int, lo=1, hi=1 << 20)
+    out = {"n_expert": n_expert, "n_expert_used": n_used}
+    if arch == "llama":  # mixtral: the experts are n_ff wide
+        out["n_ff_exp"] = n_ff
+    else:
+        out["n_ff_exp"] = get("expert_feed_forward_length", int, max(1, n_ff // n_used), lo=1,
+                              hi=1 << 20)
+    if arch == "qwen2moe":
+        out["n_ff_shexp"] = get("expert_shared_feed_forward_length", int, n_ff, lo=1, hi=1 << 20)
+    return out
 
 
 def _n_rot(g: GGUFFile, arch: str, n_rot: int, head_dim: int) -> int:

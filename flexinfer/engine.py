@@ -25,6 +25,7 @@ from flexinfer.gguf_file import row_bytes
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import KVCache
 from flexinfer.models.base import Batch, layer_weights
+from flexinfer.models import moe
 
 KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
 MAX_LOGIT_ROWS = 64  # logits for every position are computed this many rows at a time
@@ -181,7 +182,7 @@ class Engine:
         cfg, a = self.cfg, self.inputs.addr
         layers = []
         for il in range(cfg.n_layer):
-            ops = Ops(_node_budget(self.store.layers[il], 96))
+            ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
             mask_shape = (n_kv, _pad(T, KQ_MASK_PAD))
             batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
                           ops.input(TYPE_I64, (T,), a["rows"]),

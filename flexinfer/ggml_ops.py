@@ -333,9 +333,9 @@ def repack_in_place(t: Tensor, buf: Buffer, headers: dict, bounce: int, step: in
     """Convert t, whose raw rows were read to where it points inside `buf`, where it lies: each
     group of `step` rows is copied to `bounce` and converted back (repack_rows)."""
     c = t.contents
-    rb = c.nb[1]
-    for r0 in range(0, c.ne[1], step):
-        n = min(step, c.ne[1] - r0)
+    rb, rows = c.nb[1], c.ne[1] * c.ne[2] * c.ne[3]  # a 3-D expert tensor: all its experts' rows
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
         at = c.data + r0 * rb
         ctypes.memmove(bounce, at, n * rb)
         repack_rows(t, buf, headers, at, bounce, n, step)
@@ -346,13 +346,15 @@ _TRAITS: dict[tuple, int | None] = {}
 
 def repack_traits(type_id: int, shape: tuple[int, ...]) -> int | None:
     """The `extra` (repack traits) ggml's CPU_REPACK buffer gives a weight of this type and shape,
-    None when it does not convert it. Probed once each on a private tensor (virtual memory only)."""
-    key = (type_id, *shape)
-    if REPACK_BUFT is None or len(shape) != 2:
+    None when it does not convert it. Probed once each on a private tensor (virtual memory only). A
+    3-D expert tensor (ne0, ne1, E) gets a (ne0, ne1) matrix's (ggml looks at type and ne1; its
+    ne1 * E rows are repacked as one run of 8-row groups, for the repacked mul_mat_id kernel)."""
+    key = (type_id, *shape[:2])
+    if REPACK_BUFT is None or len(key) != 3:
         return None
     if key not in _TRAITS:
         table = TensorTable(1)
-        t = table.new("probe", type_id, shape)
+        t = table.new("probe", type_id, key[1:])
         buf = Buffer(nbytes(t), repack=True)
         ggml.ggml_backend_tensor_alloc(buf.handle, t, buf.base)
         _TRAITS[key] = t.contents.extra or None
@@ -455,6 +457,13 @@ class Ops:
         out = ggml.ggml_flash_attn_ext(self._ctx, q, k, v, mask, scale, 0.0, 0.0)
         ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
         return out
+    def mul_mat_id(self, a, b, ids): return ggml.ggml_mul_mat_id(self._ctx, a, b, ids)  # moe.py
+    def argsort_top_k(self, a, k: int): return ggml.ggml_argsort_top_k(self._ctx, a, k)
+    def soft_max(self, a): return ggml.ggml_soft_max(self._ctx, a)
+    def silu(self, a): return ggml.ggml_silu(self._ctx, a)
+    def div(self, a, b): return ggml.ggml_div(self._ctx, a, b)
+    def sum_rows(self, a): return ggml.ggml_sum_rows(self._ctx, a)
+    def clamp(self, a, lo: float, hi: float): return ggml.ggml_clamp(self._ctx, a, lo, hi)
 
 
 def row_stride(t: Tensor) -> int:

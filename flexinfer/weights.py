@@ -82,7 +82,7 @@ def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTenso
     tied). `repackable(info)` says whether a tensor's type is converted on upload."""
     out = []
     for s in specs:
-        if s.role in ("attn", "ffn") and len(s.shape) == 2:
+        if s.role in ("attn", "ffn") and len(s.shape) >= 2:
             kind = s.name.split(".")[2]
             out.append(_plan_tensor(g.tensors[s.name], s.layer, kind, repackable))
     head = g.tensors.get("output.weight") or g.tensors["token_embd.weight"]
@@ -91,8 +91,19 @@ def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTenso
 
 
 def _plan_tensor(info: TensorInfo, layer: int, kind: str, repackable) -> PlanTensor:
-    return PlanTensor(info.name, layer, kind, info.shape[1], row_bytes(info.type, info.shape[0]),
-                      repackable(info))
+    rows, rb = plan_rows(info)
+    # a whole expert tensor is repacked too, but a row group at a time like any part; the plan's
+    # flag would size its bounce buffer as the whole tensor (one plan row), so it says no
+    return PlanTensor(info.name, layer, kind, rows, rb, repackable(info) and len(info.shape) == 2)
+
+
+def plan_rows(info: TensorInfo) -> tuple[int, int]:
+    """(rows, bytes per row) as the plan splits a tensor. A 3-D expert tensor (ne0, ne1, n_expert)
+    is one row of all its bytes: resident whole or streamed whole, never split (mul_mat_id needs
+    every expert in one tensor; expert-level streaming will split it by experts instead)."""
+    if len(info.shape) == 3:
+        return 1, info.nbytes
+    return info.shape[1], row_bytes(info.type, info.shape[0])
 
 
 class WeightStore:
@@ -153,14 +164,14 @@ class WeightStore:
             self._vector_bytes += part.nbytes
             self.layers[layer][key] = part.header
             return
-        n = info.shape[1]
+        n, rb = plan_rows(info)
         rs = [rows.get(info.name, n) for rows in self._stage_rows]  # never growing, stage by stage
         parts = []
         kept = self._prompt_rows.get(info.name, rs[-1])
         if kept > 0:  # kept at every stage, and while a prompt runs
             parts.append(self._part(info, 0, kept))
             self._resident.append(parts[-1])
-        step = chunk_rows(row_bytes(info.type, info.shape[0]))
+        step = chunk_rows(rb)
         for r0 in range(kept, rs[-1], step):  # the loan: streamed only while a prompt runs
             parts.append(self._part(info, r0, min(rs[-1], r0 + step)))
             self._loan.append((layer, parts[-1]))
@@ -177,6 +188,12 @@ class WeightStore:
         if vector:
             h = self._table.new(info.name, info.type, info.shape)
             return Part(h, info.offset, 1, info.nbytes, False)
+        if len(info.shape) == 3:  # an expert tensor: one part, the whole tensor (plan_rows),
+            # counted in ggml rows so that loading goes through the staging buffer ~8 MiB at a time
+            h = self._table.new(info.name, info.type, info.shape)
+            ne0, ne1, ne2 = info.shape
+            repack = self.repack and ggml_ops.repacks(info.type, info.shape)
+            return Part(h, info.offset, ne1 * ne2, row_bytes(info.type, ne0), repack)
         rb = row_bytes(info.type, info.shape[0])
         h = self._table.new(f"{info.name}[{r0}:{r1}]", info.type, (info.shape[0], r1 - r0))
         repack = self.repack and ggml_ops.repacks(info.type, info.shape)

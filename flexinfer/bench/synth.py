@@ -21,6 +21,7 @@ import numpy as np
 
 from flexinfer.bench import synth_archs as archs
 from flexinfer.bench import synth_blocks as blocks
+from flexinfer.bench import synth_moe as moe
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import read_gguf
 
@@ -28,6 +29,10 @@ ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 MATRIX_ROLES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output",
                 "ffn_gate", "ffn_up", "ffn_down")
 VOCAB_FILES, RMS_EPS = archs.VOCAB_FILES, archs.RMS_EPS
+ARCHS += moe.MOE_ARCHS  # mixture of experts: synth_moe.py
+MATRIX_ROLES += moe.EXPERT_ROLES
+VOCAB_FILES.update(moe.VOCAB_FILES)
+RMS_EPS.update(moe.RMS_EPS)
 # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*) of a file whose matrices are mostly this type
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32}
@@ -60,6 +65,12 @@ class SynthSpec:
     n_swa: int = 0  # gemma3: attention.sliding_window (0: unwritten, no window)
     attn_factor: float | None = None  # rope.scaling.attn_factor (phi3's LongRoPE writes one)
     orig_ctx: int | None = None  # rope.scaling.original_context_length (phi3: long factors above)
+    # mixture of experts (qwen3moe, qwen2moe, mixtral; synth_moe.py)
+    n_expert: int = 0  # experts per layer
+    n_expert_used: int = 0  # experts each token uses (top K)
+    n_ff_exp: int = 0  # expert width (qwen); 0: n_ff / n_expert_used. Mixtral's experts are n_ff
+    n_ff_shexp: int = 0  # qwen2moe's shared expert width; 0: n_ff
+    router: str = "uniform"  # "uniform" or "zipf:S": how unevenly the router picks experts
 
     def __post_init__(self):
         if isinstance(self.overrides, Mapping):
@@ -76,6 +87,13 @@ PRESETS: dict[str, SynthSpec] = {
     "llama2-13b": SynthSpec("llama", 40, 5120, 13824, 40, 40, 32000),
     "codellama-34b": SynthSpec("llama", 48, 8192, 22016, 64, 8, 32000),
     "tiny": SynthSpec("llama", 2, 64, 128, 4, 2, None),
+    # Qwen3-30B-A3B (17 GB in Q4_0): 128 experts of 768, 8 used; heads of 128 (q is 4096 wide)
+    "qwen3-30b-a3b": SynthSpec("qwen3moe", 48, 2048, 6144, 32, 4, None, ctx_len=40960,
+                               rope_base=1e6, n_expert=128, n_expert_used=8, n_ff_exp=768,
+                               head_dim=128),
+    # Mixtral-8x7B-v0.1 (26 GB in Q4_0): 8 experts of 14336, 2 used; rope base 1e6
+    "mixtral-8x7b": SynthSpec("mixtral", 32, 4096, 14336, 32, 8, 32000, ctx_len=32768,
+                              rope_base=1e6, n_expert=8, n_expert_used=2),
 }
 
 
@@ -84,10 +102,11 @@ class SynthTensor:
     """One tensor to write. shape is ggml order (ne0, ne1): ne0 is the contiguous row length."""
 
     name: str  # "blk.0.attn_q.weight"
-    shape: tuple[int, ...]  # (ne0,) or (ne0, ne1)
+    shape: tuple[int, ...]  # (ne0,), (ne0, ne1) or, experts, (ne0, ne1, n_expert)
     type: str  # ggml type name: "Q4_0", "F32", ...
     rms: float  # target rms of the values; 0 with fill == "ones"
-    fill: str = "random"  # "random", "ones" for norm weights, "factors" for rope factors
+    fill: str = "random"  # "random", "ones" for norm weights, "factors" for rope factors,
+    # "router" for a MoE router (synth_moe.py)
 
     @property
     def n_elems(self) -> int:
@@ -147,6 +166,7 @@ def check_spec(spec: SynthSpec):
     if (spec.head_dim is None and spec.n_embd % spec.n_head) or spec.n_head % spec.n_head_kv:
         raise FlexInferError(f"heads {spec.n_head}/{spec.n_head_kv}: n_embd {spec.n_embd} must "
                              "divide by n_head and n_head by n_head_kv")
+    moe.check(spec)
     for name, _ in spec.overrides:
         m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)", name)
         if not m or m[2] not in MATRIX_ROLES or (m[1] and int(m[1]) >= spec.n_layer):
@@ -183,6 +203,8 @@ def vector(name: str, n: int, spec: SynthSpec, bias: bool = False) -> SynthTenso
 
 
 def layer_tensors(spec: SynthSpec, i: int) -> list[SynthTensor]:
+    if spec.arch in moe.MOE_ARCHS:
+        return moe.layer_tensors(spec, i, matrix, vector, SynthTensor)
     return archs.layer_tensors(spec, i, matrix, vector)
 
 
@@ -202,8 +224,8 @@ def tensor_plan(spec: SynthSpec, n_vocab: int) -> list[SynthTensor]:
 
 def model_metadata(spec: SynthSpec, n_vocab: int, name: str) -> dict[str, tuple[str, object]]:
     """General and architecture keys as (gguf value type, value)."""
-    a = spec.arch
-    return {
+    a = moe.gguf_arch(spec.arch)
+    return moe.metadata(spec) | {
         "general.name": ("string", name),
         "general.file_type": ("uint32", FILE_TYPES[spec.type.upper()]),
         "general.quantization_version": ("uint32", 2),
@@ -232,7 +254,7 @@ def write_synthetic(out_path, spec: SynthSpec, *, progress: Progress | None = No
     plan = tensor_plan(spec, n_vocab)
     name = f"synthetic {spec.arch} {spec.n_layer}L {spec.n_embd}d {spec.type}"
     out = Path(out_path)
-    write_gguf(out, spec.arch, model_metadata(spec, n_vocab, name), tok, plan,
+    write_gguf(out, moe.gguf_arch(spec.arch), model_metadata(spec, n_vocab, name), tok, plan,
                lambda i, t: tensor_chunks(spec, i, t), progress)
     return out
 
@@ -240,6 +262,9 @@ def write_synthetic(out_path, spec: SynthSpec, *, progress: Progress | None = No
 def tensor_chunks(spec: SynthSpec, index: int, t: SynthTensor):
     """The bytes of tensor number index of the plan, in chunks; seeded by (seed, index)."""
     rng = blocks.make_rng(spec.seed, index)
+    if t.fill == "router":
+        yield moe.router_values(spec, t, rng).view(np.uint8)
+        return
     if t.fill == "factors":
         yield archs.factor_values(rng, t.name, t.n_elems).view(np.uint8)
         return

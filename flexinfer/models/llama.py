@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flexinfer.config import ModelConfig
 from flexinfer.ggml_ops import ROPE_NORM, Ops, Tensor
-from flexinfer.models import base
+from flexinfer.models import base, moe
 from flexinfer.models.base import Batch, TensorSpec
 
 ROPE_MODE = ROPE_NORM  # rotate adjacent pairs (GPT-J style); qwen2/qwen3 rotate halves (NEOX)
@@ -40,7 +40,8 @@ def block_specs(cfg: ModelConfig, i: int, bias: bool, qk_norm: bool = False) -> 
     if qk_norm:  # qwen3: one (head_dim,) weight shared by every head
         specs += [base.vec(b + "attn_q_norm.weight", cfg.head_dim, i),
                   base.vec(b + "attn_k_norm.weight", cfg.head_dim, i)]
-    return specs + [base.vec(b + "ffn_norm.weight", cfg.n_embd, i), *base.ffn_specs(cfg, i)]
+    ffn = moe.ffn_specs(cfg, i) if cfg.n_expert else base.ffn_specs(cfg, i)  # experts: moe.py
+    return specs + [base.vec(b + "ffn_norm.weight", cfg.n_embd, i), *ffn]
 
 
 def build_layer(ops: Ops, cfg: ModelConfig, il: int, w: dict, x: Tensor, batch: Batch,
@@ -64,6 +65,8 @@ def block(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor, batch: Batch, k_cache:
     attn = base.attention(ops, cfg, q, k_cache, v_cache, batch, 1.0 / cfg.head_dim ** 0.5)
     x = ops.add(ops.mul_mat(w["attn_output.weight"], attn), x)
     cur = base.rms_norm(ops, cfg, x, w["ffn_norm.weight"])
+    if cfg.n_expert:  # mixtral, qwen2moe, qwen3moe: experts as llama.cpp's build_moe_ffn
+        return ops.add(moe.ffn(ops, cfg, w, cur), x)
     return ops.add(base.swiglu_ffn(ops, w, cur), x)
 
 

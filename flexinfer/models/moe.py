@@ -1,0 +1,108 @@
+"""The mixture-of-experts feed-forward block, computed as llama.cpp's build_moe_ffn computes it
+(src/llama-graph.cpp), for qwen3moe, qwen2moe and mixtral (llama with experts).
+
+Shapes, ggml order (innermost first), for T tokens, E experts of which K are used, ff = n_ff_exp:
+  router   ffn_gate_inp.weight   (n_embd, E)          logits = router @ x       -> (E, T)
+  experts  ffn_gate_exps.weight  (n_embd, ff, E)      each expert a contiguous slab of
+           ffn_up_exps.weight    (n_embd, ff, E)      ff rows (gate/up) or n_embd rows (down):
+           ffn_down_exps.weight  (ff, n_embd, E)      expert e starts at byte e * nb[2]
+
+  probs    = softmax(logits)                                        (E, T)
+  selected = top-K of probs per token (descending argsort, a view)  (K, T) i32
+  weights  = probs[selected]                                        (1, K, T)
+             / sum over the K (clamped below at 2^-14)  when normalized (qwen3moe, mixtral)
+  out_k    = down_k(swiglu(gate_k x, up_k x)) * weights_k           (n_embd, K, T) by mul_mat_id
+  moe_out  = out_0 + out_1 + ... + out_{K-1}                        (n_embd, T), in that order
+
+The sum runs over the K chosen experts in the order top-K returned them, exactly as llama.cpp adds
+its views, so the float rounding is the same. qwen2moe adds a shared expert, a dense SwiGLU FFN
+gated per token by sigmoid(ffn_gate_inp_shexp . x), the sigmoid computed as silu(g) / g as in
+llama.cpp's qwen2moe graph.
+
+The router and the shared expert are matrices like any other (split in row blocks when streamed);
+the *_exps tensors are kept whole, resident or streamed whole (weights.plan_rows); expert-level
+streaming will read only the slabs of the chosen experts.
+"""
+
+from __future__ import annotations
+
+from flexinfer.config import ModelConfig
+from flexinfer import ggml_ops
+from flexinfer.ggml_ops import Ops, Tensor
+from flexinfer.models import base
+from flexinfer.models.base import TensorSpec
+
+# the K weights divided by their sum, per arch, as llama.cpp's graphs pass norm_w (not the file's
+# expert_weights_norm, which they do not read); expert_weights_scale is not applied by any of them
+NORMALIZED = {"llama": True, "qwen3moe": True, "qwen2moe": False}
+SHARED_EXPERT = ("qwen2moe",)
+F16_TINY = 6.103515625e-5  # 2^-14, the smallest normal f16: llama.cpp's floor for the weight sum
+# graph nodes a MoE FFN adds beyond a dense one (router, softmax, top-k, weights and their norm,
+# three mul_mat_id, the weighting), plus a view and an add per used expert
+MOE_NODES = 32
+
+
+def graph_nodes(cfg: ModelConfig) -> int:
+    """Extra graph nodes (and tensor headers) one layer's MoE FFN takes: 32 + 2 per used expert
+    (Qwen3-30B-A3B, 8 used: 48)."""
+    return MOE_NODES + 2 * cfg.n_expert_used if cfg.n_expert else 0
+
+
+def ffn_specs(cfg: ModelConfig, i: int) -> list[TensorSpec]:
+    """Layer i's FFN tensors when cfg.n_expert > 0 (llama.block_specs calls this): the router,
+    the three expert tensors (3-D: (ne0, rows, n_expert)) and qwen2moe's shared expert."""
+    e, n, ff, b = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp, f"blk.{i}."
+    specs = [base.mat(b + "ffn_gate_inp.weight", e, n, "ffn", i),
+             TensorSpec(b + "ffn_gate_exps.weight", (e, ff, n), "ffn", i),
+             TensorSpec(b + "ffn_up_exps.weight", (e, ff, n), "ffn", i),
+             TensorSpec(b + "ffn_down_exps.weight", (ff, e, n), "ffn", i)]
+    if cfg.arch in SHARED_EXPERT:  # its gate vector (n_embd,) and a dense FFN of n_ff_shexp
+        sh = cfg.n_ff_shexp
+        specs += [base.vec(b + "ffn_gate_inp_shexp.weight", e, i),
+                  base.mat(b + "ffn_gate_shexp.weight", e, sh, "ffn", i),
+                  base.mat(b + "ffn_up_shexp.weight", e, sh, "ffn", i),
+                  base.mat(b + "ffn_down_shexp.weight", sh, e, "ffn", i)]
+    return specs
+
+
+def ffn(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor) -> Tensor:
+    """The whole MoE FFN over cur (n_embd, T), the normed FFN input (llama.block calls this):
+    routed experts, plus the gated shared expert where the arch has one."""
+    out = ffn_moe(ops, cfg, w, cur, NORMALIZED[cfg.arch])
+    if cfg.arch in SHARED_EXPERT:
+        out = ops.add(out, shared_expert(ops, w, cur))
+    return out
+
+
+def ffn_moe(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor,
+            norm_weights: bool) -> Tensor:
+    """The routed experts over cur (n_embd, T), the normed FFN input; returns (n_embd, T)."""
+    e, n, k = cfg.n_embd, cfg.n_expert, cfg.n_expert_used
+    T = ggml_ops.ne(cur, 1)
+    probs = ops.soft_max(ops.mul_mat(w["ffn_gate_inp.weight"], cur))  # (E, T)
+    selected = ops.argsort_top_k(probs, k)  # (K, T) i32
+    weights = ops.get_rows(ops.reshape_3d(probs, 1, n, T), selected)  # (1, K, T)
+    if norm_weights:
+        weights = ops.reshape_2d(weights, k, T)
+        total = ops.clamp(ops.sum_rows(weights), F16_TINY, float("inf"))  # (1, T)
+        weights = ops.reshape_3d(ops.div(weights, total), 1, k, T)
+    x = ops.reshape_3d(cur, e, 1, T)
+    up = ops.mul_mat_id(w["ffn_up_exps.weight"], x, selected)  # (ff, K, T)
+    gate = ops.mul_mat_id(w["ffn_gate_exps.weight"], x, selected)
+    experts = ops.mul_mat_id(w["ffn_down_exps.weight"], ops.swiglu(gate, up), selected)
+    experts = ops.mul(experts, weights)  # (n_embd, K, T), f32 and contiguous
+    row, tok = 4 * e, 4 * e * k  # its strides: nb[1], nb[2]
+    out = ops.view_2d(experts, e, T, tok, 0)
+    for i in range(1, k):
+        out = ops.add(out, ops.view_2d(experts, e, T, tok, i * row))
+    return ops.cont(out) if k == 1 else out
+
+
+def shared_expert(ops: Ops, w: dict[str, Tensor], cur: Tensor) -> Tensor:
+    """qwen2moe's shared expert over cur (n_embd, T): down(swiglu(gate x, up x)) * sigmoid(g . x),
+    the sigmoid as silu(g.x) / (g.x), llama.cpp's way; returns (n_embd, T)."""
+    g = ops.mul_mat(w["ffn_gate_inp_shexp.weight"], cur)  # (1, T)
+    gate = ops.div(ops.silu(g), g)
+    h = ops.swiglu(ops.mul_mat(w["ffn_gate_shexp.weight"], cur),
+                   ops.mul_mat(w["ffn_up_shexp.weight"], cur))
+    return ops.mul(ops.mul_mat(w["ffn_down_shexp.weight"], h), gate)
