@@ -210,23 +210,29 @@ class MemoryCgroup:
 
     def remove(self) -> bool:
         """rmdir once the processes inside have exited (moves nothing). False if still busy."""
-        deadline = time.monotonic() + RMDIR_WAIT_S
-        while True:
-            try:
-                self.path.rmdir()
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.02)
+        return rmdir_waiting(self.path)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def rmdir_waiting(path: Path) -> bool:
+    """rmdir a cgroup, waiting up to RMDIR_WAIT_S for processes that just exited to leave it.
+    False if it is still busy then."""
+    deadline = time.monotonic() + RMDIR_WAIT_S
+    while True:
+        try:
+            path.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 def _enable_memory(parent: Path):

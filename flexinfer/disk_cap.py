@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flexinfer.budget import parse_size
-from flexinfer.cgroup import RMDIR_WAIT_S, _own_dir, _read, parse_mountinfo, parse_proc_cgroup
+from flexinfer.cgroup import _own_dir, _read, parse_mountinfo, parse_proc_cgroup, rmdir_waiting
 from flexinfer.errors import FlexInferError
 
 ENV = "FLEXINFER_DISK_RATE"  # bytes/s of the cap a process runs under (machine.py keys its
@@ -182,17 +181,7 @@ class DiskCap:
 
     def remove(self) -> bool:
         """rmdir, waiting a moment for processes that just exited to leave. False if busy."""
-        deadline = time.monotonic() + RMDIR_WAIT_S
-        while True:
-            try:
-                self.path.rmdir()
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.02)
+        return rmdir_waiting(self.path)
 
     def __enter__(self):
         return self

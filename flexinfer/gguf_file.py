@@ -49,7 +49,6 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
     30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
 }
-TYPE_IDS = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
 
 # GGUF metadata value types: id -> (name, struct format or None for string/array)
 _SCALARS = {

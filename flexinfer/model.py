@@ -112,7 +112,7 @@ class Model:
                                     note=self._note)
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
                                   reader=self._reader)
-        self._store.load(o.offload, o.progress)
+        self._store.load(self.plan.mode, o.progress)  # flexinfer may have chosen sync's schedule
         if self._store.mlock_errno:
             self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
                        "resident weights are not locked")

@@ -151,7 +151,6 @@ class Plan:
     t_io_bound: float  # the paper's bound: (model bytes - budget) / disk bandwidth
     t_cpu_bound: float  # ... and all-resident compute time per token
     layer_bytes: tuple[int, ...]  # matrix bytes of block 0..n_layer-1 and the head
-    notes: tuple[str, ...] = field(default=())
     fixed_parts: dict = field(default_factory=dict)  # the caller's breakdown of fixed_bytes
     stages: tuple[Stage, ...] = ()  # earlier stages of a growing KV cache, fewest positions first
     prompt_rows: dict = field(default_factory=dict)  # resident while a prompt batch runs (the
@@ -329,9 +328,25 @@ def _early(sizes: list[int], window: int, ring: int) -> list[float] | None:
 
 
 def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *,
-         mode: str = "flexinfer", preserve: str = "auto", balance: bool = True,
-         window: int | None = None, kv_growth: tuple[tuple[int, int], ...] = (),
-         prompt_extra: int = 0) -> Plan:
+         mode: str = "flexinfer", window: int | None = None, **kw) -> Plan:
+    """The plan for `mode`. The flexinfer mode weighs every schedule it may run, the sync one
+    included (read a layer, then compute it), and keeps the fastest by the cost model: its plan
+    then says mode "sync" and runs as sync does, so flexinfer is never predicted slower than
+    sync (issue 18). A fixed window leaves the schedule to the caller."""
+    best = _plan(tensors, budget, fixed, machine, mode=mode, window=window, **kw)
+    if mode != "flexinfer" or window is not None:
+        return best
+    try:
+        alt = _plan(tensors, budget, fixed, machine, mode="sync", **kw)
+    except BudgetError:
+        return best
+    return alt if alt.predicted_s < best.predicted_s else best
+
+
+def _plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *,
+          mode: str = "flexinfer", preserve: str = "auto", balance: bool = True,
+          window: int | None = None, kv_growth: tuple[tuple[int, int], ...] = (),
+          prompt_extra: int = 0) -> Plan:
     """Choose resident rows and the window for `tensors` (the matrices of every layer and the head;
     vectors are in `fixed`). Raises BudgetError when even streaming everything does not fit.
     kv_growth: (positions, KV bytes not yet charged at that many positions), fewest first; the
@@ -346,7 +361,7 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
     cuts = len(kv_growth) + bool(prompt_extra) if locked else 0  # boundaries inside a matrix
     spec = RingSpec(cuts, machine)
 
-    def finish(rows, win, policy, fx, notes=(), slot_rows=None):
+    def finish(rows, win, policy, fx, slot_rows=None):
         """The plan that keeps `rows` resident; slots sized for slot_rows' streaming (a prompt's,
         which streams the loan too)."""
         streamed = _streamed(layers, rows)
@@ -364,14 +379,13 @@ def plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, *
             resident_bytes=total - sum(streamed.values()),
             streamed_per_layer=tuple(streamed[l] for l in sorted(streamed)), policy=policy,
             t_io=t_io, t_cpu=t_cpu, predicted_s=pred, t_io_bound=t_io_bound,
-            t_cpu_bound=t_cpu_bound, notes=tuple(notes),
+            t_cpu_bound=t_cpu_bound,
             layer_bytes=tuple(sum(t.nbytes for t in layers[l]) for l in sorted(layers)))
 
     fx = fixed + prompt_extra  # what a prompt batch needs: the plan must hold then too
     all_rows = {t.name: t.rows for t in tensors}
-    if mode == "mmap":
-        note = "the OS pages weights in; predicted as if the page cache kept budget - fixed bytes"
-        return finish(all_rows, 0, "mmap", fx, (note,))
+    if mode == "mmap":  # the OS pages weights in; predicted as if the page cache kept
+        return finish(all_rows, 0, "mmap", fx)  # budget - fixed bytes
     if mode != "prefetch" and fx + total <= budget:
         return finish(all_rows, 0, "all-resident", fx)
     # layers read ahead: the caller's, else for flexinfer the fastest of 1, 2 and 3 by the cost

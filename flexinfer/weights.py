@@ -44,7 +44,6 @@ from flexinfer.ggml_ops import Buffer, Tensor, TensorTable
 from flexinfer.planner import STREAM_CHUNK, Plan, PlanTensor, chunk_rows, convert_rows
 from flexinfer.prefetch import Prefetcher
 
-HEAD_KINDS = ("output",)
 TENSOR_ALIGN = 64  # bytes between tensors inside a buffer (ggml needs 32; AVX-512 likes 64)
 
 
