@@ -49,7 +49,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated, from {', '.join(sweep.MODES)} (default: all; "
                         "'' with --peer: the peer alone)")
     p.add_argument("--peer", action="append", default=[], choices=sorted(sweep.PEERS),
-                   help="also run llama.cpp (mmap and repack) through llama-cpp-python")
+                   help="also run llama.cpp (mmap and repack; or llama.cpp-mmap, llama.cpp-repack "
+                        "alone) through llama-cpp-python")
     p.add_argument("--tokens", "-n", default="32", help="tokens generated per point (default 32)")
     p.add_argument("--prompt-tokens", default="16", help="comma-separated prompt lengths; each "
                    "is its own set of points and prefill table; decode uses the first (default 16)")

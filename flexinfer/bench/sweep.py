@@ -36,7 +36,9 @@ from flexinfer.machine import record_calibration
 from flexinfer.cgroup import LimitedRun, cgroup_unavailable_reason, drop_page_cache, run_limited
 
 MODES = ("mmap", "sync", "prefetch", "no-balance", "flexinfer")
-PEERS = {"llama.cpp": ("llama.cpp-mmap", "llama.cpp-repack")}
+PEERS = {"llama.cpp": ("llama.cpp-mmap", "llama.cpp-repack"),  # --peer NAME: its modes
+         "llama.cpp-mmap": ("llama.cpp-mmap",),  # alone: repacking is OOM-killed under a budget
+         "llama.cpp-repack": ("llama.cpp-repack",)}  # alone: llama.cpp's default, in RAM
 RESIDENT_MODE = "flexinfer"  # the T_cpu run: no budget, everything resident
 
 
