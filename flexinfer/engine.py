@@ -1,8 +1,9 @@
-"""forward(tokens, pos) -> logits: for each layer get, compute, release.
+"""step(batch) -> logits: for each layer get, compute, release, for every token of the batch at once,
+whatever sequence it belongs to (batch.py; the cache's slots: kv_cache.py).
 
-Graphs are built once per (batch size, KV bucket) and kept: a decode step rebuilds nothing, it only
-rewrites the inputs (token row, position, cache row, mask) in engine-owned memory and runs one cached
-graph per layer. Streaming re-points weight headers at slots; the graphs hold the headers, so they stay
+Graphs are built once per (batch size, KV bucket, logit rows) and kept: a decode step rebuilds
+nothing, it only rewrites the inputs (token rows, positions, cache cells, the per-sequence mask, the
+rows whose logits are wanted) in engine-owned memory and runs one cached graph per layer. Streaming re-points weight headers at slots; the graphs hold the headers, so they stay
 valid. Every layer graph ends by writing the new residual stream back into the same x buffer.
 
 The layer-at-a-time structure is the same whether weights are resident or streamed, so a streamed run
