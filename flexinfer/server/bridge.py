@@ -23,6 +23,7 @@ class Job:
         self.t0 = time.perf_counter()
         self.deadline = time.monotonic() + timeout if timeout else None
         self.n_out, self.ttft_s = 0, None
+        self.next_poll = time.monotonic() + POLL_S  # when to ask next whether the client left
         self.ended = ""  # "done" | "error" | "timeout" | "disconnected"
 
         def on_event(ev: Event) -> None:  # engine thread
@@ -62,6 +63,8 @@ class Job:
                 self.ended = self.ended or "disconnected"
 
     async def _next(self, disconnected) -> Event | None:
+        """The next event, or None once the client has left. The client is asked every POLL_S
+        whether events come or not: a fast stream of pieces must not hide a client that left."""
         while True:
             wait = None if self.deadline is None else self.deadline - time.monotonic()
             if wait is not None and wait <= 0:
@@ -69,11 +72,15 @@ class Job:
                 self.ended = "timeout"
                 return Event("done", finish_reason="length", usage=self.local_usage())
             if disconnected is not None:
-                wait = POLL_S if wait is None else min(wait, POLL_S)
+                if time.monotonic() >= self.next_poll:
+                    self.next_poll = time.monotonic() + POLL_S
+                    if await disconnected():
+                        self.handle.cancel()
+                        self.ended = "disconnected"
+                        return None
+                left = max(0.0, self.next_poll - time.monotonic())
+                wait = left if wait is None else min(wait, left)
             try:
                 return await asyncio.wait_for(self.queue.get(), wait)
             except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
-                    self.handle.cancel()
-                    self.ended = "disconnected"
-                    return None
+                continue
