@@ -87,17 +87,25 @@ def parse_mountinfo(text: str) -> list[tuple[str, str, str, set[str]]]:
     return out
 
 
-def find_hierarchy(mountinfo_text: str, proc_cgroup_text: str) -> Hierarchy | None:
-    """The memory hierarchy: a v1 mount with the memory option, else a v2 mount offering memory."""
+def find_controller(mountinfo_text: str, proc_cgroup_text: str, v1: str,
+                    v2: str) -> tuple[int, Path, Path] | None:
+    """(version, mount, this process's cgroup dir) of a v1 mount with option `v1`, else of a v2
+    mount offering controller `v2`; None when there is neither."""
     paths = parse_proc_cgroup(proc_cgroup_text)
     mounts = parse_mountinfo(mountinfo_text)
     for root, point, fstype, opts in mounts:
-        if fstype == "cgroup" and "memory" in opts:
-            return Hierarchy(1, Path(point), _own_dir(point, root, paths.get("memory", "/")))
+        if fstype == "cgroup" and v1 in opts:
+            return 1, Path(point), _own_dir(point, root, paths.get(v1, "/"))
     for root, point, fstype, _ in mounts:
-        if fstype == "cgroup2" and "memory" in _read(Path(point, "cgroup.controllers"), "").split():
-            return Hierarchy(2, Path(point), _own_dir(point, root, paths.get("", "/")))
+        if fstype == "cgroup2" and v2 in _read(Path(point, "cgroup.controllers"), "").split():
+            return 2, Path(point), _own_dir(point, root, paths.get("", "/"))
     return None
+
+
+def find_hierarchy(mountinfo_text: str, proc_cgroup_text: str) -> Hierarchy | None:
+    """The memory hierarchy: a v1 mount with the memory option, else a v2 mount offering memory."""
+    found = find_controller(mountinfo_text, proc_cgroup_text, "memory", "memory")
+    return Hierarchy(*found) if found else None
 
 
 def _own_dir(point: str, root: str, path: str) -> Path:

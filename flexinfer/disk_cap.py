@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexinfer.budget import parse_size
-from flexinfer.cgroup import _own_dir, _read, parse_mountinfo, parse_proc_cgroup, rmdir_waiting
+from flexinfer.cgroup import _read, find_controller, rmdir_waiting
 from flexinfer.errors import FlexInferError
 
 ENV = "FLEXINFER_DISK_RATE"  # bytes/s of the cap a process runs under (machine.py keys its
@@ -95,15 +95,8 @@ class IOHierarchy:
 
 def find_io_hierarchy(mountinfo_text: str, proc_cgroup_text: str) -> IOHierarchy | None:
     """A v1 mount with the blkio option, else a v2 mount offering the io controller."""
-    paths = parse_proc_cgroup(proc_cgroup_text)
-    mounts = parse_mountinfo(mountinfo_text)
-    for root, point, fstype, opts in mounts:
-        if fstype == "cgroup" and "blkio" in opts:
-            return IOHierarchy(1, Path(point), _own_dir(point, root, paths.get("blkio", "/")))
-    for root, point, fstype, _ in mounts:
-        if fstype == "cgroup2" and "io" in _read(Path(point, "cgroup.controllers"), "").split():
-            return IOHierarchy(2, Path(point), _own_dir(point, root, paths.get("", "/")))
-    return None
+    found = find_controller(mountinfo_text, proc_cgroup_text, "blkio", "io")
+    return IOHierarchy(*found) if found else None
 
 
 def current_io_hierarchy() -> IOHierarchy | None:
