@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from flexinfer.bench.peer_llamacpp import proc_counter, quiet_logs, tokenize
+from flexinfer.bench.peer_llamacpp import load, proc_counter, quiet_logs, tokenize
 
 
 def parse_args(argv):
@@ -33,26 +33,6 @@ def parse_args(argv):
     p.add_argument("--repack", action="store_true",
                    help="llama.cpp's default: repack weights into anonymous memory")
     return p.parse_args(argv)
-
-
-def load(L, args, per_seq: int):
-    """The model as peer_llamacpp loads it, and a context of B sequences of per_seq cells each."""
-    mp = L.llama_model_default_params()
-    mp.use_extra_bufts = args.repack
-    mp.n_gpu_layers = 0
-    model = L.llama_model_load_from_file(args.model.encode(), mp)
-    if not model:
-        raise SystemExit(f"llama.cpp could not load {args.model}")
-    cp = L.llama_context_default_params()
-    cp.n_ctx = per_seq * args.parallel
-    cp.n_batch = cp.n_ubatch = min(cp.n_ctx, 512)
-    cp.n_seq_max = args.parallel
-    cp.n_threads = cp.n_threads_batch = args.threads
-    cp.no_perf = False
-    ctx = L.llama_init_from_model(model, cp)
-    if not ctx:
-        raise SystemExit(f"llama.cpp could not create a context for {args.parallel} sequences")
-    return model, ctx
 
 
 def decode(L, ctx, batch, entries: list[tuple[int, int, int, bool]]) -> None:
@@ -110,7 +90,8 @@ def main(argv=None) -> int:
     L.llama_backend_init()
     start = time.perf_counter()
     per_seq = args.ctx
-    model, ctx = load(L, args, per_seq)
+    args.ctx = per_seq * args.parallel  # llama.cpp's context holds every sequence's cells
+    model, ctx = load(L, args, args.parallel)
     wall_load = time.perf_counter() - start
     vocab = L.llama_model_get_vocab(model)
     prompt = tokenize(L, vocab, args.prompt)

@@ -58,7 +58,9 @@ def quiet_logs(L):
     return log  # kept alive by the caller
 
 
-def load(L, args):
+def load(L, args, n_seq: int = 1):
+    """The model (mmapped; repacked only with --repack) and a context of args.ctx cells for
+    n_seq sequences, prompt batches of up to 512."""
     mp = L.llama_model_default_params()
     mp.use_extra_bufts = args.repack
     mp.n_gpu_layers = 0
@@ -67,6 +69,7 @@ def load(L, args):
         raise SystemExit(f"llama.cpp could not load {args.model}")
     cp = L.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = args.ctx, args.ctx, min(args.ctx, 512)
+    cp.n_seq_max = n_seq
     cp.n_threads = cp.n_threads_batch = args.threads
     cp.no_perf = False
     ctx = L.llama_init_from_model(model, cp)
