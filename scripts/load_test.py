@@ -42,9 +42,12 @@ PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicy
 class Memory:
     """Peak RSS of a process and peak usage of a cgroup v1 memory group, sampled in a thread."""
 
-    def __init__(self, pid: int | None, cgroup: str | None, every_s: float = 0.1):
+    def __init__(self, pid: int | None, cgroup: str | None, every_s: float = 0.1,
+                 trace_s: float = 0):
         self.pid, self.cgroup, self.every_s = pid, cgroup, every_s
         self.peak_rss = self.peak_cgroup = 0
+        self.trace_s = trace_s  # every trace_s seconds: (seconds, RSS, cgroup usage) in .trace
+        self.trace: list[tuple[float, int, int]] = []
         self.samples = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -61,11 +64,14 @@ class Memory:
             return int(f.read())
 
     def _run(self) -> None:
+        t0 = next_trace = time.monotonic()
         while not self._stop.is_set():
-            if self.pid:
-                self.peak_rss = max(self.peak_rss, self._rss())
-            if self.cgroup:
-                self.peak_cgroup = max(self.peak_cgroup, self._cg("memory.usage_in_bytes"))
+            rss = self._rss() if self.pid else 0
+            cg = self._cg("memory.usage_in_bytes") if self.cgroup else 0
+            self.peak_rss, self.peak_cgroup = max(self.peak_rss, rss), max(self.peak_cgroup, cg)
+            if self.trace_s and time.monotonic() >= next_trace:
+                self.trace.append((round(time.monotonic() - t0, 1), rss, cg))
+                next_trace += self.trace_s
             self.samples += 1
             self._stop.wait(self.every_s)
 
@@ -80,8 +86,10 @@ class Memory:
             self.peak_cgroup = max(self.peak_cgroup, self._cg("memory.max_usage_in_bytes"))
 
 
-def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(time to first token, tokens generated) of one streamed chat completion."""
+def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int,
+                drop: bool = False) -> tuple[float, int]:
+    """(time to first token, tokens generated) of one streamed chat completion. With `drop`, the
+    client closes the stream after its first piece of content, as a user who stops reading."""
     t0 = time.perf_counter()
     ttft, chunks, usage = None, 0, None
     stream = client.chat.completions.create(
@@ -92,6 +100,9 @@ def one_request(client: openai.OpenAI, model: str, prompt: str, max_tokens: int)
             usage = ch.usage.completion_tokens
         if ch.choices and ch.choices[0].delta.content:
             chunks += 1
+            if drop:
+                stream.close()
+                break
             if ttft is None:
                 ttft = time.perf_counter() - t0
     return (ttft if ttft is not None else time.perf_counter() - t0), (usage if usage is not None
@@ -104,9 +115,10 @@ def client_loop(i: int, a, until: float, out: dict, lock: threading.Lock) -> Non
     k = i
     while time.perf_counter() < until:
         prompt = PROMPTS[k % len(PROMPTS)]
+        drop = bool(a.drop_every) and (k // a.clients) % a.drop_every == a.drop_every - 1
         k += a.clients
         try:
-            ttft, n = one_request(client, a.model, prompt, a.max_tokens)
+            ttft, n = one_request(client, a.model, prompt, a.max_tokens, drop)
         except Exception as e:  # noqa: BLE001 - every failure is counted and shown, never fatal
             with lock:
                 out["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -116,6 +128,7 @@ def client_loop(i: int, a, until: float, out: dict, lock: threading.Lock) -> Non
             out["ttft"].append(ttft)
             out["tokens"] += n
             out["requests"] += 1
+            out["dropped"] += drop
 
 
 @contextmanager
@@ -171,6 +184,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60, help="seconds of new requests")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--request-timeout", type=float, default=600)
+    ap.add_argument("--drop-every", type=int, default=0,
+                    help="every Nth request of a client closes its stream after the first token")
+    ap.add_argument("--trace-every", type=float, default=0,
+                    help="record (seconds, RSS, cgroup usage) this often, for a soak")
     ap.add_argument("--pid", type=int, default=None, help="server process: peak VmRSS")
     ap.add_argument("--cgroup", default=None, help="cgroup v1 memory dir: peak usage")
     ap.add_argument("--label", default="", help="a name for this run in the output")
@@ -196,8 +213,8 @@ def main() -> int:
 
 
 def run_load(a) -> dict:
-    out, lock = {"ttft": [], "tokens": 0, "requests": 0, "errors": []}, threading.Lock()
-    with Memory(a.pid, a.cgroup) as mem:
+    out, lock = {"ttft": [], "tokens": 0, "requests": 0, "dropped": 0, "errors": []}, threading.Lock()
+    with Memory(a.pid, a.cgroup, trace_s=a.trace_every) as mem:
         t0 = time.perf_counter()
         until = t0 + a.duration
         threads = [threading.Thread(target=client_loop, args=(i, a, until, out, lock))
@@ -209,12 +226,14 @@ def run_load(a) -> dict:
         wall = time.perf_counter() - t0
     res = {"label": a.label, "url": a.url, "clients": a.clients, "duration_s": a.duration,
            "wall_s": round(wall, 2), "max_tokens": a.max_tokens, "requests": out["requests"],
-           "errors": len(out["errors"]), "tokens": out["tokens"],
+           "dropped": out["dropped"], "errors": len(out["errors"]), "tokens": out["tokens"],
            "tok_s": round(out["tokens"] / wall, 3),
            "ttft_p50_s": pct(out["ttft"], 50), "ttft_p95_s": pct(out["ttft"], 95),
            "ttft_mean_s": statistics.fmean(out["ttft"]) if out["ttft"] else None,
            "peak_rss_bytes": mem.peak_rss or None, "peak_cgroup_bytes": mem.peak_cgroup or None,
            "memory_samples": mem.samples, "first_errors": out["errors"][:5]}
+    if mem.trace:
+        res["memory_trace"] = mem.trace
     return res
 
 
