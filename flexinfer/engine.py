@@ -265,6 +265,7 @@ class Engine:
         out = [self._forward_chunk(chunk) for chunk in self._chunks(batch)]
         if prompt and not more_prompt:  # the buffer goes before the loan comes back, in the
             self.end_prompt()  # prompt's time
+        self.store.residency.end_step()  # blocks grown through the ring this step: resident now
         out = [o for o in out if o is not None]
         if not out:
             return np.zeros((0, self.cfg.n_vocab), dtype=np.float32)

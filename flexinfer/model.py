@@ -180,9 +180,10 @@ class Model:
     def set_memory_budget(self, size: int | str, source: str = "api") -> "BudgetChange":
         """Re-plan at `size` bytes (or a size such as "1.5G") and move there now, between steps
         (a running step finishes first): blocks leaving are released (munlock, MADV_DONTNEED)
-        and blocks arriving are read into their homes before this returns, so the process is
-        within the new budget when it does. The logits do not change. A budget below the
-        minimum working set raises FlexInferError, and nothing changes."""
+        before this returns, so the process is within the new budget when it does. Blocks
+        arriving grow through the ring during the next step (copied home as they stream,
+        residency.py), or are read at its end, or by settle(). The logits do not change. A
+        budget below the minimum working set raises FlexInferError, and nothing changes."""
         nbytes = parse_size(size, "memory budget") if isinstance(size, str) else int(size)
         with self._lock:
             if self._closed:
@@ -199,12 +200,13 @@ class Model:
                     f"memory budget {_gb(nbytes)} ({source}) is below the minimum working set for "
                     f"{os.path.basename(self.path)} at context {self.n_ctx}{_seqs(self.n_seq)}: "
                     f"{_gb(e.minimum)}; the budget stays {_gb(old)}") from None
-            released, read = self._residency.set_plan(new, self.cache.cells_charged())
+            released, read, pending = self._residency.set_plan(new, self.cache.cells_charged())
             self.plan, self.memory_budget, self.budget_source = new, nbytes, source
             self.stats.set_plan(new, nbytes, source, self._planned.machine)
             self._note_residency()
             self.stats.budget_changes += 1
-            return BudgetChange(old, nbytes, source, time.perf_counter() - t0, released, read)
+            return BudgetChange(old, nbytes, source, time.perf_counter() - t0, released, read,
+                                pending)
 
     def minimum_budget(self) -> int:
         """The smallest budget a plan exists for, at this context, sequence count and cache
@@ -218,9 +220,18 @@ class Model:
         return 0
 
     def settle(self, timeout_s: float = 10.0) -> bool:
-        """Finish a pending change of residency. Growing completes inside set_memory_budget
-        (blocks are read into their homes before it returns), so nothing is ever pending: True."""
-        return True
+        """Finish growing now (idle: no step will stream the blocks arriving): they are read into
+        their homes. True when nothing is left pending (always, once this returns; timeout_s is
+        for callers that wait on a model another thread uses)."""
+        if not self._lock.acquire(timeout=timeout_s):
+            return False
+        try:
+            if self._residency is not None and not self._closed:
+                self._residency.finish_growth()
+                self._note_residency()
+            return True
+        finally:
+            self._lock.release()
 
     def resident_weight_bytes(self) -> int:
         """Matrix bytes resident now (0 in mmap mode, where the OS decides)."""
@@ -325,8 +336,8 @@ class BudgetChange:
     source: str
     seconds: float  # the whole change: re-plan, release, read back
     released_bytes: int  # weight bytes given back to the OS
-    read_bytes: int  # weight bytes read back into memory (before the call returned)
-    pending_bytes: int = 0  # weight bytes still to read back: none, growing completes in the call
+    read_bytes: int  # weight bytes read from disk during the call
+    pending_bytes: int = 0  # weight bytes left to grow through the ring in the next step
 
 
 DEFAULT_UBATCH = 512  # llama.cpp's

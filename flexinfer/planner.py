@@ -385,7 +385,7 @@ def _plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, 
             pred = t_io + t_cpu
         return Plan(
             mode=mode, budget_bytes=budget, fixed_bytes=fx, resident_rows=rows, window=win,
-            slot_bytes=slot, ring_bytes=ring, bounce_bytes=_bounce(tensors) if slot else 0,
+            slot_bytes=slot, ring_bytes=ring, bounce_bytes=_bounce(tensors) if mode != "mmap" else 0,
             resident_bytes=total - sum(streamed.values()),
             streamed_per_layer=tuple(streamed[l] for l in sorted(streamed)), policy=policy,
             t_io=t_io, t_cpu=t_cpu, predicted_s=pred, t_io_bound=t_io_bound,
@@ -396,7 +396,7 @@ def _plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, 
     all_rows = {t.name: t.rows for t in tensors}
     if mode == "mmap":  # the OS pages weights in; predicted as if the page cache kept
         return finish(all_rows, 0, "mmap", fx)  # budget - fixed bytes
-    if mode != "prefetch" and fx + total <= budget:
+    if mode != "prefetch" and fx + total + _bounce(tensors) <= budget:
         return finish(all_rows, 0, "all-resident", fx)
     # layers read ahead: the caller's, else for flexinfer the fastest of 1, 2 and 3 by the cost
     # model: a lookahead in the ring displaces resident rows, so it costs reads on every token,
@@ -548,7 +548,7 @@ def _used(layers, tensors, win: int, rows, spec: RingSpec, slot_rows=None) -> in
     slot_rows = slot_rows or rows
     n_str = sum(1 for s in _streamed(layers, slot_rows).values() if s)
     if not n_str:
-        return resident
+        return resident + _bounce(tensors)  # the store converts blocks it reads home through it
     return resident + _ring(layers, slot_rows, spec, min(win, n_str)) + _bounce(tensors)
 
 

@@ -17,6 +17,13 @@ A move first stops the prefetcher (it may be reading ahead with the old sets), t
 So the process never holds more than the larger of the old and the new state: memory is given
 back before it is taken. Headers never change shape, so the engine's graphs stay valid, and a
 block's bytes are the same wherever they are read, so logits do not change by a bit.
+
+Growing to a larger budget while weights stream (set_plan) need not read anything: the blocks
+arriving are streamed on the next step anyway, so they stay streamed (pending) and each is copied
+from the ring to its home when its layer has been computed, as far as the new budget allows with
+the ring still at its old size; at the next step boundary they become resident, the ring shrinks
+to what is left to stream, and whatever could not be copied is read then (step 3). Decoding goes
+on at its own pace through the change: the reads a larger budget saves are not spent up front.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ class Residency:
         self.moves = 0  # changes of the resident set
         self.mlock_errno = 0
         self.stage = 0
+        self._pending: dict[int, list] = {}  # layer -> blocks to copy home as they pass the ring
+        self._grown: list = []  # copied home during this step: resident from the next boundary
+        self._grown_bytes = 0
         self._set_plan(plan, positions)
         if mapped:
             return
@@ -77,13 +87,20 @@ class Residency:
 
     # ---- the moves
     def prepare(self, positions: int) -> None:
-        """Before the KV cache holds `positions` positions: move on to the stage that holds them."""
+        """Before a step that makes the KV cache hold `positions` positions: move on to the stage
+        that holds them, and finish or go on with growing through the ring."""
         stage = self.stage
         while stage < len(self.stage_positions) and positions > self.stage_positions[stage]:
             stage += 1
         if stage != self.stage:
             self.stage = stage
             self._move()
+
+    def end_step(self) -> None:
+        """After a step: blocks copied home through the ring become resident; if none could be
+        (no room with the ring as it is), the rest is read now."""
+        if self._grown or self._pending:
+            self._move(through_ring=bool(self._grown))
 
     def begin_prompt(self) -> None:
         """Before a prompt batch: the loan goes (its memory is the prompt buffer's) and streams."""
@@ -100,22 +117,53 @@ class Residency:
         self.lent = False
         self._move()
 
-    def set_plan(self, plan: Plan, positions: int) -> tuple[int, int]:
+    def set_plan(self, plan: Plan, positions: int, through_ring: bool = True
+                 ) -> tuple[int, int, int]:
         """Move to a new plan's target for this many cached positions (the loan, if out, stays
-        out). Returns (bytes released, bytes read back)."""
-        before = set(self.resident)
+        out). Blocks arriving while weights stream are left to grow through the ring (module
+        docstring) unless through_ring is False. Returns (bytes released, bytes read back, bytes
+        left to grow through the ring)."""
+        before, read0 = set(self.resident), self.store.reader.bytes_read
         self._set_plan(plan, positions)
-        self._move()
+        self._move(through_ring=through_ring)
         return (sum(b.nbytes for b in before - self.resident),
-                sum(b.nbytes for b in self.resident - before))
+                self.store.reader.bytes_read - read0, self.pending_bytes())
 
-    def _move(self, progress=None) -> None:
+    def pending_bytes(self) -> int:
+        return sum(b.nbytes for bs in self._pending.values() for b in bs) + self._grown_bytes
+
+    def finish_growth(self) -> None:
+        """Read whatever is still growing through the ring now (idle: no step will stream it)."""
+        if self._pending or self._grown:
+            self._move(through_ring=False)
+
+    def _adopt_grown(self, target: set) -> None:
+        """Blocks copied home during the last step: resident now (their headers move home)."""
+        for b in self._grown:
+            if b in target:
+                b.place(self.store.arena, b.home + b.offset % ggml_ops.PAGE)
+                self.mlock([b])
+                self.resident.add(b)
+                self.resident_bytes += b.nbytes
+            else:  # the target changed meanwhile
+                ggml_ops.release_pages(b.home, b.span)
+        self._grown, self._grown_bytes = [], 0
+
+    def _move(self, progress=None, through_ring: bool = False) -> None:
         if self.mapped:
             return
         target = self.target()
+        stopped = bool(self.prefetcher and (self._grown or self._pending))
+        if stopped:
+            self.prefetcher.close()
+        self._adopt_grown(target)
+        self._pending = {}
         leaving, arriving = self.resident - target, target - self.resident
-        ring = self._ring_size()
+        grow = through_ring and arriving and self.prefetcher is not None and not self.lent
+        ring = self._ring_size(self.resident - leaving if grow else None)
         if not leaving and not arriving and (self.ring.size if self.ring else 0) == ring:
+            if stopped:
+                self._restream(ring)  # the blocks adopted stream no more
             return
         if self.prefetcher:
             self.prefetcher.close()  # it may be reading ahead with the old sets
@@ -123,6 +171,10 @@ class Residency:
             ggml_ops.release_pages(b.home, b.span)
             self.resident.discard(b)
             self.resident_bytes -= b.nbytes
+        if grow:  # stream them once more, and copy them home as they pass (release)
+            for b in sorted(arriving, key=lambda b: b.offset):
+                self._pending.setdefault(b.layer, []).append(b)
+            arriving = set()
         if self.ring is not None and self.ring.size != ring:
             self.ring.free()  # before anything is read: the old ring and the new never coexist
             self.ring = None
@@ -162,14 +214,22 @@ class Residency:
             self.prefetcher.restart(order, ring=self.ring.size, window=window, threaded=threaded,
                                     wraps=self.ring.wraps)
 
-    def _ring_size(self) -> int:
+    def _ring_size(self, kept: set | None = None) -> int:
         """The ring for the most this stage streams (a prompt's, with the loan out): the plan's,
         or, where a forced plan's layers take more, `window` times the largest layer. 0 when
-        nothing streams now."""
-        now = self.target()
+        nothing streams now. kept: the blocks resident while growing through the ring (the ring
+        must hold everything else; the ring there is, if it does)."""
+        now = self.target() if kept is None else kept
         if all(b in now for b in self.blocks):
             return 0
-        most = self.target(lent=True) if self._loan else now
+        most = (self.target(lent=True) if self._loan else now) if kept is None else kept
+        if kept is not None and self.ring is not None:
+            per: dict[int, int] = {}
+            for b in self.blocks:
+                if b not in kept:
+                    per[b.layer] = per.get(b.layer, 0) + span(b.offset, b.nbytes)[1]
+            if max(per.values()) <= self.ring.size:
+                return self.ring.size
         per_layer: dict[int, int] = {}
         for b in self.blocks:
             if b not in most:
@@ -209,7 +269,27 @@ class Residency:
 
     def release(self, layer: int) -> None:
         if self.prefetcher and layer in self._streamed:
+            if layer in self._pending:
+                self._copy_home(layer)
             self.prefetcher.release(layer)
+
+    def _copy_home(self, layer: int) -> None:
+        """The layer was computed and its streamed blocks are still in the ring: copy the pending
+        ones home (already repacked), as far as the budget allows with the ring as it is."""
+        unused = self.plan.stages[self.stage].kv_unused if self.stage < len(self.plan.stages) \
+            else 0  # KV cache bytes not yet charged at this stage, which its target spends
+        room = self.plan.budget_bytes - self.plan.fixed_bytes + unused - self.plan.bounce_bytes \
+            - (self.ring.size if self.ring else 0)
+        left = []
+        for b in self._pending.pop(layer):
+            if self.resident_bytes + self._grown_bytes + b.span > room:
+                left.append(b)
+                continue
+            ggml_ops.copy(b.home + b.offset % ggml_ops.PAGE, ggml_ops.data_addr(b.header), b.nbytes)
+            self._grown.append(b)
+            self._grown_bytes += b.nbytes
+        if left:
+            self._pending[layer] = left
 
     def reset(self) -> None:
         if self.prefetcher and self._streamed:

@@ -110,7 +110,8 @@ def report(r: dict) -> None:
           f"OOM {ch['oom_killed']}")
     for e in ch["changes"]:
         k = e["before_token"]
-        typical = sorted(gaps[max(0, k - 8):k - 1])[len(gaps[max(0, k - 8):k - 1]) // 2]
+        after = sorted(gaps[k:k + 8])  # the new budget's token time: the median of the next 8
+        typical = after[len(after) // 2]
         stall = gaps[k - 1] - typical  # the interval holding the change, less a typical one
         print(f"before token {k}: {e['old'] / 1e9:.2f} -> {e['new'] / 1e9:.2f} GB in "
               f"{e['seconds']:.2f} s (released {e['released_bytes'] / 1e9:.2f} GB, read "

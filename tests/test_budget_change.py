@@ -94,6 +94,13 @@ def test_a_budget_below_the_minimum_changes_nothing(layered_path):
         assert m.memory_budget == least and m.stats.budget_bytes == least
 
 
+def _room(plan, stage: int) -> int:
+    """What a plan leaves the weights (resident rows, ring, bounce) at a stage: its budget less its
+    fixed costs, of which the KV cache bytes not yet written at that stage are not charged."""
+    unused = plan.stages[stage].kv_unused if stage < len(plan.stages) else 0
+    return plan.budget_bytes - plan.fixed_bytes + unused
+
+
 def test_no_moment_of_a_change_exceeds_the_larger_budget(layered_path):
     """Random budget sequences: after each change the plan fits its budget, the resident blocks
     are the plan's target, the ring is the plan's; and while blocks are being read back, what
@@ -111,21 +118,56 @@ def test_no_moment_of_a_change_exceeds_the_larger_budget(layered_path):
             read_home(b)
             ring = r.ring.size if r.ring is not None else 0
             bounce = store.bounce.size if store.bounce is not None else 0
-            peaks.append(r.resident_bytes + b.nbytes + ring + bounce)
+            peaks.append((r.resident_bytes + b.nbytes + ring + bounce, "read", r.lent, ring, bounce))
         store.read_home = watched
 
+        copy_home = r._copy_home
+
+        def watched_copy(layer):  # growing through the ring: within the new budget as it goes
+            copy_home(layer)
+            peaks.append((r.resident_bytes + r._grown_bytes + r.ring.size + store.bounce.size, "copy", r.ring.size, store.bounce.size))
+        r._copy_home = watched_copy
+
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(st.lists(st.integers(least, whole + (1 << 20)), min_size=1, max_size=4))
-        def check(budgets):
-            for budget in budgets:
+        @given(st.lists(st.tuples(st.integers(least, whole + (1 << 20)), st.booleans()),
+                        min_size=1, max_size=4))
+        def check(changes):
+            for budget, step in changes:
                 before = m.plan
                 peaks.clear()
                 m.set_memory_budget(budget)
-                room = max(before.budget_bytes, budget) - m.plan.fixed_bytes
-                assert all(p <= room for p in peaks), (peaks, room)
+                if step:  # the blocks arriving grow through the ring, or are read at its end
+                    m.logits(ids[:1])
+                m.settle()
+                room = max(_room(before, r.stage), _room(m.plan, r.stage))
+                assert all(p[0] <= room for p in peaks), ([p for p in peaks if p[0] > room], room, m.plan.bounce_bytes, m.plan.ring_bytes, before.ring_bytes)
                 assert m.plan.total_bytes() <= budget
-                assert r.resident == r.target()
+                assert r.resident == r.target() and r.pending_bytes() == 0
                 if r.ring is not None:
                     assert r.ring.size == -(-m.plan.ring_bytes // 4096) * 4096
             assert np.array_equal(m.logits(ids), first)
         check()
+
+
+def test_growing_through_the_ring_reads_nothing_more(layered_path):
+    """From the minimum to all resident while decoding: the call reads nothing; the next step
+    streams as a step at the minimum does (its read-ahead cut short at the change and at its end)
+    and copies the arriving blocks home; after it everything is resident and nothing is read."""
+    with _load(layered_path) as m:
+        reference, _ = _greedy(m, 6)
+    with _load(layered_path) as m:
+        m.set_memory_budget(m.minimum_budget())
+        ids = [t % m.cfg.n_vocab for t in PROMPT]
+        out, reads = [m._forward(ids, 0)], []
+        for k in range(1, 7):
+            if k == 3:
+                change = m.set_memory_budget(ROOMY)
+                assert change.read_bytes == 0 and change.pending_bytes > 0
+            ids.append(int(out[-1][-1].argmax()))
+            r0 = m._reader.bytes_read
+            out.append(m._forward(ids[-1:], len(ids) - 1))
+            reads.append(m._reader.bytes_read - r0)
+        assert m._residency.pending_bytes() == 0 and m._residency.ring is None
+        assert m.resident_weight_bytes() == sum(b.nbytes for b in m._store.all_blocks())
+    assert min(reads[:2]) > 0 and reads[2] < 2 * max(reads[:2]) and reads[3:] == [0, 0, 0]
+    assert np.array_equal(np.concatenate(out), reference)
