@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flexinfer import ggml_ops, machine
+from flexinfer import follow, ggml_ops, machine
 from flexinfer.budget import HEADROOM, resolve_budget, rss_bytes
 from flexinfer.config import ModelConfig
 from flexinfer.direct_io import DirectReader
@@ -41,7 +41,8 @@ DEFAULT_CTX = 4096  # like llama.cpp's default; never more than the model was tr
 class Options:
     n_ctx: int | None = None  # context length; default min(4096, trained)
     n_threads: int | None = None  # compute threads; default: every core
-    memory_budget: int | str | None = None  # bytes or "1.5GiB"; default cgroup limit/MemAvailable
+    memory_budget: int | str | None = None  # bytes or "1.5GiB": fixed; None or "auto": follow the
+    # cgroup's limits, MemAvailable and memory pressure while loaded (follow.py)
     offload: str = "flexinfer"  # flexinfer | prefetch | sync | mmap
     balance: bool = True  # False: lock whole layers from the first (ablation)
     preserve: str = "auto"  # auto | ffn | attn
@@ -84,8 +85,11 @@ class Model:
         self.stats = Stats()
         self._closed = False
         self._engine = self._store = self.cache = self._backend = self._reader = None
+        self._follower = None  # follow.Follower with --memory-budget auto
         try:
             self._load(opts)
+            if follow.is_auto(opts.memory_budget):
+                self._follower = follow.follow(self)
         except MemoryError as e:  # the OS refused an allocation the plan expected to fit
             self.close()
             raise FlexInferError(f"{self.path}: out of memory while loading ({e}); try a smaller "
@@ -152,6 +156,8 @@ class Model:
         follows at once (the prompt loan stays out, weights.py)."""
         if self._closed:
             raise FlexInferError("the model is closed")
+        if self._follower is not None:  # outside the step's lock: it may change the budget
+            self._follower.poll()
         self._check_batch(batch)
         try:
             out = self._engine.step(batch, more_prompt)
@@ -221,6 +227,8 @@ class Model:
         if self._closed:
             return
         self._closed = True
+        if self._follower is not None:
+            self._follower.stop()
         for part in (self._engine, self._store, self.cache, self._backend, self._reader):
             if part is not None:
                 part.close()
