@@ -285,8 +285,8 @@ class Follower:
         if t is None:
             return None
         budget = self.model.memory_budget
-        if force:
-            decision = (t.bytes, t.name, _why(t, "at")) if t.bytes != budget else None
+        if force:  # "auto" again: the target now, and the source says auto even if nothing moves
+            decision = t.bytes, t.name, _why(t, "at")
             self.hysteresis.since = None
         else:
             decision = self.hysteresis.decide(budget, t, reading.pressure, now)
@@ -294,14 +294,14 @@ class Follower:
             return None
         new, name, why = decision
         need = _whole_need(self.model)
-        if need is not None and new >= need and budget >= need:
+        if not force and need is not None and new >= need and budget >= need:
             return None  # everything stays resident at either budget: nothing to move or say
         least = self.model.minimum_budget()
         if new < least:
             self._say_once(f"the environment allows {_gb(new)} ({why}), below the minimum "
                            f"working set {_gb(least)}: the budget stays at or above it")
             new, why = least, why + f", held at the minimum {_gb(least)}"
-        if new == budget:
+        if new == budget and not force:
             return None
         change = self.model.set_memory_budget(new, source=SOURCE_PREFIX + name)
         self.changes.append(change)

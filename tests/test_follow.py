@@ -392,3 +392,18 @@ def test_a_step_polls_and_changes_the_model_budget(tiny_llama_path, tmp_path):
         assert m.stats.budget_bytes == low and m.stats.budget_source == "auto: cgroup memory.high"
         assert len(lines) == 1 and "cgroup memory.high lowered to" in lines[0]
         assert got == want
+
+
+def test_cli_takes_auto_and_a_size(tiny_llama_path):
+    import json
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "flexinfer", "plan", str(tiny_llama_path), "-c", "64", "--json",
+            "--memory-budget"]
+    auto = subprocess.run(base + ["auto"], capture_output=True, text=True, timeout=120)
+    assert auto.returncode == 0, auto.stderr
+    assert json.loads(auto.stdout)["budget_source"].startswith("auto: ")
+    fixed = subprocess.run(base + ["1G"], capture_output=True, text=True, timeout=120)
+    assert json.loads(fixed.stdout)["budget_source"] == "--memory-budget"
+    bad = subprocess.run(base + ["often"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--memory-budget" in bad.stderr
