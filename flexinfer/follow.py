@@ -357,3 +357,11 @@ def _whole_need(model) -> int | None:
 def follow(model, paths: Paths | None = None) -> Follower:
     """Start following for a loaded model (its budget came from initial_budget)."""
     return Follower(model, paths or Paths()).start()
+
+
+def resume(model):
+    """Hand the budget back to the environment at once (after the API or the server set it):
+    returns the BudgetChange made. Starts a follower for a model loaded with a fixed budget."""
+    if model._follower is None:
+        model._follower = follow(model)
+    return model._follower.poll(force=True)

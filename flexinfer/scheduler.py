@@ -325,14 +325,11 @@ class Scheduler:
         way, then re-plans; the engine thread goes on at the next step. "auto" hands the budget
         back to the environment (follow.py) at once. A size below the minimum raises
         FlexInferError naming both, and nothing changes. Returns the BudgetChange (None: "auto"
-        found nothing to change)."""
+        found no target: no cgroup limit and no /proc/meminfo)."""
         from flexinfer import follow
-        model = self.loop.model
         if follow.is_auto(size):
-            if model._follower is None:
-                model._follower = follow.follow(model)
-            return model._follower.poll(force=True)
-        return model.set_memory_budget(size, source="server")
+            return follow.resume(self.loop.model)
+        return self.loop.model.set_memory_budget(size, source="server")
 
     def close(self) -> None:
         with self._lock:
