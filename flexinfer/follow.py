@@ -294,8 +294,9 @@ class Follower:
             return None
         new, name, why = decision
         need = _whole_need(self.model)
-        if not force and need is not None and new >= need and budget >= need:
-            return None  # everything stays resident at either budget: nothing to move or say
+        if name == "MemAvailable" and not force and need is not None and new >= need <= budget:
+            return None  # all resident at either budget: the machine's jitter moves nothing
+            # (a limit is always followed: the budget in the stats must not exceed it)
         least = self.model.minimum_budget()
         if new < least:
             self._say_once(f"the environment allows {_gb(new)} ({why}), below the minimum "
