@@ -30,7 +30,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 from flexinfer.cgroup import find_hierarchy, parse_limit
@@ -235,7 +236,6 @@ def _why(t: Target, verb: str, held: str = "") -> str:
 
 # ---- following
 
-@dataclass
 class Follower:
     """Moves a model's budget to the environment's target.
 
@@ -244,16 +244,15 @@ class Follower:
     prefetch.py: the prefetcher's threads serve the ring in lock-step with compute and stop with
     the store, while this one must run when nothing computes (an idle chat, a server between
     requests) for as long as the model is loaded; it only reads a few small files and calls
-    set_memory_budget, which waits for a running step under the model's lock."""
+    set_memory_budget, which waits for a running step under the model's lock. It holds the model
+    weakly: a model nobody closes is still collected (Model.__del__ closes it, stopping this)."""
 
-    model: object
-    paths: Paths = field(default_factory=Paths)
-    clock: object = time.monotonic
-    say: object = None  # called with each change's line; default: stderr
-    poll_s: float = POLL_S
-    changes: list = field(default_factory=list)  # the BudgetChanges made, in order
-
-    def __post_init__(self):
+    def __init__(self, model, paths: Paths | None = None, clock=time.monotonic, say=None,
+                 poll_s: float = POLL_S):
+        self._model = weakref.ref(model)
+        self.paths, self.clock, self.poll_s = paths or Paths(), clock, poll_s
+        self.say = say  # called with each change's line; None: stderr
+        self.changes: list = []  # the BudgetChanges made, in order
         self.hysteresis = Hysteresis()
         self._last = float("-inf")
         self._busy = threading.Lock()  # one poll at a time (the step's and the thread's)
@@ -267,24 +266,25 @@ class Follower:
         now = self.clock()
         if not force and now - self._last < self.poll_s:
             return None
-        if not self._busy.acquire(blocking=force):
-            return None  # the other thread is polling now
+        model = self._model()
+        if model is None or not self._busy.acquire(blocking=force):
+            return None  # gone, or the other thread is polling now
         try:
             self._last = now
-            if not force and not str(self.model.budget_source).startswith(SOURCE_PREFIX):
+            if not force and not str(model.budget_source).startswith(SOURCE_PREFIX):
                 return None  # the API or the server set it: theirs until "auto" again
-            return self._apply(read_environment(self.paths), now, force)
+            return self._apply(model, read_environment(self.paths), now, force)
         except FlexInferError as e:  # a refused re-plan: say so once, keep following
             self._say_once(f"memory budget not changed: {e}")
             return None
         finally:
             self._busy.release()
 
-    def _apply(self, reading: Reading, now: float, force: bool):
+    def _apply(self, model, reading: Reading, now: float, force: bool):
         t = target(reading)
         if t is None:
             return None
-        budget = self.model.memory_budget
+        budget = model.memory_budget
         if force:  # "auto" again: the target now, and the source says auto even if nothing moves
             decision = t.bytes, t.name, _why(t, "at")
             self.hysteresis.since = None
@@ -293,18 +293,18 @@ class Follower:
         if decision is None:
             return None
         new, name, why = decision
-        need = _whole_need(self.model)
+        need = _whole_need(model)
         if name == "MemAvailable" and not force and need is not None and new >= need <= budget:
             return None  # all resident at either budget: the machine's jitter moves nothing
             # (a limit is always followed: the budget in the stats must not exceed it)
-        least = self.model.minimum_budget()
+        least = model.minimum_budget()
         if new < least:
             self._say_once(f"the environment allows {_gb(new)} ({why}), below the minimum "
                            f"working set {_gb(least)}: the budget stays at or above it")
             new, why = least, why + f", held at the minimum {_gb(least)}"
         if new == budget and not force:
             return None
-        change = self.model.set_memory_budget(new, source=SOURCE_PREFIX + name)
+        change = model.set_memory_budget(new, source=SOURCE_PREFIX + name)
         self.changes.append(change)
         self._line(f"memory budget {_gb(budget)} -> {_gb(new)} ({why})")
         return change
@@ -328,7 +328,7 @@ class Follower:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        while not self._stop.wait(self.poll_s) and self._model() is not None:
             try:
                 self.poll()
             except Exception as e:  # noqa: BLE001 - one line, never a dead thread's traceback

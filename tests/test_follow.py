@@ -369,6 +369,22 @@ def test_auto_loads_a_follower_and_a_fixed_budget_none(tiny_llama_path):
         assert not f.alive  # close stopped it
 
 
+def test_a_model_nobody_closes_is_still_collected(tiny_llama_path):
+    """The follower's thread holds the model weakly: dropping the model closes it (Model.__del__)
+    and ends the thread."""
+    import gc
+    import weakref
+
+    import flexinfer
+    m = flexinfer.load(tiny_llama_path, n_ctx=64, n_threads=1)
+    f, ref = m._follower, weakref.ref(m)
+    assert f is not None and f.alive
+    del m
+    gc.collect()
+    assert ref() is None
+    assert not f.alive
+
+
 def _swap_follower(m, tree: Tree) -> tuple[Follower, Clock, list[str]]:
     m._follower.stop()
     f, clock, lines = follower(tree, m)
