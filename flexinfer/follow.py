@@ -40,8 +40,9 @@ from flexinfer.errors import FlexInferError
 AUTO = "auto"
 SOURCE_PREFIX = "auto: "  # Model.budget_source while following
 POLL_S = 0.5  # read the environment at most twice a second: "within a second" with room to act
-GROW_MARGIN = 0.10  # grow to a target at least 10% above the budget: a re-plan reads rows back,
-# smaller steps would cost reads for little speed (a 7B at 1.5-3 GB: ~3% tok/s per 10% budget)
+GROW_MARGIN = 0.10  # grow to a target at least 10% above the budget: every growth costs a re-plan
+# and reads rows back, and on the 7B a step of 10% buys under 8% (docs/benchmarks.md: 0.41 -> 0.52
+# tok/s from 1.5 to 2 GB, +27% for +33%)
 GROW_HOLD_S = 5.0  # ... that has held 5 s: 10 polls, longer than a burst of another program's
 # allocations (a compiler's, a browser tab's) and short next to a conversation
 SLACK = 0.02  # MemAvailable's target must fall 2% under the budget before it shrinks it
