@@ -18,8 +18,9 @@ Hysteresis (Hysteresis.decide), so that the budget never oscillates:
   is SLACK below it;
 - grow only when the target has stayed GROW_MARGIN above the budget for GROW_HOLD_S, and then to
   the lowest target seen in that time, and never while PSI says memory is short;
-- memory pressure (PSI "some avg10" >= PSI_SHRINK percent) gives back PSI_STEP of the budget, at
-  most once per PSI_HOLD_S: avg10 is a 10-second average and lags the relief a shrink brings.
+- memory pressure (PSI "some avg10" >= PSI_SHRINK percent) gives back PSI_STEP of what the process
+  holds (or of the budget, if less), at most once per PSI_HOLD_S: avg10 is a 10-second average and
+  lags the relief a shrink brings.
 A budget set by the API or the server (source not "auto: ...") is left alone until "auto" again.
 
 Every path is injectable (Paths), so the tests drive this with fake /sys and /proc trees.
@@ -49,7 +50,7 @@ SLACK = 0.02  # MemAvailable's target must fall 2% under the budget before it sh
 KEEP_FREE = 0.05  # of MemTotal, left to the rest of the machine (1.2 GB of 24 GiB)
 PSI_SHRINK = 10.0  # "some avg10" percent: tasks waited on memory 10% of the last 10 s
 PSI_CALM = 1.0  # at or above this, no growth
-PSI_STEP = 0.10  # a shrink under pressure gives back 10% of the budget...
+PSI_STEP = 0.10  # a shrink under pressure gives back 10% of what the process holds...
 PSI_HOLD_S = 10.0  # ... at most once per avg10 window
 
 
@@ -201,12 +202,14 @@ class Hysteresis:
     floor: int = 0  # the lowest target since then
     last_pressure_shrink: float = float("-inf")
 
-    def decide(self, budget: int, t: Target, pressure: float | None,
-               now: float) -> tuple[int, str, str] | None:
-        """(new budget, the target's name, why) or None to stay."""
+    def decide(self, budget: int, t: Target, pressure: float | None, now: float,
+               footprint: int = 0) -> tuple[int, str, str] | None:
+        """(new budget, the target's name, why) or None to stay. footprint: what the process
+        holds (VmRSS); under pressure it gives back a share of that, not of a budget it may not
+        be using."""
         if pressure is not None and pressure >= PSI_SHRINK and \
                 now - self.last_pressure_shrink >= PSI_HOLD_S:
-            squeezed = int(budget * (1 - PSI_STEP))
+            squeezed = int(min(budget, footprint or budget) * (1 - PSI_STEP))
             if squeezed < t.bytes:
                 self.last_pressure_shrink = now
                 t = Target(squeezed, "memory pressure", f"memory pressure: some avg10 "
@@ -290,7 +293,7 @@ class Follower:
             decision = t.bytes, t.name, _why(t, "at")
             self.hysteresis.since = None
         else:
-            decision = self.hysteresis.decide(budget, t, reading.pressure, now)
+            decision = self.hysteresis.decide(budget, t, reading.pressure, now, reading.footprint)
         if decision is None:
             return None
         new, name, why = decision

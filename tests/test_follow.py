@@ -262,7 +262,7 @@ def test_machine_jitter_within_the_slack_is_ignored(tmp_path):
 
 
 def test_pressure_gives_back_a_step_per_window_and_blocks_growth(tmp_path):
-    t = Tree(tmp_path, available=20 * GB)
+    t = Tree(tmp_path, available=20 * GB, rss=kb(5 * GB))
     t.limit("memory.limit_in_bytes", 4 * GB)
     m = FakeModel(4 * GB, "auto: cgroup memory.limit_in_bytes")
     f, clock, lines = follower(t, m)
@@ -279,6 +279,16 @@ def test_pressure_gives_back_a_step_per_window_and_blocks_growth(tmp_path):
     t.pressure(0.0)  # calm: back to the limit after the hold
     run_for(f, clock, GROW_HOLD_S + 1)
     assert [c.new for c in m.calls][2:] == [4 * GB]
+
+
+def test_pressure_gives_back_a_share_of_what_the_process_holds(tmp_path):
+    """A budget far above what the process uses: a share of its footprint, not of the budget."""
+    t = Tree(tmp_path, available=20 * GB, rss=kb(GB))
+    m = FakeModel(16 * GB, "auto: MemAvailable")
+    f, clock, _ = follower(t, m)
+    t.pressure(30.0)
+    run_for(f, clock, 1.0)
+    assert [c.new for c in m.calls] == [int(kb(GB) * 0.9)]
 
 
 def test_below_the_minimum_holds_the_minimum_and_says_so_once(tmp_path):
