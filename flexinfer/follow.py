@@ -359,11 +359,8 @@ def _whole_need(model) -> int | None:
     return p.total_bytes()
 
 
-def follow(model, paths: Paths | None = None) -> Follower | None:
-    """Start following for a loaded model (its budget came from initial_budget). None where the
-    model cannot change its budget (a build without Model.set_memory_budget)."""
-    if not hasattr(model, "set_memory_budget"):
-        return None
+def follow(model, paths: Paths | None = None) -> Follower:
+    """Start following for a loaded model (its budget came from initial_budget)."""
     return Follower(model, paths or Paths()).start()
 
 
@@ -372,6 +369,4 @@ def resume(model):
     returns the BudgetChange made. Starts a follower for a model loaded with a fixed budget."""
     if model._follower is None:
         model._follower = follow(model)
-    if model._follower is None:
-        raise FlexInferError("this build cannot change the memory budget of a loaded model")
     return model._follower.poll(force=True)

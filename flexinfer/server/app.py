@@ -247,7 +247,7 @@ async def _set_budget(state: State, req: HttpRequest):
         out["change"] = {"old_bytes": change.old, "new_bytes": change.new,
                          "seconds": round(change.seconds, 4),
                          "released_bytes": change.released_bytes,
-                         "pending_bytes": change.pending_bytes}
+                         "read_bytes": change.read_bytes}
     return out
 
 
