@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-from flexinfer.cgroup import cgroup_limit_bytes
 from flexinfer.errors import FlexInferError
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -27,19 +26,14 @@ def parse_size(text: str, option: str = "--memory-budget") -> int:
     return int(value)
 
 
-def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
-    return _kib(meminfo, "MemAvailable") or None
-
-
 def resolve_budget(option: int | str | None) -> tuple[int, str]:
-    """(bytes, source): the flag when given, else the tighter of the cgroup limit and MemAvailable."""
-    if option is not None:
-        return (parse_size(option) if isinstance(option, str) else int(option)), "--memory-budget"
-    found = [(v, s) for v, s in ((cgroup_limit_bytes(), "cgroup limit"),
-                                 (mem_available(), "MemAvailable")) if v]
-    if not found:
-        return 1 << 62, "unlimited (no cgroup limit or MemAvailable found)"
-    return min(found)
+    """(bytes, source): the flag's size when given; None or "auto": what the environment allows
+    now (follow.py: the tightest cgroup limit, soft or hard, or this process's share of the
+    machine), which the model then follows."""
+    from flexinfer import follow  # it reads the cgroup through cgroup.py, as this module does
+    if follow.is_auto(option):
+        return follow.initial_budget()
+    return (parse_size(option) if isinstance(option, str) else int(option)), "--memory-budget"
 
 
 def proc_field(path: str, key: str) -> str | None:

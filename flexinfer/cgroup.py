@@ -6,7 +6,7 @@ v2 (memory.max) are both handled; which one is in use is read from /proc/self/mo
 cgroup can be written (not root, read-only mount, v2 without the memory controller), run_limited
 still runs the command and says constrained=False, never pretending a limit held.
 
-The engine reads cgroup_limit_bytes() to pick a budget when the user gives none.
+`--memory-budget auto` reads the limits through find_hierarchy and parse_limit (follow.py).
 """
 
 from __future__ import annotations

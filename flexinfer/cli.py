@@ -36,8 +36,8 @@ def _model_args(p) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (4096)")
     p.add_argument("--memory-budget", default=None,
-                   help="cap for the whole process, e.g. 1.5GiB, 800M (default: cgroup limit or "
-                        "MemAvailable)")
+                   help="cap for the whole process, e.g. 1.5GiB, 800M: fixed; or auto (the "
+                        "default): follow the cgroup's limits, MemAvailable and memory pressure")
     p.add_argument("--offload", default="flexinfer", choices=("flexinfer", "prefetch", "sync", "mmap"))
     p.add_argument("--no-balance", action="store_true", help="lock whole layers from the first")
     p.add_argument("--preserve", default="auto", choices=("auto", "ffn", "attn"))

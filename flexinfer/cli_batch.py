@@ -131,7 +131,8 @@ def _run_all(model, reqs: list[Request], out, a) -> dict:
             "decode_tokens_per_s": s["decode_tok_s"], "prefill_tokens_per_s": s["prefill_tok_s"],
             "cached_tokens": s["cached_tokens"], "wall_s": round(time.perf_counter() - t0, 3),
             "peak_memory_bytes": _peak(), "bytes_read_per_token": s["bytes_read_per_token"],
-            "budget_bytes": model.stats.budget_bytes, "parallel": a.parallel}
+            "budget_bytes": model.stats.budget_bytes, "budget_source": model.stats.budget_source,
+            "parallel": a.parallel}
 
 
 def _collect(e, i: int, req: Request, r: dict, out, bar, loop) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from flexinfer import ggml_ops, machine
+from flexinfer import follow, ggml_ops, machine
 from flexinfer.budget import HEADROOM, parse_size, resolve_budget, rss_bytes
 from flexinfer.config import ModelConfig
 from flexinfer.direct_io import DirectReader
@@ -42,7 +42,8 @@ DEFAULT_CTX = 4096  # like llama.cpp's default; never more than the model was tr
 class Options:
     n_ctx: int | None = None  # context length; default min(4096, trained)
     n_threads: int | None = None  # compute threads; default: every core
-    memory_budget: int | str | None = None  # bytes or "1.5GiB"; default cgroup limit/MemAvailable
+    memory_budget: int | str | None = None  # bytes or "1.5GiB": fixed; None or "auto": follow the
+    # cgroup's limits, MemAvailable and memory pressure while loaded (follow.py)
     offload: str = "flexinfer"  # flexinfer | prefetch | sync | mmap
     balance: bool = True  # False: lock whole layers from the first (ablation)
     preserve: str = "auto"  # auto | ffn | attn
@@ -87,8 +88,11 @@ class Model:
         self._engine = self._store = self.cache = self._backend = self._reader = None
         self._residency = None
         self._lock = threading.RLock()  # a step and a change of budget never overlap
+        self._follower = None  # follow.Follower with --memory-budget auto
         try:
             self._load(opts)
+            if follow.is_auto(opts.memory_budget):
+                self._follower = follow.follow(self)
         except MemoryError as e:  # the OS refused an allocation the plan expected to fit
             self.close()
             raise FlexInferError(f"{self.path}: out of memory while loading ({e}); try a smaller "
@@ -156,6 +160,8 @@ class Model:
         A sequence's tokens continue it: the first is at the position after what the cache holds
         for it (cache.keep(seq, n) forgets the rest first). more_prompt: another prompt step
         follows at once (the prompt loan stays out, weights.py)."""
+        if self._follower is not None:  # outside the step's lock: it may change the budget
+            self._follower.poll()
         with self._lock:
             if self._closed:
                 raise FlexInferError("the model is closed")
@@ -293,6 +299,8 @@ class Model:
         if self._closed:
             return
         self._closed = True
+        if self._follower is not None:
+            self._follower.stop()
         for part in (self._engine, self._store, self.cache, self._backend, self._reader):
             if part is not None:
                 part.close()

@@ -272,6 +272,7 @@ class BatchLoop:
             "prefill_tok_s": round(t["prefill_tokens"] / t["prompt_s"], 3) if t["prompt_s"] else 0.0,
             "bytes_read_per_token": int(t["bytes_read"] / max(1, t["decode_tokens"])),
             "resident_bytes": m.stats.resident_bytes, "budget_bytes": m.stats.budget_bytes,
+            "budget_source": m.stats.budget_source,
         }
 
 
@@ -318,6 +319,17 @@ class Scheduler:
 
     def stats(self) -> dict:
         return self.loop.stats()
+
+    def set_memory_budget(self, size: int | str):
+        """From any thread (the server's workers): Model.set_memory_budget waits for the step under
+        way, then re-plans; the engine thread goes on at the next step. "auto" hands the budget
+        back to the environment (follow.py) at once. A size below the minimum raises
+        FlexInferError naming both, and nothing changes. Returns the BudgetChange (None: "auto"
+        found no target: no cgroup limit and no /proc/meminfo)."""
+        from flexinfer import follow
+        if follow.is_auto(size):
+            return follow.resume(self.loop.model)
+        return self.loop.model.set_memory_budget(size, source="server")
 
     def close(self) -> None:
         with self._lock:

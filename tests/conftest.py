@@ -5,6 +5,9 @@ the bytes are the same on every run. Each takes well under a second to write.
   tiny_llama_path       llama, n_embd 64, n_ff 128, Q4_0 matrices, llama-spm vocab (32000)
   tiny_qwen2_path       qwen2 (q/k/v biases, eps 1e-6), n_embd 64, n_ff 128, Q8_0, qwen2 vocab
   tiny_llama_tied_path  as tiny_llama but without output.weight (output reuses token_embd)
+  stream_model_path     llama, 8 layers, n_embd 1536, n_ff 4096, Q4_0 (169 MB): all resident at twice
+                        its minimum working set (~0.13 GB, mostly the interpreter), a quarter at
+                        1.2 times it; what it locks at twice is more than 1.2 times the minimum
   tiny_mixed_path       llama, n_embd 256, n_ff 512 (K-quants need rows of 256): one type per
                         matrix, covering MIXED_TYPES; norm weights 1 + N(0, 0.1) so a forgotten
                         norm multiply shows
@@ -59,6 +62,12 @@ def tiny_llama_tied_path(tmp_path_factory) -> Path:
 def tiny_mixed_path(tmp_path_factory) -> Path:
     spec = SynthSpec("llama", 2, 256, 512, 4, 2, overrides=MIXED_TYPES, seed=4, norm_noise=0.1)
     return _write(tmp_path_factory, "tiny-mixed.gguf", spec)
+
+
+@pytest.fixture(scope="session")
+def stream_model_path(tmp_path_factory) -> Path:
+    spec = SynthSpec("llama", n_layer=8, n_embd=1536, n_ff=4096, n_head=12, n_head_kv=4, seed=11)
+    return _write(tmp_path_factory, "stream.gguf", spec)
 
 
 def smollm2_candidates() -> list[Path]:

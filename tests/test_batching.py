@@ -249,6 +249,7 @@ def test_batch_command(smollm2_path, tmp_path):
     assert summary["sequences"] == 3 and summary["decode_tokens"] > 0
     assert {"decode_tokens_per_s", "prefill_tokens_per_s", "peak_memory_bytes",
             "bytes_read_per_token", "budget_bytes"} <= set(summary)
+    assert summary["budget_source"].startswith("auto: ")  # no --memory-budget: it follows
 
 
 @pytest.mark.parametrize("line, message", [

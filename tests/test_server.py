@@ -289,15 +289,30 @@ def test_malformed_oversize_and_unauthorized_requests(server):
 
 
 def test_admin_budget(server):
-    from flexinfer.scheduler import Scheduler
+    """The budget of the running model: bad sizes and sizes below the minimum are a 400 naming
+    the problem, a good one re-plans (the stats and /metrics say so), "auto" hands it back to the
+    environment; the server goes on serving throughout."""
     _error(server.post("/admin/budget", key=None, json={"memory_budget": "2GiB"}), 401)
     _error(server.post("/admin/budget", json={"memory_budget": "lots"}), 400, "memory_budget")
+    _error(server.post("/admin/budget", json={"memory_budget": True}), 400, "memory_budget")
     _error(server.post("/admin/budget", json={}), 400, "memory_budget")
+    low = _error(server.post("/admin/budget", json={"memory_budget": "20M"}), 400, "memory_budget")
+    assert "minimum working set" in low["message"] and "GB" in low["message"]
     r = server.post("/admin/budget", json={"memory_budget": "2GiB"})
-    if hasattr(Scheduler, "set_memory_budget"):
-        assert r.status_code == 200 and r.json()["memory_budget_bytes"] == 2 << 30
-    else:
-        assert _error(r, 501)["code"] == "not_implemented"
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["memory_budget_bytes"] == 2 << 30 and body["source"] == "server"
+    assert body["change"]["new_bytes"] == 2 << 30 and body["stats"]["budget_source"] == "server"
+    m = server.metrics()
+    assert _m(m, "flexinfer_memory_budget_bytes") == 2 << 30
+    assert _m(m, "flexinfer_memory_budget_info", source="server") == 1
+    c = server.client()
+    assert c.completions.create(model="m", prompt="Hi", temperature=0,
+                                max_tokens=2).usage.completion_tokens == 2
+    r = server.post("/admin/budget", json={"memory_budget": "auto"})
+    assert r.status_code == 200 and r.json()["source"].startswith("auto: "), r.text
+    assert c.completions.create(model="m", prompt="Hi", temperature=0,
+                                max_tokens=2).usage.completion_tokens == 2
 
 
 def test_metrics_are_prometheus_text(server):

@@ -223,27 +223,32 @@ def _routes(app: FastAPI, state: State) -> None:
 
 
 async def _set_budget(state: State, req: HttpRequest):
+    """{"memory_budget": "2GiB" | bytes | "auto"}: re-plan the running model at that budget (or
+    hand it back to the environment, follow.py). A bad size or one below the minimum working set
+    is a 400 naming it; the server goes on serving either way."""
     from flexinfer.budget import parse_size
+    from flexinfer.follow import is_auto
     _check_key(state, req)
     sched = _ready(state)
     body = await read_json(req, state.cfg.max_body)
     value = body.get("memory_budget") if isinstance(body, dict) else None
     if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise bad("'memory_budget' is required: a size such as \"2GiB\" or a number of bytes",
-                  "memory_budget")
+        raise bad("'memory_budget' is required: a size such as \"2GiB\", a number of bytes or "
+                  "\"auto\"", "memory_budget")
     try:
-        size = parse_size(str(value), "memory_budget")
+        size = "auto" if is_auto(value) else parse_size(str(value), "memory_budget")
+        change = await run_in_threadpool(sched.set_memory_budget, size)
     except FlexInferError as e:
         raise bad(str(e), "memory_budget") from None
-    if not hasattr(sched, "set_memory_budget"):
-        raise ApiError(501, "changing the memory budget of a running model is not available in "
-                       "this build (the scheduler has no set_memory_budget)", "memory_budget",
-                       code="not_implemented")
-    try:
-        await run_in_threadpool(sched.set_memory_budget, size)
-    except FlexInferError as e:
-        raise bad(str(e), "memory_budget") from None
-    return {"memory_budget_bytes": size, "stats": sched.stats()}
+    s = sched.stats()
+    log.info("memory budget %.2f GB (%s)", s["budget_bytes"] / 1e9, s["budget_source"])
+    out = {"memory_budget_bytes": s["budget_bytes"], "source": s["budget_source"], "stats": s}
+    if change is not None:
+        out["change"] = {"old_bytes": change.old, "new_bytes": change.new,
+                         "seconds": round(change.seconds, 4),
+                         "released_bytes": change.released_bytes,
+                         "read_bytes": change.read_bytes}
+    return out
 
 
 def _prompt_ids(model, p: Parsed) -> list[int]:

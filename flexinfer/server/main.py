@@ -78,12 +78,13 @@ def serve_command(a, options: dict) -> int:
     import uvicorn
 
     from flexinfer.budget import parse_size
+    from flexinfer.follow import is_auto
     from flexinfer.hub import resolve
     from flexinfer.model import Options, _check_options
     from flexinfer.server.app import ServeConfig, create_app
     _check(a)
     _check_options(Options(**options))
-    if options.get("memory_budget") is not None:  # read now: one line before listening, not after
+    if not is_auto(options.get("memory_budget")):  # read now: one line before listening
         parse_size(options["memory_budget"])
     path = resolve(a.model)
     name = a.alias or path.name.removesuffix(".gguf")

@@ -51,6 +51,10 @@ class _Collector:
             yield CounterMetricFamily(name, text, value=s[key])
         for key, name, text in _GAUGES:
             yield GaugeMetricFamily(name, text, value=s[key])
+        source = GaugeMetricFamily("flexinfer_memory_budget_info", "1, labelled with where the "
+                                   "budget in force came from", labels=["source"])
+        source.add_metric([s["budget_source"]], 1.0)
+        yield source
         ratio = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
         yield GaugeMetricFamily("flexinfer_cached_token_ratio",
                                 "cached prompt tokens / all prompt tokens", value=ratio)
