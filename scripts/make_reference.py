@@ -80,7 +80,13 @@ SYNTH_PHI3 = SynthSpec("phi3", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head
 SYNTH_GEMMA3_RING = SynthSpec("gemma3", n_layer=6, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
                               head_dim=128, type="q4_0", overrides={"token_embd": "q8_0"},
                               tied=True, seed=17, norm_noise=0.1, rope_base=1000000.0, n_swa=16)
+# llama with yarn rope scaling (factor 4 over an original context of 128; n_ctx 512 > 128):
+# ggml_rope_ext's ext_factor 1, yarn's attn_factor correction and beta range, as llama.cpp sets them
+SYNTH_LLAMA_YARN = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                             type="q4_0", overrides={"ffn_down": "q8_0"}, seed=18, norm_noise=0.1,
+                             rope_scaling="yarn", rope_factor=4.0, orig_ctx=128)
 SYNTH_ARCHS = {"reference_llama_rope_freqs_synth.json": SYNTH_LLAMA_ROPE_FREQS,
+               "reference_llama_yarn_synth.json": SYNTH_LLAMA_YARN,
                "reference_qwen3_synth.json": SYNTH_QWEN3,
                "reference_gemma3_synth.json": SYNTH_GEMMA3,
                "reference_phi3_synth.json": SYNTH_PHI3,

@@ -24,7 +24,8 @@ DATA = Path(__file__).parent / "data"
 REFERENCES = ("reference_smollm2.json", "reference_qwen2_synth.json",
               "reference_llama_tied_synth.json", "reference_llama_rope_freqs_synth.json",
               "reference_qwen3_synth.json", "reference_gemma3_synth.json",
-              "reference_phi3_synth.json", "reference_gemma3_ring_synth.json")
+              "reference_phi3_synth.json", "reference_gemma3_ring_synth.json",
+              "reference_llama_yarn_synth.json")
 SYNTH_REFERENCES = [r for r in REFERENCES if r.endswith("_synth.json")]
 MIN_TOP1_AGREEMENT = 0.99  # over the 256 teacher-forced positions
 MAX_LOGIT_DIFF = 0.5  # on llama.cpp's top-8 ids; measured 0 with flash attention (bit-identical)
@@ -201,6 +202,15 @@ def _no_attn_factor(ops, cfg, il, w, x, batch):
     return dataclasses.replace(cfg, rope_attn_factor=1.0), w, x, batch
 
 
+def _no_yarn(ops, cfg, il, w, x, batch):
+    """Linear scaling instead of yarn: ext_factor 0 (ggml then skips yarn's ramp and mscale)."""
+    return dataclasses.replace(cfg, rope_ext_factor=0.0), w, x, batch
+
+
+def _yarn_betas_default_swapped(ops, cfg, il, w, x, batch):
+    return dataclasses.replace(cfg, rope_yarn_beta=cfg.rope_yarn_beta[::-1]), w, x, batch
+
+
 BREAK_POSITIONS = 128  # the first half of the teacher-forced text: enough to see it, half the time
 BREAKS = [  # (reference, arch module, the feature broken)
     ("reference_llama_rope_freqs_synth.json", "llama", _drop("rope_freqs.weight")),
@@ -211,6 +221,8 @@ BREAKS = [  # (reference, arch module, the feature broken)
     ("reference_gemma3_synth.json", "gemma3", _no_window),
     ("reference_phi3_synth.json", "phi3", _short_factors),
     ("reference_phi3_synth.json", "phi3", _no_attn_factor),
+    ("reference_llama_yarn_synth.json", "llama", _no_yarn),
+    ("reference_llama_yarn_synth.json", "llama", _yarn_betas_default_swapped),
 ]
 
 

@@ -65,6 +65,8 @@ class SynthSpec:
     n_swa: int = 0  # gemma3: attention.sliding_window (0: unwritten, no window)
     attn_factor: float | None = None  # rope.scaling.attn_factor (phi3's LongRoPE writes one)
     orig_ctx: int | None = None  # rope.scaling.original_context_length (phi3: long factors above)
+    rope_scaling: str | None = None  # rope.scaling.type ("yarn", "linear"); None: unwritten
+    rope_factor: float | None = None  # rope.scaling.factor; None: unwritten
     # mixture of experts (qwen3moe, qwen2moe, mixtral; synth_moe.py)
     n_expert: int = 0  # experts per layer
     n_expert_used: int = 0  # experts each token uses (top K)

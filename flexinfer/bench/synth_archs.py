@@ -75,6 +75,10 @@ def arch_metadata(spec) -> dict[str, tuple[str, object]]:
         out[f"{a}.rope.scaling.attn_factor"] = ("float32", float(spec.attn_factor))
     if spec.orig_ctx is not None:
         out[f"{a}.rope.scaling.original_context_length"] = ("uint32", spec.orig_ctx)
+    if spec.rope_scaling is not None:
+        out[f"{a}.rope.scaling.type"] = ("string", spec.rope_scaling)
+    if spec.rope_factor is not None:
+        out[f"{a}.rope.scaling.factor"] = ("float32", float(spec.rope_factor))
     return out
 
 

@@ -35,7 +35,6 @@ from flexinfer.ggml_ops import Ops, Tensor, row_size, stride, type_of
 
 ROLES = ("attn", "ffn", "norm", "embd", "output", "rope")
 ROPE_ROLE = "rope"  # a non-layer tensor every layer reads (rope frequency factors)
-YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # llama.cpp's defaults; unused while ext_factor is 0
 
 
 @dataclass(frozen=True)
@@ -176,13 +175,14 @@ def qkv(ops: Ops, cfg: ModelConfig, w: dict, cur: Tensor, T: int):
 def rope(ops: Ops, cfg: ModelConfig, t: Tensor, batch: Batch, mode: int, *, base: float | None = None,
          freq_scale: float | None = None, factors: Tensor | None = None) -> Tensor:
     """ggml_rope_ext with the file's scaling as llama.cpp applies it: freq_scale = 1 / factor,
-    attn_factor from rope.scaling.attn_factor, ext_factor 0 (no yarn), per-pair frequency factors
-    (rope_freqs / LongRoPE) when given."""
+    attn_factor (rope.scaling.attn_factor, and yarn's correction), yarn's ext_factor and betas
+    (config._yarn; ext_factor 0 without yarn), per-pair frequency factors (rope_freqs / LongRoPE)
+    when given. ggml computes yarn's correction dims from n_ctx_orig, base and the betas."""
     return ops.rope(t, batch.pos, cfg.n_rot, mode, cfg.n_ctx_orig or cfg.n_ctx_train,
                     cfg.rope_base if base is None else base,
                     cfg.rope_freq_scale if freq_scale is None else freq_scale,
-                    factors, ext_factor=0.0, attn_factor=cfg.rope_attn_factor,
-                    beta_fast=YARN_BETA_FAST, beta_slow=YARN_BETA_SLOW)
+                    factors, ext_factor=cfg.rope_ext_factor, attn_factor=cfg.rope_attn_factor,
+                    beta_fast=cfg.rope_yarn_beta[0], beta_slow=cfg.rope_yarn_beta[1])
 
 
 def store_kv(ops: Ops, cfg: ModelConfig, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
