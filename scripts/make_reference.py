@@ -85,7 +85,12 @@ SYNTH_GEMMA3_RING = SynthSpec("gemma3", n_layer=6, n_embd=256, n_ff=512, n_head=
 SYNTH_LLAMA_YARN = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
                              type="q4_0", overrides={"ffn_down": "q8_0"}, seed=18, norm_noise=0.1,
                              rope_scaling="yarn", rope_factor=4.0, orig_ctx=128)
+# llama with the optional attn_output and ffn_gate/up/down biases llama.cpp's loader accepts
+SYNTH_LLAMA_BIASES = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                               type="q4_0", overrides={"ffn_down": "q8_0"}, seed=19,
+                               norm_noise=0.1, biases=True)
 SYNTH_ARCHS = {"reference_llama_rope_freqs_synth.json": SYNTH_LLAMA_ROPE_FREQS,
+               "reference_llama_biases_synth.json": SYNTH_LLAMA_BIASES,
                "reference_llama_yarn_synth.json": SYNTH_LLAMA_YARN,
                "reference_qwen3_synth.json": SYNTH_QWEN3,
                "reference_gemma3_synth.json": SYNTH_GEMMA3,

@@ -25,7 +25,7 @@ REFERENCES = ("reference_smollm2.json", "reference_qwen2_synth.json",
               "reference_llama_tied_synth.json", "reference_llama_rope_freqs_synth.json",
               "reference_qwen3_synth.json", "reference_gemma3_synth.json",
               "reference_phi3_synth.json", "reference_gemma3_ring_synth.json",
-              "reference_llama_yarn_synth.json")
+              "reference_llama_yarn_synth.json", "reference_llama_biases_synth.json")
 SYNTH_REFERENCES = [r for r in REFERENCES if r.endswith("_synth.json")]
 MIN_TOP1_AGREEMENT = 0.99  # over the 256 teacher-forced positions
 MAX_LOGIT_DIFF = 0.5  # on llama.cpp's top-8 ids; measured 0 with flash attention (bit-identical)
@@ -222,6 +222,9 @@ BREAKS = [  # (reference, arch module, the feature broken)
     ("reference_phi3_synth.json", "phi3", _short_factors),
     ("reference_phi3_synth.json", "phi3", _no_attn_factor),
     ("reference_llama_yarn_synth.json", "llama", _no_yarn),
+    ("reference_llama_biases_synth.json", "llama", _drop("attn_output.bias")),
+    ("reference_llama_biases_synth.json", "llama", _drop("ffn_gate.bias", "ffn_up.bias",
+                                                         "ffn_down.bias")),
     ("reference_llama_yarn_synth.json", "llama", _yarn_betas_default_swapped),
 ]
 

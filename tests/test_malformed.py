@@ -400,8 +400,8 @@ CASES = [
     ("bos-string", lambda m, t: m.set_str("tokenizer.ggml.bos_token_id", "<s>"),
      "'tokenizer.ggml.bos_token_id' is a string, expected an integer token id"),
     # tensors the architecture does not use: refused, not silently ignored (issue 13)
-    ("unused-tensor", _extra_tensor("blk.0.attn_output.bias", N_EMBD),
-     "tensor 'blk.0.attn_output.bias' is not used by llama"),
+    ("unused-tensor", _extra_tensor("blk.0.post_ffw_norm.weight", N_EMBD),
+     "tensor 'blk.0.post_ffw_norm.weight' is not used by llama"),
     ("unused-rope-factors", _extra_tensor("rope_factors_long.weight", 8),
      "tensor 'rope_factors_long.weight' is not used by llama"),
     ("rope-freqs-wrong-shape", _extra_tensor("rope_freqs.weight", 7),

@@ -36,6 +36,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--swa", type=int, help="gemma3: sliding window (5 layers of 6 slide)")
     p.add_argument("--rope-factors", action="store_true",
                    help="llama: rope_freqs.weight (Llama 3.1); phi3: LongRoPE long/short factors")
+    p.add_argument("--biases", action="store_true",
+                   help="llama: attn_output and ffn_gate/up/down biases")
     p.add_argument("--attn-factor", type=float, help="rope.scaling.attn_factor")
     p.add_argument("--orig-ctx", type=int, help="rope.scaling.original_context_length (phi3: the "
                                                   "long factors apply above it)")
@@ -67,6 +69,8 @@ def spec_from_args(args) -> synth.SynthSpec:
         changes["tied"] = True
     if args.rope_factors:
         changes["rope_factors"] = True
+    if args.biases:
+        changes["biases"] = True
     if args.override:
         changes["overrides"] = dict(parse_override(o) for o in args.override)
     return synth.preset(args.preset, **changes)

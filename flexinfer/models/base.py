@@ -211,12 +211,14 @@ def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: T
 
 
 def swiglu_ffn(ops: Ops, w: dict, cur: Tensor) -> Tensor:
-    """down(silu(gate x) * up x); phi3's fused ffn_up (rows gate | up) through ggml_swiglu."""
+    """down(silu(gate x) * up x); phi3's fused ffn_up (rows gate | up) through ggml_swiglu.
+    Each projection adds its bias where w has one (llama's optional ffn_*.bias, as llama.cpp's
+    build_ffn: up + b, gate + b, swiglu, down + b)."""
     if "ffn_gate.weight" not in w:
         return ops.mul_mat(w["ffn_down.weight"], ops.swiglu_fused(ops.mul_mat(w["ffn_up.weight"], cur)))
-    gate = ops.mul_mat(w["ffn_gate.weight"], cur)  # (n_ff, T)
-    up = ops.mul_mat(w["ffn_up.weight"], cur)
-    return ops.mul_mat(w["ffn_down.weight"], ops.swiglu(gate, up))
+    gate = proj(ops, w, "ffn_gate", cur)  # (n_ff, T)
+    up = proj(ops, w, "ffn_up", cur)
+    return proj(ops, w, "ffn_down", ops.swiglu(gate, up))
 
 
 def geglu_ffn(ops: Ops, w: dict, cur: Tensor) -> Tensor:
