@@ -156,7 +156,7 @@ def test_streamed_equals_resident(name, request, tmp_path_factory, monkeypatch):
     _squeeze_budget(monkeypatch, 0.35)
     with load(path, s, offload="flexinfer") as model:
         streamed = model.logits(ids)
-        assert model._store.prefetcher.layers_loaded > 0, "the plan must stream"
+        assert model._residency.prefetcher.layers_loaded > 0, "the plan must stream"
     assert np.array_equal(streamed, resident)
 
 
