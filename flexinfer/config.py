@@ -12,8 +12,11 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2
 MAX_LAYERS = 1024  # the largest public models have ~130
 MAX_EMBD = 1 << 16
 MAX_CTX = 1 << 24
-# rope scaling types llama.cpp knows but yarn: its ext_factor and attention scale are not built here
-ROPE_SCALINGS = ("none", "linear", "longrope")
+ROPE_SCALINGS = ("none", "linear", "longrope", "yarn")  # as llama.cpp applies them
+YARN_BETA = (32.0, 1.0)  # llama.cpp's yarn_beta_fast / yarn_beta_slow when the file has none
+# yarn keys whose llama.cpp computation is not built here (DeepSeek's mscale, overrides): refused
+YARN_UNBUILT = ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor",
+                "rope.scaling.yarn_attn_factor")
 FULL_ROPE = ("llama",)  # llama.cpp: n_rot must equal the head size
 
 
@@ -34,8 +37,12 @@ class ModelConfig:
     # {arch}.attention.key_length (= value_length: files where they differ are refused); else
     # n_embd / n_head. 64 for SmolLM2, 128 for Qwen3-0.6B (whose n_embd / n_head is 64)
     head_dim: int = 0
-    rope_scaling: str = "linear"  # {arch}.rope.scaling.type: none | linear | longrope (as llama.cpp)
-    rope_attn_factor: float = 1.0  # {arch}.rope.scaling.attn_factor: rope's cos/sin multiplier
+    rope_scaling: str = "linear"  # {arch}.rope.scaling.type: none | linear | longrope | yarn
+    # rope's cos/sin multiplier: {arch}.rope.scaling.attn_factor, times yarn's correction (_yarn)
+    rope_attn_factor: float = 1.0
+    rope_ext_factor: float = 0.0  # yarn's extrapolation mix: 1 for yarn (llama.cpp's), else 0
+    # {arch}.rope.scaling.yarn_beta_fast / yarn_beta_slow: yarn's correction range (32, 1)
+    rope_yarn_beta: tuple[float, float] = YARN_BETA
     n_ctx_orig: int = 0  # {arch}.rope.scaling.original_context_length; n_ctx_train when absent
     n_swa: int = 0  # {arch}.attention.sliding_window (gemma3: 512 or 1024); 0 = no sliding window
     swa_layers: tuple[bool, ...] = ()  # per layer: True where the window applies (gemma3: 5 of 6)
@@ -126,7 +133,7 @@ class ModelConfig:
             norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5, lo=1e-12, hi=1.0),
             head_dim=head_dim,
             rope_scaling=scaling,
-            rope_attn_factor=get("rope.scaling.attn_factor", float, 1.0, lo=1e-6, hi=1e6),
+            **_yarn(g, arch, scaling, factor, get),
             n_ctx_orig=get("rope.scaling.original_context_length", int, n_ctx_train, lo=1,
                            hi=MAX_CTX),
             **_swa(g, arch, n_layer, get),
@@ -189,6 +196,26 @@ def _swa(g: GGUFFile, arch: str, n_layer: int, get) -> dict:
         layers = tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
     return {"n_swa": n_swa, "swa_layers": layers,
             "rope_base_swa": get("rope.freq_base_swa", float, 10000.0, lo=1e-3, hi=1e12)}
+
+
+def _yarn(g: GGUFFile, arch: str, scaling: str, factor: float, get) -> dict:
+    """rope_attn_factor, rope_ext_factor and the betas, as llama.cpp's context sets them: for yarn
+    ext_factor 1 and attn_factor mscale(f) / (1 + 0.1 ln f), f = 1 / freq_scale, mscale(f) =
+    1 + 0.1 ln f above 1 (so 1 for f >= 1), since ggml's rope multiplies by 1 + 0.1 ln f itself
+    whenever ext_factor is not 0; then times rope.scaling.attn_factor."""
+    attn = get("rope.scaling.attn_factor", float, 1.0, lo=1e-6, hi=1e6)
+    if scaling != "yarn":
+        return {"rope_attn_factor": attn}
+    for key in YARN_UNBUILT:
+        if f"{arch}.{key}" in g.metadata:
+            raise GGUFError(g.path, f"metadata '{arch}.{key}': yarn with it is not supported "
+                                    "(plain yarn is)")
+    f = factor if factor else 1.0
+    mscale = 1.0 + 0.1 * math.log(f) if f > 1.0 else 1.0
+    beta = (get("rope.scaling.yarn_beta_fast", float, YARN_BETA[0], lo=0.0, hi=1e6),
+            get("rope.scaling.yarn_beta_slow", float, YARN_BETA[1], lo=0.0, hi=1e6))
+    return {"rope_attn_factor": attn * mscale / (1.0 + 0.1 * math.log(f)), "rope_ext_factor": 1.0,
+            "rope_yarn_beta": beta}
 
 
 def _show(v) -> str:

@@ -24,7 +24,7 @@ from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_
                                 Backend, Buffer, Ops, Tensor, TensorTable)
 from flexinfer.gguf_file import row_bytes
 from flexinfer.batch import TokenBatch
-from flexinfer.kv_cache import KVCache
+from flexinfer.kv_cache import CacheLayout, KVCache
 from flexinfer.models.base import Batch, layer_weights
 from flexinfer.models import moe
 
@@ -60,19 +60,24 @@ class GraphSet:
 
 
 class Inputs:
-    """Engine-owned input memory, sized once for the largest batch: numpy views write it."""
+    """Engine-owned input memory, sized once for the largest batch: numpy views write it.
+    Sliding-window layers (kv_cache.py's rings, n_cells_swa cells) have rows and a mask of their
+    own."""
 
     @staticmethod
-    def sizes(cfg: ModelConfig, n_cells: int, n_ubatch: int, embd_row_bytes: int) -> dict:
+    def sizes(cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,
+              embd_row_bytes: int) -> dict:
         pad = _pad(n_ubatch, KQ_MASK_PAD)
         return {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
                 "out": 4 * n_ubatch, "mask": 2 * n_cells * pad,
-                **({"mask_swa": 2 * n_cells * pad} if cfg.n_swa else {})}
+                **({"rows_swa": 8 * n_ubatch, "mask_swa": 2 * n_cells_swa * pad}
+                   if n_cells_swa else {})}
 
-    def __init__(self, cfg: ModelConfig, n_cells: int, n_ubatch: int, embd_row_bytes: int):
+    def __init__(self, cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,
+                 embd_row_bytes: int):
         self.n_ubatch, self.n_cells = n_ubatch, n_cells
-        sizes = self.sizes(cfg, n_cells, n_ubatch, embd_row_bytes)
+        sizes = self.sizes(cfg, n_cells, n_cells_swa, n_ubatch, embd_row_bytes)
         self.addr, off = {}, 0
         self._buf = Buffer(sum(_pad(s, 64) for s in sizes.values()))
         for k, s in sizes.items():
@@ -86,8 +91,12 @@ class Inputs:
         self._idx = np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)
         self._idx[:] = np.arange(n_ubatch)
         self._mask = mv(self.addr["mask"], sizes["mask"])
-        self.n_swa = cfg.n_swa  # sliding-window layers read their own mask (gemma3)
-        self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"]) if cfg.n_swa else None
+        self.n_swa = cfg.n_swa  # sliding-window layers read their own rows and mask (gemma3)
+        self._mask_swa = self.rows_swa = None
+        if n_cells_swa:
+            self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"])
+            self.rows_swa = np.frombuffer(mv(self.addr["rows_swa"], sizes["rows_swa"]),
+                                          dtype=np.int64)
 
     def release(self) -> None:
         """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
@@ -96,37 +105,45 @@ class Inputs:
         self._idx[:] = np.arange(self.n_ubatch)
 
     @staticmethod
-    def decode_bytes(cfg: ModelConfig, n_cells: int, n_decode: int, embd_row_bytes: int) -> int:
+    def decode_bytes(cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_decode: int,
+                     embd_row_bytes: int) -> int:
         """What a decode step of n_decode tokens writes of the inputs, at most: their rows, a page
-        more for each of the seven inputs (they start inside pages), and the first page, which
-        holds idx."""
-        one = Inputs.sizes(cfg, n_cells, n_decode, embd_row_bytes)
+        more for each of the seven (nine with rings) inputs (they start inside pages), and the
+        first page, which holds idx."""
+        one = Inputs.sizes(cfg, n_cells, n_cells_swa, n_decode, embd_row_bytes)
         return sum(_pad(s, ggml_ops.PAGE) + ggml_ops.PAGE for s in one.values()) + ggml_ops.PAGE
 
-    def set_batch(self, b: TokenBatch, cells: np.ndarray, n_ctx: int, n_kv: int) -> None:
-        """Write positions, cache cells and the mask: token t sees cell c when c is in its
-        sequence's slot at a position <= its own. (The rows whose logits are wanted go to `out`
-        before each head computation.)"""
+    def set_batch(self, b: TokenBatch, kv: CacheLayout, n_kv: int, n_kv_swa: int) -> None:
+        """Write positions, cache cells and the masks: token t sees full-layer cell c when c is in
+        its sequence's slot at a position <= its own; ring cell c (sliding layers) when c is in its
+        sequence's ring and holds a position p with 0 <= pos_t - p < n_swa (llama.cpp: a key is
+        hidden when pos_q - pos_k >= n_swa). (The rows whose logits are wanted go to `out` before
+        each head computation.)"""
         T = len(b)
-        pos = np.asarray(b.pos, dtype=np.int32)
+        pos, seqs = np.asarray(b.pos, dtype=np.int32), np.asarray(b.seqs)
         self.pos[:T] = pos
-        self.rows[:T] = cells
-        t_pad = _pad(T, KQ_MASK_PAD)
-        mask = np.frombuffer(self._mask, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
+        self.rows[:T] = kv.cells(b.seqs, b.pos)
         c = np.arange(n_kv)
-        seqs = np.asarray(b.seqs)
-        visible = (c[None, :] // n_ctx == seqs[:, None]) & (c[None, :] % n_ctx <= pos[:, None])
+        visible = (c[None, :] // kv.n_ctx == seqs[:, None]) & (c[None, :] % kv.n_ctx <= pos[:, None])
+        self._write_mask(self._mask, visible, n_kv)
+        if self.rows_swa is not None:
+            self.rows_swa[:T] = kv.cells_swa(b.seqs, b.pos)
+            held = kv.swa_positions(b.seqs, b.pos, n_kv_swa)[None, :]  # (1, n_kv_swa)
+            ring = np.arange(n_kv_swa) // kv.swa_ctx
+            near = (ring[None, :] == seqs[:, None]) & (held >= 0) & (held <= pos[:, None]) & \
+                (pos[:, None] - held < self.n_swa)
+            self._write_mask(self._mask_swa, near, n_kv_swa)
+
+    @staticmethod
+    def _write_mask(mem, visible: np.ndarray, n_kv: int) -> None:
+        """visible (T, n_kv) -> f16 rows of 0 / -inf, the padding rows -inf."""
+        T, t_pad = len(visible), _pad(len(visible), KQ_MASK_PAD)
+        mask = np.frombuffer(mem, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
         mask[:T] = np.where(visible, np.float16(0), np.float16(-np.inf))
         mask[T:] = np.float16(-np.inf)
-        if self.n_swa:  # llama.cpp: key hidden when pos_q - pos_k >= n_swa
-            near = pos[:, None] - (c % n_ctx)[None, :] < self.n_swa
-            swa = np.frombuffer(self._mask_swa, dtype=np.float16,
-                                count=t_pad * n_kv).reshape(t_pad, n_kv)
-            swa[:T] = np.where(visible & near, np.float16(0), np.float16(-np.inf))
-            swa[T:] = np.float16(-np.inf)
 
     def close(self) -> None:
-        del self.pos, self.rows, self.out, self._mask, self._idx, self._mask_swa
+        del self.pos, self.rows, self.out, self._mask, self._idx, self._mask_swa, self.rows_swa
         self._buf.free()
 
 
@@ -140,14 +157,16 @@ class Engine:
                  n_ubatch: int, warm: bool = True):
         self.cfg, self.arch, self.store, self.kv, self.backend = cfg, arch, store, kv, backend
         self.n_decode = max(1, kv.n_seq)  # a decode step: one token per sequence
-        self.n_ubatch = max(min(n_ubatch, kv.n_cells), self.n_decode)
-        self.inputs = Inputs(cfg, kv.n_cells, self.n_ubatch, store.embd_row_bytes)
-        self._sets: OrderedDict[tuple[int, int, int], GraphSet] = OrderedDict()
+        # never more than the sliding layers' rings were sized for (kv_cache.swa_cells)
+        self.n_ubatch = max(min(n_ubatch, kv.n_cells, kv.n_ubatch), self.n_decode)
+        self.inputs = Inputs(cfg, kv.n_cells, kv.n_cells_swa, self.n_ubatch, store.embd_row_bytes)
+        self._sets: OrderedDict[tuple[int, int, int, int], GraphSet] = OrderedDict()
         self._max_sets = MAX_GRAPH_SETS + self.n_decode - 1  # a decode set for each width
         self.alloc, self._prompt_alloc = Allocator(), None
         self._reserve()
         if warm:
-            self._graphs(1, min(kv.n_cells, KV_BUCKET), 1)  # the decode graphs, built before timing
+            self._graphs(1, min(kv.n_cells, KV_BUCKET), min(kv.n_cells_swa, KV_BUCKET), 1)
+            # the decode graphs, built before timing
 
     def _reserve(self) -> None:
         """Two compute buffers, each sized once for its largest graphs so that cached graphs never
@@ -158,11 +177,11 @@ class Engine:
         backend's work buffer, which grows to the largest batch's and stays, and what decoding
         writes of the inputs); prompt_bytes is what a prompt batch adds (its buffer, and the rest
         of the inputs)."""
-        n_cells, work = self.kv.n_cells, 0
+        n_cells, n_swa, work = self.kv.n_cells, self.kv.n_cells_swa, 0
         threads = self.backend.n_threads if self.backend else 1
         self.prompt_bytes = 0
         for T in sorted({self.n_decode, self.n_ubatch}):
-            worst = self._build(T, n_cells, min(T, MAX_LOGIT_ROWS), alloc=False)
+            worst = self._build(T, n_cells, n_swa, min(T, MAX_LOGIT_ROWS), alloc=False)
             alloc = self.alloc if T <= self.n_decode else Allocator()
             for ops in (worst.layers[0], worst.head):
                 alloc.reserve(ops)
@@ -172,23 +191,25 @@ class Engine:
                 alloc.free()  # reserved only to be measured: nothing was written to it
             worst.free()
         decode_inputs = min(self.inputs.nbytes, Inputs.decode_bytes(
-            self.cfg, n_cells, self.n_decode, self.store.embd_row_bytes))
+            self.cfg, n_cells, n_swa, self.n_decode, self.store.embd_row_bytes))
         self.compute_bytes = self.alloc.size() + work + decode_inputs
         if self.prompt_bytes:
             self.prompt_bytes += self.inputs.nbytes - decode_inputs
         else:  # no prompt batches: decoding is all there is
             self.compute_bytes += self.inputs.nbytes - decode_inputs
 
-    def _build(self, T: int, n_kv: int, n_out: int, alloc: bool = True) -> GraphSet:
+    def _build(self, T: int, n_kv: int, n_kv_swa: int, n_out: int,
+               alloc: bool = True) -> GraphSet:
         cfg, a = self.cfg, self.inputs.addr
         layers = []
         for il in range(cfg.n_layer):
             ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
-            mask_shape = (n_kv, _pad(T, KQ_MASK_PAD))
-            batch = Batch(T, n_kv, ops.input(TYPE_I32, (T,), a["pos"]),
-                          ops.input(TYPE_I64, (T,), a["rows"]),
-                          ops.input(TYPE_F16, mask_shape, a["mask"]),
-                          ops.input(TYPE_F16, mask_shape, a["mask_swa"]) if cfg.n_swa else None)
+            pos = ops.input(TYPE_I32, (T,), a["pos"])
+            swa = None if not self.kv.n_cells_swa else Batch(  # the rings' cells (kv_cache.py)
+                T, n_kv_swa, pos, ops.input(TYPE_I64, (T,), a["rows_swa"]),
+                ops.input(TYPE_F16, (n_kv_swa, _pad(T, KQ_MASK_PAD)), a["mask_swa"]))
+            batch = Batch(T, n_kv, pos, ops.input(TYPE_I64, (T,), a["rows"]),
+                          ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]), swa)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
             out = self.arch.build_layer(ops, cfg, il, layer_weights(self.store.layers, il), x,
                                         batch, self.kv.k[il], self.kv.v[il])
@@ -221,8 +242,8 @@ class Engine:
         logits = self.arch.build_head(ops, self.cfg, w, x)
         return ops, ops.output(logits)
 
-    def _graphs(self, T: int, n_kv: int, n_out: int) -> GraphSet:
-        key = (T, n_kv, n_out)
+    def _graphs(self, T: int, n_kv: int, n_kv_swa: int, n_out: int) -> GraphSet:
+        key = (T, n_kv, n_kv_swa, n_out)
         gs = self._sets.get(key)
         if gs is not None:
             self._sets.move_to_end(key)
@@ -231,12 +252,12 @@ class Engine:
             self._sets.popitem(last=False)[1].free()
         if T > self.n_decode and self._prompt_alloc is None:
             self._prompt_alloc = Allocator()
-            worst = self._build(self.n_ubatch, self.kv.n_cells,
+            worst = self._build(self.n_ubatch, self.kv.n_cells, self.kv.n_cells_swa,
                                 min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
             for ops in (worst.layers[0], worst.head):
                 self._prompt_alloc.reserve(ops)
             worst.free()
-        gs = self._sets[key] = self._build(T, n_kv, n_out)
+        gs = self._sets[key] = self._build(T, n_kv, n_kv_swa, n_out)
         return gs
 
     def end_prompt(self) -> None:
@@ -281,12 +302,13 @@ class Engine:
 
     def _forward_chunk(self, b: TokenBatch) -> np.ndarray | None:
         T, kv = len(b), self.kv
-        cells = np.asarray(b.seqs, dtype=np.int64) * kv.n_ctx + np.asarray(b.pos, dtype=np.int64)
-        n_kv = min(kv.n_cells, _pad(int(cells.max()) + 1, KV_BUCKET))
+        n_kv = min(kv.n_cells, _pad(int(kv.cells(b.seqs, b.pos).max()) + 1, KV_BUCKET))
+        n_kv_swa = kv.n_cells_swa and min(kv.n_cells_swa,
+                                          _pad(kv.swa_extent(b.seqs, b.pos), KV_BUCKET))
         wanted = np.flatnonzero(b.logits)
-        gs = self._graphs(T, n_kv, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
+        gs = self._graphs(T, n_kv, n_kv_swa, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
         self.store.embed_rows(b.tokens, self.inputs.addr["emb"])
-        self.inputs.set_batch(b, cells, kv.n_ctx, n_kv)
+        self.inputs.set_batch(b, kv, n_kv, n_kv_swa)
         self.backend.compute(gs.embed.graph)
         out = []
         try:
@@ -348,16 +370,22 @@ class _HeaderStore:
 _PLACEHOLDER = 1 << 12  # never dereferenced: the allocator skips tensors that have data
 
 
-class _HeaderKV:
-    """Cache headers of the real types and shapes over a placeholder address."""
+class _HeaderKV(CacheLayout):
+    """Cache headers of the real types and shapes (full layers', rings') over a placeholder
+    address."""
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, n_seq: int, type_k: int, type_v: int):
-        self.n_ctx, self.n_seq, self.n_cells = n_ctx, n_seq, n_ctx * n_seq
-        self._table = TensorTable(2)
-        self.k = [self._table.new("k", type_k, (cfg.n_embd_kv, self.n_cells))] * cfg.n_layer
-        self.v = [self._table.new("v", type_v, (cfg.n_embd_kv, self.n_cells))] * cfg.n_layer
-        for t in (self.k[0], self.v[0]):
-            ggml_ops.point(t, ggml_ops.Placement(_PLACEHOLDER, None, None))
+    def __init__(self, cfg: ModelConfig, n_ctx: int, n_seq: int, type_k: int, type_v: int,
+                 n_ubatch: int):
+        super().__init__(cfg, n_ctx, n_seq, n_ubatch)
+        self._table = TensorTable(4)
+        heads = {}
+        for n in set(self.layer_cells):
+            heads[n] = [self._table.new(name, t, (cfg.n_embd_kv, n))
+                        for name, t in (("k", type_k), ("v", type_v))]
+            for t in heads[n]:
+                ggml_ops.point(t, ggml_ops.Placement(_PLACEHOLDER, None, None))
+        self.k = [heads[n][0] for n in self.layer_cells]
+        self.v = [heads[n][1] for n in self.layer_cells]
 
     def close(self) -> None:
         self._table.free()
@@ -369,7 +397,8 @@ def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch
     """(bytes the engine keeps for computing, bytes a prompt batch takes on top while it runs),
     measured on header-only weights, so the planner subtracts the real figures before any weight
     loads (the 7B at context 256 and 128-token batches: 3 MB and 25 MB)."""
-    store, kv = _HeaderStore(g, cfg, specs), _HeaderKV(cfg, n_ctx, n_seq, type_k, type_v)
+    store = _HeaderStore(g, cfg, specs)
+    kv = _HeaderKV(cfg, n_ctx, n_seq, type_k, type_v, n_ubatch)
     try:  # no backend is created: the engine only reads its thread count to size the work buffer
         eng = Engine(cfg, arch, store, kv, SimpleNamespace(n_threads=n_threads), n_ubatch,
                      warm=False)

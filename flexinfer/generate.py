@@ -58,7 +58,7 @@ def prefill(model, ids: list[int], times: RunTimes, seq: int = 0):
     """Evaluate the prompt in sequence `seq`, after the tokens the cache already holds for it
     (at least the last token is evaluated, for its logits); returns the last logits."""
     t0 = time.perf_counter()
-    cached = min(model.cache.common_prefix(seq, ids), len(ids) - 1)
+    cached = model.cache.reusable_prefix(seq, ids)
     logits = model._forward(ids[cached:], cached, seq=seq)[-1]
     times.prompt_tokens, times.cached_tokens = len(ids), cached
     times.prefill_s = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from flexinfer.errors import FlexInferError
 from flexinfer.ggml_ops import Backend
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import (KVCache, cache_type, check_cache_type, kv_bytes,
-                                 kv_growth)
+                                 kv_growth, swa_total)
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
 from flexinfer.planner import BudgetError, Machine, Plan, plan
@@ -126,7 +126,8 @@ class Model:
         if self._residency.mlock_errno:
             self._note(f"mlock refused (errno {self._residency.mlock_errno}, RLIMIT_MEMLOCK?); "
                        "resident weights are not locked")
-        self.cache = KVCache(self.cfg, self.n_ctx, self.n_seq, *_cache_types(self.cfg, o))
+        self.cache = KVCache(self.cfg, self.n_ctx, self.n_seq, *_cache_types(self.cfg, o),
+                             n_ubatch=planned.n_ubatch)
         self._backend = Backend(self.n_threads)
         self._engine = Engine(self.cfg, self.arch, self._store, self.cache, self._backend,
                               planned.n_ubatch)
@@ -398,9 +399,7 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
     n_cells = n_ctx * o.n_seq
     types = _cache_types(cfg, o)
     ubatch = max(min(o.n_ubatch or DEFAULT_UBATCH, n_cells), o.n_seq)
-    kv = kv_bytes(cfg, n_cells, *types)
-    masks = 2 if cfg.n_swa else 1  # sliding-window layers have a mask of their own
-    by_ctx = kv + 2 * n_cells * ubatch * masks  # KV cache + f16 attention mask rows
+    by_ctx = _kv_and_masks(cfg, n_ctx, o.n_seq, ubatch, types)[1]
     if by_ctx > budget:  # checked before anything sized by the context is allocated
         least = by_ctx + rss_bytes() + HEADROOM
         raise FlexInferError(f"--memory-budget: {_gb(budget)} ({source}) is below the minimum "
@@ -413,7 +412,6 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
     ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
     mach = machine.calibrate(g, repack, n_threads)
-    growth = kv_growth(cfg, n_cells, *types) if o.offload in ("flexinfer", "sync") else ()
 
     measured: dict[int, tuple[int, int]] = {}
 
@@ -422,6 +420,9 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             measured[ub] = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub,
                                                  n_threads, o.n_seq, *types)
         keep, prompt = measured[ub]
+        kv = _kv_and_masks(cfg, n_ctx, o.n_seq, ub, types)[0]  # sliding layers' rings: n_swa + ub
+        growth = (kv_growth(cfg, n_cells, *types, swa=swa_total(cfg, n_ctx, o.n_seq, ub))
+                  if o.offload in ("flexinfer", "sync") else ())
         fixed_parts = {  # what the weights cannot use while decoding, in bytes
             "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
@@ -453,6 +454,14 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             p, ubatch = planned(small), small
     return Planned(p, budget, source, mach, repack, ubatch, n_ctx,
                    lambda at: planned(ubatch, at))
+
+
+def _kv_and_masks(cfg: ModelConfig, n_ctx: int, n_seq: int, ubatch: int, types) -> tuple[int, int]:
+    """(the KV cache's bytes, those plus the f16 attention masks' rows): the sliding layers hold
+    rings of W = n_swa + ubatch cells per sequence (kv_cache.swa_cells) and have a mask over them."""
+    n_cells, swa = n_ctx * n_seq, swa_total(cfg, n_ctx, n_seq, ubatch)
+    kv = kv_bytes(cfg, n_cells, *types, swa=swa)
+    return kv, kv + 2 * (n_cells + swa) * ubatch
 
 
 def _seqs(n_seq: int) -> str:

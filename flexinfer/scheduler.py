@@ -132,12 +132,12 @@ class BatchLoop:
 
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
         """The free slot holding the longest prefix of ids (least recently used on ties), and how
-        many of its tokens to keep: all but the prompt's last, whose logits are needed."""
+        many of its tokens to keep: all but the prompt's last, whose logits are needed, and none
+        where a sliding-window layer's ring no longer holds them (kv_cache.reusable)."""
         cache = self.model.cache
         free = [s for s in range(self.n_parallel) if s not in self.running]
-        best = max(free, key=lambda s: (min(cache.common_prefix(s, ids), len(ids) - 1),
-                                        -self._last_used[s]))
-        return best, min(cache.common_prefix(best, ids), len(ids) - 1)
+        best = max(free, key=lambda s: (cache.reusable_prefix(s, ids), -self._last_used[s]))
+        return best, cache.reusable_prefix(best, ids)
 
     # ---- stepping
     @property

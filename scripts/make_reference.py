@@ -72,10 +72,30 @@ SYNTH_GEMMA3 = SynthSpec("gemma3", n_layer=6, n_embd=256, n_ff=512, n_head=4, n_
 SYNTH_PHI3 = SynthSpec("phi3", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=4,
                        type="q4_0", overrides={"ffn_down": "q8_0"}, seed=16, norm_noise=0.1,
                        rope_factors=True, attn_factor=1.19, orig_ctx=256)
+# gemma3 whose sliding layers' rings wrap: window 16 and micro-batches of 32 (llama.cpp's and
+# flexinfer's, so both cut the same batches) give rings of 256 cells (16 + 32 rounded up, as
+# llama.cpp pads its SWA cache); the 800 forced tokens (TEXT three times, context 1024) go round
+# them three times, 100 of them in decode steps, and a greedy prompt of ~500 tokens goes on past
+# 512. llama.cpp computes it with its own SWA cache (swa_full off).
+SYNTH_GEMMA3_RING = SynthSpec("gemma3", n_layer=6, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                              head_dim=128, type="q4_0", overrides={"token_embd": "q8_0"},
+                              tied=True, seed=17, norm_noise=0.1, rope_base=1000000.0, n_swa=16)
+# llama with yarn rope scaling (factor 4 over an original context of 128; n_ctx 512 > 128):
+# ggml_rope_ext's ext_factor 1, yarn's attn_factor correction and beta range, as llama.cpp sets them
+SYNTH_LLAMA_YARN = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                             type="q4_0", overrides={"ffn_down": "q8_0"}, seed=18, norm_noise=0.1,
+                             rope_scaling="yarn", rope_factor=4.0, orig_ctx=128)
+# llama with the optional attn_output and ffn_gate/up/down biases llama.cpp's loader accepts
+SYNTH_LLAMA_BIASES = SynthSpec("llama", n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2,
+                               type="q4_0", overrides={"ffn_down": "q8_0"}, seed=19,
+                               norm_noise=0.1, biases=True)
 SYNTH_ARCHS = {"reference_llama_rope_freqs_synth.json": SYNTH_LLAMA_ROPE_FREQS,
+               "reference_llama_biases_synth.json": SYNTH_LLAMA_BIASES,
+               "reference_llama_yarn_synth.json": SYNTH_LLAMA_YARN,
                "reference_qwen3_synth.json": SYNTH_QWEN3,
                "reference_gemma3_synth.json": SYNTH_GEMMA3,
-               "reference_phi3_synth.json": SYNTH_PHI3}
+               "reference_phi3_synth.json": SYNTH_PHI3,
+               "reference_gemma3_ring_synth.json": SYNTH_GEMMA3_RING}
 
 # Mixture of experts (tests/test_moe.py): 3 layers, 128 wide, 8 experts of which 2 are used, Q4_0
 # with the router in F32 (as llama.cpp's quantizer leaves it); norm weights != 1. The router's
@@ -133,14 +153,22 @@ it was designed in the first place. Many cities now build separate lanes for cyc
 """
 
 
+# per reference: llama.cpp settings changed from SETTINGS (flexinfer is run with the same),
+# greedy prompts added to SYNTH_PROMPTS, and the forced tokens: how many (TEXT repeated as
+# needed), and decode_from..decode_to, positions also given one at a time (decode steps).
+# swa_full False: llama-cpp-python's default is a full-size SWA cache.
+CHANGES = {"reference_gemma3_ring_synth.json": (
+    {"n_ctx": 1024, "n_ubatch": 32, "swa_full": False}, [("long", TEXT + TEXT[:640], False)],
+    {"n_forced": 800, "decode_from": 700, "decode_to": 800})}
+
+
 def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def open_llama(path: Path, flash_attn: bool, **changes) -> llama_cpp.Llama:
-    return llama_cpp.Llama(str(path), **{**SETTINGS, "flash_attn": flash_attn, **changes},
-                           verbose=False)
+def open_llama(path: Path, flash_attn: bool, settings: dict = SETTINGS) -> llama_cpp.Llama:
+    return llama_cpp.Llama(str(path), **{**settings, "flash_attn": flash_attn}, verbose=False)
 
 
 def tokenize(llm: llama_cpp.Llama, text: str, special: bool) -> list[int]:
@@ -178,6 +206,18 @@ def forced_logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def forced_decode(llm: llama_cpp.Llama, ids: list[int], start: int) -> np.ndarray:
+    """ids[:start] as one prompt, then each further token in a step of its own: the logits after
+    positions start-1 .. len(ids)-1."""
+    llm.reset()
+    llm.eval(ids[:start])
+    rows = [np.array(llm.scores[start - 1], dtype=np.float32)]
+    for t in ids[start:]:
+        llm.eval([t])
+        rows.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+    return np.stack(rows)
+
+
 def top_k(logits: np.ndarray) -> list[list[list]]:
     """Per position, the TOP_K (id, logit) pairs, highest first (ties: lowest id)."""
     order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_K]
@@ -208,17 +248,23 @@ def eog_ids(llm: llama_cpp.Llama) -> list[int]:
     return [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
 
 
-def reference(path: Path, prompts: list[tuple], model: dict) -> dict:
+def reference(path: Path, prompts: list[tuple], model: dict, settings: dict = SETTINGS,
+              decode: dict | None = None) -> dict:
     """Everything the test needs for one model, from llama.cpp with and without flash attention."""
-    llm = open_llama(path, flash_attn=True)
+    llm = open_llama(path, True, settings)
     cases, eog = greedy_cases(llm, prompts), eog_ids(llm)
-    forced_ids = tokenize(llm, TEXT, False)
-    if len(forced_ids) < N_FORCED:
-        raise SystemExit(f"TEXT is {len(forced_ids)} tokens for {path.name}; need {N_FORCED}")
-    forced_ids = forced_ids[:N_FORCED]
+    n_forced = decode["n_forced"] if decode else N_FORCED
+    forced_ids = tokenize(llm, "\n".join([TEXT] * -(-n_forced // N_FORCED)), False)
+    if len(forced_ids) < n_forced:
+        raise SystemExit(f"TEXT is {len(forced_ids)} tokens for {path.name}; need {n_forced}")
+    forced_ids = forced_ids[:n_forced]
     fa_on = forced_logits(llm, forced_ids)
+    if decode:
+        steps = forced_decode(llm, forced_ids[:decode["decode_to"]], decode["decode_from"])
+        decode = {"decode_from": decode["decode_from"], "decode_to": decode["decode_to"],
+                  "top8_flash_attn_on": top_k(steps)}
     llm.close()
-    llm = open_llama(path, flash_attn=False)
+    llm = open_llama(path, False, settings)
     fa_off = forced_logits(llm, forced_ids)
     llm.close()
     return {
@@ -226,7 +272,7 @@ def reference(path: Path, prompts: list[tuple], model: dict) -> dict:
         "sha256": sha256(path),
         "llama_cpp_python": llama_cpp.__version__,
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
-        "settings": SETTINGS,
+        "settings": settings,
         "eog_ids": eog,  # llama.cpp's end-of-generation tokens: where both stop
         "greedy": {"max_tokens": MAX_TOKENS, "temperature": 0, "cases": cases},
         "teacher_forced": {
@@ -234,11 +280,12 @@ def reference(path: Path, prompts: list[tuple], model: dict) -> dict:
             "top8_flash_attn_on": top_k(fa_on),
             "top8_flash_attn_off": top_k(fa_off),  # information only: llama-cpp-python's default
             "flash_attn_off_vs_on": compare(fa_on, fa_off),
+            **({"decode": decode} if decode else {}),
         },
     }
 
 
-NESTED = ("greedy", "teacher_forced")
+NESTED = ("greedy", "teacher_forced", "decode")
 ONE_PER_LINE = ("cases", "top8_flash_attn_on", "top8_flash_attn_off")
 
 
@@ -267,11 +314,13 @@ def find_smollm2() -> Path:
     sys.exit(f"{SMOLLM2} not found: `flexinfer pull smollm2`, or pass its path")
 
 
-def synth_reference(spec: SynthSpec, tmp: Path) -> dict:
+def synth_reference(name: str, spec: SynthSpec, tmp: Path) -> dict:
     path = write_synthetic(tmp / f"synth-{spec.arch}.gguf", spec)
     fields = dataclasses.asdict(spec)
     fields["overrides"] = dict(spec.overrides)
-    return reference(path, SYNTH_PROMPTS, {"model": "synthetic", "spec": fields})
+    changes, prompts, decode = CHANGES.get(name, ({}, [], None))
+    return reference(path, SYNTH_PROMPTS + prompts, {"model": "synthetic", "spec": fields},
+                     {**SETTINGS, **changes}, decode)
 
 
 def write(name: str, data: dict) -> None:
@@ -293,7 +342,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in synth.items():
             if not only or name in only:
-                write(name, synth_reference(spec, Path(tmp)))
+                write(name, synth_reference(name, spec, Path(tmp)))
 
 
 if __name__ == "__main__":

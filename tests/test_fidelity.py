@@ -24,7 +24,8 @@ DATA = Path(__file__).parent / "data"
 REFERENCES = ("reference_smollm2.json", "reference_qwen2_synth.json",
               "reference_llama_tied_synth.json", "reference_llama_rope_freqs_synth.json",
               "reference_qwen3_synth.json", "reference_gemma3_synth.json",
-              "reference_phi3_synth.json")
+              "reference_phi3_synth.json", "reference_gemma3_ring_synth.json",
+              "reference_llama_yarn_synth.json", "reference_llama_biases_synth.json")
 SYNTH_REFERENCES = [r for r in REFERENCES if r.endswith("_synth.json")]
 MIN_TOP1_AGREEMENT = 0.99  # over the 256 teacher-forced positions
 MAX_LOGIT_DIFF = 0.5  # on llama.cpp's top-8 ids; measured 0 with flash attention (bit-identical)
@@ -48,6 +49,12 @@ def model_file(ref: dict, request, tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("fidelity") / f"{spec.arch}.gguf", spec)
 
 
+def load(path: Path, s: dict, **kw):
+    """flexinfer with the reference's settings: context, threads and llama.cpp's micro-batch."""
+    return fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"], n_ubatch=s.get("n_ubatch"),
+                   **kw)
+
+
 def checked_file(name: str, request, tmp_path_factory) -> tuple[dict, Path]:
     """The reference and its model file, whose digest must be the reference's."""
     ref = json.loads((DATA / name).read_text(encoding="utf-8"))
@@ -62,8 +69,7 @@ def checked_file(name: str, request, tmp_path_factory) -> tuple[dict, Path]:
 def case(request, tmp_path_factory):
     """(reference, loaded model, name), one model at a time."""
     ref, path = checked_file(request.param, request, tmp_path_factory)
-    s = ref["settings"]
-    with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
+    with load(path, ref["settings"]) as model:
         yield ref, model, request.param
 
 
@@ -121,6 +127,23 @@ def test_teacher_forced_logits_match_llamacpp(case):
     assert diff <= MAX_LOGIT_DIFF, f"{name}: largest logit difference {diff:.3g}"
 
 
+def test_decode_steps_match_llamacpp(case):
+    """Where the reference has them: the forced tokens from decode_from on, one decode step each
+    (gemma3's rings wrap while decoding)."""
+    ref, model, name = case
+    dec = ref["teacher_forced"].get("decode")
+    if dec is None:
+        pytest.skip("no decode steps in this reference")
+    ids, start = ref["teacher_forced"]["ids"][:dec["decode_to"]], dec["decode_from"]
+    rows = [model._forward(ids[:start], 0)[-1]]
+    rows += [model._forward([t], p)[-1] for p, t in enumerate(ids[start:], start)]
+    agree, diff = compare(np.stack(rows), dec["top8_flash_attn_on"])
+    print(f"\n{name}: {len(rows)} decode steps: top-1 agreement {agree:.4f}, max logit diff "
+          f"{diff:.3g}")
+    assert agree >= MIN_TOP1_AGREEMENT, f"{name}: top-1 agreement {agree:.4f}"
+    assert diff <= MAX_LOGIT_DIFF, f"{name}: largest logit difference {diff:.3g}"
+
+
 @pytest.mark.parametrize("name", SYNTH_REFERENCES)
 def test_streamed_equals_resident(name, request, tmp_path_factory, monkeypatch):
     """Each architecture's teacher-forced logits, with most rows streamed, bit for bit."""
@@ -128,10 +151,10 @@ def test_streamed_equals_resident(name, request, tmp_path_factory, monkeypatch):
 
     ref, path = checked_file(name, request, tmp_path_factory)
     s, ids = ref["settings"], ref["teacher_forced"]["ids"][:64]
-    with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"]) as model:
+    with load(path, s) as model:
         resident = model.logits(ids)
     _squeeze_budget(monkeypatch, 0.35)
-    with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"], offload="flexinfer") as model:
+    with load(path, s, offload="flexinfer") as model:
         streamed = model.logits(ids)
         assert model._residency.prefetcher.layers_loaded > 0, "the plan must stream"
     assert np.array_equal(streamed, resident)
@@ -165,7 +188,9 @@ def _global_base_everywhere(ops, cfg, il, w, x, batch):
 
 
 def _no_window(ops, cfg, il, w, x, batch):
-    return cfg, w, x, dataclasses.replace(batch, mask_swa=batch.mask)
+    """The full layers' Batch (causal mask) on the sliding layers too: the same cells here, since
+    this reference's rings hold the whole context (W = min(n_ctx, n_swa + n_ubatch) = 512)."""
+    return cfg, w, x, dataclasses.replace(batch, swa=batch)
 
 
 def _short_factors(ops, cfg, il, w, x, batch):
@@ -175,6 +200,15 @@ def _short_factors(ops, cfg, il, w, x, batch):
 
 def _no_attn_factor(ops, cfg, il, w, x, batch):
     return dataclasses.replace(cfg, rope_attn_factor=1.0), w, x, batch
+
+
+def _no_yarn(ops, cfg, il, w, x, batch):
+    """Linear scaling instead of yarn: ext_factor 0 (ggml then skips yarn's ramp and mscale)."""
+    return dataclasses.replace(cfg, rope_ext_factor=0.0), w, x, batch
+
+
+def _yarn_betas_default_swapped(ops, cfg, il, w, x, batch):
+    return dataclasses.replace(cfg, rope_yarn_beta=cfg.rope_yarn_beta[::-1]), w, x, batch
 
 
 BREAK_POSITIONS = 128  # the first half of the teacher-forced text: enough to see it, half the time
@@ -187,6 +221,11 @@ BREAKS = [  # (reference, arch module, the feature broken)
     ("reference_gemma3_synth.json", "gemma3", _no_window),
     ("reference_phi3_synth.json", "phi3", _short_factors),
     ("reference_phi3_synth.json", "phi3", _no_attn_factor),
+    ("reference_llama_yarn_synth.json", "llama", _no_yarn),
+    ("reference_llama_biases_synth.json", "llama", _drop("attn_output.bias")),
+    ("reference_llama_biases_synth.json", "llama", _drop("ffn_gate.bias", "ffn_up.bias",
+                                                         "ffn_down.bias")),
+    ("reference_llama_yarn_synth.json", "llama", _yarn_betas_default_swapped),
 ]
 
 

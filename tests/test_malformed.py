@@ -400,19 +400,30 @@ CASES = [
     ("bos-string", lambda m, t: m.set_str("tokenizer.ggml.bos_token_id", "<s>"),
      "'tokenizer.ggml.bos_token_id' is a string, expected an integer token id"),
     # tensors the architecture does not use: refused, not silently ignored (issue 13)
-    ("unused-tensor", _extra_tensor("blk.0.attn_output.bias", N_EMBD),
-     "tensor 'blk.0.attn_output.bias' is not used by llama"),
+    ("unused-tensor", _extra_tensor("blk.0.post_ffw_norm.weight", N_EMBD),
+     "tensor 'blk.0.post_ffw_norm.weight' is not used by llama"),
     ("unused-rope-factors", _extra_tensor("rope_factors_long.weight", 8),
      "tensor 'rope_factors_long.weight' is not used by llama"),
     ("rope-freqs-wrong-shape", _extra_tensor("rope_freqs.weight", 7),
      "tensor 'rope_freqs.weight' has shape [7], expected [8]"),
     ("value-length-differs", lambda m, t: m.set_num("llama.attention.value_length", U32, 32),
      "'llama.attention.value_length' differs from 'llama.attention.key_length' 16"),
-    ("rope-scaling-yarn", lambda m, t: m.set_str("llama.rope.scaling.type", "yarn"),
-     "'llama.rope.scaling.type': 'yarn' is not supported"),
+    ("rope-scaling-unknown", lambda m, t: m.set_str("llama.rope.scaling.type", "dynamic"),
+     "'llama.rope.scaling.type': 'dynamic' is not supported"),
+    ("yarn-log-multiplier", lambda m, t: kv_pair(m, ("llama.rope.scaling.type", "yarn"),
+                                                 ("llama.rope.scaling.yarn_log_multiplier", 0.1)),
+     "'llama.rope.scaling.yarn_log_multiplier': yarn with it is not supported"),
     ("rope-dims-not-head", lambda m, t: m.set_num("llama.rope.dimension_count", U32, 8),
      "'llama.rope.dimension_count': 8 is not the head size 16"),
 ]
+
+
+def kv_pair(m, text: tuple[str, str], number: tuple[str, float]) -> bytes:
+    """The file with a string key and an F32 key set."""
+    kvs = dict(m.kvs)
+    kvs[text[0]] = kv_str(*text)
+    kvs[number[0]] = kv_num(number[0], F32, number[1])
+    return m.build(list(kvs.values()))
 
 
 def _materialize(make, tmp: Path, case_id: str) -> Path:

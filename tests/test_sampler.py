@@ -217,7 +217,7 @@ class _FixedLogitsModel:
 
     class cache:
         @staticmethod
-        def common_prefix(seq, ids):
+        def reusable_prefix(seq, ids):
             return 0
 
     def _check_tokens(self, ids):

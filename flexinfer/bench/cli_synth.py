@@ -17,7 +17,8 @@ SPEC_FLAGS = {"arch": "arch", "layers": "n_layer", "embd": "n_embd", "ff": "n_ff
               "heads": "n_head", "kv_heads": "n_head_kv", "vocab": "n_vocab", "type": "type",
               "seed": "seed", "ctx": "ctx_len", "rope_base": "rope_base",
               "vocab_file": "vocab_file", "head_dim": "head_dim", "swa": "n_swa",
-              "attn_factor": "attn_factor", "orig_ctx": "orig_ctx"}
+              "attn_factor": "attn_factor", "orig_ctx": "orig_ctx",
+              "rope_scaling": "rope_scaling", "rope_factor": "rope_factor"}
 SPEC_FLAGS.update({"experts": "n_expert", "experts_used": "n_expert_used",  # MoE archs
                    "expert_ff": "n_ff_exp", "shared_ff": "n_ff_shexp", "router": "router"})
 
@@ -35,9 +36,14 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--swa", type=int, help="gemma3: sliding window (5 layers of 6 slide)")
     p.add_argument("--rope-factors", action="store_true",
                    help="llama: rope_freqs.weight (Llama 3.1); phi3: LongRoPE long/short factors")
+    p.add_argument("--biases", action="store_true",
+                   help="llama: attn_output and ffn_gate/up/down biases")
     p.add_argument("--attn-factor", type=float, help="rope.scaling.attn_factor")
     p.add_argument("--orig-ctx", type=int, help="rope.scaling.original_context_length (phi3: the "
                                                   "long factors apply above it)")
+    p.add_argument("--rope-scaling", choices=("none", "linear", "yarn"),
+                   help="rope.scaling.type (yarn: with --rope-factor and --orig-ctx)")
+    p.add_argument("--rope-factor", type=float, help="rope.scaling.factor")
     p.add_argument("--type", choices=[t.lower() for t in supported_types()],
                    help="type of every matrix (default q4_0); norms stay f32")
     p.add_argument("--override", action="append", default=[], metavar="ROLE=TYPE",
@@ -63,6 +69,8 @@ def spec_from_args(args) -> synth.SynthSpec:
         changes["tied"] = True
     if args.rope_factors:
         changes["rope_factors"] = True
+    if args.biases:
+        changes["biases"] = True
     if args.override:
         changes["overrides"] = dict(parse_override(o) for o in args.override)
     return synth.preset(args.preset, **changes)

@@ -65,6 +65,9 @@ class SynthSpec:
     n_swa: int = 0  # gemma3: attention.sliding_window (0: unwritten, no window)
     attn_factor: float | None = None  # rope.scaling.attn_factor (phi3's LongRoPE writes one)
     orig_ctx: int | None = None  # rope.scaling.original_context_length (phi3: long factors above)
+    biases: bool = False  # llama: attn_output and ffn_gate/up/down biases (optional in llama.cpp)
+    rope_scaling: str | None = None  # rope.scaling.type ("yarn", "linear"); None: unwritten
+    rope_factor: float | None = None  # rope.scaling.factor; None: unwritten
     # mixture of experts (qwen3moe, qwen2moe, mixtral; synth_moe.py)
     n_expert: int = 0  # experts per layer
     n_expert_used: int = 0  # experts each token uses (top K)
@@ -196,9 +199,10 @@ def matrix(spec: SynthSpec, base: str, ne0: int, ne1: int) -> SynthTensor:
     return SynthTensor(f"{base}.weight", (ne0, ne1), ttype, 1.0 / math.sqrt(ne0))
 
 
-def vector(name: str, n: int, spec: SynthSpec, bias: bool = False) -> SynthTensor:
+def vector(name: str, n: int, spec: SynthSpec, bias: bool | float = False) -> SynthTensor:
+    """A norm weight (1 + noise), or a bias: N(0, 0.05) (qwen2's q, k, v), or N(0, bias)."""
     if bias:
-        return SynthTensor(name, (n,), "F32", 0.05)  # small biases: qwen2's q, k, v
+        return SynthTensor(name, (n,), "F32", 0.05 if bias is True else float(bias))
     return SynthTensor(name, (n,), "F32", spec.norm_noise, "ones")
 
 

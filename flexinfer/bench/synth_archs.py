@@ -20,6 +20,9 @@ FACTOR_SPANS = {"rope_freqs.weight": (1.0, 16.0), "rope_factors_long.weight": (1
                 "rope_factors_short.weight": (1.0, 2.0)}
 
 
+LLAMA_BIAS = 0.5  # rms of llama's synthetic output/FFN biases (activations have rms ~1)
+
+
 def head_dim(spec) -> int:
     return spec.head_dim or spec.n_embd // spec.n_head
 
@@ -42,6 +45,8 @@ def layer_tensors(spec, i: int, matrix, vector) -> list:
         out += [vector(f"{p}.attn_q_norm.weight", hd, spec),
                 vector(f"{p}.attn_k_norm.weight", hd, spec)]
     out.append(matrix(spec, f"{p}.attn_output", q, e))
+    if spec.biases:  # llama's optional output and FFN biases, strong enough to matter
+        out.append(vector(f"{p}.attn_output.bias", e, spec, LLAMA_BIAS))
     if a == "gemma3":
         out.append(vector(f"{p}.post_attention_norm.weight", e, spec))
     out.append(vector(f"{p}.ffn_norm.weight", e, spec))
@@ -49,7 +54,12 @@ def layer_tensors(spec, i: int, matrix, vector) -> list:
         out.append(matrix(spec, f"{p}.ffn_up", e, 2 * ff))
     else:
         out += [matrix(spec, f"{p}.ffn_gate", e, ff), matrix(spec, f"{p}.ffn_up", e, ff)]
+    if spec.biases:
+        out += [vector(f"{p}.ffn_gate.bias", ff, spec, LLAMA_BIAS),
+                vector(f"{p}.ffn_up.bias", ff, spec, LLAMA_BIAS)]
     out.append(matrix(spec, f"{p}.ffn_down", ff, e))
+    if spec.biases:
+        out.append(vector(f"{p}.ffn_down.bias", e, spec, LLAMA_BIAS))
     if a == "gemma3":
         out.append(vector(f"{p}.post_ffw_norm.weight", e, spec))
     return out
@@ -75,6 +85,10 @@ def arch_metadata(spec) -> dict[str, tuple[str, object]]:
         out[f"{a}.rope.scaling.attn_factor"] = ("float32", float(spec.attn_factor))
     if spec.orig_ctx is not None:
         out[f"{a}.rope.scaling.original_context_length"] = ("uint32", spec.orig_ctx)
+    if spec.rope_scaling is not None:
+        out[f"{a}.rope.scaling.type"] = ("string", spec.rope_scaling)
+    if spec.rope_factor is not None:
+        out[f"{a}.rope.scaling.factor"] = ("float32", float(spec.rope_factor))
     return out
 
 
@@ -84,6 +98,8 @@ def check_arch_spec(spec) -> str | None:
         return f"rope_factors: {spec.arch} has none (only {', '.join(ROPE_FACTOR_ARCHS)})"
     if spec.n_swa and spec.arch != "gemma3":
         return f"n_swa {spec.n_swa}: only gemma3 has a sliding window"
+    if spec.biases and spec.arch != "llama":
+        return "biases: only llama has optional output and FFN biases"
     if spec.n_swa < 0:
         return f"n_swa {spec.n_swa}: must be >= 0"
     if spec.head_dim is not None and (spec.head_dim <= 0 or spec.head_dim % 2):

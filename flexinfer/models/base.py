@@ -21,6 +21,9 @@ own dict plus those, under their full GGUF names.
 
 K/V caches are one tensor per layer, (n_embd_kv, n_cells), of any type ggml's set_rows writes
 (F16, Q8_0, Q4_0): views take their strides from the tensor, never from an assumed element size.
+A sliding-window layer's tensor holds only its rings (n_seq * W cells) and its graph reads
+`for_layer(batch, cfg, il)`, whose cells, rows and mask are the rings' (Batch.swa); store_kv and
+attention work on either unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from flexinfer.ggml_ops import Ops, Tensor, row_size, stride, type_of
 
 ROLES = ("attn", "ffn", "norm", "embd", "output", "rope")
 ROPE_ROLE = "rope"  # a non-layer tensor every layer reads (rope frequency factors)
-YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # llama.cpp's defaults; unused while ext_factor is 0
 
 
 @dataclass(frozen=True)
@@ -46,22 +48,33 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Batch:
-    """The per-batch inputs every layer graph shares; their data is rewritten for each batch."""
+    """The per-batch inputs every layer graph shares; their data is rewritten for each batch.
+
+    A sliding-window layer (window(cfg, il) > 0) holds its K/V in rings of W cells per sequence
+    (kv_cache.py: position p of sequence s in cell s * W + p % W), so it reads `swa`: the same
+    tokens and positions with the rings' own n_kv, rows and mask (`for_layer` picks it)."""
 
     n_tokens: int  # T
     n_kv: int  # cache cells attention reads: 0..n_kv-1 (padded; the mask hides the rest)
     pos: Tensor  # (T,) i32 positions, for rope
     kv_rows: Tensor  # (T,) i64 the cache cells the new K/V go to
     mask: Tensor  # (n_kv, T padded to KQ_MASK_PAD) f16: 0 where visible, -inf elsewhere
-    # the same with the sliding window applied (key hidden when pos_q - pos_k >= cfg.n_swa);
-    # present only when cfg.n_swa > 0
-    mask_swa: Tensor | None = None
+    # the sliding layers' Batch: n_kv of the rings' cells, each token's ring cell, and a mask over
+    # the ring cells hiding keys with pos_q - pos_k >= cfg.n_swa; None when no layer slides
+    swa: Batch | None = None
+
+
+def for_layer(batch: Batch, cfg: ModelConfig, il: int) -> Batch:
+    """The Batch layer il reads: the rings' (batch.swa) on a sliding layer."""
+    return batch.swa if window(cfg, il) and batch.swa is not None else batch
 
 
 def window(cfg: ModelConfig, il: int) -> int:
     """Layer il's attention kind for the cache and the planner: its sliding window in positions
     (gemma3's sliding layers: cfg.n_swa; a query sees keys pos_q - n_swa < pos_k <= pos_q), or 0
-    for full causal attention. Every layer's K/V rows are cfg.n_embd_kv wide."""
+    for full causal attention. Every layer's K/V rows are cfg.n_embd_kv wide; a sliding layer's
+    cache holds n_seq * W cells, W = n_swa + n_ubatch (kv_cache.swa_cells), a full one
+    n_seq * n_ctx."""
     return cfg.n_swa if cfg.is_swa(il) else 0
 
 
@@ -162,13 +175,14 @@ def qkv(ops: Ops, cfg: ModelConfig, w: dict, cur: Tensor, T: int):
 def rope(ops: Ops, cfg: ModelConfig, t: Tensor, batch: Batch, mode: int, *, base: float | None = None,
          freq_scale: float | None = None, factors: Tensor | None = None) -> Tensor:
     """ggml_rope_ext with the file's scaling as llama.cpp applies it: freq_scale = 1 / factor,
-    attn_factor from rope.scaling.attn_factor, ext_factor 0 (no yarn), per-pair frequency factors
-    (rope_freqs / LongRoPE) when given."""
+    attn_factor (rope.scaling.attn_factor, and yarn's correction), yarn's ext_factor and betas
+    (config._yarn; ext_factor 0 without yarn), per-pair frequency factors (rope_freqs / LongRoPE)
+    when given. ggml computes yarn's correction dims from n_ctx_orig, base and the betas."""
     return ops.rope(t, batch.pos, cfg.n_rot, mode, cfg.n_ctx_orig or cfg.n_ctx_train,
                     cfg.rope_base if base is None else base,
                     cfg.rope_freq_scale if freq_scale is None else freq_scale,
-                    factors, ext_factor=0.0, attn_factor=cfg.rope_attn_factor,
-                    beta_fast=YARN_BETA_FAST, beta_slow=YARN_BETA_SLOW)
+                    factors, ext_factor=cfg.rope_ext_factor, attn_factor=cfg.rope_attn_factor,
+                    beta_fast=cfg.rope_yarn_beta[0], beta_slow=cfg.rope_yarn_beta[1])
 
 
 def store_kv(ops: Ops, cfg: ModelConfig, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -182,7 +196,7 @@ def store_kv(ops: Ops, cfg: ModelConfig, k: Tensor, v: Tensor, k_cache: Tensor, 
 
 
 def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-              batch: Batch, scale: float, mask: Tensor | None = None) -> Tensor:
+              batch: Batch, scale: float) -> Tensor:
     """Flash attention of q (hd, n_head, T) over the first n_kv cache cells; GQA heads share K/V by
     broadcast. Strides come from the cache tensors: nb1 per cell, the row size of hd per head.
     Returns (n_embd_q, T)."""
@@ -192,17 +206,19 @@ def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: T
                     row_size(type_of(k_cache), hd))
     v = ops.view_3d(v_cache, hd, n_kv, cfg.n_head_kv, stride(v_cache, 1),
                     row_size(type_of(v_cache), hd))
-    out = ops.flash_attn(q, k, v, batch.mask if mask is None else mask, scale)  # (hd, n_head, T)
+    out = ops.flash_attn(q, k, v, batch.mask, scale)  # (hd, n_head, T)
     return ops.reshape_2d(out, cfg.n_embd_q, batch.n_tokens)
 
 
 def swiglu_ffn(ops: Ops, w: dict, cur: Tensor) -> Tensor:
-    """down(silu(gate x) * up x); phi3's fused ffn_up (rows gate | up) through ggml_swiglu."""
+    """down(silu(gate x) * up x); phi3's fused ffn_up (rows gate | up) through ggml_swiglu.
+    Each projection adds its bias where w has one (llama's optional ffn_*.bias, as llama.cpp's
+    build_ffn: up + b, gate + b, swiglu, down + b)."""
     if "ffn_gate.weight" not in w:
         return ops.mul_mat(w["ffn_down.weight"], ops.swiglu_fused(ops.mul_mat(w["ffn_up.weight"], cur)))
-    gate = ops.mul_mat(w["ffn_gate.weight"], cur)  # (n_ff, T)
-    up = ops.mul_mat(w["ffn_up.weight"], cur)
-    return ops.mul_mat(w["ffn_down.weight"], ops.swiglu(gate, up))
+    gate = proj(ops, w, "ffn_gate", cur)  # (n_ff, T)
+    up = proj(ops, w, "ffn_up", cur)
+    return proj(ops, w, "ffn_down", ops.swiglu(gate, up))
 
 
 def geglu_ffn(ops: Ops, w: dict, cur: Tensor) -> Tensor:

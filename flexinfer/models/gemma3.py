@@ -5,7 +5,7 @@ Differences from llama, in graph order:
   graph is shared by every arch);
 - RMS norms over each head of q and k before rope (attn_q_norm / attn_k_norm, (head_dim,));
 - sliding-window attention on the layers cfg.swa_layers marks (five of six: il % 6 < 5), with the
-  window's mask (batch.mask_swa), rope base rope.freq_base_swa (10000) and no rope scaling there;
+  window's Batch (batch.swa: the rings' cells and mask, kv_cache.py), rope base rope.freq_base_swa (10000) and no rope scaling there;
   the global layers use rope.freq_base (1e6) and the file's linear scaling (factor 8 on 4B+);
 - q scaled by 1/sqrt(head_dim) before attention (1/sqrt(n_embd / n_head) for the 62-layer 27B, as
   llama.cpp decides by layer count), attention itself unscaled;
@@ -57,6 +57,7 @@ def build_layer(ops: Ops, cfg: ModelConfig, il: int, w: dict, x: Tensor, batch: 
     swa = cfg.is_swa(il)
     base_l = cfg.rope_base_swa if swa else cfg.rope_base
     scale_l = 1.0 if swa else cfg.rope_freq_scale
+    batch = base.for_layer(batch, cfg, il)  # a sliding layer's cache is its rings
     T = batch.n_tokens
     cur = base.rms_norm(ops, cfg, x, w["attn_norm.weight"])
     q, k, v = base.qkv(ops, cfg, w, cur, T)
@@ -66,8 +67,7 @@ def build_layer(ops: Ops, cfg: ModelConfig, il: int, w: dict, x: Tensor, batch: 
                   ROPE_MODE, base=base_l, freq_scale=scale_l)
     q = ops.scale(q, query_scale(cfg))
     base.store_kv(ops, cfg, k, v, k_cache, v_cache, batch)
-    attn = base.attention(ops, cfg, q, k_cache, v_cache, batch, 1.0,
-                          batch.mask_swa if swa else None)
+    attn = base.attention(ops, cfg, q, k_cache, v_cache, batch, 1.0)
     cur = base.rms_norm(ops, cfg, ops.mul_mat(w["attn_output.weight"], attn),
                         w["post_attention_norm.weight"])
     x = ops.add(cur, x)

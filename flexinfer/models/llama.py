@@ -30,8 +30,23 @@ def tensor_specs(cfg: ModelConfig, tied: bool, names=frozenset()) -> list[Tensor
         specs.append(base.vec(ROPE_FREQS, cfg.n_rot // 2, None, base.ROPE_ROLE))
     bias = "blk.0.attn_q.bias" in names
     for i in range(cfg.n_layer):
-        specs += block_specs(cfg, i, bias)
+        specs += block_specs(cfg, i, bias) + optional_biases(cfg, i, names)
     return specs + base.head_specs(cfg, tied)
+
+
+OPTIONAL_BIASES = ("attn_output", "ffn_gate", "ffn_up", "ffn_down")  # llama.cpp: TENSOR_NOT_REQUIRED
+
+
+def optional_biases(cfg: ModelConfig, i: int, names) -> list[TensorSpec]:
+    """Layer i's attn_output / ffn_gate / ffn_up / ffn_down biases, each where the file has it (as
+    llama.cpp's llama loader takes them); the graph adds each after its matmul (base.proj)."""
+    if cfg.n_expert:  # mixtral's experts have none
+        return []
+    sizes = {"attn_output": cfg.n_embd, "ffn_gate": cfg.n_ff, "ffn_up": cfg.n_ff,
+             "ffn_down": cfg.n_embd}
+    role = {"attn_output": "attn"}
+    return [base.vec(f"blk.{i}.{n}.bias", sizes[n], i, role.get(n, "ffn"))
+            for n in OPTIONAL_BIASES if f"blk.{i}.{n}.bias" in names]
 
 
 def block_specs(cfg: ModelConfig, i: int, bias: bool, qk_norm: bool = False) -> list[TensorSpec]:
@@ -63,7 +78,7 @@ def block(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor, batch: Batch, k_cache:
     k = base.rope(ops, cfg, k, batch, mode, factors=factors)
     base.store_kv(ops, cfg, k, v, k_cache, v_cache, batch)
     attn = base.attention(ops, cfg, q, k_cache, v_cache, batch, 1.0 / cfg.head_dim ** 0.5)
-    x = ops.add(ops.mul_mat(w["attn_output.weight"], attn), x)
+    x = ops.add(base.proj(ops, w, "attn_output", attn), x)  # + attn_output.bias when present
     cur = base.rms_norm(ops, cfg, x, w["ffn_norm.weight"])
     if cfg.n_expert:  # mixtral, qwen2moe, qwen3moe: experts as llama.cpp's build_moe_ffn
         return ops.add(moe.ffn(ops, cfg, w, cur), x)
