@@ -123,9 +123,11 @@ class Residency:
         out). Blocks arriving while weights stream are left to grow through the ring (module
         docstring) unless through_ring is False. Returns (bytes released, bytes read back, bytes
         left to grow through the ring)."""
+        if self.prefetcher:  # its read-ahead in flight is the old plan's, not this move's
+            self.prefetcher.close()
         before, read0 = set(self.resident), self.store.reader.bytes_read
         self._set_plan(plan, positions)
-        self._move(through_ring=through_ring)
+        self._move(through_ring=through_ring, restart=True)
         return (sum(b.nbytes for b in before - self.resident),
                 self.store.reader.bytes_read - read0, self.pending_bytes())
 
@@ -149,12 +151,12 @@ class Residency:
                 ggml_ops.release_pages(b.home, b.span)
         self._grown, self._grown_bytes = [], 0
 
-    def _move(self, progress=None, through_ring: bool = False) -> None:
+    def _move(self, progress=None, through_ring: bool = False, restart: bool = False) -> None:
         if self.mapped:
             return
         target = self.target()
-        stopped = bool(self.prefetcher and (self._grown or self._pending))
-        if stopped:
+        stopped = restart or bool(self.prefetcher and (self._grown or self._pending))
+        if stopped and self.prefetcher:
             self.prefetcher.close()
         self._adopt_grown(target)
         self._pending = {}
