@@ -22,6 +22,7 @@ from flexinfer.config import ModelConfig
 from flexinfer.direct_io import DirectReader
 from flexinfer.engine import Engine, measure_compute_bytes
 from flexinfer.errors import FlexInferError
+from flexinfer import experts as ex
 from flexinfer.ggml_ops import Backend
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import (KVCache, cache_type, check_cache_type, kv_bytes,
@@ -53,16 +54,22 @@ class Options:
     cache_type_k: str = "f16"  # --cache-type-k: f16 | q8_0 | q4_0
     cache_type_v: str = "f16"  # --cache-type-v
     progress: object = None  # None or called with (bytes read, bytes to read) while loading
+    experts: str = "auto"  # MoE: auto (an expert cache reads only the picked experts, experts.py)
+    # | whole (expert tensors planned whole with the rest); mmap always maps them whole
+    expert_cache: int | None = None  # bytes of expert cache instead of what the plan leaves
+    # (at least one layer's experts; an ablation and for tests)
 
 
 def _check_options(o: Options) -> None:
     if o.offload not in OFFLOAD_MODES:
         raise FlexInferError(f"--offload: {o.offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    if o.experts not in ("auto", "whole"):
+        raise FlexInferError(f"--experts: {o.experts!r} is not one of auto, whole")
     if o.preserve not in ("auto", "ffn", "attn"):
         raise FlexInferError(f"--preserve: {o.preserve!r} is not one of auto, ffn, attn")
     for name, v, lo in (("--ctx-size", o.n_ctx, 1), ("--threads", o.n_threads, 1),
                         ("--prefetch-window", o.prefetch_window, 1), ("n_ubatch", o.n_ubatch, 1),
-                        ("--parallel", o.n_seq, 1)):
+                        ("--parallel", o.n_seq, 1), ("--expert-cache", o.expert_cache, 0)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise FlexInferError(f"{name}: must be a whole number >= {lo}, got {v!r}")
 
@@ -84,6 +91,7 @@ class Model:
         self.stats = Stats()
         self._closed = False
         self._engine = self._store = self.cache = self._backend = self._reader = None
+        self._experts = None
         try:
             self._load(opts)
         except MemoryError as e:  # the OS refused an allocation the plan expected to fit
@@ -110,8 +118,14 @@ class Model:
         self.stats.set_plan(self.plan, planned.budget, planned.source, planned.machine)
         self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
                                     note=self._note)
+        if planned.experts:  # the expert cache owns the *_exps tensors (experts.py)
+            self._experts = ex.ExpertStore(self.g, self.cfg, planned.experts,
+                                           planned.expert_capacity, self._reader, repack=repack,
+                                           counts_file=ex.counts_path(self.g), note=self._note)
+            self._experts.warm()
+            self.stats.experts = self._experts.summary()
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
-                                  reader=self._reader)
+                                  reader=self._reader, skip=planned.experts)
         self._store.load(self.plan.mode, o.progress)  # flexinfer may have chosen sync's schedule
         if self._store.mlock_errno:
             self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
@@ -119,7 +133,7 @@ class Model:
         self.cache = KVCache(self.cfg, self.n_ctx, self.n_seq, *_cache_types(self.cfg, o))
         self._backend = Backend(self.n_threads)
         self._engine = Engine(self.cfg, self.arch, self._store, self.cache, self._backend,
-                              planned.n_ubatch)
+                              planned.n_ubatch, experts=self._experts)
         self.stats.compute_bytes = self._engine.compute_bytes
         self.n_ubatch = self._engine.n_ubatch  # tokens one step computes at a time
 
@@ -164,6 +178,8 @@ class Model:
         if self.plan.mode != "mmap":  # less as the KV cache grows
             self.stats.resident_bytes = self._store.resident_bytes
             self.stats.stage = self._store.stage
+        if self._experts is not None:
+            self.stats.experts = self._experts.summary()
         return out
 
     def _check_batch(self, b: TokenBatch) -> None:
@@ -205,8 +221,9 @@ class Model:
         converter busy s, bytes the process read from storage, page faults included: what mmap
         reads) since load: differences of two readings give a stretch of work's figures."""
         p = self._store.prefetcher if self._store else None
+        fetch = self._experts.fetch_s if self._experts else 0.0  # expert reads stall compute
         return (self._reader.bytes_read if self._reader else 0,
-                p.io_busy_s if p else 0.0, p.stall_s if p else 0.0,
+                (p.io_busy_s if p else 0.0) + fetch, (p.stall_s if p else 0.0) + fetch,
                 p.convert_busy_s if p else 0.0, process_read_bytes())
 
     def generate(self, prompt, **kw):
@@ -221,7 +238,8 @@ class Model:
         if self._closed:
             return
         self._closed = True
-        for part in (self._engine, self._store, self.cache, self._backend, self._reader):
+        for part in (self._engine, self._store, self._experts, self.cache, self._backend,
+                     self._reader):
             if part is not None:
                 part.close()
 
@@ -251,6 +269,8 @@ class Planned(NamedTuple):
     repack: bool
     n_ubatch: int  # prompt tokens per batch the engine will use
     n_ctx: int  # cells per sequence: the one asked for, or the largest default that fits
+    experts: frozenset = frozenset()  # *_exps tensors an ExpertStore owns (experts.py)
+    expert_capacity: int = 0  # bytes of its cache: what the budget leaves after the dense plan
 
 
 DEFAULT_UBATCH = 512  # llama.cpp's
@@ -313,7 +333,12 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
                              f"{_seqs(o.n_seq)}: at least {_gb(least)}; the KV cache and "
                              f"attention mask alone need {_gb(by_ctx)} (try a smaller --ctx-size)")
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
-    mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+    owned = frozenset(ex.expert_names(specs)) if (
+        cfg.n_expert and o.experts == "auto" and o.offload != "mmap") else frozenset()
+    mats = [m for m in matrices(g, cfg, specs,
+                                lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+            if m.name not in owned]
+    least = ex.min_capacity(g, owned) + ex.STAGE if owned else 0  # the expert cache's floor
     gc.collect()  # the parser's and tokenizer builder's garbage, then the heap it leaves behind
     ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
@@ -322,11 +347,12 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
 
     def planned(ub: int) -> Plan:
         keep, prompt = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads,
-                                             o.n_seq, *types)
+                                             o.n_seq, *types, split=bool(owned))
         fixed_parts = {  # what the weights cannot use while decoding, in bytes
             "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
             "headroom": HEADROOM,
+            **({"experts": least} if owned else {}),  # one layer's experts + the staging buffer
         }
         p = plan(mats, budget, sum(fixed_parts.values()), mach, mode=o.offload,
                  preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
@@ -352,7 +378,12 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             small *= 2
         if small < ubatch:  # less compute memory: fits wherever the larger batch did
             p, ubatch = planned(small), small
-    return Planned(p, budget, source, mach, repack, ubatch, n_ctx)
+    capacity = 0
+    if owned:  # the cache gets its floor and whatever the dense plan left of the budget
+        capacity = least - ex.STAGE + max(0, budget - p.total_bytes())
+        if o.expert_cache is not None:
+            capacity = o.expert_cache
+    return Planned(p, budget, source, mach, repack, ubatch, n_ctx, owned, capacity)
 
 
 def _seqs(n_seq: int) -> str:

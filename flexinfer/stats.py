@@ -18,6 +18,7 @@ class Stats:
     stage: int = 0  # the plan's stage for the KV cache's current size (planner.py, "Stages")
     plan_summary: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # things said once on stderr (O_DIRECT refused, ...)
+    experts: dict = field(default_factory=dict)  # the expert cache's counters (experts.py)
 
     def set_plan(self, plan, budget: int, source: str, machine) -> None:
         self.budget_bytes, self.budget_source = budget, source
@@ -74,6 +75,7 @@ class RunTimes:
             "budget_source": stats.budget_source,
             "offload_mode": stats.offload_mode,
             "plan": stats.plan_summary,
+            **({"experts": stats.experts} if stats.experts else {}),
         }
 
 

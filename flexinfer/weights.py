@@ -107,8 +107,9 @@ def plan_rows(info: TensorInfo) -> tuple[int, int]:
 
 class WeightStore:
     def __init__(self, g: GGUFFile, cfg: ModelConfig, specs, plan: Plan, *, repack: bool,
-                 reader: DirectReader):
+                 reader: DirectReader, skip=frozenset()):
         self.g, self.cfg, self.plan, self.repack = g, cfg, plan, repack
+        specs = [s for s in specs if s.name not in skip]  # tensors an ExpertStore owns (experts.py)
         self.reader = reader
         self.n_head_layer = cfg.n_layer
         self._embd = g.tensors["token_embd.weight"]

@@ -1,0 +1,315 @@
+"""ExpertStore: the `ffn_{gate,up,down}_exps` tensors of a mixture of experts, read an expert at a
+time, only for the experts the router chose, and cached.
+
+Layout. Each 3-D expert tensor (ne0, ne1, E) has one header of its full shape at a home address
+inside one lazily charged anonymous arena (ggml_ops.LazyMemory: virtual, a page charged when first
+written). Expert e's slab is the tensor's file bytes [offset + e*nb2, offset + (e+1)*nb2),
+nb2 = ne1 * row bytes, and lives at home + e*nb2, where mul_mat_id reads it (data + e*nb[2]). Only
+the slabs of cached experts hold data; the others are never read by the kernels (mul_mat_id visits
+only the experts in `ids`). Qwen3-30B-A3B Q4_0: 48 layers x 3 tensors x 128 slabs of 0.88 MB
+(2048 x 768 Q4_0, exactly 216 pages); one expert of one layer is 2.65 MB, a layer's 128 are 340 MB.
+
+The unit of the cache is an expert of a layer: its three slabs come and go together. Evicting one
+gives its whole pages back at once (MADV_DONTNEED): a slab that is not a whole number of pages
+shares its first and last pages with its neighbours, which stay charged (at most 2 pages a slab).
+When repacking is on, headers carry a one-page CPU_REPACK buffer's handle (as ggml_ops.Ring does)
+and slabs are converted on arrival; a slab of ne1 rows is whole 8-row groups, independent of the
+others, so converting slab by slab gives the bytes converting the whole tensor gives.
+
+Reading (fetch). The engine computes a layer's attention and router first (engine.py), gives fetch
+the top-K ids of the step's tokens (a prompt batch: their union, read once), and fetch reads the
+missing experts with O_DIRECT (direct_io.DirectReader), runs of adjacent experts of a tensor in one
+read of at most STAGE bytes, through a staging buffer, before the layer's experts are computed.
+
+The cache. `capacity` bytes (the planner gives what the budget leaves after the dense plan, at
+least one layer's E experts: a prompt may need them all). Experts counted most often in earlier
+runs (saved per model under $FLEXINFER_HOME/experts, hub.home()) are read at load, up to half of
+the capacity, and pinned while the rest of the cache is least recently used. Counts are per layer
+(picks of each expert by the tokens of each step) and are saved when the store closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flexinfer import ggml_ops
+from flexinfer.direct_io import ALIGN, DirectReader, span
+from flexinfer.gguf_file import GGUFFile, row_bytes
+from flexinfer.ggml_ops import Buffer, LazyMemory, TensorTable
+from flexinfer.planner import convert_rows
+
+KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+STAGE = 8 << 20  # bytes read at a time (a run of adjacent slabs); a slab larger than this alone
+PIN_SHARE = 0.5  # of the capacity, at most, pinned to the experts counted most in earlier runs
+
+
+def expert_names(specs) -> set[str]:
+    """The names of every 3-D expert tensor (the ones an ExpertStore owns)."""
+    return {s.name for s in specs if len(s.shape) == 3 and s.name.split(".")[2] in KINDS}
+
+
+def layer_expert_bytes(g: GGUFFile, names) -> dict[int, int]:
+    """layer -> bytes of its expert tensors (all E experts of the three)."""
+    out: dict[int, int] = {}
+    for n in names:
+        layer = int(n.split(".")[1])
+        out[layer] = out.get(layer, 0) + g.tensors[n].nbytes
+    return out
+
+
+def min_capacity(g: GGUFFile, names) -> int:
+    """The least cache that works: one layer's experts, all of them (a prompt batch may pick every
+    expert of a layer; 340 MB for Qwen3-30B-A3B)."""
+    return max(layer_expert_bytes(g, names).values(), default=0)
+
+
+def counts_path(g: GGUFFile) -> Path:
+    """Where a model's expert counts are kept: by file name and size (a copy elsewhere shares
+    them, another quantization does not)."""
+    from flexinfer.hub import home
+    return home() / "experts" / f"{os.path.basename(g.path)}-{g.file_size}.json"
+
+
+class _Slab:
+    """One expert tensor: its header, file offset, bytes per expert, rows per expert."""
+
+    def __init__(self, header, offset: int, nb2: int, rows: int, rb: int, home: int, repack: bool):
+        self.header, self.offset, self.nb2, self.rows, self.rb = header, offset, nb2, rows, rb
+        self.home, self.repack = home, repack
+
+
+class ExpertStore:
+    def __init__(self, g: GGUFFile, cfg, names, capacity: int, reader: DirectReader, *,
+                 repack: bool, counts_file: Path | None = None, note=None):
+        self.g, self.cfg, self.reader, self.note = g, cfg, reader, note or (lambda s: None)
+        self.n_expert = cfg.n_expert
+        names = sorted(names, key=lambda n: (int(n.split(".")[1]), n))
+        self._table = TensorTable(len(names) + 1)
+        self.layers: list[dict] = [{} for _ in range(cfg.n_layer + 1)]
+        self._slabs: dict[int, list[_Slab]] = {}
+        addr = 0
+        homes = []
+        for n in names:
+            info = g.tensors[n]
+            homes.append(addr)
+            addr += _page(info.nbytes)
+        self._arena = LazyMemory(addr)
+        self._tag = Buffer(ggml_ops.PAGE, repack=True) if repack else None
+        for n, off in zip(names, homes):
+            self._add(n, self._arena.base + off, repack)
+        self.unit_bytes = {l: sum(s.nb2 for s in ss) for l, ss in self._slabs.items()}
+        self.total_bytes = sum(self.unit_bytes.values()) * self.n_expert
+        self.capacity = max(min(capacity, self.total_bytes), min_capacity(g, names))
+        self._make_converter()
+        stage = max(max(span(0, s.nb2)[1] for ss in self._slabs.values() for s in ss) + ALIGN,
+                    STAGE + 2 * ALIGN)
+        self._stage = Buffer(stage)
+        self.counts = np.zeros((cfg.n_layer, self.n_expert), dtype=np.int64)
+        self._saved = np.zeros_like(self.counts)  # counts of earlier runs, read from the file
+        self.counts_file = counts_file
+        self._resident: dict[tuple[int, int], int] = {}  # (layer, expert) -> last use (a tick)
+        self._pinned: set[tuple[int, int]] = set()
+        self._tick = 0
+        self.used_bytes = 0
+        self.hits = self.misses = 0  # expert lookups per layer per step (a unit counts once)
+        self.bytes_read = 0
+        self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
+
+    def _add(self, name: str, home: int, repack: bool) -> None:
+        info = self.g.tensors[name]
+        ne0, ne1, ne2 = info.shape
+        h = self._table.new(name, info.type, info.shape)
+        rp = repack and ggml_ops.repacks(info.type, info.shape)
+        if rp:
+            ggml_ops.place(h, self._tag, home)
+        else:
+            ggml_ops.point(h, ggml_ops.Placement(home, None, None))
+        layer = int(name.split(".")[1])
+        rb = row_bytes(info.type, ne0)
+        self._slabs.setdefault(layer, []).append(_Slab(h, info.offset, ne1 * rb, ne1, rb, home, rp))
+        self.layers[layer][name.split(".", 2)[-1]] = h
+
+    def _make_converter(self) -> None:
+        """Scratch headers for the row groups of one slab that ggml_ops.repack_rows converts."""
+        groups = set()
+        for ss in self._slabs.values():
+            for s in ss:
+                if not s.repack:
+                    continue
+                c, step = s.header.contents, convert_rows(s.rb)
+                for n in {min(step, s.rows), s.rows % step or step}:
+                    if ggml_ops.repack_traits(c.type, (c.ne[0], n)) != \
+                            ggml_ops.repack_traits(c.type, (c.ne[0], s.rows)):
+                        raise RuntimeError(f"ggml repacks {n} rows of type {c.type} unlike "
+                                           f"{s.rows}")
+                    groups.add((c.type, c.ne[0], n))
+        self._convert_table = TensorTable(max(1, len(groups)))
+        self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
+
+    # ---- warm start
+    def warm(self) -> None:
+        """Read the counts of earlier runs and load the experts used most, up to PIN_SHARE of the
+        capacity (all of them when the capacity holds every expert), pinned from then on."""
+        self._saved = self._read_counts()
+        room = self.total_bytes if self.capacity >= self.total_bytes else \
+            int(self.capacity * PIN_SHARE)
+        order = np.argsort(-self._saved, axis=None, kind="stable")  # most counted first
+        want: dict[int, list[int]] = {}
+        used = 0
+        for flat in order:
+            layer, e = divmod(int(flat), self.n_expert)
+            if layer not in self._slabs:
+                continue
+            if self._saved[layer, e] == 0 and self.capacity < self.total_bytes:
+                break
+            if used + self.unit_bytes[layer] > room:
+                break
+            used += self.unit_bytes[layer]
+            want.setdefault(layer, []).append(e)
+        for layer, es in want.items():
+            self._load(layer, sorted(es))
+            self._pinned.update((layer, e) for e in es)
+
+    def _read_counts(self) -> np.ndarray:
+        zero = np.zeros_like(self.counts)
+        f = self.counts_file
+        if f is None or not f.is_file():
+            return zero
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            arr = np.asarray(data["counts"], dtype=np.int64)
+            if arr.shape != zero.shape or (arr < 0).any():
+                raise ValueError(f"shape {arr.shape}, expected {zero.shape}")
+            return arr
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.note(f"{f}: expert counts ignored ({type(e).__name__}: {e}); they will be "
+                      "written anew")
+            return zero
+
+    def save_counts(self) -> None:
+        """Add this run's counts to the saved ones (written atomically, by rename)."""
+        f = self.counts_file
+        if f is None or not self.counts.any():
+            return
+        total = self._read_counts() + self.counts
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"model": os.path.basename(self.g.path),
+                                       "counts": total.tolist()}), encoding="utf-8")
+            os.replace(tmp, f)
+            self.counts[:] = 0
+        except OSError as e:
+            self.note(f"{f}: expert counts not saved ({e.strerror or e})")
+
+    # ---- use
+    def fetch(self, layer: int, ids: np.ndarray) -> None:
+        """Make the experts in `ids` (the step's top-K picks of this layer, any shape) resident
+        before mul_mat_id reads them. Counts each pick; reads the missing ones."""
+        t0 = time.perf_counter()
+        picks = np.asarray(ids, dtype=np.int64).ravel()
+        if picks.size and (picks.min() < 0 or picks.max() >= self.n_expert):
+            raise RuntimeError(f"layer {layer}: router picked expert {picks.max()} of "
+                               f"{self.n_expert}")
+        np.add.at(self.counts[layer], picks, 1)
+        need = np.unique(picks).tolist()
+        self._tick += 1
+        missing = []
+        for e in need:
+            key = (layer, e)
+            if key in self._resident:
+                self.hits += 1
+                self._resident[key] = self._tick
+            else:
+                self.misses += 1
+                missing.append(e)
+        if missing:
+            self._make_room(layer, set(need), len(missing) * self.unit_bytes[layer])
+            self._load(layer, missing)
+        self.fetch_s += time.perf_counter() - t0
+
+    def _make_room(self, layer: int, keep: set[int], nbytes: int) -> None:
+        """Evict the least recently used experts (pinned ones last), never one this step needs,
+        until nbytes more fit the capacity."""
+        over = self.used_bytes + nbytes - self.capacity
+        if over <= 0:
+            return
+        victims = sorted((k for k in self._resident if not (k[0] == layer and k[1] in keep)),
+                         key=lambda k: (k in self._pinned, self._resident[k]))
+        for key in victims:
+            if over <= 0:
+                break
+            self._evict(key)
+            over -= self.unit_bytes[key[0]]
+
+    def _evict(self, key: tuple[int, int]) -> None:
+        layer, e = key
+        del self._resident[key]
+        self._pinned.discard(key)
+        self.used_bytes -= self.unit_bytes[layer]
+        for s in self._slabs[layer]:
+            ggml_ops.release_pages(s.home + e * s.nb2, s.nb2)
+
+    def _load(self, layer: int, experts: list[int]) -> None:
+        """Read the slabs of `experts` (sorted) of each of the layer's tensors: runs of adjacent
+        experts in one read of at most STAGE bytes."""
+        for s in self._slabs[layer]:
+            per = max(1, STAGE // s.nb2)
+            run: list[int] = []
+            for e in experts + [-1]:
+                if run and (e != run[-1] + 1 or len(run) == per):
+                    self._read_run(s, run)
+                    run = []
+                if e >= 0:
+                    run.append(e)
+        for e in experts:
+            self._resident[(layer, e)] = self._tick
+            self.used_bytes += self.unit_bytes[layer]
+
+    def _read_run(self, s: _Slab, run: list[int]) -> None:
+        """Slabs run[0]..run[-1] (adjacent) of s: one read into the staging buffer, then each slab
+        copied (or converted) to its home."""
+        n = len(run) * s.nb2
+        src = self.reader.read_span(self._stage.base, s.offset + run[0] * s.nb2, n)
+        self.bytes_read += n
+        dst = s.home + run[0] * s.nb2
+        if not s.repack:
+            ggml_ops.copy(dst, src, n)
+            return
+        step = convert_rows(s.rb)
+        for i in range(len(run)):  # slab by slab: the converter's groups are those of one slab
+            ggml_ops.repack_rows(s.header, self._tag, self._convert, dst + i * s.nb2,
+                                 src + i * s.nb2, s.rows, step)
+
+    def resident(self, layer: int) -> list[int]:
+        """The layer's cached experts, in order (for tests and stats)."""
+        return sorted(e for (l, e) in self._resident if l == layer)
+
+    def summary(self) -> dict:
+        looked = self.hits + self.misses
+        return {"capacity_bytes": self.capacity, "expert_bytes": self.total_bytes,
+                "cached_bytes": self.used_bytes, "hits": self.hits, "misses": self.misses,
+                "hit_rate": round(self.hits / looked, 4) if looked else 0.0,
+                "bytes_read": self.bytes_read, "fetch_s": round(self.fetch_s, 4),
+                "pinned": len(self._pinned)}
+
+    def close(self) -> None:
+        if self._arena is None:
+            return
+        self.save_counts()
+        self._arena.free()
+        self._arena = None
+        for b in (self._stage, self._tag):
+            if b is not None:
+                b.free()
+        self._table.free()
+        self._convert_table.free()
+
+
+def _page(n: int) -> int:
+    return (n + ggml_ops.PAGE - 1) // ggml_ops.PAGE * ggml_ops.PAGE
