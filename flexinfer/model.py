@@ -226,6 +226,12 @@ class Model:
                 (p.io_busy_s if p else 0.0) + fetch, (p.stall_s if p else 0.0) + fetch,
                 p.convert_busy_s if p else 0.0, process_read_bytes())
 
+    def expert_counters(self) -> tuple[int, int, int]:
+        """(hits, misses, bytes read) of the expert cache since load (zeros without one): the
+        differences of two readings give a stretch of work's figures."""
+        e = self._experts
+        return (e.hits, e.misses, e.bytes_read) if e else (0, 0, 0)
+
     def generate(self, prompt, **kw):
         from flexinfer.generate import generate
         return generate(self, prompt, **kw)

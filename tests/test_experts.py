@@ -1,0 +1,146 @@
+"""Expert-level streaming (flexinfer/experts.py): the expert cache reads only the experts the router
+picked, and every run equals the resident one bit for bit, whatever the cache holds.
+
+Models: the references' tiny qwen3moe, qwen2moe and mixtral (8 experts, 2 used, 2 layers, the
+llama-spm vocab: tests/test_moe.py's `small`). A run is a 14-token prompt batch and 6 decode steps,
+so the cache sees a batch's union of picks and single tokens' K picks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import flexinfer.model as fm
+from flexinfer import experts as ex
+from flexinfer.errors import FlexInferError
+from tests.test_engine import _squeeze_budget
+from tests.test_moe import PROMPT, small  # noqa: F401 (a fixture)
+
+DECODE = PROMPT[:6]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Each test its own $FLEXINFER_HOME: expert counts from one test never warm another."""
+    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _run(path, **opts):
+    """(logits of the prompt then of each decode step, stacked; the model's expert summary)."""
+    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+        out = [m.logits(PROMPT)]
+        for t in DECODE:
+            out.append(m._forward([t], len(m.cache.tokens[0])))
+        return np.concatenate(out), dict(m.stats.experts), m
+
+
+@pytest.fixture(scope="module")
+def resident(small):  # noqa: F811
+    """The reference: every expert tensor resident whole, one graph per layer."""
+    path, _ = small
+    return path, _run(path, experts="whole")[0]
+
+
+@pytest.mark.parametrize("mode,fraction", [("flexinfer", 1.0), ("flexinfer", 0.7),
+                                           ("prefetch", 0.0), ("sync", 0.5)])
+@pytest.mark.parametrize("cache", ["all", "floor"])
+def test_expert_streaming_is_bit_exact(resident, mode, fraction, cache, monkeypatch):
+    """Dense rows squeezed to `fraction` (streamed by the prefetcher) and the expert cache at all
+    experts or at its floor (one layer's: every step evicts)."""
+    path, want = resident
+    if fraction < 1.0:
+        _squeeze_budget(monkeypatch, fraction)
+    got, stats, _ = _run(path, offload=mode, **({"expert_cache": 0} if cache == "floor" else {}))
+    assert np.array_equal(got, want), f"{path.name}: {mode} {fraction} cache {cache} differs"
+    if cache == "floor":
+        assert stats["misses"] > 0 and stats["capacity_bytes"] < stats["expert_bytes"]
+        assert stats["cached_bytes"] <= stats["capacity_bytes"]
+
+
+def test_without_repack_too(resident):
+    path, _ = resident
+    plain = _run(path, repack=False, experts="whole")[0]
+    assert np.array_equal(_run(path, repack=False, expert_cache=0)[0], plain)
+
+
+def test_a_wrong_slab_is_caught(resident, monkeypatch):
+    """Break it on purpose: reading each run's neighbour slab changes the logits (the tests above
+    would fail)."""
+    path, want = resident
+    real = ex.ExpertStore._read_run
+
+    def shifted(self, s, run):  # the next expert's bytes (the previous one's for the last)
+        d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2
+        return real(self, ex._Slab(s.header, s.offset + d, s.nb2, s.rows, s.rb, s.home, s.repack),
+                    run)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", shifted)
+    got = _run(path, expert_cache=0)[0]
+    assert not np.array_equal(got, want)
+    assert np.abs(got - want).max() > 0.1
+
+
+def test_only_the_picked_experts_are_read(resident):
+    """Bytes read for experts = misses x one expert's three slabs; every lookup a hit or a miss;
+    unpicked experts' slabs never touched (they read as zeros in the lazily charged arena)."""
+    path, _ = resident
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0) as m:
+        st = m._experts
+        assert st.hits + st.misses == 0 and st.bytes_read == 0  # a cold cache: nothing read yet
+        m._forward([PROMPT[0]], 0)  # one token: K experts per layer
+        k, layers = m.cfg.n_expert_used, m.cfg.n_layer
+        assert st.misses == k * layers and st.hits == 0
+        assert st.bytes_read == sum(st.unit_bytes[l] for l in range(layers)) * k
+        assert st.counts.sum() == k * layers
+        for layer in range(layers):
+            held = st.resident(layer)
+            assert len(held) == k and set(held) == set(np.flatnonzero(st.counts[layer]))
+            for s in st._slabs[layer]:
+                for e in set(range(m.cfg.n_expert)) - set(held):
+                    inner = (s.home + e * s.nb2 + 4095) // 4096 * 4096  # a page of its own
+                    if inner + 4096 <= s.home + (e + 1) * s.nb2:
+                        assert not np.frombuffer(ex.ggml_ops.memview(inner, 4096), np.uint8).any()
+
+
+def test_counts_are_saved_and_warm_the_next_run(resident, home):
+    path, want = resident
+    got, first, _ = _run(path, expert_cache=0)
+    files = list((home / "experts").glob("*.json"))
+    assert len(files) == 1
+    counts = np.asarray(json.loads(files[0].read_text())["counts"])
+    n_tok = len(PROMPT) + len(DECODE)
+    assert counts.shape[1] == 8 and (counts.sum(axis=1) == n_tok * 2).all(), counts  # K = 2
+    got2, second, _ = _run(path, expert_cache=0)
+    assert np.array_equal(got2, want)
+    assert second["pinned"] > 0 and second["hits"] > first["hits"], (first, second)
+
+
+def test_a_corrupt_counts_file_is_ignored_in_one_line(resident, home, capsys):
+    path, want = resident
+    _run(path, expert_cache=0)
+    f = next((home / "experts").glob("*.json"))
+    f.write_text('{"counts": [[1, 2]]}')
+    got, stats, _ = _run(path, expert_cache=0)
+    err = capsys.readouterr().err
+    assert np.array_equal(got, want) and stats["pinned"] == 0
+    assert f"{f}: expert counts ignored" in err and len(err.strip().splitlines()) == 1
+    assert len(json.loads(f.read_text())["counts"]) == 2  # written anew, with this run's counts
+
+
+def test_the_cache_holds_all_experts_when_the_budget_allows(resident):
+    """No squeeze: the plan leaves room for every expert; they are read once, at load."""
+    path, _ = resident
+    _, stats, _ = _run(path)
+    assert stats["capacity_bytes"] == stats["expert_bytes"] == stats["cached_bytes"]
+    assert stats["misses"] == 0 and stats["hit_rate"] == 1.0
+
+
+@pytest.mark.parametrize("opts,expect", [({"experts": "some"}, "--experts: 'some'"),
+                                         ({"expert_cache": -1}, "--expert-cache: must be")])
+def test_bad_expert_options_are_refused(resident, opts, expect):
+    path, _ = resident
+    with pytest.raises(FlexInferError, match=expect):
+        fm.load(path, **opts)
