@@ -75,6 +75,52 @@ def counts_path(g: GGUFFile) -> Path:
     return home() / "experts" / f"{os.path.basename(g.path)}-{g.file_size}.json"
 
 
+def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None) -> float:
+    """The planner's estimate of the cache's decode hit rate. With counts of earlier runs: the
+    share of their picks that the most counted experts filling `capacity` take (what a frequency
+    cache holds in steady state). Without: capacity / expert bytes, an LRU cache under a uniform
+    router (each pick equally likely to be any expert)."""
+    per_layer = layer_expert_bytes(g, names)
+    total = sum(per_layer.values())
+    if not total or capacity >= total:
+        return 1.0
+    counts = _load_counts(counts_file, (max(per_layer) + 1, g_n_expert(g, names)))
+    if counts is None or not counts.sum():
+        return capacity / total
+    n = counts.shape[1]
+    unit = np.array([[per_layer.get(l, 0) / n] * n for l in range(counts.shape[0])]).ravel()
+    order = np.argsort(-counts, axis=None, kind="stable")
+    fits = np.cumsum(unit[order]) <= capacity
+    return float(counts.ravel()[order][fits].sum() / counts.sum())
+
+
+def g_n_expert(g: GGUFFile, names) -> int:
+    return g.tensors[next(iter(names))].shape[2]
+
+
+def _load_counts(f: Path | None, shape) -> np.ndarray | None:
+    """A counts file's array, or None when missing, unreadable or of another shape."""
+    if f is None or not f.is_file():
+        return None
+    try:
+        arr = np.asarray(json.loads(f.read_text(encoding="utf-8"))["counts"], dtype=np.int64)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return arr if arr.shape == tuple(shape) and not (arr < 0).any() else None
+
+
+def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
+                counts_file: Path | None):
+    """planner.ExpertCost of a decode token with this cache."""
+    from flexinfer.planner import ExpertCost
+    total = sum(layer_expert_bytes(g, names).values())
+    k_share = cfg.n_expert_used / cfg.n_expert
+    miss = 1.0 - expected_hit_rate(g, names, capacity, counts_file)
+    rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
+    return ExpertCost(int(total * k_share), miss,
+                      3 * cfg.n_expert_used * len(layer_expert_bytes(g, names)) * miss, rp)
+
+
 class _Slab:
     """One expert tensor: its header, file offset, bytes per expert, rows per expert."""
 

@@ -29,7 +29,7 @@ from flexinfer.kv_cache import (KVCache, cache_type, check_cache_type, kv_bytes,
                                  kv_growth)
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
-from flexinfer.planner import BudgetError, Machine, Plan, plan
+from flexinfer.planner import BudgetError, Machine, Plan, plan, with_experts
 from flexinfer.stats import Stats, process_read_bytes
 from flexinfer.tokenizer import Tokenizer
 from flexinfer.weights import WeightStore, matrices
@@ -389,6 +389,9 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
         capacity = least - ex.STAGE + max(0, budget - p.total_bytes())
         if o.expert_cache is not None:
             capacity = o.expert_cache
+        capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
+        p = with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g)),
+                         mach)
     return Planned(p, budget, source, mach, repack, ubatch, n_ctx, owned, capacity)
 
 
