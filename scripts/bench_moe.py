@@ -101,7 +101,7 @@ def table(rows: list[dict]) -> str:
         err = f" ({100 * (pred - tps) / tps:+.0f}%)" if pred and tps else ""
         status = "" if r["status"] == "ok" else f" ({r['status']})"
         out.append(
-            f"| {r["model"]} | {r["budget_bytes"] / 1e9:.1f} GB | {r['mode']}{status} | "
+            f"| {r['model']} | {r['budget_bytes'] / 1e9:.1f} GB | {r['mode']}{status} | "
             f"{f(tps, '{:.3f}')} | {f(bound, '{:.3f}')} | "
             f"{f(tps / bound * 100 if tps and bound else None, '{:.0f}%')} | "
             f"{f(tps / p if tps and p and r['mode'] == 'flexinfer' else None, '{:.2f}x')} | "
