@@ -9,8 +9,9 @@ memory cgroup whose limit is the budget, after the page cache is dropped (cgroup
 `flexinfer bench` runs its points). The disk's O_DIRECT bandwidth is measured once per model file.
 Per flexinfer point:
   MoE bound = 1 / max(T_cpu, missed expert bytes per token / disk bandwidth)
-with T_cpu the point's own compute seconds per decode token (decode time less the time spent
-waiting for expert and weight reads) and the missed bytes what its expert cache read per decode
+with T_cpu given by --t-cpu (decode s/token with all weights resident, measured apart), else the
+point's own compute seconds per decode token (decode time less the time spent waiting for expert
+and weight reads) and the missed bytes what its expert cache read per decode
 token; the point's hit rate, its plan's predicted tok/s and the prediction's error.
 
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
@@ -55,10 +56,11 @@ def peer_argv(a, model: str) -> list[str]:
             "-p", prompt_text(a.prompt_tokens)]
 
 
-def moe_bound(r: dict, disk_bw: float) -> float | None:
-    """1 / max(T_cpu, missed expert bytes per token / disk bandwidth), from a flexinfer point."""
+def moe_bound(r: dict, disk_bw: float, t_cpu: float | None = None) -> float | None:
+    """1 / max(T_cpu, missed expert bytes per token / disk bandwidth), from a flexinfer point
+    (T_cpu: the given one, else the point's own compute seconds per token)."""
     e = r.get("experts")
-    t_cpu = r.get("compute_s_per_token")
+    t_cpu = t_cpu or r.get("compute_s_per_token")
     if not e or not t_cpu:
         return None
     return 1.0 / max(t_cpu, e["decode_expert_bytes_per_token"] / disk_bw)
@@ -77,7 +79,7 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str) 
     if r:
         row["decode_tokens_per_s"] = r.get("decode_tokens_per_s")
         if mode == "flexinfer":
-            row["moe_bound_tokens_per_s"] = moe_bound(r, disk_bw)
+            row["moe_bound_tokens_per_s"] = moe_bound(r, disk_bw, a.t_cpu)
             row["predicted_tokens_per_s"] = (r.get("plan") or {}).get("predicted_tokens_per_s")
             e = r.get("experts") or {}
             row["hit_rate"] = e.get("decode_hit_rate")
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
     p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--t-cpu", type=float, help="decode s/token with every weight resident (the "
+                   "bound's T_cpu); default: each point's own compute s/token")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     reason = cgroup_unavailable_reason()
