@@ -48,6 +48,8 @@ def _model_args(p) -> None:
                         "plans expert tensors whole with the rest")
     p.add_argument("--expert-cache", default=None,
                    help="MoE: bytes of expert cache, e.g. 2G (default: what the plan leaves)")
+    p.add_argument("--no-expert-prefetch", action="store_true",
+                   help="MoE: no read-ahead of the next layer's likely experts")
     for which in ("k", "v"):
         p.add_argument(f"--cache-type-{which}", "-ct" + which, default="f16",
                        choices=("f16", "q8_0", "q4_0"), help=f"KV cache type for {which.upper()}")
@@ -59,6 +61,7 @@ def _options(a) -> dict:
                 prefetch_window=a.prefetch_window, repack=not a.no_repack,
                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                 n_seq=getattr(a, "parallel", 1), experts=a.experts,
+                expert_prefetch=not a.no_expert_prefetch,
                 expert_cache=_size(a.expert_cache, "--expert-cache"))
 
 

@@ -91,8 +91,15 @@ class Inputs:
         self._mask = mv(self.addr["mask"], sizes["mask"])
         self.ids = (np.frombuffer(mv(self.addr["ids"], sizes["ids"]), dtype=np.int32)
                     if cfg.n_expert else None)  # the router's top-K picks, (T, K) row-major
+        self.sizes_xa = sizes.get("xa", 0) // 4  # floats of graph A's residual, n_embd a token
         self.n_swa = cfg.n_swa  # sliding-window layers read their own mask (gemma3)
         self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"]) if cfg.n_swa else None
+
+    def residual(self, T: int) -> np.ndarray:
+        """Graph A's residual of the T tokens (T, n_embd) float32, a view (expert read-ahead)."""
+        n = self.sizes_xa // self.n_ubatch
+        return np.frombuffer(ggml_ops.memview(self.addr["xa"], 4 * n * T),
+                             dtype=np.float32).reshape(T, n)
 
     def release(self) -> None:
         """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
@@ -324,6 +331,7 @@ class Engine:
                 self.backend.compute(ops.graph)
                 if gs.ffn[il] is not None:  # expert streaming: read the picked experts, then B
                     self.experts.fetch(il, self.inputs.ids[:T * self.cfg.n_expert_used])
+                    self.experts.prefetch(il + 1, self.inputs.residual(T))  # read-ahead
                     self.backend.compute(gs.ffn[il].graph)
                 self.store.release(il)
             self.store.get(self.cfg.n_layer)  # even when unused: the prefetch order includes it

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -39,13 +40,18 @@ import numpy as np
 
 from flexinfer import ggml_ops
 from flexinfer.direct_io import ALIGN, DirectReader, span
+from flexinfer.errors import StreamError  # noqa: F401 (raised by the read-ahead)
 from flexinfer.gguf_file import GGUFFile, row_bytes
 from flexinfer.ggml_ops import Buffer, LazyMemory, TensorTable
 from flexinfer.planner import convert_rows
+from flexinfer.prefetch import Background
 
 KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 STAGE = 8 << 20  # bytes read at a time (a run of adjacent slabs); a slab larger than this alone
 PIN_SHARE = 0.5  # of the capacity, at most, pinned to the experts counted most in earlier runs
+ROUTER_TYPES = {0: np.float32, 1: np.float16}  # GGML F32, F16: routers read to the host as they are
+PREFETCH_SHARE = 0.5  # read ahead only when a step's predicted picks are at most this share of E
+# (a decode step's K of E; a prompt batch picks most experts anyway)
 
 
 def expert_names(specs) -> set[str]:
@@ -66,6 +72,23 @@ def min_capacity(g: GGUFFile, names) -> int:
     """The least cache that works: one layer's experts, all of them (a prompt batch may pick every
     expert of a layer; 340 MB for Qwen3-30B-A3B)."""
     return max(layer_expert_bytes(g, names).values(), default=0)
+
+
+def router_names(names) -> list[tuple[str, str]]:
+    """(router, ffn_norm) names of every layer with experts, for the read-ahead's prediction."""
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    return [(f"blk.{l}.ffn_gate_inp.weight", f"blk.{l}.ffn_norm.weight") for l in layers]
+
+
+def prefetch_bytes(g: GGUFFile, names) -> int:
+    """Host memory the read-ahead takes: every layer's router and ffn_norm as float32 (48 MB for
+    Qwen3-30B-A3B: 48 x 2048 x 128 x 4 bytes) and a second staging buffer. 0 when a router is of a
+    type read-ahead does not read (it is then off)."""
+    pairs = router_names(names)
+    if not pairs or any(g.tensors[r].type not in ROUTER_TYPES for r, _ in pairs):
+        return 0
+    return sum(4 * (int(np.prod(g.tensors[r].shape)) + g.tensors[n].shape[0])
+               for r, n in pairs) + STAGE + 2 * ALIGN
 
 
 def counts_path(g: GGUFFile) -> Path:
@@ -135,6 +158,8 @@ class ExpertStore:
         self.g, self.cfg, self.reader, self.note = g, cfg, reader, note or (lambda s: None)
         self.n_expert = cfg.n_expert
         names = sorted(names, key=lambda n: (int(n.split(".")[1]), n))
+        self._names = names
+        self._lock = threading.Lock()
         self._table = TensorTable(len(names) + 1)
         self.layers: list[dict] = [{} for _ in range(cfg.n_layer + 1)]
         self._slabs: dict[int, list[_Slab]] = {}
@@ -165,6 +190,11 @@ class ExpertStore:
         self.hits = self.misses = 0  # expert lookups per layer per step (a unit counts once)
         self.bytes_read = 0
         self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
+        self._bg: Background | None = None  # the read-ahead thread (prefetch.py), when enabled
+        self._routers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, read)
+        self.predicted = self.predicted_used = self.needed_predicted_layers = 0
+        self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
 
     def _add(self, name: str, home: int, repack: bool) -> None:
         info = self.g.tensors[name]
@@ -194,8 +224,9 @@ class ExpertStore:
                         raise RuntimeError(f"ggml repacks {n} rows of type {c.type} unlike "
                                            f"{s.rows}")
                     groups.add((c.type, c.ne[0], n))
-        self._convert_table = TensorTable(max(1, len(groups)))
+        self._convert_table = TensorTable(max(1, 2 * len(groups)))  # the read-ahead's own too
         self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
+        self._convert2 = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
 
     # ---- warm start
     def warm(self) -> None:
@@ -265,27 +296,101 @@ class ExpertStore:
         np.add.at(self.counts[layer], picks, 1)
         need = np.unique(picks).tolist()
         self._tick += 1
+        ahead = self._settle(layer, need)
         missing = []
         for e in need:
             key = (layer, e)
-            if key in self._resident:
+            if e in ahead:  # read ahead of time: ready when asked, a hit (read this step)
+                self.hits += 1
+                self._resident[key] = self._tick
+            elif key in self._resident:
                 self.hits += 1
                 self._resident[key] = self._tick
             else:
                 self.misses += 1
                 missing.append(e)
         if missing:
-            self._make_room(layer, set(need), len(missing) * self.unit_bytes[layer])
+            self._make_room({(layer, e) for e in need}, len(missing) * self.unit_bytes[layer])
             self._load(layer, missing)
         self.fetch_s += time.perf_counter() - t0
 
-    def _make_room(self, layer: int, keep: set[int], nbytes: int) -> None:
-        """Evict the least recently used experts (pinned ones last), never one this step needs,
-        until nbytes more fit the capacity."""
+    def _settle(self, layer: int, need: list[int]) -> set[int]:
+        """Wait for the read-ahead; the experts it read for this layer (its recall counted)."""
+        if self._bg is None or self._ahead is None:
+            return set()
+        at, predicted, read = self._ahead
+        self._ahead = None
+        try:
+            self._bg.wait()
+        except BaseException:  # what it was reading is not to be trusted
+            for e in read:
+                if (at, e) in self._resident:
+                    self._evict((at, e))
+            raise
+        if at != layer:
+            return set()
+        hit = predicted & set(need)
+        self.predicted += len(need)
+        self.predicted_used += len(hit)
+        self.prefetch_used += len(read & set(need))
+        return read & set(need)
+
+    # ---- read-ahead: layer l+1's likely experts while layer l's experts compute
+    def enable_prefetch(self) -> bool:
+        """Read every layer's router and ffn_norm to the host (prefetch_bytes); False (and no
+        read-ahead) when a router's type is not F32/F16 or the cache holds every expert."""
+        if self.capacity >= self.total_bytes or not prefetch_bytes(self.g, self._names):
+            return False
+        for r, n in router_names(self._names):
+            layer = int(r.split(".")[1])
+            self._routers[layer] = (self._host(r).reshape(self.n_expert, -1),
+                                    self._host(n))
+        self._stage2 = Buffer(self._stage.size)
+        self._bg = Background("expert read-ahead")
+        return True
+
+    def _host(self, name: str) -> np.ndarray:
+        info = self.g.tensors[name]
+        dt = ROUTER_TYPES[info.type]
+        n = int(np.prod(info.shape))
+        a = np.fromfile(self.g.path, dtype=dt, count=n, offset=info.offset)
+        if a.size != n:
+            raise RuntimeError(f"{self.g.path}: short read of {name}")
+        return a.astype(np.float32)
+
+    def prefetch(self, layer: int, xa: np.ndarray) -> None:
+        """After layer `layer - 1`'s experts were fetched, while they compute: predict layer's
+        picks by its router applied to the residual xa (T, n_embd) that layer - 1's attention made
+        (rms_norm, ffn_norm, top-K of the logits: softmax keeps the order) and read the missing
+        ones on the read-ahead thread. Experts the current step needs are never evicted for it."""
+        if self._bg is None or layer not in self._routers:
+            return
+        w, norm = self._routers[layer]
+        k = self.cfg.n_expert_used
+        if xa.shape[0] * k > PREFETCH_SHARE * self.n_expert:
+            return
+        h = xa / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps) * norm
+        top = np.argpartition(-(h @ w.T), k - 1, axis=1)[:, :k]
+        predicted = set(np.unique(top).tolist())
+        read = sorted(e for e in predicted if (layer, e) not in self._resident)
+        if read:
+            protect = {key for key, t in self._resident.items() if t == self._tick}
+            self._make_room(protect | {(layer, e) for e in predicted},
+                            len(read) * self.unit_bytes[layer])
+            for e in read:  # charged now; read before fetch(layer) looks (it waits first)
+                self._resident[(layer, e)] = self._tick
+                self.used_bytes += self.unit_bytes[layer]
+            self.prefetched += len(read)
+            self._bg.start(lambda: self._read_experts(layer, read, self._stage2))
+        self._ahead = (layer, predicted, set(read))
+
+    def _make_room(self, keep: set[tuple[int, int]], nbytes: int) -> None:
+        """Evict the least recently used experts (pinned ones last), never one in `keep` (the
+        step's picks, and what is read ahead), until nbytes more fit the capacity."""
         over = self.used_bytes + nbytes - self.capacity
         if over <= 0:
             return
-        victims = sorted((k for k in self._resident if not (k[0] == layer and k[1] in keep)),
+        victims = sorted((k for k in self._resident if k not in keep),
                          key=lambda k: (k in self._pinned, self._resident[k]))
         for key in victims:
             if over <= 0:
@@ -302,34 +407,40 @@ class ExpertStore:
             ggml_ops.release_pages(s.home + e * s.nb2, s.nb2)
 
     def _load(self, layer: int, experts: list[int]) -> None:
-        """Read the slabs of `experts` (sorted) of each of the layer's tensors: runs of adjacent
-        experts in one read of at most STAGE bytes."""
+        """Read `experts` (sorted) of the layer and mark them resident."""
+        self._read_experts(layer, experts, self._stage)
+        for e in experts:
+            self._resident[(layer, e)] = self._tick
+            self.used_bytes += self.unit_bytes[layer]
+
+    def _read_experts(self, layer: int, experts: list[int], stage: Buffer) -> None:
+        """Read the slabs of `experts` (sorted) of each of the layer's tensors through `stage`:
+        runs of adjacent experts in one read of at most STAGE bytes."""
         for s in self._slabs[layer]:
             per = max(1, STAGE // s.nb2)
             run: list[int] = []
             for e in experts + [-1]:
                 if run and (e != run[-1] + 1 or len(run) == per):
-                    self._read_run(s, run)
+                    self._read_run(s, run, stage)
                     run = []
                 if e >= 0:
                     run.append(e)
-        for e in experts:
-            self._resident[(layer, e)] = self._tick
-            self.used_bytes += self.unit_bytes[layer]
 
-    def _read_run(self, s: _Slab, run: list[int]) -> None:
+    def _read_run(self, s: _Slab, run: list[int], stage: Buffer | None = None) -> None:
         """Slabs run[0]..run[-1] (adjacent) of s: one read into the staging buffer, then each slab
         copied (or converted) to its home."""
         n = len(run) * s.nb2
-        src = self.reader.read_span(self._stage.base, s.offset + run[0] * s.nb2, n)
-        self.bytes_read += n
+        src = self.reader.read_span((stage or self._stage).base, s.offset + run[0] * s.nb2, n)
+        with self._lock:  # the read-ahead thread counts too
+            self.bytes_read += n
         dst = s.home + run[0] * s.nb2
         if not s.repack:
             ggml_ops.copy(dst, src, n)
             return
         step = convert_rows(s.rb)
+        headers = self._convert if stage is None or stage is self._stage else self._convert2
         for i in range(len(run)):  # slab by slab: the converter's groups are those of one slab
-            ggml_ops.repack_rows(s.header, self._tag, self._convert, dst + i * s.nb2,
+            ggml_ops.repack_rows(s.header, self._tag, headers, dst + i * s.nb2,
                                  src + i * s.nb2, s.rows, step)
 
     def resident(self, layer: int) -> list[int]:
@@ -338,7 +449,10 @@ class ExpertStore:
 
     def summary(self) -> dict:
         looked = self.hits + self.misses
-        return {"capacity_bytes": self.capacity, "expert_bytes": self.total_bytes,
+        ahead = {"prefetch_recall": round(self.predicted_used / self.predicted, 4)
+                 if self.predicted else 0.0, "prefetched": self.prefetched,
+                 "prefetch_used": self.prefetch_used} if self._bg else {}
+        return {**ahead, "capacity_bytes": self.capacity, "expert_bytes": self.total_bytes,
                 "cached_bytes": self.used_bytes, "hits": self.hits, "misses": self.misses,
                 "hit_rate": round(self.hits / looked, 4) if looked else 0.0,
                 "bytes_read": self.bytes_read, "fetch_s": round(self.fetch_s, 4),
@@ -347,6 +461,12 @@ class ExpertStore:
     def close(self) -> None:
         if self._arena is None:
             return
+        if self._bg is not None:
+            try:
+                self._bg.close()
+            except Exception:  # noqa: BLE001 - a read-ahead's error no longer matters
+                pass
+            self._stage2.free()
         self.save_counts()
         self._arena.free()
         self._arena = None

@@ -57,6 +57,7 @@ class Options:
     experts: str = "auto"  # MoE: auto (an expert cache reads only the picked experts, experts.py)
     # | whole (expert tensors planned whole with the rest); mmap always maps them whole
     expert_cache: int | None = None  # bytes of expert cache instead of what the plan leaves
+    expert_prefetch: bool = True  # read layer l+1's likely experts while layer l's compute
     # (at least one layer's experts; an ablation and for tests)
 
 
@@ -123,6 +124,8 @@ class Model:
                                            planned.expert_capacity, self._reader, repack=repack,
                                            counts_file=ex.counts_path(self.g), note=self._note)
             self._experts.warm()
+            if planned.expert_prefetch:
+                self._experts.enable_prefetch()
             self.stats.experts = self._experts.summary()
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
                                   reader=self._reader, skip=planned.experts)
@@ -277,6 +280,7 @@ class Planned(NamedTuple):
     n_ctx: int  # cells per sequence: the one asked for, or the largest default that fits
     experts: frozenset = frozenset()  # *_exps tensors an ExpertStore owns (experts.py)
     expert_capacity: int = 0  # bytes of its cache: what the budget leaves after the dense plan
+    expert_prefetch: bool = False  # read-ahead planned (its routers and staging charged)
 
 
 DEFAULT_UBATCH = 512  # llama.cpp's
@@ -345,6 +349,7 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
                                 lambda info: repack and ggml_ops.repacks(info.type, info.shape))
             if m.name not in owned]
     least = ex.min_capacity(g, owned) + ex.STAGE if owned else 0  # the expert cache's floor
+    ahead = ex.prefetch_bytes(g, owned) if owned and o.expert_prefetch else 0  # its read-ahead
     gc.collect()  # the parser's and tokenizer builder's garbage, then the heap it leaves behind
     ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
@@ -358,7 +363,8 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
             "headroom": HEADROOM,
-            **({"experts": least} if owned else {}),  # one layer's experts + the staging buffer
+            **({"experts": least + ahead} if owned else {}),  # one layer's experts, staging
+            # buffers, the read-ahead's host routers
         }
         p = plan(mats, budget, sum(fixed_parts.values()), mach, mode=o.offload,
                  preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
@@ -392,7 +398,7 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
         capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
         p = with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g)),
                          mach)
-    return Planned(p, budget, source, mach, repack, ubatch, n_ctx, owned, capacity)
+    return Planned(p, budget, source, mach, repack, ubatch, n_ctx, owned, capacity, bool(ahead))
 
 
 def _seqs(n_seq: int) -> str:

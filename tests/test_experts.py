@@ -144,3 +144,41 @@ def test_bad_expert_options_are_refused(resident, opts, expect):
     path, _ = resident
     with pytest.raises(FlexInferError, match=expect):
         fm.load(path, **opts)
+
+
+def test_read_ahead_predicts_and_is_used(resident):
+    """Decode steps read layer 1's likely experts while layer 0's compute: the prediction's recall
+    is reported, experts read ahead are used, and the run is still bit-exact (an expert read
+    ahead but marked resident without its bytes would change the logits: the tests above)."""
+    path, want = resident
+    got, stats, _ = _run(path, expert_cache=0)
+    assert np.array_equal(got, want)
+    assert stats["prefetched"] > 0 and 0 < stats["prefetch_used"] <= stats["prefetched"]
+    assert 0 < stats["prefetch_recall"] <= 1
+    off, stats_off, _ = _run(path, expert_cache=0, expert_prefetch=False)
+    assert np.array_equal(off, want) and "prefetch_recall" not in stats_off
+
+
+def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
+    """A read-ahead that fails raises a StreamError at the next fetch, and what it was reading is
+    not kept as cached: the step run again reads those experts and is exact."""
+    path, want = resident
+    real, calls = ex.ExpertStore._read_experts, []
+
+    def failing(self, layer, experts, stage):
+        if stage is not self._stage and not calls:
+            calls.append((layer, list(experts)))
+            raise OSError("disk gone")
+        return real(self, layer, experts, stage)
+    monkeypatch.setattr(ex.ExpertStore, "_read_experts", failing)
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0) as m:
+        m.logits(PROMPT)
+        step = 0
+        with pytest.raises(ex.StreamError, match="expert read-ahead failed: OSError: disk gone"):
+            for step, t in enumerate(DECODE):
+                m._forward([t], len(m.cache.tokens[0]))
+        layer, lost = calls[0]
+        assert lost and not any((layer, e) in m._experts._resident for e in lost)
+        for j in range(step, len(DECODE)):  # the failed step again, and on
+            got = m._forward([DECODE[j]], len(m.cache.tokens[0]))
+            assert np.array_equal(got[0], want[len(PROMPT) + j])
