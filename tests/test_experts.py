@@ -8,6 +8,7 @@ so the cache sees a batch's union of picks and single tokens' K picks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -182,3 +183,37 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
         for j in range(step, len(DECODE)):  # the failed step again, and on
             got = m._forward([DECODE[j]], len(m.cache.tokens[0]))
             assert np.array_equal(got[0], want[len(PROMPT) + j])
+
+
+def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
+    """The planner's MoE cost: a decode token computes K/E of the expert bytes and reads the
+    expected misses: capacity / expert bytes hit without counts, the most counted experts' share
+    of the picks with them; the plan's prediction includes both."""
+    from flexinfer.gguf_file import read_gguf
+    from flexinfer.config import ModelConfig
+    from flexinfer.models import specs_for
+    from flexinfer.planner import with_experts
+    path, _ = resident
+    g = read_gguf(path)
+    cfg = ModelConfig.from_gguf(g)
+    names = ex.expert_names(specs_for(g, cfg))
+    total = sum(g.tensors[n].nbytes for n in names)
+    floor = ex.min_capacity(g, names)
+    cost = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
+    assert cost.active_bytes == total * cfg.n_expert_used // cfg.n_expert
+    assert cost.miss_rate == pytest.approx(1 - floor / total)
+    _run(path, expert_cache=0)  # writes counts: the hit rate becomes their coverage
+    counts = np.asarray(json.loads(ex.counts_path(g).read_text())["counts"])
+    warm = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
+    per = floor // cfg.n_expert  # a unit's bytes (every layer alike here)
+    top = np.sort(counts, axis=None)[::-1][:floor // per]
+    assert warm.miss_rate == pytest.approx(1 - top.sum() / counts.sum())
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, experts="auto") as m:
+        p = m.plan
+    mach = fm.make_plan(g, cfg, specs_for(g, cfg), fm.Options(expert_cache=0), 64, 2).machine
+    base = dataclasses.replace(p, t_cpu=0.0, t_io=0.0, predicted_s=0.0, stages=())
+    got = with_experts(base, warm, mach)
+    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw
+                                      + warm.missed_bytes / mach.repack_bw)
+    assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io)
+    assert got.t_io >= warm.missed_bytes / mach.disk_bw > 0
