@@ -284,7 +284,7 @@ class Engine:
             self._prompt_alloc.free()
             self._prompt_alloc = None
             self.inputs.release()
-        self.store.end_prompt()
+        self.store.residency.end_prompt()
 
     def step(self, batch: TokenBatch, more_prompt: bool = False) -> np.ndarray:
         """Run the batch's tokens through the model, writing their K/V to their cells; returns the
@@ -293,10 +293,10 @@ class Engine:
         back after it, unless more_prompt says another prompt step follows at once."""
         for seq, pos in zip(batch.seqs, batch.pos):
             self.kv.note_written(seq, pos + 1)
-        self.store.prepare(self.kv.cells_charged())  # a later stage, if the cache grows into it
+        self.store.residency.prepare(self.kv.cells_charged())  # a later stage, if the cache grows into it
         prompt = len(batch) > self.n_decode
         if prompt:
-            self.store.begin_prompt()  # the loan goes before the prompt buffer comes
+            self.store.residency.begin_prompt()  # the loan goes before the prompt buffer comes
         else:
             self.end_prompt()  # after a prompt step: decoding needs the loan back
         out = [self._forward_chunk(chunk) for chunk in self._chunks(batch)]

@@ -243,6 +243,36 @@ class Ring:
         self._tag.free()
 
 
+_MAP_NORESERVE = 0x4000  # Linux
+_MADV_NOHUGEPAGE = 15
+
+
+class Arena:
+    """Address space for every weight block's home (weights.py), reserved but not charged: a page
+    is charged when a block is read into it and uncharged by release_pages. MAP_NORESERVE, so a
+    model larger than RAM reserves its whole size; never huge pages, so reading one block never
+    charges its neighbours'. Tensors placed here carry `handle` (a one-page CPU_REPACK buffer's
+    when `repack`), as in the Ring."""
+
+    def __init__(self, size: int, repack: bool):
+        self.size = max(PAGE, (size + PAGE - 1) // PAGE * PAGE)
+        self.repack = repack
+        self._tag = Buffer(PAGE, repack=repack)
+        self.handle = self._tag.handle
+        base = _libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+        if base in (None, _MAP_FAILED):
+            self._tag.free()
+            raise MemoryError(f"cannot reserve {self.size} bytes of address space for weights")
+        self.base = base
+        _libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(self.size), _MADV_NOHUGEPAGE)
+
+    def free(self) -> None:
+        if self.base is not None:
+            _libc.munmap(self.base, self.size)
+            self.base = None
+        self._tag.free()
+
 
 def copy(dst: int, src: int, nbytes: int) -> None:
     ctypes.memmove(dst, src, nbytes)

@@ -10,14 +10,15 @@ import dataclasses
 import gc
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from flexinfer import ggml_ops, machine
-from flexinfer.budget import HEADROOM, resolve_budget, rss_bytes
+from flexinfer.budget import HEADROOM, parse_size, resolve_budget, rss_bytes
 from flexinfer.config import ModelConfig
 from flexinfer.direct_io import DirectReader
 from flexinfer.engine import Engine, measure_compute_bytes
@@ -57,8 +58,8 @@ class Options:
     experts: str = "auto"  # MoE: auto (an expert cache reads only the picked experts, experts.py)
     # | whole (expert tensors planned whole with the rest); mmap always maps them whole
     expert_cache: int | None = None  # bytes of expert cache instead of what the plan leaves
-    expert_prefetch: bool = True  # read layer l+1's likely experts while layer l's compute
     # (at least one layer's experts; an ablation and for tests)
+    expert_prefetch: bool = True  # read layer l+1's likely experts while layer l's compute
 
 
 def _check_options(o: Options) -> None:
@@ -92,7 +93,9 @@ class Model:
         self.stats = Stats()
         self._closed = False
         self._engine = self._store = self.cache = self._backend = self._reader = None
+        self._residency = None
         self._experts = None
+        self._lock = threading.RLock()  # a step and a change of budget never overlap
         try:
             self._load(opts)
         except MemoryError as e:  # the OS refused an allocation the plan expected to fit
@@ -116,22 +119,26 @@ class Model:
                        f"{_gb(planned.budget)}; -c sets it)")
             self.n_ctx = planned.n_ctx
         self.plan, repack = planned.plan, planned.repack
+        self._planned = planned
+        self.memory_budget, self.budget_source = planned.budget, planned.source
         self.stats.set_plan(self.plan, planned.budget, planned.source, planned.machine)
         self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
                                     note=self._note)
         if planned.experts:  # the expert cache owns the *_exps tensors (experts.py)
             self._experts = ex.ExpertStore(self.g, self.cfg, planned.experts,
-                                           planned.expert_capacity, self._reader, repack=repack,
-                                           counts_file=ex.counts_path(self.g), note=self._note)
+                                           self.plan.expert_cache_bytes, self._reader,
+                                           repack=repack, counts_file=ex.counts_path(self.g),
+                                           note=self._note)
             self._experts.warm()
             if planned.expert_prefetch:
                 self._experts.enable_prefetch()
             self.stats.experts = self._experts.summary()
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
                                   reader=self._reader, skip=planned.experts)
-        self._store.load(self.plan.mode, o.progress)  # flexinfer may have chosen sync's schedule
-        if self._store.mlock_errno:
-            self._note(f"mlock refused (errno {self._store.mlock_errno}, RLIMIT_MEMLOCK?); "
+        self._store.load(self.plan, 0, o.progress)  # flexinfer may have chosen sync's schedule
+        self._residency = self._store.residency
+        if self._residency.mlock_errno:
+            self._note(f"mlock refused (errno {self._residency.mlock_errno}, RLIMIT_MEMLOCK?); "
                        "resident weights are not locked")
         self.cache = KVCache(self.cfg, self.n_ctx, self.n_seq, *_cache_types(self.cfg, o))
         self._backend = Backend(self.n_threads)
@@ -167,23 +174,80 @@ class Model:
         A sequence's tokens continue it: the first is at the position after what the cache holds
         for it (cache.keep(seq, n) forgets the rest first). more_prompt: another prompt step
         follows at once (the prompt loan stays out, weights.py)."""
-        if self._closed:
-            raise FlexInferError("the model is closed")
-        self._check_batch(batch)
-        try:
-            out = self._engine.step(batch, more_prompt)
-        except BaseException:
-            for seq in set(batch.seqs):  # what this step wrote is not to be trusted
-                self.cache.keep(seq, min(p for s, p in zip(batch.seqs, batch.pos) if s == seq))
-            raise
-        for tok, seq in zip(batch.tokens, batch.seqs):
-            self.cache.tokens[seq].append(tok)
-        if self.plan.mode != "mmap":  # less as the KV cache grows
-            self.stats.resident_bytes = self._store.resident_bytes
-            self.stats.stage = self._store.stage
+        with self._lock:
+            if self._closed:
+                raise FlexInferError("the model is closed")
+            self._check_batch(batch)
+            try:
+                out = self._engine.step(batch, more_prompt)
+            except BaseException:
+                for seq in set(batch.seqs):  # what this step wrote is not to be trusted
+                    self.cache.keep(seq, min(p for s, p in zip(batch.seqs, batch.pos) if s == seq))
+                raise
+            for tok, seq in zip(batch.tokens, batch.seqs):
+                self.cache.tokens[seq].append(tok)
+            self._note_residency()
+            return out
+
+    def _note_residency(self) -> None:
+        if self.plan.mode != "mmap":  # less as the KV cache grows, or the budget changes
+            self.stats.resident_bytes = self._residency.resident_bytes
+            self.stats.stage = self._residency.stage
         if self._experts is not None:
             self.stats.experts = self._experts.summary()
-        return out
+
+    # ---- the memory budget, while running (issue 11)
+    def set_memory_budget(self, size: int | str, source: str = "api") -> "BudgetChange":
+        """Re-plan at `size` bytes (or a size such as "1.5G") and move there now, between steps
+        (a running step finishes first): blocks leaving are released (munlock, MADV_DONTNEED)
+        and blocks arriving are read into their homes before this returns, so the process is
+        within the new budget when it does. The logits do not change. A budget below the
+        minimum working set raises FlexInferError, and nothing changes."""
+        nbytes = parse_size(size, "memory budget") if isinstance(size, str) else int(size)
+        with self._lock:
+            if self._closed:
+                raise FlexInferError("the model is closed")
+            t0, old = time.perf_counter(), self.memory_budget
+            if self.plan.mode == "mmap":  # the OS pages the file: nothing of ours to move
+                self.memory_budget, self.budget_source = nbytes, source
+                self.stats.budget_bytes, self.stats.budget_source = nbytes, source
+                return BudgetChange(old, nbytes, source, 0.0, 0, 0)
+            try:
+                new = self._planned.replan(nbytes)
+            except BudgetError as e:
+                raise FlexInferError(
+                    f"memory budget {_gb(nbytes)} ({source}) is below the minimum working set for "
+                    f"{os.path.basename(self.path)} at context {self.n_ctx}{_seqs(self.n_seq)}: "
+                    f"{_gb(e.minimum)}; the budget stays {_gb(old)}") from None
+            released, read = self._residency.set_plan(new, self.cache.cells_charged())
+            if self._experts is not None:  # the expert cache shrinks or grows with the budget
+                released += self._experts.set_capacity(new.expert_cache_bytes)
+            self.plan, self.memory_budget, self.budget_source = new, nbytes, source
+            self.stats.set_plan(new, nbytes, source, self._planned.machine)
+            self._note_residency()
+            self.stats.budget_changes += 1
+            return BudgetChange(old, nbytes, source, time.perf_counter() - t0, released, read)
+
+    def minimum_budget(self) -> int:
+        """The smallest budget a plan exists for, at this context, sequence count and cache
+        types (with the prompt batch size this model was loaded with)."""
+        if self.plan.mode == "mmap":
+            return 0
+        try:
+            self._planned.replan(0)
+        except BudgetError as e:
+            return e.minimum
+        return 0
+
+    def settle(self, timeout_s: float = 10.0) -> bool:
+        """Finish a pending change of residency. Growing completes inside set_memory_budget
+        (blocks are read into their homes before it returns), so nothing is ever pending: True."""
+        return True
+
+    def resident_weight_bytes(self) -> int:
+        """Matrix bytes resident now (0 in mmap mode, where the OS decides)."""
+        return self._residency.resident_bytes if self._residency and self.plan.mode != "mmap" \
+            else 0
 
     def _check_batch(self, b: TokenBatch) -> None:
         if not b.tokens:
@@ -223,7 +287,7 @@ class Model:
         """(bytes our reader read from the model file, reader busy s, compute stalled s,
         converter busy s, bytes the process read from storage, page faults included: what mmap
         reads) since load: differences of two readings give a stretch of work's figures."""
-        p = self._store.prefetcher if self._store else None
+        p = self._residency.prefetcher if self._store else None
         fetch = self._experts.fetch_s if self._experts else 0.0  # expert reads stall compute
         return (self._reader.bytes_read if self._reader else 0,
                 (p.io_busy_s if p else 0.0) + fetch, (p.stall_s if p else 0.0) + fetch,
@@ -254,7 +318,7 @@ class Model:
 
     @property
     def prefetch_threads_alive(self) -> int:
-        p = self._store.prefetcher if self._store else None
+        p = self._residency.prefetcher if self._store and self._residency else None
         return p.alive if p else 0
 
     def __enter__(self):
@@ -278,9 +342,24 @@ class Planned(NamedTuple):
     repack: bool
     n_ubatch: int  # prompt tokens per batch the engine will use
     n_ctx: int  # cells per sequence: the one asked for, or the largest default that fits
-    experts: frozenset = frozenset()  # *_exps tensors an ExpertStore owns (experts.py)
-    expert_capacity: int = 0  # bytes of its cache: what the budget leaves after the dense plan
+    replan: Callable[[int], Plan]  # the plan at another budget, everything else the same
+    # (raises planner.BudgetError below the minimum)
+    experts: frozenset = frozenset()  # *_exps tensors an ExpertStore owns (experts.py); its
+    # capacity is the plan's expert_cache_bytes
     expert_prefetch: bool = False  # read-ahead planned (its routers and staging charged)
+
+
+@dataclass(frozen=True)
+class BudgetChange:
+    """What Model.set_memory_budget did."""
+
+    old: int  # bytes
+    new: int
+    source: str
+    seconds: float  # the whole change: re-plan, release, read back
+    released_bytes: int  # weight bytes given back to the OS
+    read_bytes: int  # weight bytes read back into memory (before the call returned)
+    pending_bytes: int = 0  # weight bytes still to read back: none, growing completes in the call
 
 
 DEFAULT_UBATCH = 512  # llama.cpp's
@@ -356,9 +435,13 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
     mach = machine.calibrate(g, repack, n_threads)
     growth = kv_growth(cfg, n_cells, *types) if o.offload in ("flexinfer", "sync") else ()
 
-    def planned(ub: int) -> Plan:
-        keep, prompt = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub, n_threads,
-                                             o.n_seq, *types, split=bool(owned))
+    measured: dict[int, tuple[int, int]] = {}
+
+    def planned(ub: int, at: int = budget) -> Plan:
+        if ub not in measured:
+            measured[ub] = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub,
+                                                 n_threads, o.n_seq, *types, split=bool(owned))
+        keep, prompt = measured[ub]
         fixed_parts = {  # what the weights cannot use while decoding, in bytes
             "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
@@ -366,10 +449,11 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             **({"experts": least + ahead} if owned else {}),  # one layer's experts, staging
             # buffers, the read-ahead's host routers
         }
-        p = plan(mats, budget, sum(fixed_parts.values()), mach, mode=o.offload,
+        p = plan(mats, at, sum(fixed_parts.values()), mach, mode=o.offload,
                  preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
                  kv_growth=growth, prompt_extra=prompt)
-        return dataclasses.replace(p, fixed_parts={**fixed_parts, "prompt_compute": prompt})
+        p = dataclasses.replace(p, fixed_parts={**fixed_parts, "prompt_compute": prompt})
+        return _expert_plan(p, at, g, cfg, o, owned, least, repack, mach) if owned else p
 
     while True:
         try:
@@ -390,15 +474,20 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             small *= 2
         if small < ubatch:  # less compute memory: fits wherever the larger batch did
             p, ubatch = planned(small), small
-    capacity = 0
-    if owned:  # the cache gets its floor and whatever the dense plan left of the budget
-        capacity = least - ex.STAGE + max(0, budget - p.total_bytes())
-        if o.expert_cache is not None:
-            capacity = o.expert_cache
-        capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
-        p = with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g)),
-                         mach)
-    return Planned(p, budget, source, mach, repack, ubatch, n_ctx, owned, capacity, bool(ahead))
+    return Planned(p, budget, source, mach, repack, ubatch, n_ctx,
+                   lambda at: planned(ubatch, at), owned, bool(ahead))
+
+
+def _expert_plan(p: Plan, budget: int, g, cfg: ModelConfig, o: Options, owned, least: int,
+                 repack: bool, mach: Machine) -> Plan:
+    """The plan with its expert cache: its floor (one layer's experts) and whatever the dense plan
+    left of the budget (or --expert-cache), and the cache's cost (planner.with_experts)."""
+    capacity = least - ex.STAGE + max(0, budget - p.total_bytes())
+    if o.expert_cache is not None:
+        capacity = o.expert_cache
+    capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
+    return with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g)),
+                        mach, capacity)
 
 
 def _seqs(n_seq: int) -> str:

@@ -7,9 +7,11 @@ The budget is spent as FlexInfer spends it:
 - flexible preservation: inside each layer, which tensors (by role) stay resident follows a priority
   order; FFN-first at high budgets, attention-first at low ones. Rather than a fixed threshold, every
   candidate order is simulated with the cost model and the fastest is kept (`preserve="auto"`).
-- granularity is rows: a tensor may keep rows [0, r) resident and stream rows [r, N). Output rows are
-  independent dot products, so splitting rows changes no bit of the result; r is a multiple of
-  ROW_ALIGN so the 8x8-interleaved repacked layout stays whole.
+- granularity is blocks of rows: a tensor keeps rows [0, r) resident and streams rows [r, N), r a
+  block boundary (block_rows: blocks of at most STREAM_CHUNK bytes, whole ROW_ALIGN groups, so
+  the 8x8-interleaved repacked layout stays whole). Output rows are independent dot products, so
+  splitting rows changes no bit of the result. Blocks are fixed at load (weights.py), so a plan at
+  any other budget (Model.set_memory_budget) is reached by moving whole blocks (residency.py).
 
 Memory, for a per-layer streamed amount S:
   fixed + resident(S) + ring(S) + bounce(S) <= budget, with slot(S) = max_l streamed_l plus, for
@@ -28,7 +30,7 @@ use a fraction of the context (a 7B at llama.cpp's default 4096 has a 2.1 GB cac
 may give `kv_growth`: for some position counts P < n_ctx, the cache bytes still unwritten while at
 most P positions are held. Each such stage keeps extra rows resident in those bytes, by the same
 priority order, and always a superset of the next stage's rows: moving on only releases rows (the
-engine frees their pages and streams them from then on; nothing is ever read back in). A run
+engine frees their pages and streams them from then on; nothing is read back in). A run
 starts in the first stage; the plan's own fields describe the last (the whole context).
 
 The prompt loan: a prompt batch needs far more compute memory than a decode step (the 7B: 25 MB at
@@ -97,11 +99,10 @@ class Machine:
 
 
 class RingSpec(NamedTuple):
-    """What sizes the prefetcher's ring beyond the rows: stage or loan boundaries that may split
-    pieces (each costs PIECE_SLACK), and the machine, for the lookahead wanted: what the disk reads
-    while a layer computes (its repacking included: the converter shares the cores)."""
+    """What sizes the prefetcher's ring beyond the rows: the machine, for the lookahead wanted:
+    what the disk reads while a layer computes (its repacking included: the converter shares the
+    cores)."""
 
-    cuts: int
     machine: Machine
 
 
@@ -195,30 +196,41 @@ def _layers(tensors: list[PlanTensor]) -> dict[int, list[PlanTensor]]:
     return out
 
 
-def _fill(layer: list[PlanTensor], keep: int, order: tuple[str, ...]) -> dict[str, int]:
-    """Resident rows per tensor when `keep` bytes of this layer stay resident, by priority order."""
+def _fill(layer: list[PlanTensor], keep: int, order: tuple[str, ...]) -> tuple[dict[str, int], int]:
+    """Resident rows per tensor when up to `keep` bytes of this layer stay resident, by priority
+    order, in whole blocks (block_rows); and the bytes of `keep` left over, less than a block of
+    every tensor not kept whole. What the first tensor cut short cannot use (less than one of
+    its blocks) goes on to the next ones in the order, so that few bytes are carried."""
     rank = {k: i for i, k in enumerate(order)}
     rows = {}
     for t in sorted(layer, key=lambda t: rank.get(t.kind, len(order))):
         r = min(t.rows, max(0, keep) // t.row_bytes)
-        r = t.rows if r == t.rows else r - r % ROW_ALIGN
+        r = t.rows if r == t.rows else r - r % block_rows(t.rows, t.row_bytes)
         rows[t.name] = r
         keep -= r * t.row_bytes
-    return rows
+    return rows, max(0, keep)
 
 
 def _assign(layers, target_stream: int, order, whole_layers: bool) -> dict[str, int]:
+    """Balanced: every layer streams about target_stream bytes. Rows go in whole blocks, so what a
+    layer cannot keep of its share (less than a block) is carried to the next layer: the total
+    resident is the balanced one within a block, and no layer streams a block more than another
+    would."""
     rows = {}
     if whole_layers:  # --no-balance: keep whole layers from the first, stream the rest
         budget = target_stream  # here: resident bytes to place, first layers first
         for l in sorted(layers):
             size = sum(t.nbytes for t in layers[l])
-            rows.update(_fill(layers[l], min(size, budget), order))
-            budget -= min(size, budget)
+            got, _ = _fill(layers[l], min(size, budget), order)
+            rows.update(got)
+            budget -= min(size, budget)  # the first layer cut short ends it: whole layers only
         return rows
-    for l, ts in layers.items():
+    carry = 0
+    for l in sorted(layers):
+        ts = layers[l]
         size = sum(t.nbytes for t in ts)
-        rows.update(_fill(ts, size - target_stream, order))
+        got, carry = _fill(ts, max(0, size - target_stream) + carry, order)
+        rows.update(got)
     return rows
 
 
@@ -357,16 +369,14 @@ def _plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, 
     total = sum(t.nbytes for t in tensors)
     t_cpu_bound = total / machine.compute_bw
     t_io_bound = max(0, total - budget) / machine.disk_bw  # the paper's bound: model - budget
-    locked = mode in ("flexinfer", "sync")
-    cuts = len(kv_growth) + bool(prompt_extra) if locked else 0  # boundaries inside a matrix
-    spec = RingSpec(cuts, machine)
+    spec = RingSpec(machine)
 
     def finish(rows, win, policy, fx, slot_rows=None):
         """The plan that keeps `rows` resident; slots sized for slot_rows' streaming (a prompt's,
         which streams the loan too)."""
         streamed = _streamed(layers, rows)
         most = _streamed(layers, slot_rows) if slot_rows else streamed
-        slot = _slot(layers, slot_rows or rows, cuts) if any(most.values()) else 0
+        slot = _slot(layers, slot_rows or rows) if any(most.values()) else 0
         win = min(win, sum(1 for s in most.values() if s)) if slot else 0
         ring = _ring(layers, slot_rows or rows, spec, win) if slot else 0
         t_io, t_cpu, pred = _cost(layers, rows, machine, max(win, 1), mode == "sync", ring)
@@ -477,9 +487,20 @@ def _stages(layers, tensors, last: Plan, budget: int, kv_growth, machine: Machin
     return tuple(reversed(out))
 
 
-def chunk_rows(row_bytes: int) -> int:
-    """Rows per streamed piece: whole ROW_ALIGN groups, at most STREAM_CHUNK bytes (or one group)."""
-    return max(ROW_ALIGN, STREAM_CHUNK // row_bytes // ROW_ALIGN * ROW_ALIGN)
+def block_rows(rows: int, row_bytes: int) -> int:
+    """Rows per block of a matrix: the unit of residency (weights.py). A matrix is cut into
+    ceil(bytes / STREAM_CHUNK) blocks of nearly equal rows, in whole ROW_ALIGN groups (the 7B's
+    25 MB FFN matrices into 4 blocks of 2752 rows, its 9.4 MB attention ones into 2 of 2048); each
+    block is resident or streamed as one piece, so blocks fixed at load serve every budget and the
+    graphs built on them stay valid. A 3-D expert tensor (one plan row) is one block."""
+    n = max(1, -(-rows * row_bytes // STREAM_CHUNK))
+    step = -(-rows // n)
+    return min(rows, -(-step // ROW_ALIGN) * ROW_ALIGN) if rows > 1 else 1
+
+
+def block_starts(rows: int, row_bytes: int) -> range:
+    """Where the blocks of a matrix begin (block_rows)."""
+    return range(0, rows, block_rows(rows, row_bytes))
 
 
 def convert_rows(row_bytes: int) -> int:
@@ -494,12 +515,13 @@ def _bounce(tensors) -> int:
                 if t.repacked), default=0)
 
 
-def _slot(layers, rows, cuts: int) -> int:
-    """One slot: the largest layer's streamed bytes plus PIECE_SLACK for each piece they are read in
-    (at most one piece per STREAM_CHUNK, and one more per stage boundary inside the rows)."""
+def _slot(layers, rows) -> int:
+    """One slot: the largest layer's streamed bytes plus PIECE_SLACK for each block they are read
+    in (rows are resident in whole blocks, block_rows; a forced plan's odd boundary adds one)."""
     def need(t):
         n = t.rows - rows[t.name]
-        return n * t.row_bytes + (-(-n // chunk_rows(t.row_bytes)) + cuts) * PIECE_SLACK if n else 0
+        return n * t.row_bytes + (-(-n // block_rows(t.rows, t.row_bytes)) + 1) * PIECE_SLACK \
+            if n else 0
     return max(sum(need(t) for t in ts) for ts in layers.values())
 
 
@@ -507,11 +529,11 @@ def _ring(layers, rows, spec: RingSpec, win: int) -> int:
     """The prefetcher's ring for `rows` streaming with up to `win` layers ahead: one slot, and
     win - 1 times the lookahead: what the disk reads while the longest layer computes and
     repacks, but a piece at least (a piece is read whole) and a slot at most."""
-    slot = _slot(layers, rows, spec.cuts)
+    slot = _slot(layers, rows)
     if win <= 1:
         return slot
     m = spec.machine
-    piece = max(min(t.rows - rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+    piece = max(min(t.rows - rows[t.name], block_rows(t.rows, t.row_bytes)) * t.row_bytes
                 for ts in layers.values() for t in ts) + PIECE_SLACK
     busy = max(sum(t.nbytes / m.compute_bw + (t.rows - rows[t.name]) * t.row_bytes * t.repacked
                    / m.repack_bw for t in ts) for ts in layers.values())

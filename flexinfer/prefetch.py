@@ -211,10 +211,21 @@ class Prefetcher:
         """Restart from the first layer (after a forward pass was abandoned half way)."""
         self.restart(self.order)
 
-    def restart(self, order: list[int]) -> None:
-        """Stream another set of layers from the next forward pass on (a later stage of the plan
-        streams more, weights.py). The counters go on."""
+    def restart(self, order: list[int], ring: int | None = None, window: int | None = None,
+                threaded: bool | None = None, wraps: bool | None = None) -> None:
+        """Stream another set of layers from the next forward pass on, optionally into a ring of
+        another size, with another window or schedule (residency.py moves blocks between resident
+        and streamed). The counters go on."""
         self.close()
+        if ring is not None:
+            self._ring = ring
+        if window is not None:
+            assert window > 0, "the reader must be allowed the layer the consumer waits for"
+            self._most = window
+        if threaded is not None:
+            self.threaded = threaded
+        if wraps is not None:
+            self._wraps = wraps
         self._set_order(order)
         self._reset_state()
         self._start()

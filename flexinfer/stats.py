@@ -16,6 +16,7 @@ class Stats:
     resident_bytes: int = 0  # weight bytes kept in memory
     compute_bytes: int = 0  # graph memory the allocator reserved
     stage: int = 0  # the plan's stage for the KV cache's current size (planner.py, "Stages")
+    budget_changes: int = 0  # Model.set_memory_budget calls that moved to a new plan
     plan_summary: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # things said once on stderr (O_DIRECT refused, ...)
     experts: dict = field(default_factory=dict)  # the expert cache's counters (experts.py)

@@ -43,7 +43,7 @@ def _logits(path, prompt=PROMPT, **opts):
         ids = [t % m.cfg.n_vocab for t in prompt]
         out = m.logits(ids)
         assert m.prefetch_threads_alive in (0, 2)
-        p = m._store.prefetcher
+        p = m._residency.prefetcher
         run = Run(m.plan, p.layers_loaded if p else 0)
     return out, run
 
@@ -169,8 +169,7 @@ def test_many_streamed_pieces_fit_the_header_table(tiny_mixed_path, monkeypatch)
     beyond two per tensor, and loading and computing must still work, bit for bit."""
     import flexinfer.weights as weights
     resident, _ = _logits(tiny_mixed_path)
-    monkeypatch.setattr(weights, "chunk_rows", lambda row_bytes: ROW_ALIGN)
-    monkeypatch.setattr(weights, "STREAM_CHUNK", 1)  # the table's count follows the piece size
+    monkeypatch.setattr(weights, "block_starts", lambda rows, rb: range(0, rows, ROW_ALIGN))
     _squeeze_budget(monkeypatch, 0.0)
     streamed, run = _logits(tiny_mixed_path)
     assert run.streamed > 0 and np.array_equal(streamed, resident)
@@ -201,11 +200,11 @@ def _steps(path, n_steps=20, **opts):
     with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
         ids = [t % m.cfg.n_vocab for t in PROMPT]
         out = [m._forward(ids, 0)]
-        stages, resident = [m._store.stage], [m.stats.resident_bytes]
+        stages, resident = [m._residency.stage], [m.stats.resident_bytes]
         for _ in range(n_steps):
             ids.append(int(out[-1][-1].argmax()))
             out.append(m._forward(ids[-1:], len(ids) - 1))
-            stages.append(m._store.stage)
+            stages.append(m._residency.stage)
             resident.append(m.stats.resident_bytes)
         threads = m.prefetch_threads_alive
     return np.concatenate(out), stages, resident, threads
@@ -237,6 +236,7 @@ def test_the_store_allocates_no_more_than_the_planner_counts(model, staged, requ
     and the bounce buffer no larger than its count; and streaming through them is bit-exact.
     (The tiny models are too small for a real budget to stream: the rows are forced.)"""
     from flexinfer import ggml_ops, planner
+    from flexinfer.direct_io import span
     from flexinfer.weights import matrices
     path = request.getfixturevalue(model)
     resident, _ = _logits(path)
@@ -248,30 +248,30 @@ def test_the_store_allocates_no_more_than_the_planner_counts(model, staged, requ
 
     def with_ring(mats, budget, fixed, mach, **kw):
         p = forced(mats, budget, fixed, mach, **kw)
-        spec = planner.RingSpec(len(p.stages), mach)
+        spec = planner.RingSpec(mach)
         return dataclasses.replace(p, ring_bytes=planner._ring(planner._layers(mats),
                                                                p.resident_rows, spec, p.window))
     monkeypatch.setattr(fm, "plan", with_ring)
     with fm.load(path, n_ctx=64, n_threads=2) as m:
         mats = matrices(m.g, m.cfg, m.specs, lambda i: ggml_ops.repacks(i.type, i.shape))
-        slot = planner._slot(planner._layers(mats), m.plan.resident_rows, len(m.plan.stages))
-        s = m._store
-        layer = max(s._span(ps) for ps in s._final_streamed().values())
-        assert s.prefetcher and layer <= slot < m.plan.ring_bytes
-        assert s._ring.size == -(-m.plan.ring_bytes // ggml_ops.PAGE) * ggml_ops.PAGE
+        slot = planner._slot(planner._layers(mats), m.plan.resident_rows)
+        s, r = m._store, m._residency
+        layer = max(sum(span(b.offset, b.nbytes)[1] for b in bs)
+                    for bs in r.streamed_layers().values())
+        assert r.prefetcher and layer <= slot < m.plan.ring_bytes
+        assert r.ring.size == -(-m.plan.ring_bytes // ggml_ops.PAGE) * ggml_ops.PAGE
         repacked = any(t.repacked and m.plan.resident_rows[t.name] < t.rows for t in mats)
-        assert hasattr(s, "_bounce") == repacked
-        assert not repacked or s._bounce.size <= planner._bounce(mats)
+        assert (s.bounce is not None) == repacked
+        assert not repacked or s.bounce.size <= planner._bounce(mats)
         streamed = m.logits([t % m.cfg.n_vocab for t in PROMPT])
     assert np.array_equal(streamed, resident)
 
 
 @pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_mixed_path", "tiny_llama_tied_path"])
-def test_loading_stages_a_chunk_at_a_time_and_converts_in_small_groups(model, request,
-                                                                        monkeypatch):
-    """Loading reads each resident part a chunk of rows at a time, so its staging buffer never
-    has to hold a whole tensor (the head here is 1.2 MB, the chunk 64 KiB); resident and streamed
-    rows are repacked 32 rows at a time. The logits stay bit-exact."""
+def test_loading_reads_into_homes_and_converts_in_small_groups(model, request, monkeypatch):
+    """Loading reads each resident block straight into its home, with no staging buffer (the
+    head here is 1.2 MB); resident and streamed rows are repacked 32 rows at a time through the
+    one plain buffer there is, the bounce buffer. The logits stay bit-exact."""
     import flexinfer.weights as weights
     path = request.getfixturevalue(model)
     resident, _ = _logits(path)
@@ -282,13 +282,12 @@ def test_loading_stages_a_chunk_at_a_time_and_converts_in_small_groups(model, re
             super().__init__(size, repack)
             sizes.append((size, repack))
     monkeypatch.setattr(weights, "Buffer", Recorded)
-    monkeypatch.setattr(weights, "STREAM_CHUNK", 64 << 10)
     monkeypatch.setattr(weights, "convert_rows", lambda row_bytes: 32)
     _squeeze_budget(monkeypatch, 0.5)
     streamed, run = _logits(path)
     assert run.streamed > 0 and np.array_equal(streamed, resident)
-    plain = [size for size, repack in sizes if not repack]  # the load staging and the bounce
-    assert plain and max(plain) <= (64 << 10) + 2 * 4096
+    plain = [size for size, repack in sizes if not repack]  # the bounce buffer only
+    assert len(plain) == 1 and plain[0] <= 32 * 4 * 1024  # 32 rows of the widest (f32, 1024)
 
 
 def _loan_budget(monkeypatch, prompt=0.3, decode=0.7, stage=None):
@@ -319,7 +318,7 @@ def _chat(path, **opts):
     """A prompt, 6 decoded tokens, a second prompt (a chat turn), 6 more: every step's logits, and
     after each step the bytes it read and the resident bytes; the store's loan and prompt count."""
     with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
-        s = m._store
+        s = m._residency
 
         def step(ids, pos):
             before = m._reader.bytes_read
@@ -338,7 +337,7 @@ def _chat(path, **opts):
                 more = [t % m.cfg.n_vocab for t in PROMPT[:5]]
                 step(more, len(ids))
                 ids += more
-        loan = sum(p.nbytes for _, p in s._loan)
+        loan = sum(b.nbytes for b in m._residency._loan)
         info = dict(prompts=s.prompts, loan=loan, threads=m.prefetch_threads_alive)
     return np.concatenate(out), reads, held, info
 
@@ -386,9 +385,9 @@ def test_a_ring_without_the_double_mapping_streams_bit_exactly(model, request, m
     monkeypatch.setattr(os, "memfd_create", refused)
     _squeeze_budget(monkeypatch, 0.35)
     with fm.load(path, n_ctx=64, n_threads=2) as m:
-        assert not m._store._ring.wraps
+        assert not m._residency.ring.wraps
         streamed = m.logits([t % m.cfg.n_vocab for t in PROMPT])
         for _ in range(3):  # a few passes, so that pieces go round the ring
             streamed = np.concatenate([streamed, m.logits([t % m.cfg.n_vocab for t in PROMPT])])
-        assert m._store.prefetcher.started_over > 0
+        assert m._residency.prefetcher.started_over > 0
     assert np.array_equal(streamed, np.concatenate([resident] * 4))

@@ -133,7 +133,7 @@ def test_streamed_equals_resident(name, request, tmp_path_factory, monkeypatch):
     _squeeze_budget(monkeypatch, 0.35)
     with fm.load(path, n_ctx=s["n_ctx"], n_threads=s["n_threads"], offload="flexinfer") as model:
         streamed = model.logits(ids)
-        assert model._store.prefetcher.layers_loaded > 0, "the plan must stream"
+        assert model._residency.prefetcher.layers_loaded > 0, "the plan must stream"
     assert np.array_equal(streamed, resident)
 
 

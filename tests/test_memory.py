@@ -99,7 +99,7 @@ with flexinfer.load(sys.argv[1], n_ctx=256, n_threads=2, memory_budget=budget) a
             ids.append(tok)
             out.append(tok)
             logits = m._forward([tok], len(ids) - 1)
-    print(json.dumps({"tokens": out, "prompts": m._store.prompts, "loan": m.plan.loan_bytes}))
+    print(json.dumps({"tokens": out, "prompts": m._residency.prompts, "loan": m.plan.loan_bytes}))
 """
 
 

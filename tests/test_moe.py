@@ -140,8 +140,8 @@ def _logits(path, **opts):
     """(logits of PROMPT, layer loads streamed, names of the streamed parts)."""
     with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
         out = m.logits(PROMPT)
-        p = m._store.prefetcher
-        names = {part.header.contents.name.decode() for parts in m._store._streamed.values()
+        p = m._residency.prefetcher
+        names = {part.header.contents.name.decode() for parts in m._residency.streamed_layers().values()
                  for part in parts}
         return out, (p.layers_loaded if p else 0), names
 

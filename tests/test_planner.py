@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from flexinfer import planner
 from flexinfer.planner import (PIECE_SLACK, POLICIES, ROW_ALIGN, STREAM_CHUNK, BudgetError,
-                               Machine, PlanTensor, chunk_rows, plan, simulate)
+                               Machine, PlanTensor, block_rows, plan, simulate)
 
 MACHINE = Machine(disk_bw=1.6e9, compute_bw=14e9, repack_bw=8e9)
 ATTN = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -140,7 +140,7 @@ def test_every_streamed_layer_fits_its_slot(shape, frac, balance, window):
     if not p.streamed_bytes:
         assert (p.slot_bytes, p.ring_bytes, p.bounce_bytes, p.window) == (0, 0, 0, 0)
         return
-    pieces = max(sum(-(-(t.rows - p.resident_rows[t.name]) * t.row_bytes // STREAM_CHUNK) + 1
+    pieces = max(sum(-(-(t.rows - p.resident_rows[t.name]) // block_rows(t.rows, t.row_bytes)) + 1
                      for t in tensors if t.layer == layer) for layer in {t.layer for t in tensors})
     assert max(p.streamed_per_layer) < p.slot_bytes
     assert p.slot_bytes <= max(p.streamed_per_layer) + PIECE_SLACK * pieces
@@ -151,7 +151,7 @@ def test_every_streamed_layer_fits_its_slot(shape, frac, balance, window):
     assert (p.window >= 1) == (n_streamed > 0) and p.window <= n_streamed
     assert p.total_bytes() == fixed + p.resident_bytes + p.ring_bytes + p.bounce_bytes
     # the ring: one layer, and room to read ahead, a piece at least, a layer at most
-    piece = max(min(t.rows - p.resident_rows[t.name], chunk_rows(t.row_bytes)) * t.row_bytes
+    piece = max(min(t.rows - p.resident_rows[t.name], block_rows(t.rows, t.row_bytes)) * t.row_bytes
                 for t in tensors)
     if p.window == 1:
         assert p.ring_bytes == p.slot_bytes
@@ -161,7 +161,7 @@ def test_every_streamed_layer_fits_its_slot(shape, frac, balance, window):
 
 @FAST
 @given(shapes, fracs, st.booleans(), st.sampled_from(sorted(POLICIES)))
-def test_resident_rows_are_whole_row_groups(shape, frac, balance, preserve):
+def test_resident_rows_are_whole_blocks(shape, frac, balance, preserve):
     tensors, fixed, budget = budget_at(shape, frac)
     try:
         p = plan(tensors, budget, fixed, MACHINE, balance=balance, preserve=preserve)
@@ -170,31 +170,33 @@ def test_resident_rows_are_whole_row_groups(shape, frac, balance, preserve):
     assert set(p.resident_rows) == {t.name for t in tensors}
     for t in tensors:
         r = p.resident_rows[t.name]
-        assert 0 <= r <= t.rows and (r == t.rows or r % ROW_ALIGN == 0), (t.name, r)
+        step = block_rows(t.rows, t.row_bytes)
+        assert 0 <= r <= t.rows and (r == t.rows or r % step == 0), (t.name, r)
+        assert step % ROW_ALIGN == 0 or step == t.rows
+        assert step * t.row_bytes <= STREAM_CHUNK + ROW_ALIGN * t.row_bytes or t.rows == 1
 
 
 # ---- balance
 @FAST
 @given(shapes, st.floats(0.0, 1.0), st.sampled_from(sorted(POLICIES)))
 def test_balanced_blocks_stream_the_same_bytes(shape, frac, preserve):
-    """Every block keeps `size - S` bytes, filled tensor by tensor in policy order and rounded down
-    to ROW_ALIGN rows: only the first tensor cut short loses bytes, less than ROW_ALIGN of its rows,
-    and the tensors after it can only take from what is left. So a block that keeps anything streams
-    S + [0, ROW_ALIGN * largest row_bytes). A block that keeps nothing (smaller than S, or not even
-    one row group of its first tensor fits) streams its size, which is no more than the others."""
+    """Every layer keeps `size - S` bytes, filled tensor by tensor in policy order in whole blocks
+    (planner.block_rows); what a layer cannot place (less than a block) is carried to the next.
+    So a layer that keeps anything streams S, less what it was carried, plus less than a block:
+    layers differ by less than two of the largest blocks. A layer that keeps nothing streams its
+    size, which is no more than the others."""
     tensors, fixed, budget = budget_at(shape, frac)
     try:
         p = plan(tensors, budget, fixed, MACHINE, balance=True, preserve=preserve)
     except BudgetError:
         return
     blocks = list(zip(p.streamed_per_layer[:-1], p.layer_bytes[:-1]))  # the head is apart
-    tol = ROW_ALIGN * max(t.row_bytes for t in tensors if t.kind != "output")
+    tol = 2 * max(block_rows(t.rows, t.row_bytes) * t.row_bytes for t in tensors
+                  if t.kind != "output")
     top = max(s for s, _ in blocks)
     keeping = [s for s, size in blocks if s < size]
     assert all(top - s < tol for s in keeping), (top, keeping, tol)
     assert all(s <= top for s, size in blocks)
-    if shape == "llama7b":  # identical blocks: identical cuts
-        assert len({s for s, _ in blocks}) == 1
 
 
 @FAST
@@ -225,8 +227,9 @@ def test_more_budget_never_means_less_resident_or_slower(shape, balance):
         except BudgetError:
             assert prev is None  # once a budget works, every larger one does
             continue
-        if prev is not None:
-            assert p.resident_bytes >= prev.resident_bytes, budget
+        if prev is not None:  # a longer lookahead may take resident rows for its ring, but only
+            # when it is predicted faster (SmolLM2's whole-matrix blocks: window 2 at 48 MB)
+            assert p.resident_bytes >= prev.resident_bytes or p.window > prev.window, budget
             assert p.predicted_tok_s >= prev.predicted_tok_s * (1 - 1e-9), budget
         prev = p
     assert prev.policy == "all-resident"
@@ -261,7 +264,9 @@ def test_ffn_policy_at_a_high_budget_keeps_ffn_and_streams_attention():
 
 def test_attn_policy_at_a_low_budget_keeps_attention_and_streams_ffn():
     """At 30% of the model a block keeps ~24 MB, less than its 37.7 MB of attention: all of it goes
-    to attention (attn_q first, whole), no FFN row stays; the ffn policy does the opposite."""
+    to attention (attn_q first, whole), no FFN row stays; the ffn policy does the opposite: FFN
+    first, and what is left of a layer's share after its whole FFN blocks (less than one, 6.3 MB)
+    goes on to the next tensors in the order."""
     tensors, fixed, budget = budget_at("llama7b", 0.3)
     blocks = [t for t in tensors if t.kind != "output"]
     p = plan(tensors, budget, fixed, MACHINE, preserve="attn")
@@ -269,8 +274,13 @@ def test_attn_policy_at_a_low_budget_keeps_attention_and_streams_ffn():
     assert all(p.resident_rows[t.name] == 0 for t in blocks if t.kind in FFN)
     assert _full(p, blocks, ("attn_q",))
     q = plan(tensors, budget, fixed, MACHINE, preserve="ffn")
-    assert all(q.resident_rows[t.name] == 0 for t in blocks if t.kind in ATTN + ("ffn_down",))
-    assert all(q.resident_rows[t.name] > 0 for t in blocks if t.kind == "ffn_gate")
+    for layer in {t.layer for t in blocks}:
+        ts = [t for t in blocks if t.layer == layer]
+        later = sum(q.resident_rows[t.name] * t.row_bytes for t in ts
+                    if t.kind in ATTN + ("ffn_down",))
+        gate = next(t for t in ts if t.kind == "ffn_gate")
+        assert later < block_rows(gate.rows, gate.row_bytes) * gate.row_bytes
+        assert q.resident_rows[gate.name] > 0
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -286,9 +296,12 @@ def test_auto_takes_the_fastest_candidate(shape, frac):
 
 def test_auto_keeps_attention_at_a_low_budget():
     """Streaming FFN leaves 3 reads a block, streaming attention first 5: the paper's low-memory
-    choice falls out of the per-read latency."""
+    choice falls out of the per-read latency. In whole blocks, attn and kv-ffn (K and V first)
+    come within 0.3% of each other here, kv-ffn placing 4 MB more: either keeps attention."""
     tensors, fixed, budget = budget_at("llama7b", 0.3)
-    assert plan(tensors, budget, fixed, MACHINE).policy == "attn"
+    p = plan(tensors, budget, fixed, MACHINE)
+    assert p.policy in ("attn", "kv-ffn")
+    assert p.predicted_s < plan(tensors, budget, fixed, MACHINE, preserve="ffn").predicted_s
 
 
 # ---- simulate: the pipeline model
@@ -413,11 +426,11 @@ def _growth(fixed: int) -> tuple[tuple[int, int], ...]:
     return ((64, kv - kv // 16), (256, kv - kv // 4))
 
 
-def _used_at(p, tensors, stage, cuts) -> int:
+def _used_at(p, tensors, stage) -> int:
     """Independent of the planner: the stage's resident rows, the ring (sized for the plan's own
     streaming, the most there is: the prefetcher goes round all of it in every stage; a slot of
     the largest layer's pieces,
-    each with its alignment slack and `cuts` stage boundaries that may split pieces; plus, with a
+    each with its alignment slack, and one more slack per tensor; plus, with a
     window of 2 or more, a lookahead: the largest piece at least, what the disk reads in a layer's
     compute if more, a slot at most) and the bounce buffer."""
     layers: dict[int, int] = {}
@@ -425,11 +438,11 @@ def _used_at(p, tensors, stage, cuts) -> int:
     piece = 0
     for t in tensors:
         n = t.rows - p.resident_rows[t.name]
-        pieces = -(-n // chunk_rows(t.row_bytes)) + cuts if n else 0
+        pieces = -(-n // block_rows(t.rows, t.row_bytes)) + 1 if n else 0
         layers[t.layer] = layers.get(t.layer, 0) + n * t.row_bytes + pieces * PIECE_SLACK
         busy[t.layer] = (busy.get(t.layer, 0.0) + t.nbytes / MACHINE.compute_bw
                          + (n * t.row_bytes / MACHINE.repack_bw if t.repacked else 0.0))
-        piece = max(piece, min(n, chunk_rows(t.row_bytes)) * t.row_bytes + PIECE_SLACK)
+        piece = max(piece, min(n, block_rows(t.rows, t.row_bytes)) * t.row_bytes + PIECE_SLACK)
     n = sum(1 for s in layers.values() if s)
     if not n:
         return stage.resident_bytes
@@ -459,7 +472,7 @@ def test_stages_only_release_rows_and_each_fits_the_budget(shape, frac, balance,
                    for t in tensors for r in [earlier.resident_rows[t.name]])
     for s in p.stages:
         assert s.kv_unused == unused[s.positions]
-        assert s.total_bytes() == fixed - s.kv_unused + _used_at(p, tensors, s, len(growth))
+        assert s.total_bytes() == fixed - s.kv_unused + _used_at(p, tensors, s)
         assert s.total_bytes() <= budget
         assert s.resident_bytes + s.streamed_bytes == total(tensors)
 
