@@ -74,10 +74,10 @@ def test_a_wrong_slab_is_caught(resident, monkeypatch):
     path, want = resident
     real = ex.ExpertStore._read_run
 
-    def shifted(self, s, run):  # the next expert's bytes (the previous one's for the last)
-        d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2
+    def shifted(self, s, run, stage=None):  # the next expert's bytes (the previous one's for
+        d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2  # the last)
         return real(self, ex._Slab(s.header, s.offset + d, s.nb2, s.rows, s.rb, s.home, s.repack),
-                    run)
+                    run, stage)
     monkeypatch.setattr(ex.ExpertStore, "_read_run", shifted)
     got = _run(path, expert_cache=0)[0]
     assert not np.array_equal(got, want)
@@ -86,9 +86,10 @@ def test_a_wrong_slab_is_caught(resident, monkeypatch):
 
 def test_only_the_picked_experts_are_read(resident):
     """Bytes read for experts = misses x one expert's three slabs; every lookup a hit or a miss;
-    unpicked experts' slabs never touched (they read as zeros in the lazily charged arena)."""
+    unpicked experts' slabs never touched (they read as zeros in the lazily charged arena).
+    Without the read-ahead, which reads guesses (test_read_ahead_predicts_and_is_used)."""
     path, _ = resident
-    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, expert_prefetch=False) as m:
         st = m._experts
         assert st.hits + st.misses == 0 and st.bytes_read == 0  # a cold cache: nothing read yet
         m._forward([PROMPT[0]], 0)  # one token: K experts per layer
@@ -217,3 +218,20 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
                                       + warm.missed_bytes / mach.repack_bw)
     assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io)
     assert got.t_io >= warm.missed_bytes / mach.disk_bw > 0
+
+
+def test_a_budget_change_resizes_the_expert_cache(resident):
+    """set_memory_budget re-plans: the cache takes the new plan's expert_cache_bytes, evicting
+    down to it at once (pages given back), and the logits do not change."""
+    path, want = resident
+    with fm.load(path, n_ctx=64, n_threads=2) as m:
+        st = m._experts
+        full = m.logits(PROMPT)
+        assert st.capacity == st.total_bytes == st.used_bytes  # everything cached
+        change = m.set_memory_budget(m.minimum_budget())
+        assert m.plan.expert_cache_bytes < st.total_bytes
+        assert st.capacity == max(m.plan.expert_cache_bytes, st._floor)
+        assert st.used_bytes <= st.capacity and change.released_bytes >= st.total_bytes - \
+            st.used_bytes
+        assert np.array_equal(m.logits(PROMPT), full)
+        assert np.array_equal(full, want[:len(PROMPT)])
