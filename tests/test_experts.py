@@ -235,3 +235,27 @@ def test_a_budget_change_resizes_the_expert_cache(resident):
             st.used_bytes
         assert np.array_equal(m.logits(PROMPT), full)
         assert np.array_equal(full, want[:len(PROMPT)])
+
+
+def test_the_moe_bench_table():
+    """scripts/bench_moe.py's bound and table from rows as its points write them."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", Path(__file__).parent.parent / "scripts" / "bench_moe.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    r = {"compute_s_per_token": 0.5, "experts": {"decode_expert_bytes_per_token": 10**9}}
+    assert b.moe_bound(r, 0.5e9) == pytest.approx(0.5)  # I/O bound: 2 s a token
+    assert b.moe_bound(r, 4e9, t_cpu=None) == pytest.approx(2.0)  # compute bound
+    assert b.moe_bound({"compute_s_per_token": 0.5}, 1e9) is None  # no expert cache: no bound
+    rows = [{"model": "m", "mode": "flexinfer", "budget_bytes": 2 * 10**9, "status": "ok",
+             "cgroup_peak_bytes": 1.9e9, "decode_tokens_per_s": 0.4,
+             "moe_bound_tokens_per_s": 0.5, "predicted_tokens_per_s": 0.44, "hit_rate": 0.3,
+             "expert_bytes_per_token": 7e8},
+            {"model": "m", "mode": "llama.cpp-mmap", "budget_bytes": 2 * 10**9, "status": "oom",
+             "cgroup_peak_bytes": 2e9, "decode_tokens_per_s": 0.1}]
+    lines = b.table(rows).splitlines()
+    assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 4.00x | 0.440 (+10%) | "
+                        "0.30 | 0.700 | 1.90 |")
+    assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
