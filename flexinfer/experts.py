@@ -175,7 +175,8 @@ class ExpertStore:
             self._add(n, self._arena.base + off, repack)
         self.unit_bytes = {l: sum(s.nb2 for s in ss) for l, ss in self._slabs.items()}
         self.total_bytes = sum(self.unit_bytes.values()) * self.n_expert
-        self.capacity = max(min(capacity, self.total_bytes), min_capacity(g, names))
+        self._floor = min_capacity(g, names)
+        self.capacity = max(min(capacity, self.total_bytes), self._floor)
         self._make_converter()
         stage = max(max(span(0, s.nb2)[1] for ss in self._slabs.values() for s in ss) + ALIGN,
                     STAGE + 2 * ALIGN)
@@ -442,6 +443,16 @@ class ExpertStore:
         for i in range(len(run)):  # slab by slab: the converter's groups are those of one slab
             ggml_ops.repack_rows(s.header, self._tag, headers, dst + i * s.nb2,
                                  src + i * s.nb2, s.rows, step)
+
+    def set_capacity(self, capacity: int) -> int:
+        """A new capacity (a change of budget, between steps; never below the floor): evicts the
+        least recently used experts until the cache fits. Returns the bytes given back."""
+        if self._bg is not None:
+            self._bg.wait()
+        self.capacity = max(min(capacity, self.total_bytes), self._floor)
+        before = self.used_bytes
+        self._make_room(set(), 0)
+        return before - self.used_bytes
 
     def resident(self, layer: int) -> list[int]:
         """The layer's cached experts, in order (for tests and stats)."""
