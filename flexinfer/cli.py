@@ -43,6 +43,13 @@ def _model_args(p) -> None:
     p.add_argument("--preserve", default="auto", choices=("auto", "ffn", "attn"))
     p.add_argument("--prefetch-window", type=int, default=None, help="layers read ahead")
     p.add_argument("--no-repack", action="store_true", help="plain kernels, no repacked weights")
+    p.add_argument("--experts", default="auto", choices=("auto", "whole"),
+                   help="MoE: auto reads only the picked experts into an expert cache; whole "
+                        "plans expert tensors whole with the rest")
+    p.add_argument("--expert-cache", default=None,
+                   help="MoE: bytes of expert cache, e.g. 2G (default: what the plan leaves)")
+    p.add_argument("--no-expert-prefetch", action="store_true",
+                   help="MoE: no read-ahead of the next layer's likely experts")
     for which in ("k", "v"):
         p.add_argument(f"--cache-type-{which}", "-ct" + which, default="f16",
                        choices=("f16", "q8_0", "q4_0"), help=f"KV cache type for {which.upper()}")
@@ -53,7 +60,17 @@ def _options(a) -> dict:
                 offload=a.offload, balance=not a.no_balance, preserve=a.preserve,
                 prefetch_window=a.prefetch_window, repack=not a.no_repack,
                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                n_seq=getattr(a, "parallel", 1))
+                n_seq=getattr(a, "parallel", 1), experts=a.experts,
+                expert_prefetch=not a.no_expert_prefetch,
+                expert_cache=_size(a.expert_cache, "--expert-cache"))
+
+
+def _size(text, option: str):
+    """A byte count like 800M or 2G (None stays None); bad input: one line naming the option."""
+    if text is None:
+        return None
+    from flexinfer.budget import parse_size
+    return parse_size(text, option)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -203,6 +203,7 @@ def plan_report(planned, model_bytes: int, n_ctx: int) -> dict:
         "t_io_s": round(start.t_io, 4), "t_cpu_s": round(start.t_cpu, 4),
         "predicted_tokens_per_s": round(start.predicted_tok_s, 3),
         "bound_tokens_per_s": round(p.bound_tok_s, 3),
+        **({"expert_cache_bytes": p.expert_cache_bytes} if planned.experts else {}),
         "stages": [{"up_to_positions": getattr(s, "positions", n_ctx),
                     "resident_bytes": s.resident_bytes, "streamed_bytes_per_token": s.streamed_bytes,
                     "planned_total_bytes": s.total_bytes(),

@@ -53,9 +53,10 @@ class GraphSet:
     head: Ops
     logits: Tensor
     n_out: int
+    ffn: list = None  # expert streaming: each MoE layer's graph B (moe.ffn_graph), else None
 
     def free(self) -> None:
-        for ops in [self.embed, self.head, *self.layers]:
+        for ops in [self.embed, self.head, *self.layers, *[f for f in self.ffn or () if f]]:
             ops.free()
 
 
@@ -72,7 +73,9 @@ class Inputs:
                 "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
                 "out": 4 * n_ubatch, "mask": 2 * n_cells * pad,
                 **({"rows_swa": 8 * n_ubatch, "mask_swa": 2 * n_cells_swa * pad}
-                   if n_cells_swa else {})}
+                   if n_cells_swa else {}),
+                **({"xa": 4 * cfg.n_embd * n_ubatch, "ids": 4 * cfg.n_expert_used * n_ubatch}
+                   if cfg.n_expert else {})}  # expert streaming: graph A's outputs
 
     def __init__(self, cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,
                  embd_row_bytes: int):
@@ -97,6 +100,15 @@ class Inputs:
             self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"])
             self.rows_swa = np.frombuffer(mv(self.addr["rows_swa"], sizes["rows_swa"]),
                                           dtype=np.int64)
+        self.ids = (np.frombuffer(mv(self.addr["ids"], sizes["ids"]), dtype=np.int32)
+                    if cfg.n_expert else None)  # the router's top-K picks, (T, K) row-major
+        self.sizes_xa = sizes.get("xa", 0) // 4  # floats of graph A's residual, n_embd a token
+
+    def residual(self, T: int) -> np.ndarray:
+        """Graph A's residual of the T tokens (T, n_embd) float32, a view (expert read-ahead)."""
+        n = self.sizes_xa // self.n_ubatch
+        return np.frombuffer(ggml_ops.memview(self.addr["xa"], 4 * n * T),
+                             dtype=np.float32).reshape(T, n)
 
     def release(self) -> None:
         """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
@@ -144,6 +156,7 @@ class Inputs:
 
     def close(self) -> None:
         del self.pos, self.rows, self.out, self._mask, self._idx, self._mask_swa, self.rows_swa
+        del self.ids
         self._buf.free()
 
 
@@ -154,8 +167,13 @@ class Engine:
     memory resident weight rows lend (the loan, weights.py)."""
 
     def __init__(self, cfg: ModelConfig, arch, store, kv: KVCache, backend: Backend | None,
-                 n_ubatch: int, warm: bool = True):
+                 n_ubatch: int, warm: bool = True, experts=None, split: bool | None = None):
         self.cfg, self.arch, self.store, self.kv, self.backend = cfg, arch, store, kv, backend
+        # experts: an ExpertStore (experts.py) owning the *_exps tensors: each MoE layer runs as
+        # two graphs split after the router, its picks fetched in between (split; a header-only
+        # store sizing graphs splits without one)
+        self.experts = experts
+        self.split = (experts is not None) if split is None else split
         self.n_decode = max(1, kv.n_seq)  # a decode step: one token per sequence
         # never more than the sliding layers' rings were sized for (kv_cache.swa_cells)
         self.n_ubatch = max(min(n_ubatch, kv.n_cells, kv.n_ubatch), self.n_decode)
@@ -183,7 +201,7 @@ class Engine:
         for T in sorted({self.n_decode, self.n_ubatch}):
             worst = self._build(T, n_cells, n_swa, min(T, MAX_LOGIT_ROWS), alloc=False)
             alloc = self.alloc if T <= self.n_decode else Allocator()
-            for ops in (worst.layers[0], worst.head):
+            for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
                 alloc.reserve(ops)
                 work = max(work, ops.work_size(threads))
             if T > self.n_decode:
@@ -201,7 +219,7 @@ class Engine:
     def _build(self, T: int, n_kv: int, n_kv_swa: int, n_out: int,
                alloc: bool = True) -> GraphSet:
         cfg, a = self.cfg, self.inputs.addr
-        layers = []
+        layers, ffns = [], []
         for il in range(cfg.n_layer):
             ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
             pos = ops.input(TYPE_I32, (T,), a["pos"])
@@ -211,17 +229,37 @@ class Engine:
             batch = Batch(T, n_kv, pos, ops.input(TYPE_I64, (T,), a["rows"]),
                           ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]), swa)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
-            out = self.arch.build_layer(ops, cfg, il, layer_weights(self.store.layers, il), x,
-                                        batch, self.kv.k[il], self.kv.v[il])
-            ops.output(ops.cpy(out, x))
+            w = layer_weights(self.store.layers, il)
+            if self.split:
+                ffns.append(self._split_layer(ops, il, w, x, batch))
+            else:
+                out = self.arch.build_layer(ops, cfg, il, w, x, batch, self.kv.k[il],
+                                            self.kv.v[il])
+                ops.output(ops.cpy(out, x))
+                ffns.append(None)
             layers.append(ops)
             if not alloc:
                 break
         embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out)
         if alloc:
-            for ops in (embed, *layers, head):
+            for ops in (embed, *layers, *[f for f in ffns if f], head):
                 (self.alloc if T <= self.n_decode else self._prompt_alloc).alloc(ops)
-        return GraphSet(embed, layers, head, logits, n_out)
+        return GraphSet(embed, layers, head, logits, n_out, ffns)
+
+    def _split_layer(self, ops: Ops, il: int, w: dict, x: Tensor, batch: Batch) -> Ops:
+        """Expert streaming: `ops` becomes layer il's graph A (attention and router, moe.attn_graph)
+        and the returned Ops its graph B (the experts, moe.ffn_graph), with the expert store's
+        headers for the *_exps tensors."""
+        cfg, a, T = self.cfg, self.inputs.addr, batch.n_tokens
+        if self.experts is not None:
+            w = {**w, **self.experts.layers[il]}
+        xa = ops.input(TYPE_F32, (cfg.n_embd, T), a["xa"])
+        ids = ops.input(TYPE_I32, (cfg.n_expert_used, T), a["ids"])
+        moe.attn_graph(ops, self.arch, cfg, w, x, batch, self.kv.k[il], self.kv.v[il], xa, ids)
+        ffn = Ops(_node_budget(self.store.layers[il], 48 + moe.graph_nodes(cfg)))
+        moe.ffn_graph(ffn, cfg, w, ffn.input(TYPE_F32, (cfg.n_embd, T), a["xa"]),
+                      ffn.input(TYPE_F32, (cfg.n_embd, T), a["x"]))
+        return ffn
 
     def _embed_graph(self, T: int) -> Ops:
         ops, a = Ops(16), self.inputs.addr
@@ -254,7 +292,7 @@ class Engine:
             self._prompt_alloc = Allocator()
             worst = self._build(self.n_ubatch, self.kv.n_cells, self.kv.n_cells_swa,
                                 min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
-            for ops in (worst.layers[0], worst.head):
+            for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
                 self._prompt_alloc.reserve(ops)
             worst.free()
         gs = self._sets[key] = self._build(T, n_kv, n_kv_swa, n_out)
@@ -315,6 +353,10 @@ class Engine:
             for il, ops in enumerate(gs.layers):
                 self.store.get(il)
                 self.backend.compute(ops.graph)
+                if gs.ffn[il] is not None:  # expert streaming: read the picked experts, then B
+                    self.experts.fetch(il, self.inputs.ids[:T * self.cfg.n_expert_used])
+                    self.experts.prefetch(il + 1, self.inputs.residual(T))  # read-ahead
+                    self.backend.compute(gs.ffn[il].graph)
                 self.store.release(il)
             self.store.get(self.cfg.n_layer)  # even when unused: the prefetch order includes it
             for i in range(0, len(wanted), gs.n_out):  # the head, n_out rows at a time
@@ -393,7 +435,7 @@ class _HeaderKV(CacheLayout):
 
 def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch: int,
                           n_threads: int, n_seq: int = 1, type_k: int = TYPE_F16,
-                          type_v: int = TYPE_F16) -> tuple[int, int]:
+                          type_v: int = TYPE_F16, split: bool = False) -> tuple[int, int]:
     """(bytes the engine keeps for computing, bytes a prompt batch takes on top while it runs),
     measured on header-only weights, so the planner subtracts the real figures before any weight
     loads (the 7B at context 256 and 128-token batches: 3 MB and 25 MB)."""
@@ -401,7 +443,7 @@ def measure_compute_bytes(g, cfg: ModelConfig, arch, specs, n_ctx: int, n_ubatch
     kv = _HeaderKV(cfg, n_ctx, n_seq, type_k, type_v, n_ubatch)
     try:  # no backend is created: the engine only reads its thread count to size the work buffer
         eng = Engine(cfg, arch, store, kv, SimpleNamespace(n_threads=n_threads), n_ubatch,
-                     warm=False)
+                     warm=False, split=split)
         sizes = eng.compute_bytes, eng.prompt_bytes
         eng.close()
         return sizes

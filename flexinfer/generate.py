@@ -74,6 +74,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
     history = list(ids)
     logits = prefill(model, ids, times, seq)
     r0, io0, st0, cv0, d0 = model.io_counters()
+    e0 = model.expert_counters()
     t0 = time.perf_counter()
     try:
         for _ in range(opts.max_tokens):
@@ -91,6 +92,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
         times.decode_s = time.perf_counter() - t0
         times.bytes_read, times.io_busy_s, times.stall_s = r1 - r0, io1 - io0, st1 - st0
         times.convert_s, times.disk_read = cv1 - cv0, d1 - d0
+        times.experts = tuple(b - a for a, b in zip(e0, model.expert_counters()))
 
 
 def generate(model, prompt: str | list[int], *, add_bos: bool | None = None,

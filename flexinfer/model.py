@@ -23,13 +23,14 @@ from flexinfer.config import ModelConfig
 from flexinfer.direct_io import DirectReader
 from flexinfer.engine import Engine, measure_compute_bytes
 from flexinfer.errors import FlexInferError
+from flexinfer import experts as ex
 from flexinfer.ggml_ops import Backend
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import (KVCache, cache_type, check_cache_type, kv_bytes,
                                  kv_growth, swa_total)
 from flexinfer.model_check import check_model
 from flexinfer.models import ARCHS
-from flexinfer.planner import BudgetError, Machine, Plan, plan
+from flexinfer.planner import BudgetError, Machine, Plan, plan, with_experts
 from flexinfer.stats import Stats, process_read_bytes
 from flexinfer.tokenizer import Tokenizer
 from flexinfer.weights import WeightStore, matrices
@@ -55,16 +56,23 @@ class Options:
     cache_type_k: str = "f16"  # --cache-type-k: f16 | q8_0 | q4_0
     cache_type_v: str = "f16"  # --cache-type-v
     progress: object = None  # None or called with (bytes read, bytes to read) while loading
+    experts: str = "auto"  # MoE: auto (an expert cache reads only the picked experts, experts.py)
+    # | whole (expert tensors planned whole with the rest); mmap always maps them whole
+    expert_cache: int | None = None  # bytes of expert cache instead of what the plan leaves
+    # (at least one layer's experts; an ablation and for tests)
+    expert_prefetch: bool = True  # read layer l+1's likely experts while layer l's compute
 
 
 def _check_options(o: Options) -> None:
     if o.offload not in OFFLOAD_MODES:
         raise FlexInferError(f"--offload: {o.offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    if o.experts not in ("auto", "whole"):
+        raise FlexInferError(f"--experts: {o.experts!r} is not one of auto, whole")
     if o.preserve not in ("auto", "ffn", "attn"):
         raise FlexInferError(f"--preserve: {o.preserve!r} is not one of auto, ffn, attn")
     for name, v, lo in (("--ctx-size", o.n_ctx, 1), ("--threads", o.n_threads, 1),
                         ("--prefetch-window", o.prefetch_window, 1), ("n_ubatch", o.n_ubatch, 1),
-                        ("--parallel", o.n_seq, 1)):
+                        ("--parallel", o.n_seq, 1), ("--expert-cache", o.expert_cache, 0)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise FlexInferError(f"{name}: must be a whole number >= {lo}, got {v!r}")
 
@@ -87,6 +95,7 @@ class Model:
         self._closed = False
         self._engine = self._store = self.cache = self._backend = self._reader = None
         self._residency = None
+        self._experts = None
         self._lock = threading.RLock()  # a step and a change of budget never overlap
         self._follower = None  # follow.Follower with --memory-budget auto
         try:
@@ -119,8 +128,17 @@ class Model:
         self.stats.set_plan(self.plan, planned.budget, planned.source, planned.machine)
         self._reader = DirectReader(self.path, self.g.file_size, direct=o.direct_io,
                                     note=self._note)
+        if planned.experts:  # the expert cache owns the *_exps tensors (experts.py)
+            self._experts = ex.ExpertStore(self.g, self.cfg, planned.experts,
+                                           self.plan.expert_cache_bytes, self._reader,
+                                           repack=repack, counts_file=ex.counts_path(self.g),
+                                           note=self._note)
+            self._experts.warm()
+            if planned.expert_prefetch:
+                self._experts.enable_prefetch()
+            self.stats.experts = self._experts.summary()
         self._store = WeightStore(self.g, self.cfg, self.specs, self.plan, repack=repack,
-                                  reader=self._reader)
+                                  reader=self._reader, skip=planned.experts)
         self._store.load(self.plan, 0, o.progress)  # flexinfer may have chosen sync's schedule
         self._residency = self._store.residency
         if self._residency.mlock_errno:
@@ -130,7 +148,7 @@ class Model:
                              n_ubatch=planned.n_ubatch)
         self._backend = Backend(self.n_threads)
         self._engine = Engine(self.cfg, self.arch, self._store, self.cache, self._backend,
-                              planned.n_ubatch)
+                              planned.n_ubatch, experts=self._experts)
         self.stats.compute_bytes = self._engine.compute_bytes
         self.n_ubatch = self._engine.n_ubatch  # tokens one step computes at a time
 
@@ -182,6 +200,8 @@ class Model:
         if self.plan.mode != "mmap":  # less as the KV cache grows, or the budget changes
             self.stats.resident_bytes = self._residency.resident_bytes
             self.stats.stage = self._residency.stage
+        if self._experts is not None:
+            self.stats.experts = self._experts.summary()
 
     # ---- the memory budget, while running (issue 11)
     def set_memory_budget(self, size: int | str, source: str = "api") -> "BudgetChange":
@@ -208,6 +228,8 @@ class Model:
                     f"{os.path.basename(self.path)} at context {self.n_ctx}{_seqs(self.n_seq)}: "
                     f"{_gb(e.minimum)}; the budget stays {_gb(old)}") from None
             released, read, pending = self._residency.set_plan(new, self.cache.cells_charged())
+            if self._experts is not None:  # the expert cache shrinks or grows with the budget
+                released += self._experts.set_capacity(new.expert_cache_bytes)
             self.plan, self.memory_budget, self.budget_source = new, nbytes, source
             self.stats.set_plan(new, nbytes, source, self._planned.machine)
             self._note_residency()
@@ -284,9 +306,16 @@ class Model:
         converter busy s, bytes the process read from storage, page faults included: what mmap
         reads) since load: differences of two readings give a stretch of work's figures."""
         p = self._residency.prefetcher if self._store else None
+        fetch = self._experts.fetch_s if self._experts else 0.0  # expert reads stall compute
         return (self._reader.bytes_read if self._reader else 0,
-                p.io_busy_s if p else 0.0, p.stall_s if p else 0.0,
+                (p.io_busy_s if p else 0.0) + fetch, (p.stall_s if p else 0.0) + fetch,
                 p.convert_busy_s if p else 0.0, process_read_bytes())
+
+    def expert_counters(self) -> tuple[int, int, int]:
+        """(hits, misses, bytes read) of the expert cache since load (zeros without one): the
+        differences of two readings give a stretch of work's figures."""
+        e = self._experts
+        return (e.hits, e.misses, e.bytes_read) if e else (0, 0, 0)
 
     def generate(self, prompt, **kw):
         from flexinfer.generate import generate
@@ -302,7 +331,8 @@ class Model:
         self._closed = True
         if self._follower is not None:
             self._follower.stop()
-        for part in (self._engine, self._store, self.cache, self._backend, self._reader):
+        for part in (self._engine, self._store, self._experts, self.cache, self._backend,
+                     self._reader):
             if part is not None:
                 part.close()
 
@@ -334,6 +364,9 @@ class Planned(NamedTuple):
     n_ctx: int  # cells per sequence: the one asked for, or the largest default that fits
     replan: Callable[[int], Plan]  # the plan at another budget, everything else the same
     # (raises planner.BudgetError below the minimum)
+    experts: frozenset = frozenset()  # *_exps tensors an ExpertStore owns (experts.py); its
+    # capacity is the plan's expert_cache_bytes
+    expert_prefetch: bool = False  # read-ahead planned (its routers and staging charged)
 
 
 @dataclass(frozen=True)
@@ -407,7 +440,13 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
                              f"{_seqs(o.n_seq)}: at least {_gb(least)}; the KV cache and "
                              f"attention mask alone need {_gb(by_ctx)} (try a smaller --ctx-size)")
     repack = o.repack and o.offload != "mmap"  # a mapping of the file cannot be repacked
-    mats = matrices(g, cfg, specs, lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+    owned = frozenset(ex.expert_names(specs)) if (
+        cfg.n_expert and o.experts == "auto" and o.offload != "mmap") else frozenset()
+    mats = [m for m in matrices(g, cfg, specs,
+                                lambda info: repack and ggml_ops.repacks(info.type, info.shape))
+            if m.name not in owned]
+    least = ex.min_capacity(g, owned) + ex.STAGE if owned else 0  # the expert cache's floor
+    ahead = ex.prefetch_bytes(g, owned) if owned and o.expert_prefetch else 0  # its read-ahead
     gc.collect()  # the parser's and tokenizer builder's garbage, then the heap it leaves behind
     ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
@@ -418,7 +457,7 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
     def planned(ub: int, at: int = budget) -> Plan:
         if ub not in measured:
             measured[ub] = measure_compute_bytes(g, cfg, ARCHS[cfg.arch], specs, n_ctx, ub,
-                                                 n_threads, o.n_seq, *types)
+                                                 n_threads, o.n_seq, *types, split=bool(owned))
         keep, prompt = measured[ub]
         kv = _kv_and_masks(cfg, n_ctx, o.n_seq, ub, types)[0]  # sliding layers' rings: n_swa + ub
         growth = (kv_growth(cfg, n_cells, *types, swa=swa_total(cfg, n_ctx, o.n_seq, ub))
@@ -427,11 +466,14 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
             "runtime": runtime, "kv_cache": kv, "compute": keep,
             "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
             "headroom": HEADROOM,
+            **({"experts": least + ahead} if owned else {}),  # one layer's experts, staging
+            # buffers, the read-ahead's host routers
         }
         p = plan(mats, at, sum(fixed_parts.values()), mach, mode=o.offload,
                  preserve=o.preserve, balance=o.balance, window=o.prefetch_window,
                  kv_growth=growth, prompt_extra=prompt)
-        return dataclasses.replace(p, fixed_parts={**fixed_parts, "prompt_compute": prompt})
+        p = dataclasses.replace(p, fixed_parts={**fixed_parts, "prompt_compute": prompt})
+        return _expert_plan(p, at, g, cfg, o, owned, least, repack, mach) if owned else p
 
     while True:
         try:
@@ -453,7 +495,19 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
         if small < ubatch:  # less compute memory: fits wherever the larger batch did
             p, ubatch = planned(small), small
     return Planned(p, budget, source, mach, repack, ubatch, n_ctx,
-                   lambda at: planned(ubatch, at))
+                   lambda at: planned(ubatch, at), owned, bool(ahead))
+
+
+def _expert_plan(p: Plan, budget: int, g, cfg: ModelConfig, o: Options, owned, least: int,
+                 repack: bool, mach: Machine) -> Plan:
+    """The plan with its expert cache: its floor (one layer's experts) and whatever the dense plan
+    left of the budget (or --expert-cache), and the cache's cost (planner.with_experts)."""
+    capacity = least - ex.STAGE + max(0, budget - p.total_bytes())
+    if o.expert_cache is not None:
+        capacity = o.expert_cache
+    capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
+    return with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g)),
+                        mach, capacity)
 
 
 def _kv_and_masks(cfg: ModelConfig, n_ctx: int, n_seq: int, ubatch: int, types) -> tuple[int, int]:

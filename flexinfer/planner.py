@@ -158,6 +158,7 @@ class Plan:
     # rows beyond them are the loan); empty: the same as resident_rows
     prompt_extra_bytes: int = 0  # compute memory a prompt batch takes beyond `fixed_bytes`
     loan_bytes: int = 0  # weight bytes resident while decoding, released while a prompt runs
+    expert_cache_bytes: int = 0  # MoE: the expert cache's capacity (with_experts, experts.py)
 
     @property
     def first(self):
@@ -591,3 +592,41 @@ def _search(good: int, bad: int, ok) -> int:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if ok(mid) else (good, mid)
     return good
+
+
+# ---- mixtures of experts: the expert cache's cost (experts.py owns the *_exps tensors)
+
+@dataclass(frozen=True)
+class ExpertCost:
+    """What a decode token costs in the expert cache: the K picked experts of every layer
+    (active_bytes = K/E of the expert bytes; Qwen3-30B-A3B Q4_0: 8/128 x 16.3 GB = 1.02 GB), the
+    share of them missing from the cache (1 - hit rate) read from disk, 3 reads each (gate, up,
+    down slabs), and repacked on arrival when `repacked`."""
+
+    active_bytes: int
+    miss_rate: float
+    reads: float  # read requests per token for the missed slabs
+    repacked: bool
+
+    @property
+    def missed_bytes(self) -> float:
+        return self.active_bytes * self.miss_rate
+
+
+def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
+    """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
+    active experts (at compute_bw, like dense weights) and, on the computing thread with no overlap
+    (fetch reads between a layer's two graphs), reading and converting the missed ones. A Plan's
+    bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw); it records the cache's
+    `capacity` (expert_cache_bytes)."""
+    t_cpu = cost.active_bytes / machine.compute_bw
+    t_io = cost.missed_bytes / machine.disk_bw + cost.reads * machine.read_latency
+    conv = cost.missed_bytes / machine.repack_bw if cost.repacked else 0.0
+    out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
+                              predicted_s=p.predicted_s + t_cpu + t_io + conv)
+    if isinstance(p, Plan):
+        out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + t_cpu,
+                                  expert_cache_bytes=capacity,
+                                  t_io_bound=p.t_io_bound + cost.missed_bytes / machine.disk_bw,
+                                  stages=tuple(with_experts(s, cost, machine) for s in p.stages))
+    return out

@@ -265,3 +265,39 @@ class ReadPool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+class Background:
+    """One job at a time on a worker thread (the expert store's read-ahead of the next layer's
+    likely experts, experts.py): start(fn) runs fn() there; wait() blocks until it is done and
+    raises its error, a FlexInferError as it is, anything else as a StreamError."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._future = None
+
+    def start(self, fn: Callable[[], Any]) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexinfer-{self._name}")
+        self._future = self._pool.submit(fn)
+
+    def wait(self) -> Any:
+        f, self._future = self._future, None
+        if f is None:
+            return None
+        try:
+            return f.result()
+        except FlexInferError:
+            raise
+        except Exception as e:
+            raise StreamError(f"{self._name} failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

@@ -19,6 +19,7 @@ class Stats:
     budget_changes: int = 0  # Model.set_memory_budget calls that moved to a new plan
     plan_summary: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # things said once on stderr (O_DIRECT refused, ...)
+    experts: dict = field(default_factory=dict)  # the expert cache's counters (experts.py)
 
     def set_plan(self, plan, budget: int, source: str, machine) -> None:
         self.budget_bytes, self.budget_source = budget, source
@@ -49,6 +50,7 @@ class RunTimes:
     convert_s: float = 0.0  # converter thread time uploading (repacking) streamed weights
     disk_read: int = 0  # /proc/self/io read_bytes during decode: what the disk gave this process,
     # page faults of a mapping (mmap mode) included, which the reader's count cannot see
+    experts: tuple = (0, 0, 0)  # expert cache hits, misses and bytes read during decode
 
     def as_dict(self, stats: Stats) -> dict:
         n = max(self.decode_tokens, 1)
@@ -75,7 +77,15 @@ class RunTimes:
             "budget_source": stats.budget_source,
             "offload_mode": stats.offload_mode,
             "plan": stats.plan_summary,
+            **({"experts": {**stats.experts, **self._expert_rates(n)}} if stats.experts else {}),
         }
+
+
+    def _expert_rates(self, n: int) -> dict:
+        """The expert cache over the decode: hit rate, expert bytes read per token."""
+        hits, misses, read = self.experts
+        return {"decode_hit_rate": _r(hits / (hits + misses) if hits + misses else 0.0),
+                "decode_expert_bytes_per_token": int(read / n)}
 
 
 def _r(x: float) -> float:
@@ -122,4 +132,9 @@ def turn_line(times: RunTimes, s: dict) -> str:
     if s["bytes_read_per_token"]:
         line += (f", read {s['bytes_read_per_token'] / GB:.3f} GB/token at {s['io_gbps']:.2f} GB/s"
                  f", stall {100 * s['stall_fraction']:.0f}%")
+    if "experts" in s:  # the expert cache (experts.py)
+        e = s["experts"]
+        line += (f" | experts: hit {100 * e['decode_hit_rate']:.0f}%, "
+                 f"{e['decode_expert_bytes_per_token'] / GB:.3f} GB/token read, "
+                 f"cache {e['capacity_bytes'] / GB:.2f} GB")
     return line

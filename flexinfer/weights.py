@@ -112,8 +112,9 @@ def cut_points(info: TensorInfo, plan: Plan) -> list[int]:
 
 class WeightStore:
     def __init__(self, g: GGUFFile, cfg: ModelConfig, specs, plan: Plan, *, repack: bool,
-                 reader: DirectReader):
+                 reader: DirectReader, skip=frozenset()):
         self.g, self.cfg, self.repack, self.reader = g, cfg, repack, reader
+        specs = [s for s in specs if s.name not in skip]  # tensors an ExpertStore owns (experts.py)
         self.n_head_layer = cfg.n_layer
         self._embd = g.tensors["token_embd.weight"]
         infos = [g.tensors[s.name] for s in specs] + [self._embd]

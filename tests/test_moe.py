@@ -117,7 +117,8 @@ def test_a_broken_router_is_caught(built, broken, monkeypatch):
     assert agree < MIN_TOP1_AGREEMENT and diff > MAX_LOGIT_DIFF
 
 
-# ---- streaming: expert tensors stream whole; every run equals the resident one bit for bit
+# ---- streaming: expert tensors stream whole (--experts whole; expert-level streaming:
+# tests/test_experts.py); every run equals the resident one bit for bit
 
 PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 29871]
 
@@ -150,7 +151,7 @@ def test_streaming_is_bit_exact(small, mode, fraction, monkeypatch):
     """0.7: a third of the tensors (experts included) stay resident whole, the rest stream."""
     path, resident = small
     _squeeze_budget(monkeypatch, fraction)
-    streamed, loads, names = _logits(path, offload=mode)
+    streamed, loads, names = _logits(path, offload=mode, experts="whole")
     assert loads > 0, "the test plan must force streaming"
     assert any(n.endswith("_exps.weight") for n in names), "no expert tensor was streamed"
     assert np.array_equal(streamed, resident), f"{path.name}: {mode} {fraction} differs"

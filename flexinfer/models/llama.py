@@ -68,6 +68,17 @@ def block(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor, batch: Batch, k_cache:
           v_cache: Tensor, mode: int) -> Tensor:
     """One pre-norm transformer block over x (n_embd, T); returns the new residual (n_embd, T).
     q/k norms (qwen3) apply when w has them, rope_freqs when w has it."""
+    x = attention_block(ops, cfg, w, x, batch, k_cache, v_cache, mode)
+    cur = base.rms_norm(ops, cfg, x, w["ffn_norm.weight"])
+    if cfg.n_expert:  # mixtral, qwen2moe, qwen3moe: experts as llama.cpp's build_moe_ffn
+        return ops.add(moe.ffn(ops, cfg, w, cur), x)
+    return ops.add(base.swiglu_ffn(ops, w, cur), x)
+
+
+def attention_block(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor, batch: Batch,
+                    k_cache: Tensor, v_cache: Tensor, mode: int) -> Tensor:
+    """The attention half of `block`: x + attention(rms_norm(x)), (n_embd, T). Expert streaming
+    computes it in a graph of its own (moe.split_layer)."""
     T = batch.n_tokens
     cur = base.rms_norm(ops, cfg, x, w["attn_norm.weight"])
     q, k, v = base.qkv(ops, cfg, w, cur, T)  # (hd, heads, T)
@@ -78,11 +89,7 @@ def block(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor, batch: Batch, k_cache:
     k = base.rope(ops, cfg, k, batch, mode, factors=factors)
     base.store_kv(ops, cfg, k, v, k_cache, v_cache, batch)
     attn = base.attention(ops, cfg, q, k_cache, v_cache, batch, 1.0 / cfg.head_dim ** 0.5)
-    x = ops.add(base.proj(ops, w, "attn_output", attn), x)  # + attn_output.bias when present
-    cur = base.rms_norm(ops, cfg, x, w["ffn_norm.weight"])
-    if cfg.n_expert:  # mixtral, qwen2moe, qwen3moe: experts as llama.cpp's build_moe_ffn
-        return ops.add(moe.ffn(ops, cfg, w, cur), x)
-    return ops.add(base.swiglu_ffn(ops, w, cur), x)
+    return ops.add(base.proj(ops, w, "attn_output", attn), x)  # + attn_output.bias when present
 
 
 def build_head(ops: Ops, cfg: ModelConfig, w: dict, x: Tensor) -> Tensor:

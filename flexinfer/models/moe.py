@@ -19,9 +19,10 @@ its views, so the float rounding is the same. qwen2moe adds a shared expert, a d
 gated per token by sigmoid(ffn_gate_inp_shexp . x), the sigmoid computed as silu(g) / g as in
 llama.cpp's qwen2moe graph.
 
-The router and the shared expert are matrices like any other (split in row blocks when streamed);
-the *_exps tensors are kept whole, resident or streamed whole (weights.plan_rows); expert-level
-streaming will read only the slabs of the chosen experts.
+The router and the shared expert are matrices like any other (split in row blocks when streamed).
+The *_exps tensors are either planned whole with the rest (mmap, or --experts whole) or owned by
+an ExpertStore (experts.py), which reads only the slabs of the chosen experts: then the engine
+computes a layer in two graphs, attn_graph and ffn_graph, split after the router.
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ def ffn_moe(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor,
     """The routed experts over cur (n_embd, T), the normed FFN input; returns (n_embd, T)."""
     e, n, k = cfg.n_embd, cfg.n_expert, cfg.n_expert_used
     T = ggml_ops.ne(cur, 1)
-    probs = ops.soft_max(ops.mul_mat(w["ffn_gate_inp.weight"], cur))  # (E, T)
-    selected = ops.argsort_top_k(probs, k)  # (K, T) i32
+    probs, selected = route(ops, cfg, w, cur)
     weights = ops.get_rows(ops.reshape_3d(probs, 1, n, T), selected)  # (1, K, T)
     if norm_weights:
         weights = ops.reshape_2d(weights, k, T)
@@ -96,6 +96,35 @@ def ffn_moe(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor,
     for i in range(1, k):
         out = ops.add(out, ops.view_2d(experts, e, T, tok, i * row))
     return ops.cont(out) if k == 1 else out
+
+
+def route(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor) -> tuple[Tensor, Tensor]:
+    """The router over cur (n_embd, T): (probs (E, T), the top-K expert ids (K, T) i32)."""
+    probs = ops.soft_max(ops.mul_mat(w["ffn_gate_inp.weight"], cur))  # (E, T)
+    return probs, ops.argsort_top_k(probs, cfg.n_expert_used)
+
+
+# ---- expert streaming: a layer in two graphs, split after the router (engine.py, experts.py)
+
+def attn_graph(ops: Ops, arch, cfg: ModelConfig, w: dict, x: Tensor, batch, k_cache: Tensor,
+               v_cache: Tensor, xa: Tensor, ids: Tensor) -> None:
+    """Graph A of a layer: attention, the residual written to xa (n_embd, T) and the router's
+    top-K ids to ids (K, T) i32, both engine memory: the host reads ids, the expert store reads
+    the experts they name, then graph B runs. arch.ROPE_MODE: the three MoE archs are llama's
+    block with their rope mode."""
+    from flexinfer.models import llama
+    h = llama.attention_block(ops, cfg, w, x, batch, k_cache, v_cache, arch.ROPE_MODE)
+    _, selected = route(ops, cfg, w, base.rms_norm(ops, cfg, h, w["ffn_norm.weight"]))
+    ops.output(ops.cpy(h, xa))
+    ops.output(ops.cpy(selected, ids))
+
+
+def ffn_graph(ops: Ops, cfg: ModelConfig, w: dict, xa: Tensor, x: Tensor) -> None:
+    """Graph B: the MoE FFN over the saved residual xa, written to x. It routes again from the
+    same bytes with the same ops, so it picks what graph A picked and computes exactly what the
+    unsplit block computes (llama.block)."""
+    cur = base.rms_norm(ops, cfg, xa, w["ffn_norm.weight"])
+    ops.output(ops.cpy(ops.add(ffn(ops, cfg, w, cur), xa), x))
 
 
 def shared_expert(ops: Ops, w: dict[str, Tensor], cur: Tensor) -> Tensor:

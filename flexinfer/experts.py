@@ -1,0 +1,492 @@
+"""ExpertStore: the `ffn_{gate,up,down}_exps` tensors of a mixture of experts, read an expert at a
+time, only for the experts the router chose, and cached.
+
+Layout. Each 3-D expert tensor (ne0, ne1, E) has one header of its full shape at a home address
+inside one lazily charged anonymous arena (ggml_ops.LazyMemory: virtual, a page charged when first
+written). Expert e's slab is the tensor's file bytes [offset + e*nb2, offset + (e+1)*nb2),
+nb2 = ne1 * row bytes, and lives at home + e*nb2, where mul_mat_id reads it (data + e*nb[2]). Only
+the slabs of cached experts hold data; the others are never read by the kernels (mul_mat_id visits
+only the experts in `ids`). Qwen3-30B-A3B Q4_0: 48 layers x 3 tensors x 128 slabs of 0.88 MB
+(2048 x 768 Q4_0, exactly 216 pages); one expert of one layer is 2.65 MB, a layer's 128 are 340 MB.
+
+The unit of the cache is an expert of a layer: its three slabs come and go together. Evicting one
+gives its whole pages back at once (MADV_DONTNEED): a slab that is not a whole number of pages
+shares its first and last pages with its neighbours, which stay charged (at most 2 pages a slab).
+When repacking is on, headers carry a one-page CPU_REPACK buffer's handle (as ggml_ops.Ring does)
+and slabs are converted on arrival; a slab of ne1 rows is whole 8-row groups, independent of the
+others, so converting slab by slab gives the bytes converting the whole tensor gives.
+
+Reading (fetch). The engine computes a layer's attention and router first (engine.py), gives fetch
+the top-K ids of the step's tokens (a prompt batch: their union, read once), and fetch reads the
+missing experts with O_DIRECT (direct_io.DirectReader), runs of adjacent experts of a tensor in one
+read of at most STAGE bytes, through a staging buffer, before the layer's experts are computed.
+
+The cache. `capacity` bytes (the planner gives what the budget leaves after the dense plan, at
+least one layer's E experts: a prompt may need them all). Experts counted most often in earlier
+runs (saved per model under $FLEXINFER_HOME/experts, hub.home()) are read at load, up to half of
+the capacity, and pinned while the rest of the cache is least recently used. Counts are per layer
+(picks of each expert by the tokens of each step) and are saved when the store closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flexinfer import ggml_ops
+from flexinfer.direct_io import ALIGN, DirectReader, span
+from flexinfer.errors import StreamError  # noqa: F401 (raised by the read-ahead)
+from flexinfer.gguf_file import GGUFFile, row_bytes
+from flexinfer.ggml_ops import Buffer, LazyMemory, TensorTable
+from flexinfer.planner import convert_rows
+from flexinfer.prefetch import Background
+
+KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+STAGE = 8 << 20  # bytes read at a time (a run of adjacent slabs); a slab larger than this alone
+PIN_SHARE = 0.5  # of the capacity, at most, pinned to the experts counted most in earlier runs
+ROUTER_TYPES = {0: np.float32, 1: np.float16}  # GGML F32, F16: routers read to the host as they are
+PREFETCH_SHARE = 0.5  # read ahead only when a step's predicted picks are at most this share of E
+# (a decode step's K of E; a prompt batch picks most experts anyway)
+
+
+def expert_names(specs) -> set[str]:
+    """The names of every 3-D expert tensor (the ones an ExpertStore owns)."""
+    return {s.name for s in specs if len(s.shape) == 3 and s.name.split(".")[2] in KINDS}
+
+
+def layer_expert_bytes(g: GGUFFile, names) -> dict[int, int]:
+    """layer -> bytes of its expert tensors (all E experts of the three)."""
+    out: dict[int, int] = {}
+    for n in names:
+        layer = int(n.split(".")[1])
+        out[layer] = out.get(layer, 0) + g.tensors[n].nbytes
+    return out
+
+
+def min_capacity(g: GGUFFile, names) -> int:
+    """The least cache that works: one layer's experts, all of them (a prompt batch may pick every
+    expert of a layer; 340 MB for Qwen3-30B-A3B)."""
+    return max(layer_expert_bytes(g, names).values(), default=0)
+
+
+def router_names(names) -> list[tuple[str, str]]:
+    """(router, ffn_norm) names of every layer with experts, for the read-ahead's prediction."""
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    return [(f"blk.{l}.ffn_gate_inp.weight", f"blk.{l}.ffn_norm.weight") for l in layers]
+
+
+def prefetch_bytes(g: GGUFFile, names) -> int:
+    """Host memory the read-ahead takes: every layer's router and ffn_norm as float32 (48 MB for
+    Qwen3-30B-A3B: 48 x 2048 x 128 x 4 bytes) and a second staging buffer. 0 when a router is of a
+    type read-ahead does not read (it is then off)."""
+    pairs = router_names(names)
+    if not pairs or any(g.tensors[r].type not in ROUTER_TYPES for r, _ in pairs):
+        return 0
+    return sum(4 * (int(np.prod(g.tensors[r].shape)) + g.tensors[n].shape[0])
+               for r, n in pairs) + STAGE + 2 * ALIGN
+
+
+def counts_path(g: GGUFFile) -> Path:
+    """Where a model's expert counts are kept: by file name and size (a copy elsewhere shares
+    them, another quantization does not)."""
+    from flexinfer.hub import home
+    return home() / "experts" / f"{os.path.basename(g.path)}-{g.file_size}.json"
+
+
+def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None) -> float:
+    """The planner's estimate of the cache's decode hit rate. With counts of earlier runs: the
+    share of their picks that the most counted experts filling `capacity` take (what a frequency
+    cache holds in steady state). Without: capacity / expert bytes, an LRU cache under a uniform
+    router (each pick equally likely to be any expert)."""
+    per_layer = layer_expert_bytes(g, names)
+    total = sum(per_layer.values())
+    if not total or capacity >= total:
+        return 1.0
+    counts = _load_counts(counts_file, (max(per_layer) + 1, g_n_expert(g, names)))
+    if counts is None or not counts.sum():
+        return capacity / total
+    n = counts.shape[1]
+    unit = np.array([[per_layer.get(l, 0) / n] * n for l in range(counts.shape[0])]).ravel()
+    order = np.argsort(-counts, axis=None, kind="stable")
+    fits = np.cumsum(unit[order]) <= capacity
+    return float(counts.ravel()[order][fits].sum() / counts.sum())
+
+
+def g_n_expert(g: GGUFFile, names) -> int:
+    return g.tensors[next(iter(names))].shape[2]
+
+
+def _load_counts(f: Path | None, shape) -> np.ndarray | None:
+    """A counts file's array, or None when missing, unreadable or of another shape."""
+    if f is None or not f.is_file():
+        return None
+    try:
+        arr = np.asarray(json.loads(f.read_text(encoding="utf-8"))["counts"], dtype=np.int64)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return arr if arr.shape == tuple(shape) and not (arr < 0).any() else None
+
+
+def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
+                counts_file: Path | None):
+    """planner.ExpertCost of a decode token with this cache."""
+    from flexinfer.planner import ExpertCost
+    total = sum(layer_expert_bytes(g, names).values())
+    k_share = cfg.n_expert_used / cfg.n_expert
+    miss = 1.0 - expected_hit_rate(g, names, capacity, counts_file)
+    rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
+    return ExpertCost(int(total * k_share), miss,
+                      3 * cfg.n_expert_used * len(layer_expert_bytes(g, names)) * miss, rp)
+
+
+class _Slab:
+    """One expert tensor: its header, file offset, bytes per expert, rows per expert."""
+
+    def __init__(self, header, offset: int, nb2: int, rows: int, rb: int, home: int, repack: bool):
+        self.header, self.offset, self.nb2, self.rows, self.rb = header, offset, nb2, rows, rb
+        self.home, self.repack = home, repack
+
+
+class ExpertStore:
+    def __init__(self, g: GGUFFile, cfg, names, capacity: int, reader: DirectReader, *,
+                 repack: bool, counts_file: Path | None = None, note=None):
+        self.g, self.cfg, self.reader, self.note = g, cfg, reader, note or (lambda s: None)
+        self.n_expert = cfg.n_expert
+        names = sorted(names, key=lambda n: (int(n.split(".")[1]), n))
+        self._names = names
+        self._lock = threading.Lock()
+        self._table = TensorTable(len(names) + 1)
+        self.layers: list[dict] = [{} for _ in range(cfg.n_layer + 1)]
+        self._slabs: dict[int, list[_Slab]] = {}
+        addr = 0
+        homes = []
+        for n in names:
+            info = g.tensors[n]
+            homes.append(addr)
+            addr += _page(info.nbytes)
+        self._arena = LazyMemory(addr)
+        self._tag = Buffer(ggml_ops.PAGE, repack=True) if repack else None
+        for n, off in zip(names, homes):
+            self._add(n, self._arena.base + off, repack)
+        self.unit_bytes = {l: sum(s.nb2 for s in ss) for l, ss in self._slabs.items()}
+        self.total_bytes = sum(self.unit_bytes.values()) * self.n_expert
+        self._floor = min_capacity(g, names)
+        self.capacity = max(min(capacity, self.total_bytes), self._floor)
+        self._make_converter()
+        stage = max(max(span(0, s.nb2)[1] for ss in self._slabs.values() for s in ss) + ALIGN,
+                    STAGE + 2 * ALIGN)
+        self._stage = Buffer(stage)
+        self.counts = np.zeros((cfg.n_layer, self.n_expert), dtype=np.int64)
+        self._saved = np.zeros_like(self.counts)  # counts of earlier runs, read from the file
+        self.counts_file = counts_file
+        self._resident: dict[tuple[int, int], int] = {}  # (layer, expert) -> last use (a tick)
+        self._pinned: set[tuple[int, int]] = set()
+        self._tick = 0
+        self.used_bytes = 0
+        self.hits = self.misses = 0  # expert lookups per layer per step (a unit counts once)
+        self.bytes_read = 0
+        self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
+        self._bg: Background | None = None  # the read-ahead thread (prefetch.py), when enabled
+        self._routers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, read)
+        self.predicted = self.predicted_used = self.needed_predicted_layers = 0
+        self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
+
+    def _add(self, name: str, home: int, repack: bool) -> None:
+        info = self.g.tensors[name]
+        ne0, ne1, ne2 = info.shape
+        h = self._table.new(name, info.type, info.shape)
+        rp = repack and ggml_ops.repacks(info.type, info.shape)
+        if rp:
+            ggml_ops.place(h, self._tag, home)
+        else:
+            ggml_ops.point(h, ggml_ops.Placement(home, None, None))
+        layer = int(name.split(".")[1])
+        rb = row_bytes(info.type, ne0)
+        self._slabs.setdefault(layer, []).append(_Slab(h, info.offset, ne1 * rb, ne1, rb, home, rp))
+        self.layers[layer][name.split(".", 2)[-1]] = h
+
+    def _make_converter(self) -> None:
+        """Scratch headers for the row groups of one slab that ggml_ops.repack_rows converts."""
+        groups = set()
+        for ss in self._slabs.values():
+            for s in ss:
+                if not s.repack:
+                    continue
+                c, step = s.header.contents, convert_rows(s.rb)
+                for n in {min(step, s.rows), s.rows % step or step}:
+                    if ggml_ops.repack_traits(c.type, (c.ne[0], n)) != \
+                            ggml_ops.repack_traits(c.type, (c.ne[0], s.rows)):
+                        raise RuntimeError(f"ggml repacks {n} rows of type {c.type} unlike "
+                                           f"{s.rows}")
+                    groups.add((c.type, c.ne[0], n))
+        self._convert_table = TensorTable(max(1, 2 * len(groups)))  # the read-ahead's own too
+        self._convert = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
+        self._convert2 = {k: self._convert_table.new("convert", k[0], k[1:]) for k in groups}
+
+    # ---- warm start
+    def warm(self) -> None:
+        """Read the counts of earlier runs and load the experts used most, up to PIN_SHARE of the
+        capacity (all of them when the capacity holds every expert), pinned from then on."""
+        self._saved = self._read_counts()
+        room = self.total_bytes if self.capacity >= self.total_bytes else \
+            int(self.capacity * PIN_SHARE)
+        order = np.argsort(-self._saved, axis=None, kind="stable")  # most counted first
+        want: dict[int, list[int]] = {}
+        used = 0
+        for flat in order:
+            layer, e = divmod(int(flat), self.n_expert)
+            if layer not in self._slabs:
+                continue
+            if self._saved[layer, e] == 0 and self.capacity < self.total_bytes:
+                break
+            if used + self.unit_bytes[layer] > room:
+                break
+            used += self.unit_bytes[layer]
+            want.setdefault(layer, []).append(e)
+        for layer, es in want.items():
+            self._load(layer, sorted(es))
+            self._pinned.update((layer, e) for e in es)
+
+    def _read_counts(self) -> np.ndarray:
+        zero = np.zeros_like(self.counts)
+        f = self.counts_file
+        if f is None or not f.is_file():
+            return zero
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            arr = np.asarray(data["counts"], dtype=np.int64)
+            if arr.shape != zero.shape or (arr < 0).any():
+                raise ValueError(f"shape {arr.shape}, expected {zero.shape}")
+            return arr
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.note(f"{f}: expert counts ignored ({type(e).__name__}: {e}); they will be "
+                      "written anew")
+            return zero
+
+    def save_counts(self) -> None:
+        """Add this run's counts to the saved ones (written atomically, by rename)."""
+        f = self.counts_file
+        if f is None or not self.counts.any():
+            return
+        total = self._read_counts() + self.counts
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"model": os.path.basename(self.g.path),
+                                       "counts": total.tolist()}), encoding="utf-8")
+            os.replace(tmp, f)
+            self.counts[:] = 0
+        except OSError as e:
+            self.note(f"{f}: expert counts not saved ({e.strerror or e})")
+
+    # ---- use
+    def fetch(self, layer: int, ids: np.ndarray) -> None:
+        """Make the experts in `ids` (the step's top-K picks of this layer, any shape) resident
+        before mul_mat_id reads them. Counts each pick; reads the missing ones."""
+        t0 = time.perf_counter()
+        picks = np.asarray(ids, dtype=np.int64).ravel()
+        if picks.size and (picks.min() < 0 or picks.max() >= self.n_expert):
+            raise RuntimeError(f"layer {layer}: router picked expert {picks.max()} of "
+                               f"{self.n_expert}")
+        np.add.at(self.counts[layer], picks, 1)
+        need = np.unique(picks).tolist()
+        self._tick += 1
+        ahead = self._settle(layer, need)
+        missing = []
+        for e in need:
+            key = (layer, e)
+            if e in ahead:  # read ahead of time: ready when asked, a hit (read this step)
+                self.hits += 1
+                self._resident[key] = self._tick
+            elif key in self._resident:
+                self.hits += 1
+                self._resident[key] = self._tick
+            else:
+                self.misses += 1
+                missing.append(e)
+        if missing:
+            self._make_room({(layer, e) for e in need}, len(missing) * self.unit_bytes[layer])
+            self._load(layer, missing)
+        self.fetch_s += time.perf_counter() - t0
+
+    def _settle(self, layer: int, need: list[int]) -> set[int]:
+        """Wait for the read-ahead; the experts it read for this layer (its recall counted)."""
+        if self._bg is None or self._ahead is None:
+            return set()
+        at, predicted, read = self._ahead
+        self._ahead = None
+        try:
+            self._bg.wait()
+        except BaseException:  # what it was reading is not to be trusted
+            for e in read:
+                if (at, e) in self._resident:
+                    self._evict((at, e))
+            raise
+        if at != layer:
+            return set()
+        hit = predicted & set(need)
+        self.predicted += len(need)
+        self.predicted_used += len(hit)
+        self.prefetch_used += len(read & set(need))
+        return read & set(need)
+
+    # ---- read-ahead: layer l+1's likely experts while layer l's experts compute
+    def enable_prefetch(self) -> bool:
+        """Read every layer's router and ffn_norm to the host (prefetch_bytes); False (and no
+        read-ahead) when a router's type is not F32/F16 or the cache holds every expert."""
+        if self.capacity >= self.total_bytes or not prefetch_bytes(self.g, self._names):
+            return False
+        for r, n in router_names(self._names):
+            layer = int(r.split(".")[1])
+            self._routers[layer] = (self._host(r).reshape(self.n_expert, -1),
+                                    self._host(n))
+        self._stage2 = Buffer(self._stage.size)
+        self._bg = Background("expert read-ahead")
+        return True
+
+    def _host(self, name: str) -> np.ndarray:
+        info = self.g.tensors[name]
+        dt = ROUTER_TYPES[info.type]
+        n = int(np.prod(info.shape))
+        a = np.fromfile(self.g.path, dtype=dt, count=n, offset=info.offset)
+        if a.size != n:
+            raise RuntimeError(f"{self.g.path}: short read of {name}")
+        return a.astype(np.float32)
+
+    def prefetch(self, layer: int, xa: np.ndarray) -> None:
+        """After layer `layer - 1`'s experts were fetched, while they compute: predict layer's
+        picks by its router applied to the residual xa (T, n_embd) that layer - 1's attention made
+        (rms_norm, ffn_norm, top-K of the logits: softmax keeps the order) and read the missing
+        ones on the read-ahead thread. Experts the current step needs are never evicted for it."""
+        if self._bg is None or layer not in self._routers:
+            return
+        w, norm = self._routers[layer]
+        k = self.cfg.n_expert_used
+        if xa.shape[0] * k > PREFETCH_SHARE * self.n_expert:
+            return
+        h = xa / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps) * norm
+        top = np.argpartition(-(h @ w.T), k - 1, axis=1)[:, :k]
+        predicted = set(np.unique(top).tolist())
+        read = sorted(e for e in predicted if (layer, e) not in self._resident)
+        if read:
+            protect = {key for key, t in self._resident.items() if t == self._tick}
+            self._make_room(protect | {(layer, e) for e in predicted},
+                            len(read) * self.unit_bytes[layer])
+            for e in read:  # charged now; read before fetch(layer) looks (it waits first)
+                self._resident[(layer, e)] = self._tick
+                self.used_bytes += self.unit_bytes[layer]
+            self.prefetched += len(read)
+            self._bg.start(lambda: self._read_experts(layer, read, self._stage2))
+        self._ahead = (layer, predicted, set(read))
+
+    def _make_room(self, keep: set[tuple[int, int]], nbytes: int) -> None:
+        """Evict the least recently used experts (pinned ones last), never one in `keep` (the
+        step's picks, and what is read ahead), until nbytes more fit the capacity."""
+        over = self.used_bytes + nbytes - self.capacity
+        if over <= 0:
+            return
+        victims = sorted((k for k in self._resident if k not in keep),
+                         key=lambda k: (k in self._pinned, self._resident[k]))
+        for key in victims:
+            if over <= 0:
+                break
+            self._evict(key)
+            over -= self.unit_bytes[key[0]]
+
+    def _evict(self, key: tuple[int, int]) -> None:
+        layer, e = key
+        del self._resident[key]
+        self._pinned.discard(key)
+        self.used_bytes -= self.unit_bytes[layer]
+        for s in self._slabs[layer]:
+            ggml_ops.release_pages(s.home + e * s.nb2, s.nb2)
+
+    def _load(self, layer: int, experts: list[int]) -> None:
+        """Read `experts` (sorted) of the layer and mark them resident."""
+        self._read_experts(layer, experts, self._stage)
+        for e in experts:
+            self._resident[(layer, e)] = self._tick
+            self.used_bytes += self.unit_bytes[layer]
+
+    def _read_experts(self, layer: int, experts: list[int], stage: Buffer) -> None:
+        """Read the slabs of `experts` (sorted) of each of the layer's tensors through `stage`:
+        runs of adjacent experts in one read of at most STAGE bytes."""
+        for s in self._slabs[layer]:
+            per = max(1, STAGE // s.nb2)
+            run: list[int] = []
+            for e in experts + [-1]:
+                if run and (e != run[-1] + 1 or len(run) == per):
+                    self._read_run(s, run, stage)
+                    run = []
+                if e >= 0:
+                    run.append(e)
+
+    def _read_run(self, s: _Slab, run: list[int], stage: Buffer | None = None) -> None:
+        """Slabs run[0]..run[-1] (adjacent) of s: one read into the staging buffer, then each slab
+        copied (or converted) to its home."""
+        n = len(run) * s.nb2
+        src = self.reader.read_span((stage or self._stage).base, s.offset + run[0] * s.nb2, n)
+        with self._lock:  # the read-ahead thread counts too
+            self.bytes_read += n
+        dst = s.home + run[0] * s.nb2
+        if not s.repack:
+            ggml_ops.copy(dst, src, n)
+            return
+        step = convert_rows(s.rb)
+        headers = self._convert if stage is None or stage is self._stage else self._convert2
+        for i in range(len(run)):  # slab by slab: the converter's groups are those of one slab
+            ggml_ops.repack_rows(s.header, self._tag, headers, dst + i * s.nb2,
+                                 src + i * s.nb2, s.rows, step)
+
+    def set_capacity(self, capacity: int) -> int:
+        """A new capacity (a change of budget, between steps; never below the floor): evicts the
+        least recently used experts until the cache fits. Returns the bytes given back."""
+        if self._bg is not None:
+            self._bg.wait()
+        self.capacity = max(min(capacity, self.total_bytes), self._floor)
+        before = self.used_bytes
+        self._make_room(set(), 0)
+        return before - self.used_bytes
+
+    def resident(self, layer: int) -> list[int]:
+        """The layer's cached experts, in order (for tests and stats)."""
+        return sorted(e for (l, e) in self._resident if l == layer)
+
+    def summary(self) -> dict:
+        looked = self.hits + self.misses
+        ahead = {"prefetch_recall": round(self.predicted_used / self.predicted, 4)
+                 if self.predicted else 0.0, "prefetched": self.prefetched,
+                 "prefetch_used": self.prefetch_used} if self._bg else {}
+        return {**ahead, "capacity_bytes": self.capacity, "expert_bytes": self.total_bytes,
+                "cached_bytes": self.used_bytes, "hits": self.hits, "misses": self.misses,
+                "hit_rate": round(self.hits / looked, 4) if looked else 0.0,
+                "bytes_read": self.bytes_read, "fetch_s": round(self.fetch_s, 4),
+                "pinned": len(self._pinned)}
+
+    def close(self) -> None:
+        if self._arena is None:
+            return
+        if self._bg is not None:
+            try:
+                self._bg.close()
+            except Exception:  # noqa: BLE001 - a read-ahead's error no longer matters
+                pass
+            self._stage2.free()
+        self.save_counts()
+        self._arena.free()
+        self._arena = None
+        for b in (self._stage, self._tag):
+            if b is not None:
+                b.free()
+        self._table.free()
+        self._convert_table.free()
+
+
+def _page(n: int) -> int:
+    return (n + ggml_ops.PAGE - 1) // ggml_ops.PAGE * ggml_ops.PAGE

@@ -1,0 +1,177 @@
+"""The mixture-of-experts benchmark of issue 14: flexinfer's expert cache against llama.cpp mmap and
+the MoE bound, budget by budget, for one or more MoE models (the uniform and zipf routers).
+
+    sudo python scripts/bench_moe.py /work/models/qwen3-30b-a3b-uniform.gguf \
+        /work/models/qwen3-30b-a3b-zipf1.gguf --budgets 2G,4G,8G -t 2 -c 256 -n 32 --out DIR
+
+Each point is a fresh process (`flexinfer run --json`, or flexinfer.bench.peer_llamacpp) in a
+memory cgroup whose limit is the budget, after the page cache is dropped (cgroup.run_limited, as
+`flexinfer bench` runs its points). The disk's O_DIRECT bandwidth is measured once per model file.
+Per flexinfer point:
+  MoE bound = 1 / max(T_cpu, missed expert bytes per token / disk bandwidth)
+with T_cpu given by --t-cpu (decode s/token with all weights resident, measured apart), else the
+point's own compute seconds per decode token (decode time less the time spent waiting for expert
+and weight reads) and the missed bytes what its expert cache read per decode
+token; the point's hit rate, its plan's predicted tok/s and the prediction's error.
+
+A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
+warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
+the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
+from exactly those (restored before each point); --cold starts every point from none.
+Writes DIR/results.json after every point and DIR/table.md at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flexinfer.bench.machine import machine_info, measure_disk_capped  # noqa: E402
+from flexinfer.bench.sweep import parse_result, prompt_text, status_of  # noqa: E402
+from flexinfer.budget import parse_size  # noqa: E402
+from flexinfer.cgroup import cgroup_unavailable_reason, drop_page_cache, run_limited  # noqa: E402
+
+
+def flexinfer_argv(a, model: str, budget: int) -> list[str]:
+    return [sys.executable, "-m", "flexinfer", "run", model, "--json", "-n", str(a.tokens),
+            "-t", str(a.threads), "-c", str(a.ctx), "--temp", "0", "--ignore-eos",
+            "--memory-budget", str(budget), "-p", getattr(a, "prompt", None) or
+            prompt_text(a.prompt_tokens)]
+
+
+WARMUP_PROMPT = ("Once upon a time in a small village by the sea, an old sailor told the children "
+                 "stories of storms, islands, whales and lighthouses, and of the long way home")
+
+
+def peer_argv(a, model: str) -> list[str]:
+    return [sys.executable, "-m", "flexinfer.bench.peer_llamacpp", model, "--tokens",
+            str(a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
+            "-p", prompt_text(a.prompt_tokens)]
+
+
+def moe_bound(r: dict, disk_bw: float, t_cpu: float | None = None) -> float | None:
+    """1 / max(T_cpu, missed expert bytes per token / disk bandwidth), from a flexinfer point
+    (T_cpu: the given one, else the point's own compute seconds per token)."""
+    e = r.get("experts")
+    t_cpu = t_cpu or r.get("compute_s_per_token")
+    if not e or not t_cpu:
+        return None
+    return 1.0 / max(t_cpu, e["decode_expert_bytes_per_token"] / disk_bw)
+
+
+def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str) -> dict:
+    argv = flexinfer_argv(a, model, budget) if mode == "flexinfer" else peer_argv(a, model)
+    drop_page_cache()
+    env = {**os.environ, "FLEXINFER_HOME": home}
+    run = run_limited(argv, budget, env=env, timeout=a.timeout)
+    r = parse_result(run.stdout) if run.returncode == 0 else None
+    row = {"model": os.path.basename(model), "mode": mode, "budget_bytes": budget,
+           "status": status_of(run, r), "cgroup_peak_bytes": run.peak_bytes,
+           "seconds": round(run.seconds, 1), "argv": argv, "result": r or {},
+           "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    if r:
+        row["decode_tokens_per_s"] = r.get("decode_tokens_per_s")
+        if mode == "flexinfer":
+            row["moe_bound_tokens_per_s"] = moe_bound(r, disk_bw, a.t_cpu)
+            row["predicted_tokens_per_s"] = (r.get("plan") or {}).get("predicted_tokens_per_s")
+            e = r.get("experts") or {}
+            row["hit_rate"] = e.get("decode_hit_rate")
+            row["expert_bytes_per_token"] = e.get("decode_expert_bytes_per_token")
+    if run.returncode != 0:
+        row["stderr_tail"] = run.stderr[-600:]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | budget | mode | tok/s | MoE bound | % of bound | vs llama.cpp mmap | "
+           "plan tok/s (error) | decode hit rate | expert GB read/token | peak GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    peer = {(r["model"], r["budget_bytes"]): r.get("decode_tokens_per_s") for r in rows
+            if r["mode"] == "llama.cpp-mmap"}
+    f = lambda v, fmt: "" if v is None else fmt.format(v)  # noqa: E731
+    for r in rows:
+        tps, bound = r.get("decode_tokens_per_s"), r.get("moe_bound_tokens_per_s")
+        p = peer.get((r["model"], r["budget_bytes"]))
+        pred = r.get("predicted_tokens_per_s")
+        err = f" ({100 * (pred - tps) / tps:+.0f}%)" if pred and tps else ""
+        status = "" if r["status"] == "ok" else f" ({r['status']})"
+        out.append(
+            f"| {r['model']} | {r['budget_bytes'] / 1e9:.1f} GB | {r['mode']}{status} | "
+            f"{f(tps, '{:.3f}')} | {f(bound, '{:.3f}')} | "
+            f"{f(tps / bound * 100 if tps and bound else None, '{:.0f}%')} | "
+            f"{f(tps / p if tps and p and r['mode'] == 'flexinfer' else None, '{:.2f}x')} | "
+            f"{f(pred, '{:.3f}')}{err} | {f(r.get('hit_rate'), '{:.2f}')} | "
+            f"{f((r.get('expert_bytes_per_token') or 0) / 1e9 if 'hit_rate' in r else None, '{:.3f}')}"
+            f" | {f((r['cgroup_peak_bytes'] or 0) / 1e9, '{:.2f}')} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="MoE GGUF files")
+    p.add_argument("--budgets", default="2G,4G,8G")
+    p.add_argument("--threads", "-t", type=int, default=2)
+    p.add_argument("--ctx", "-c", type=int, default=256)
+    p.add_argument("--tokens", "-n", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
+    p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--t-cpu", type=float, help="decode s/token with every weight resident (the "
+                   "bound's T_cpu); default: each point's own compute s/token")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    reason = cgroup_unavailable_reason()
+    if reason:
+        print(f"bench_moe: no memory cgroup: {reason}", file=sys.stderr)
+        return 2
+    for m in a.models:
+        if not os.path.isfile(m):
+            print(f"bench_moe: {m}: no such file", file=sys.stderr)
+            return 2
+    budgets = [parse_size(b, "--budgets") for b in a.budgets.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"command": " ".join(sys.argv), "machine": machine_info(), "disk": {}, "rows": []}
+    modes = ["flexinfer"] + ([] if a.no_peer else ["llama.cpp-mmap"])
+    home = tempfile.mkdtemp(prefix="bench-moe-home-")  # expert counts and calibration of this run
+    src = Path(os.environ.get("FLEXINFER_HOME", Path.home() / ".cache" / "flexinfer"))
+    if (src / "machine.json").is_file():
+        shutil.copy(src / "machine.json", home)
+    try:
+        for m in a.models:
+            bw = measure_disk_capped(m, None).bytes_per_s
+            results["disk"][os.path.basename(m)] = bw
+            counts = Path(home) / "experts"
+            shutil.rmtree(counts, ignore_errors=True)
+            if not a.cold:  # the warm-up: counts from another prompt, kept for every point
+                warm = run_point(argparse.Namespace(**{**vars(a), "prompt": WARMUP_PROMPT}),
+                                 m, "flexinfer", max(budgets), bw, home)
+                results.setdefault("warmup", []).append(warm)
+                shutil.copytree(counts, Path(home) / "warm", dirs_exist_ok=True)
+            for budget in budgets:
+                for mode in modes:
+                    shutil.rmtree(counts, ignore_errors=True)
+                    if not a.cold:
+                        shutil.copytree(Path(home) / "warm", counts)
+                    row = run_point(a, m, mode, budget, bw, home)
+                    results["rows"].append(row)
+                    print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: {row['status']} "
+                          f"{row.get('decode_tokens_per_s')} tok/s", file=sys.stderr)
+                    (out / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    (out / "table.md").write_text(table(results["rows"]))
+    print(table(results["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Expert-level streaming (flexinfer/experts.py): the expert cache reads only the experts the router
+picked, and every run equals the resident one bit for bit, whatever the cache holds.
+
+Models: the references' tiny qwen3moe, qwen2moe and mixtral (8 experts, 2 used, 2 layers, the
+llama-spm vocab: tests/test_moe.py's `small`). A run is a 14-token prompt batch and 6 decode steps,
+so the cache sees a batch's union of picks and single tokens' K picks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import flexinfer.model as fm
+from flexinfer import experts as ex
+from flexinfer.errors import FlexInferError
+from tests.test_engine import _squeeze_budget
+from tests.test_moe import PROMPT, small  # noqa: F401 (a fixture)
+
+DECODE = PROMPT[:6]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Each test its own $FLEXINFER_HOME: expert counts from one test never warm another."""
+    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _run(path, **opts):
+    """(logits of the prompt then of each decode step, stacked; the model's expert summary)."""
+    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+        out = [m.logits(PROMPT)]
+        for t in DECODE:
+            out.append(m._forward([t], len(m.cache.tokens[0])))
+        return np.concatenate(out), dict(m.stats.experts), m
+
+
+@pytest.fixture(scope="module")
+def resident(small):  # noqa: F811
+    """The reference: every expert tensor resident whole, one graph per layer."""
+    path, _ = small
+    return path, _run(path, experts="whole")[0]
+
+
+@pytest.mark.parametrize("mode,fraction", [("flexinfer", 1.0), ("flexinfer", 0.7),
+                                           ("prefetch", 0.0), ("sync", 0.5)])
+@pytest.mark.parametrize("cache", ["all", "floor"])
+def test_expert_streaming_is_bit_exact(resident, mode, fraction, cache, monkeypatch):
+    """Dense rows squeezed to `fraction` (streamed by the prefetcher) and the expert cache at all
+    experts or at its floor (one layer's: every step evicts)."""
+    path, want = resident
+    if fraction < 1.0:
+        _squeeze_budget(monkeypatch, fraction)
+    got, stats, _ = _run(path, offload=mode, **({"expert_cache": 0} if cache == "floor" else {}))
+    assert np.array_equal(got, want), f"{path.name}: {mode} {fraction} cache {cache} differs"
+    if cache == "floor":
+        assert stats["misses"] > 0 and stats["capacity_bytes"] < stats["expert_bytes"]
+        assert stats["cached_bytes"] <= stats["capacity_bytes"]
+
+
+def test_without_repack_too(resident):
+    path, _ = resident
+    plain = _run(path, repack=False, experts="whole")[0]
+    assert np.array_equal(_run(path, repack=False, expert_cache=0)[0], plain)
+
+
+def test_a_wrong_slab_is_caught(resident, monkeypatch):
+    """Break it on purpose: reading each run's neighbour slab changes the logits (the tests above
+    would fail)."""
+    path, want = resident
+    real = ex.ExpertStore._read_run
+
+    def shifted(self, s, run, stage=None):  # the next expert's bytes (the previous one's for
+        d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2  # the last)
+        return real(self, ex._Slab(s.header, s.offset + d, s.nb2, s.rows, s.rb, s.home, s.repack),
+                    run, stage)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", shifted)
+    got = _run(path, expert_cache=0)[0]
+    assert not np.array_equal(got, want)
+    assert np.abs(got - want).max() > 0.1
+
+
+def test_only_the_picked_experts_are_read(resident):
+    """Bytes read for experts = misses x one expert's three slabs; every lookup a hit or a miss;
+    unpicked experts' slabs never touched (they read as zeros in the lazily charged arena).
+    Without the read-ahead, which reads guesses (test_read_ahead_predicts_and_is_used)."""
+    path, _ = resident
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, expert_prefetch=False) as m:
+        st = m._experts
+        assert st.hits + st.misses == 0 and st.bytes_read == 0  # a cold cache: nothing read yet
+        m._forward([PROMPT[0]], 0)  # one token: K experts per layer
+        k, layers = m.cfg.n_expert_used, m.cfg.n_layer
+        assert st.misses == k * layers and st.hits == 0
+        assert st.bytes_read == sum(st.unit_bytes[l] for l in range(layers)) * k
+        assert st.counts.sum() == k * layers
+        for layer in range(layers):
+            held = st.resident(layer)
+            assert len(held) == k and set(held) == set(np.flatnonzero(st.counts[layer]))
+            for s in st._slabs[layer]:
+                for e in set(range(m.cfg.n_expert)) - set(held):
+                    inner = (s.home + e * s.nb2 + 4095) // 4096 * 4096  # a page of its own
+                    if inner + 4096 <= s.home + (e + 1) * s.nb2:
+                        assert not np.frombuffer(ex.ggml_ops.memview(inner, 4096), np.uint8).any()
+
+
+def test_counts_are_saved_and_warm_the_next_run(resident, home):
+    path, want = resident
+    got, first, _ = _run(path, expert_cache=0)
+    files = list((home / "experts").glob("*.json"))
+    assert len(files) == 1
+    counts = np.asarray(json.loads(files[0].read_text())["counts"])
+    n_tok = len(PROMPT) + len(DECODE)
+    assert counts.shape[1] == 8 and (counts.sum(axis=1) == n_tok * 2).all(), counts  # K = 2
+    got2, second, _ = _run(path, expert_cache=0)
+    assert np.array_equal(got2, want)
+    assert second["pinned"] > 0 and second["hits"] > first["hits"], (first, second)
+
+
+def test_a_corrupt_counts_file_is_ignored_in_one_line(resident, home, capsys):
+    path, want = resident
+    _run(path, expert_cache=0)
+    f = next((home / "experts").glob("*.json"))
+    f.write_text('{"counts": [[1, 2]]}')
+    got, stats, _ = _run(path, expert_cache=0)
+    err = capsys.readouterr().err
+    assert np.array_equal(got, want) and stats["pinned"] == 0
+    assert f"{f}: expert counts ignored" in err and len(err.strip().splitlines()) == 1
+    assert len(json.loads(f.read_text())["counts"]) == 2  # written anew, with this run's counts
+
+
+def test_the_cache_holds_all_experts_when_the_budget_allows(resident):
+    """No squeeze: the plan leaves room for every expert; they are read once, at load."""
+    path, _ = resident
+    _, stats, _ = _run(path)
+    assert stats["capacity_bytes"] == stats["expert_bytes"] == stats["cached_bytes"]
+    assert stats["misses"] == 0 and stats["hit_rate"] == 1.0
+
+
+@pytest.mark.parametrize("opts,expect", [({"experts": "some"}, "--experts: 'some'"),
+                                         ({"expert_cache": -1}, "--expert-cache: must be")])
+def test_bad_expert_options_are_refused(resident, opts, expect):
+    path, _ = resident
+    with pytest.raises(FlexInferError, match=expect):
+        fm.load(path, **opts)
+
+
+def test_read_ahead_predicts_and_is_used(resident):
+    """Decode steps read layer 1's likely experts while layer 0's compute: the prediction's recall
+    is reported, experts read ahead are used, and the run is still bit-exact (an expert read
+    ahead but marked resident without its bytes would change the logits: the tests above)."""
+    path, want = resident
+    got, stats, _ = _run(path, expert_cache=0)
+    assert np.array_equal(got, want)
+    assert stats["prefetched"] > 0 and 0 < stats["prefetch_used"] <= stats["prefetched"]
+    assert 0 < stats["prefetch_recall"] <= 1
+    off, stats_off, _ = _run(path, expert_cache=0, expert_prefetch=False)
+    assert np.array_equal(off, want) and "prefetch_recall" not in stats_off
+
+
+def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
+    """A read-ahead that fails raises a StreamError at the next fetch, and what it was reading is
+    not kept as cached: the step run again reads those experts and is exact."""
+    path, want = resident
+    real, calls = ex.ExpertStore._read_experts, []
+
+    def failing(self, layer, experts, stage):
+        if stage is not self._stage and not calls:
+            calls.append((layer, list(experts)))
+            raise OSError("disk gone")
+        return real(self, layer, experts, stage)
+    monkeypatch.setattr(ex.ExpertStore, "_read_experts", failing)
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0) as m:
+        m.logits(PROMPT)
+        step = 0
+        with pytest.raises(ex.StreamError, match="expert read-ahead failed: OSError: disk gone"):
+            for step, t in enumerate(DECODE):
+                m._forward([t], len(m.cache.tokens[0]))
+        layer, lost = calls[0]
+        assert lost and not any((layer, e) in m._experts._resident for e in lost)
+        for j in range(step, len(DECODE)):  # the failed step again, and on
+            got = m._forward([DECODE[j]], len(m.cache.tokens[0]))
+            assert np.array_equal(got[0], want[len(PROMPT) + j])
+
+
+def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
+    """The planner's MoE cost: a decode token computes K/E of the expert bytes and reads the
+    expected misses: capacity / expert bytes hit without counts, the most counted experts' share
+    of the picks with them; the plan's prediction includes both."""
+    from flexinfer.gguf_file import read_gguf
+    from flexinfer.config import ModelConfig
+    from flexinfer.models import specs_for
+    from flexinfer.planner import with_experts
+    path, _ = resident
+    g = read_gguf(path)
+    cfg = ModelConfig.from_gguf(g)
+    names = ex.expert_names(specs_for(g, cfg))
+    total = sum(g.tensors[n].nbytes for n in names)
+    floor = ex.min_capacity(g, names)
+    cost = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
+    assert cost.active_bytes == total * cfg.n_expert_used // cfg.n_expert
+    assert cost.miss_rate == pytest.approx(1 - floor / total)
+    _run(path, expert_cache=0)  # writes counts: the hit rate becomes their coverage
+    counts = np.asarray(json.loads(ex.counts_path(g).read_text())["counts"])
+    warm = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
+    per = floor // cfg.n_expert  # a unit's bytes (every layer alike here)
+    top = np.sort(counts, axis=None)[::-1][:floor // per]
+    assert warm.miss_rate == pytest.approx(1 - top.sum() / counts.sum())
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, experts="auto") as m:
+        p = m.plan
+    mach = fm.make_plan(g, cfg, specs_for(g, cfg), fm.Options(expert_cache=0), 64, 2).machine
+    base = dataclasses.replace(p, t_cpu=0.0, t_io=0.0, predicted_s=0.0, stages=())
+    got = with_experts(base, warm, mach)
+    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw
+                                      + warm.missed_bytes / mach.repack_bw)
+    assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io)
+    assert got.t_io >= warm.missed_bytes / mach.disk_bw > 0
+
+
+def test_a_budget_change_resizes_the_expert_cache(resident):
+    """set_memory_budget re-plans: the cache takes the new plan's expert_cache_bytes, evicting
+    down to it at once (pages given back), and the logits do not change."""
+    path, want = resident
+    with fm.load(path, n_ctx=64, n_threads=2) as m:
+        st = m._experts
+        full = m.logits(PROMPT)
+        assert st.capacity == st.total_bytes == st.used_bytes  # everything cached
+        change = m.set_memory_budget(m.minimum_budget())
+        assert m.plan.expert_cache_bytes < st.total_bytes
+        assert st.capacity == max(m.plan.expert_cache_bytes, st._floor)
+        assert st.used_bytes <= st.capacity and change.released_bytes >= st.total_bytes - \
+            st.used_bytes
+        assert np.array_equal(m.logits(PROMPT), full)
+        assert np.array_equal(full, want[:len(PROMPT)])
+
+
+def test_the_moe_bench_table():
+    """scripts/bench_moe.py's bound and table from rows as its points write them."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", Path(__file__).parent.parent / "scripts" / "bench_moe.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    r = {"compute_s_per_token": 0.5, "experts": {"decode_expert_bytes_per_token": 10**9}}
+    assert b.moe_bound(r, 0.5e9) == pytest.approx(0.5)  # I/O bound: 2 s a token
+    assert b.moe_bound(r, 4e9, t_cpu=None) == pytest.approx(2.0)  # compute bound
+    assert b.moe_bound({"compute_s_per_token": 0.5}, 1e9) is None  # no expert cache: no bound
+    rows = [{"model": "m", "mode": "flexinfer", "budget_bytes": 2 * 10**9, "status": "ok",
+             "cgroup_peak_bytes": 1.9e9, "decode_tokens_per_s": 0.4,
+             "moe_bound_tokens_per_s": 0.5, "predicted_tokens_per_s": 0.44, "hit_rate": 0.3,
+             "expert_bytes_per_token": 7e8},
+            {"model": "m", "mode": "llama.cpp-mmap", "budget_bytes": 2 * 10**9, "status": "oom",
+             "cgroup_peak_bytes": 2e9, "decode_tokens_per_s": 0.1}]
+    lines = b.table(rows).splitlines()
+    assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 4.00x | 0.440 (+10%) | "
+                        "0.30 | 0.700 | 1.90 |")
+    assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
