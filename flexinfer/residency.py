@@ -125,11 +125,11 @@ class Residency:
         left to grow through the ring)."""
         if self.prefetcher:  # its read-ahead in flight is the old plan's, not this move's
             self.prefetcher.close()
-        before, read0 = set(self.resident), self.store.reader.bytes_read
+        before = set(self.resident)
         self._set_plan(plan, positions)
         self._move(through_ring=through_ring, restart=True)
-        return (sum(b.nbytes for b in before - self.resident),
-                self.store.reader.bytes_read - read0, self.pending_bytes())
+        read = sum(b.nbytes for b in self.resident - before)  # read into their homes just now
+        return sum(b.nbytes for b in before - self.resident), read, self.pending_bytes()
 
     def pending_bytes(self) -> int:
         return sum(b.nbytes for bs in self._pending.values() for b in bs) + self._grown_bytes
