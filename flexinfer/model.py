@@ -502,7 +502,10 @@ def _expert_plan(p: Plan, budget: int, g, cfg: ModelConfig, o: Options, owned, l
                  repack: bool, mach: Machine) -> Plan:
     """The plan with its expert cache: its floor (one layer's experts) and whatever the dense plan
     left of the budget (or --expert-cache), and the cache's cost (planner.with_experts)."""
-    capacity = least - ex.STAGE + max(0, budget - p.total_bytes())
+    # what a prompt batch's buffer takes beyond the loan the dense rows give it is not spare:
+    # the cache keeps its experts while a prompt runs
+    short = max(0, p.prompt_extra_bytes - p.loan_bytes)
+    capacity = least - ex.STAGE + max(0, budget - p.total_bytes() - short)
     if o.expert_cache is not None:
         capacity = o.expert_cache
     capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too

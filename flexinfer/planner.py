@@ -424,7 +424,7 @@ def _plan(tensors: list[PlanTensor], budget: int, fixed: int, machine: Machine, 
                                                  or cand.predicted_s < best.predicted_s):
                 best = cand
     if best is None:  # keeping everything resident always works, whatever the window
-        raise BudgetError(min(minimum, fx + total), budget)
+        raise BudgetError(min(minimum, fx + total + _bounce(tensors)), budget)
     order = POLICIES[best.policy.split(",")[0]]
     prompt = best.resident_rows
     if prompt_extra:  # decode keeps more: the loan, released while a prompt batch runs
