@@ -247,7 +247,8 @@ def test_monotone_for_any_pair_of_budgets(shape, frac, more):
     except BudgetError:
         return
     hi = plan(tensors, budget + int(more * total(tensors)), fixed, MACHINE)
-    assert hi.resident_bytes >= lo.resident_bytes
+    # a longer lookahead may take resident bytes for its ring, only when predicted faster
+    assert hi.resident_bytes >= lo.resident_bytes or hi.window > lo.window
     assert hi.predicted_tok_s >= lo.predicted_tok_s * (1 - 1e-9)
 
 
