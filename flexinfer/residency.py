@@ -29,7 +29,6 @@ on at its own pace through the change: the reads a larger budget saves are not s
 from __future__ import annotations
 
 from flexinfer import ggml_ops
-from flexinfer.direct_io import span
 from flexinfer.planner import Plan
 from flexinfer.prefetch import Prefetcher
 
@@ -51,7 +50,6 @@ class Residency:
         self._jobs_by_layer: dict[int, list] = {}
         self.lent = False  # the loan is out: a prompt batch is running
         self.prompts = 0  # prompt batches that borrowed the loan
-        self.moves = 0  # changes of the resident set
         self.mlock_errno = 0
         self.stage = 0
         self._pending: dict[int, list] = {}  # layer -> blocks to copy home as they pass the ring
@@ -73,25 +71,24 @@ class Residency:
         kept = plan.prompt_rows or final
         self._loan = {b for b in self.blocks
                       if _end(b) <= final.get(b.name, 1 << 62) and _end(b) > kept.get(b.name, 1 << 62)}
-        self.stage = 0
-        while self.stage < len(self.stage_positions) and positions > self.stage_positions[self.stage]:
-            self.stage += 1
+        self.stage = self._stage_for(positions, 0)
+
+    def _stage_for(self, positions: int, stage: int) -> int:
+        """The first stage from `stage` on that holds `positions` cached positions."""
+        while stage < len(self.stage_positions) and positions > self.stage_positions[stage]:
+            stage += 1
+        return stage
 
     def target(self, stage: int | None = None, lent: bool | None = None) -> set:
         stage = self.stage if stage is None else stage
         t = self._decode[stage]
         return t - self._loan if (self.lent if lent is None else lent) else t
 
-    def target_bytes(self) -> int:
-        return sum(b.nbytes for b in self.target())
-
     # ---- the moves
     def prepare(self, positions: int) -> None:
         """Before a step that makes the KV cache hold `positions` positions: move on to the stage
         that holds them, and finish or go on with growing through the ring."""
-        stage = self.stage
-        while stage < len(self.stage_positions) and positions > self.stage_positions[stage]:
-            stage += 1
+        stage = self._stage_for(positions, self.stage)
         if stage != self.stage:
             self.stage = stage
             self._move()
@@ -189,7 +186,6 @@ class Residency:
             done += b.nbytes
             if progress:
                 progress(done, total)
-        self.moves += bool(leaving or arriving)
         self._restream(ring)
 
     def _restream(self, ring: int) -> None:
@@ -200,7 +196,7 @@ class Residency:
         for bs in streamed.values():
             bs.sort(key=lambda b: b.offset)
         self._streamed = streamed
-        self._jobs_by_layer = {l: [(b, span(b.offset, b.nbytes)[1]) for b in bs]
+        self._jobs_by_layer = {l: [(b, b.span) for b in bs]
                                for l, bs in streamed.items()}
         if not streamed:
             return
@@ -224,26 +220,21 @@ class Residency:
         now = self.target() if kept is None else kept
         if all(b in now for b in self.blocks):
             return 0
-        most = (self.target(lent=True) if self._loan else now) if kept is None else kept
-        if kept is not None and self.ring is not None:
-            per: dict[int, int] = {}
-            for b in self.blocks:
-                if b not in kept:
-                    per[b.layer] = per.get(b.layer, 0) + span(b.offset, b.nbytes)[1]
-            if max(per.values()) <= self.ring.size:
-                return self.ring.size
-        per_layer: dict[int, int] = {}
+        most = kept if kept is not None else (self.target(lent=True) if self._loan else now)
+        per_layer: dict[int, int] = {}  # the ring bytes each layer's streamed blocks take
         for b in self.blocks:
             if b not in most:
-                per_layer[b.layer] = per_layer.get(b.layer, 0) + span(b.offset, b.nbytes)[1]
+                per_layer[b.layer] = per_layer.get(b.layer, 0) + b.span
         layer = max(per_layer.values(), default=0)
+        if kept is not None and self.ring is not None and layer <= self.ring.size:
+            return self.ring.size
         size = self.plan.ring_bytes if self.plan.mode != "sync" else max(self.plan.ring_bytes, layer)
         if size < layer:  # a plan made without a ring (tests force rows): a layer per window
             size = max(1, self.plan.window) * layer
         return _page(max(size, 1))
 
     def _piece(self) -> int:
-        return max((span(b.offset, b.nbytes)[1] for b in self.blocks), default=ggml_ops.PAGE)
+        return max((b.span for b in self.blocks), default=ggml_ops.PAGE)
 
     def mlock(self, blocks) -> None:
         if self.mlock_errno:
