@@ -24,8 +24,7 @@ def child(a) -> None:
     from flexinfer import model as fm
     from flexinfer.budget import parse_size, rss_bytes
     from flexinfer.generate import SamplingOptions, generate_ids
-    changes = {int(k): parse_size(v) for k, v in
-               (c.split(":") for c in a.changes.split(",") if c)} if a.changes else {}
+    changes = {k: parse_size(v) for k, v in parse_changes(a.changes)}
     t_load = time.perf_counter()
     with fm.load(a.model, memory_budget=a.start, n_ctx=a.ctx, n_threads=a.threads) as m:
         load_s = time.perf_counter() - t_load
@@ -44,6 +43,18 @@ def child(a) -> None:
                                "predicted_tok_s": round(m.plan.predicted_tok_s, 3)})
         print(json.dumps({"load_s": load_s, "tokens": rows, "changes": events,
                           "predicted_tok_s": round(m.plan.predicted_tok_s, 3)}))
+
+
+def parse_changes(text: str) -> list[tuple[int, str]]:
+    """"20:1.5G,40:3G" -> [(20, "1.5G"), (40, "3G")]; a malformed one is a one-line exit."""
+    out = []
+    for c in (c for c in text.split(",") if c):
+        k, sep, v = c.partition(":")
+        if not sep or not k.strip().isdigit() or int(k) < 1 or not v:
+            raise SystemExit(f"bench_budget_change: --changes: {c!r} is not TOKEN:SIZE "
+                             "(e.g. 20:1.5G)")
+        out.append((int(k), v))
+    return out
 
 
 def run(a, start: str, changes: str, limit: int) -> dict:
@@ -86,8 +97,12 @@ def main() -> int:
         child(a)
         return 0
     from flexinfer.budget import parse_size
-    sizes = [a.start] + [c.split(":")[1] for c in a.changes.split(",") if c]
-    limit = max(parse_size(s) for s in sizes)
+    from flexinfer.errors import FlexInferError
+    sizes = [a.start] + [v for _, v in parse_changes(a.changes)]
+    try:
+        limit = max(parse_size(s, "--start/--changes") for s in sizes)
+    except FlexInferError as e:
+        raise SystemExit(f"bench_budget_change: {e}") from None
     result = {"model": a.model, "threads": a.threads, "ctx": a.ctx, "start": a.start,
               "changes": a.changes, "disk_rate": a.disk_rate, "changing": run(a, a.start, a.changes, limit)}
     if a.fresh:
@@ -116,7 +131,7 @@ def report(r: dict) -> None:
         print(f"before token {k}: {e['old'] / 1e9:.2f} -> {e['new'] / 1e9:.2f} GB in "
               f"{e['seconds']:.2f} s (released {e['released_bytes'] / 1e9:.2f} GB, read "
               f"{e['read_bytes'] / 1e9:.2f} GB); stall {stall:.2f} s = {stall / typical:.2f} tokens")
-    sizes = [r["start"]] + [c.split(":")[1] for c in r["changes"].split(",") if c]
+    sizes = [r["start"]] + [v for _, v in parse_changes(r["changes"])]
     for (lo, hi), size in zip(zip(marks, marks[1:]), sizes):
         skip = 2 if lo else 5  # settle: after a change, and after the prompt
         got = steady_tok_s(toks, lo + skip, hi)
