@@ -24,8 +24,10 @@ import flexinfer.model as fm
 from flexinfer import experts as ex
 from flexinfer import ggml_ops
 from flexinfer.bench.synth import SynthSpec, shared_dir, write_synthetic
-from flexinfer.errors import FlexInferError
+from flexinfer.config import ModelConfig
+from flexinfer.errors import FlexInferError, GGUFError
 from flexinfer.ggml_ops import ROPE_NORM
+from flexinfer.gguf_file import read_gguf
 from flexinfer.models import moe, olmoe
 from tests.test_engine import _squeeze_budget
 from tests.test_fidelity import compare, first_difference, sha256
@@ -192,3 +194,14 @@ def test_bad_olmoe_specs_are_refused(changes, expect, tmp_path):
     with pytest.raises(FlexInferError, match=expect) as e:
         write_synthetic(tmp_path / "x.gguf", dataclasses.replace(SPEC, **changes))
     assert "\n" not in str(e.value)
+
+
+def test_olmoe_metadata_as_llamacpp_reads_it(small):
+    """Experts are required; expert_feed_forward_length is not olmoe's (llama.cpp builds the
+    experts feed_forward_length wide and never reads it), so a file's value does not change them."""
+    g = read_gguf(small[0])
+    g.metadata["olmoe.expert_feed_forward_length"] = 64
+    assert ModelConfig.from_gguf(g).n_ff_exp == g.metadata["olmoe.feed_forward_length"] == 256
+    del g.metadata["olmoe.expert_count"]
+    with pytest.raises(GGUFError, match="metadata 'olmoe.expert_count' is missing"):
+        ModelConfig.from_gguf(g)
