@@ -25,7 +25,7 @@ from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_
 from flexinfer.gguf_file import row_bytes
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import CacheLayout, KVCache
-from flexinfer.models.base import Batch, layer_weights
+from flexinfer.models.base import Batch, Group, layer_weights
 from flexinfer.models import moe
 
 KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
@@ -37,6 +37,26 @@ MAX_GRAPH_SETS = 3  # cached (batch size, bucket) graph sets, least recently use
 
 def _pad(n: int, m: int) -> int:
     return (n + m - 1) // m * m
+
+
+def _starts(layout: tuple):
+    """(seq, t0, n_tokens, n_kv, n_kv_swa) per group of a layout, t0 its first token."""
+    t0 = 0
+    for seq, n, n_kv, n_swa in layout:
+        yield seq, t0, n, n_kv, n_swa
+        t0 += n
+
+
+def mask_offsets(layout: tuple) -> list[tuple[int, int]]:
+    """Each group's mask and ring mask, in f16 elements from the start of their inputs: the groups'
+    (n_kv, T_s padded to KQ_MASK_PAD) masks one after another. At most n_seq * n_ctx * pad(T)
+    elements, what Inputs holds (each group's n_kv <= n_ctx and T_s <= T)."""
+    out, off, off_swa = [], 0, 0
+    for _, n, n_kv, n_swa in layout:
+        out.append((off, off_swa))
+        off += n_kv * _pad(n, KQ_MASK_PAD)
+        off_swa += n_swa * _pad(n, KQ_MASK_PAD)
+    return out
 
 
 def _node_budget(weights: dict, base: int) -> int:
@@ -125,32 +145,34 @@ class Inputs:
         one = Inputs.sizes(cfg, n_cells, n_cells_swa, n_decode, embd_row_bytes)
         return sum(_pad(s, ggml_ops.PAGE) + ggml_ops.PAGE for s in one.values()) + ggml_ops.PAGE
 
-    def set_batch(self, b: TokenBatch, kv: CacheLayout, n_kv: int, n_kv_swa: int) -> None:
-        """Write positions, cache cells and the masks: token t sees full-layer cell c when c is in
-        its sequence's slot at a position <= its own; ring cell c (sliding layers) when c is in its
-        sequence's ring and holds a position p with 0 <= pos_t - p < n_swa (llama.cpp: a key is
-        hidden when pos_q - pos_k >= n_swa). (The rows whose logits are wanted go to `out` before
-        each head computation.)"""
+    def set_batch(self, b: TokenBatch, kv: CacheLayout, layout: tuple) -> None:
+        """Write positions, cache cells and each group's masks (layout: engine._layout; a group
+        is one sequence's tokens, its mask covers its own slot's first n_kv cells): token t sees
+        its slot's cell c (position c) when c <= pos_t; ring cell c (sliding layers) when it holds
+        a position p with 0 <= pos_t - p < n_swa (llama.cpp: a key is hidden when pos_q - pos_k
+        >= n_swa). (The rows whose logits are wanted go to `out` before each head computation.)"""
         T = len(b)
-        pos, seqs = np.asarray(b.pos, dtype=np.int32), np.asarray(b.seqs)
+        pos = np.asarray(b.pos, dtype=np.int32)
         self.pos[:T] = pos
         self.rows[:T] = kv.cells(b.seqs, b.pos)
-        c = np.arange(n_kv)
-        visible = (c[None, :] // kv.n_ctx == seqs[:, None]) & (c[None, :] % kv.n_ctx <= pos[:, None])
-        self._write_mask(self._mask, visible, n_kv)
         if self.rows_swa is not None:
             self.rows_swa[:T] = kv.cells_swa(b.seqs, b.pos)
-            held = kv.swa_positions(b.seqs, b.pos, n_kv_swa)[None, :]  # (1, n_kv_swa)
-            ring = np.arange(n_kv_swa) // kv.swa_ctx
-            near = (ring[None, :] == seqs[:, None]) & (held >= 0) & (held <= pos[:, None]) & \
-                (pos[:, None] - held < self.n_swa)
-            self._write_mask(self._mask_swa, near, n_kv_swa)
+        for (seq, t0, n, n_kv, n_swa), (off, off_swa) in zip(_starts(layout),
+                                                              mask_offsets(layout)):
+            p = pos[t0:t0 + n, None]
+            self._write_mask(self._mask, np.arange(n_kv)[None, :] <= p, off)
+            if self.rows_swa is not None:
+                ring = seq * kv.swa_ctx
+                held = kv.swa_positions(b.seqs, b.pos, ring + n_swa)[None, ring:]  # (1, n_swa)
+                near = (held >= 0) & (held <= p) & (p - held < self.n_swa)
+                self._write_mask(self._mask_swa, near, off_swa)
 
     @staticmethod
-    def _write_mask(mem, visible: np.ndarray, n_kv: int) -> None:
-        """visible (T, n_kv) -> f16 rows of 0 / -inf, the padding rows -inf."""
-        T, t_pad = len(visible), _pad(len(visible), KQ_MASK_PAD)
-        mask = np.frombuffer(mem, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
+    def _write_mask(mem, visible: np.ndarray, offset: int) -> None:
+        """visible (T, n_kv) -> f16 rows of 0 / -inf at element `offset`, the padding rows -inf."""
+        (T, n_kv), t_pad = visible.shape, _pad(len(visible), KQ_MASK_PAD)
+        mask = np.frombuffer(mem, dtype=np.float16, count=t_pad * n_kv,
+                             offset=2 * offset).reshape(t_pad, n_kv)
         mask[:T] = np.where(visible, np.float16(0), np.float16(-np.inf))
         mask[T:] = np.float16(-np.inf)
 
@@ -178,12 +200,12 @@ class Engine:
         # never more than the sliding layers' rings were sized for (kv_cache.swa_cells)
         self.n_ubatch = max(min(n_ubatch, kv.n_cells, kv.n_ubatch), self.n_decode)
         self.inputs = Inputs(cfg, kv.n_cells, kv.n_cells_swa, self.n_ubatch, store.embd_row_bytes)
-        self._sets: OrderedDict[tuple[int, int, int, int], GraphSet] = OrderedDict()
+        self._sets: OrderedDict[tuple[int, tuple, int], GraphSet] = OrderedDict()
         self._max_sets = MAX_GRAPH_SETS + self.n_decode - 1  # a decode set for each width
         self.alloc, self._prompt_alloc = Allocator(), None
         self._reserve()
         if warm:
-            self._graphs(1, min(kv.n_cells, KV_BUCKET), min(kv.n_cells_swa, KV_BUCKET), 1)
+            self._graphs(1, ((0, 1, min(kv.n_ctx, KV_BUCKET), min(kv.swa_ctx, KV_BUCKET)),), 1)
             # the decode graphs, built before timing
 
     def _reserve(self) -> None:
@@ -199,15 +221,16 @@ class Engine:
         threads = self.backend.n_threads if self.backend else 1
         self.prompt_bytes = 0
         for T in sorted({self.n_decode, self.n_ubatch}):
-            worst = self._build(T, n_cells, n_swa, min(T, MAX_LOGIT_ROWS), alloc=False)
             alloc = self.alloc if T <= self.n_decode else Allocator()
-            for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
-                alloc.reserve(ops)
-                work = max(work, ops.work_size(threads))
+            for layout in self._worst(T):
+                worst = self._build(T, layout, min(T, MAX_LOGIT_ROWS), alloc=False)
+                for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
+                    alloc.reserve(ops)
+                    work = max(work, ops.work_size(threads))
+                worst.free()
             if T > self.n_decode:
                 self.prompt_bytes = alloc.size()
                 alloc.free()  # reserved only to be measured: nothing was written to it
-            worst.free()
         decode_inputs = min(self.inputs.nbytes, Inputs.decode_bytes(
             self.cfg, n_cells, n_swa, self.n_decode, self.store.embd_row_bytes))
         self.compute_bytes = self.alloc.size() + work + decode_inputs
@@ -216,18 +239,55 @@ class Engine:
         else:  # no prompt batches: decoding is all there is
             self.compute_bytes += self.inputs.nbytes - decode_inputs
 
-    def _build(self, T: int, n_kv: int, n_kv_swa: int, n_out: int,
-               alloc: bool = True) -> GraphSet:
+    def _worst(self, T: int) -> list[tuple]:
+        """The layouts whose graphs need the most memory for T tokens, reserved before any graph
+        is placed: one sequence reading a whole slot, and T tokens of min(T, n_seq) sequences
+        each reading a whole slot (one attention and its output per sequence, and the concats)."""
+        kv = self.kv
+        out = [((0, T, kv.n_ctx, kv.swa_ctx),)]
+        g = min(T, kv.n_seq)
+        if g > 1:
+            out.append(tuple((s, T // g + (s < T % g), kv.n_ctx, kv.swa_ctx) for s in range(g)))
+        return out
+
+    def _layout(self, b: TokenBatch) -> tuple:
+        """(seq, n_tokens, n_kv, n_kv_swa) for each run of one sequence's tokens, in batch order
+        (step groups a batch so each sequence has one run): n_kv what the sequence alone would
+        read, its slot's cells up to its highest position here padded to KV_BUCKET, at most
+        n_ctx; n_kv_swa its ring's cells likewise, at most W."""
+        kv, seqs, pos = self.kv, np.asarray(b.seqs), np.asarray(b.pos)
+        starts = np.flatnonzero(np.r_[True, seqs[1:] != seqs[:-1]])
+        out = []
+        for a, e in zip(starts, np.r_[starts[1:], len(seqs)]):
+            top = int(pos[a:e].max()) + 1
+            n_swa = kv.swa_ctx and min(kv.swa_ctx, _pad(min(top, kv.swa_ctx), KV_BUCKET))
+            out.append((int(seqs[a]), int(e - a), min(kv.n_ctx, _pad(top, KV_BUCKET)), n_swa))
+        return tuple(out)
+
+    def _batch(self, ops: Ops, T: int, layout: tuple) -> Batch:
+        """The layer graph's batch inputs: one Group per sequence, its mask at its offset."""
+        a, kv, swa = self.inputs.addr, self.kv, self.kv.n_cells_swa
+        pos = ops.input(TYPE_I32, (T,), a["pos"])
+        groups, rings = [], []
+        for (seq, t0, n, n_kv, n_swa), (off, off_swa) in zip(_starts(layout),
+                                                              mask_offsets(layout)):
+            tp = _pad(n, KQ_MASK_PAD)
+            groups.append(Group(t0, n, kv.cell(seq, 0), n_kv,
+                                ops.input(TYPE_F16, (n_kv, tp), a["mask"] + 2 * off)))
+            if swa:
+                rings.append(Group(t0, n, seq * kv.swa_ctx, n_swa, ops.input(
+                    TYPE_F16, (n_swa, tp), a["mask_swa"] + 2 * off_swa)))
+        ring = None if not swa else Batch(  # the rings' cells (kv_cache.py)
+            T, pos, ops.input(TYPE_I64, (T,), a["rows_swa"]), tuple(rings))
+        return Batch(T, pos, ops.input(TYPE_I64, (T,), a["rows"]), tuple(groups), ring)
+
+    def _build(self, T: int, layout: tuple, n_out: int, alloc: bool = True) -> GraphSet:
         cfg, a = self.cfg, self.inputs.addr
         layers, ffns = [], []
         for il in range(cfg.n_layer):
-            ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
-            pos = ops.input(TYPE_I32, (T,), a["pos"])
-            swa = None if not self.kv.n_cells_swa else Batch(  # the rings' cells (kv_cache.py)
-                T, n_kv_swa, pos, ops.input(TYPE_I64, (T,), a["rows_swa"]),
-                ops.input(TYPE_F16, (n_kv_swa, _pad(T, KQ_MASK_PAD)), a["mask_swa"]))
-            batch = Batch(T, n_kv, pos, ops.input(TYPE_I64, (T,), a["rows"]),
-                          ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]), swa)
+            ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg))
+                      + 12 * len(layout))  # views, attention and a concat per sequence
+            batch = self._batch(ops, T, layout)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
             w = layer_weights(self.store.layers, il)
             if self.split:
@@ -280,8 +340,8 @@ class Engine:
         logits = self.arch.build_head(ops, self.cfg, w, x)
         return ops, ops.output(logits)
 
-    def _graphs(self, T: int, n_kv: int, n_kv_swa: int, n_out: int) -> GraphSet:
-        key = (T, n_kv, n_kv_swa, n_out)
+    def _graphs(self, T: int, layout: tuple, n_out: int) -> GraphSet:
+        key = (T, layout, n_out)
         gs = self._sets.get(key)
         if gs is not None:
             self._sets.move_to_end(key)
@@ -290,12 +350,19 @@ class Engine:
             self._sets.popitem(last=False)[1].free()
         if T > self.n_decode and self._prompt_alloc is None:
             self._prompt_alloc = Allocator()
-            worst = self._build(self.n_ubatch, self.kv.n_cells, self.kv.n_cells_swa,
-                                min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
-            for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
-                self._prompt_alloc.reserve(ops)
-            worst.free()
-        gs = self._sets[key] = self._build(T, n_kv, n_kv_swa, n_out)
+            for worst_layout in self._worst(self.n_ubatch):
+                worst = self._build(self.n_ubatch, worst_layout,
+                                    min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
+                for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
+                    self._prompt_alloc.reserve(ops)
+                worst.free()
+        alloc = self.alloc if T <= self.n_decode else self._prompt_alloc
+        size = alloc.size()
+        gs = self._sets[key] = self._build(T, layout, n_out)
+        if alloc.size() != size:  # the buffer moved (a layout the worst case did not cover):
+            for k in [k for k in self._sets if k != key and (k[0] <= self.n_decode) ==
+                      (T <= self.n_decode)]:  # graphs placed in the old one are rebuilt
+                self._sets.pop(k).free()
         return gs
 
     def end_prompt(self) -> None:
@@ -321,6 +388,7 @@ class Engine:
             self.store.residency.begin_prompt()  # the loan goes before the prompt buffer comes
         else:
             self.end_prompt()  # after a prompt step: decoding needs the loan back
+        batch, order = _grouped(batch)
         out = [self._forward_chunk(chunk) for chunk in self._chunks(batch)]
         if prompt and not more_prompt:  # the buffer goes before the loan comes back, in the
             self.end_prompt()  # prompt's time
@@ -328,25 +396,29 @@ class Engine:
         out = [o for o in out if o is not None]
         if not out:
             return np.zeros((0, self.cfg.n_vocab), dtype=np.float32)
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        out = np.concatenate(out) if len(out) > 1 else out[0]
+        return out if order is None else out[order]
 
     def _chunks(self, batch: TokenBatch):
-        """Pieces of at most n_ubatch tokens: llama.cpp's micro-batches. Each piece runs through
-        the layers whole, however many logit rows it wants (they come out MAX_LOGIT_ROWS at a
-        time), so a prompt's attention runs over the same batch shapes as llama.cpp's (a short
-        last piece takes ggml's untiled flash attention, which rounds differently)."""
-        for i in range(0, len(batch), self.n_ubatch):
-            yield batch.slice(i, i + self.n_ubatch)
+        """Micro-batches of at most n_ubatch tokens, cut as each sequence's tokens would be cut
+        alone (llama.cpp's micro-batches): a sequence's run is cut every n_ubatch tokens from its
+        start, and the pieces are packed whole, in order. Each piece runs through the layers
+        whole, however many logit rows it wants (they come out MAX_LOGIT_ROWS at a time), so a
+        prompt's attention runs over the same batch shapes as llama.cpp's (a piece shorter than
+        64 tokens takes ggml's untiled flash attention, which rounds differently)."""
+        start = 0
+        for a, e in _pieces(batch.seqs, self.n_ubatch):
+            if e - start > self.n_ubatch:  # the piece does not fit: a new micro-batch
+                yield batch.slice(start, a)
+                start = a
+        yield batch.slice(start, len(batch))
 
     def _forward_chunk(self, b: TokenBatch) -> np.ndarray | None:
-        T, kv = len(b), self.kv
-        n_kv = min(kv.n_cells, _pad(int(kv.cells(b.seqs, b.pos).max()) + 1, KV_BUCKET))
-        n_kv_swa = kv.n_cells_swa and min(kv.n_cells_swa,
-                                          _pad(kv.swa_extent(b.seqs, b.pos), KV_BUCKET))
+        T, layout = len(b), self._layout(b)
         wanted = np.flatnonzero(b.logits)
-        gs = self._graphs(T, n_kv, n_kv_swa, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
+        gs = self._graphs(T, layout, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
         self.store.embed_rows(b.tokens, self.inputs.addr["emb"])
-        self.inputs.set_batch(b, kv, n_kv, n_kv_swa)
+        self.inputs.set_batch(b, self.kv, layout)
         self.backend.compute(gs.embed.graph)
         out = []
         try:
@@ -380,6 +452,31 @@ class Engine:
         if self._prompt_alloc is not None:
             self._prompt_alloc.free()
         self.inputs.close()
+
+
+def _grouped(batch: TokenBatch) -> tuple[TokenBatch, np.ndarray | None]:
+    """The batch with each sequence's tokens together (in order of first appearance, each
+    sequence's tokens in their order), and the order that puts its logit rows back in the
+    batch's order (None: it was grouped already)."""
+    seqs = np.asarray(batch.seqs)
+    runs = np.r_[True, seqs[1:] != seqs[:-1]]
+    if len(np.unique(seqs)) == int(runs.sum()):
+        return batch, None
+    first = {s: i for i, s in reversed(list(enumerate(batch.seqs)))}
+    idx = sorted(range(len(seqs)), key=lambda i: (first[batch.seqs[i]], i))
+    grouped = TokenBatch(*([getattr(batch, f)[i] for i in idx]
+                           for f in ("tokens", "seqs", "pos", "logits")))
+    wanted = [i for i in idx if batch.logits[i]]  # original index of each logit row
+    return grouped, np.argsort(wanted)
+
+
+def _pieces(seqs: list[int], U: int):
+    """(a, e): each run of one sequence's tokens cut every U tokens from its start."""
+    a = 0
+    for e in range(1, len(seqs) + 1):
+        if e == len(seqs) or seqs[e] != seqs[e - 1] or e - a == U:
+            yield a, e
+            a = e
 
 
 class _HeaderStore:
