@@ -199,7 +199,10 @@ class Engine:
         self.n_decode = max(1, kv.n_seq)  # a decode step: one token per sequence
         # never more than the sliding layers' rings were sized for (kv_cache.swa_cells)
         self.n_ubatch = max(min(n_ubatch, kv.n_cells, kv.n_ubatch), self.n_decode)
-        self.inputs = Inputs(cfg, kv.n_cells, kv.n_cells_swa, self.n_ubatch, store.embd_row_bytes)
+        # a micro-batch: one sequence's piece of n_ubatch prompt tokens and a token of each other
+        # sequence, so a prompt cut as alone goes on beside the others' decoding (scheduler.py)
+        self.n_batch = self.n_ubatch + self.n_decode - 1
+        self.inputs = Inputs(cfg, kv.n_cells, kv.n_cells_swa, self.n_batch, store.embd_row_bytes)
         self._sets: OrderedDict[tuple[int, tuple, int], GraphSet] = OrderedDict()
         self._max_sets = MAX_GRAPH_SETS + self.n_decode - 1  # a decode set for each width
         self.alloc, self._prompt_alloc = Allocator(), None
@@ -220,7 +223,7 @@ class Engine:
         n_cells, n_swa, work = self.kv.n_cells, self.kv.n_cells_swa, 0
         threads = self.backend.n_threads if self.backend else 1
         self.prompt_bytes = 0
-        for T in sorted({self.n_decode, self.n_ubatch}):
+        for T in sorted({self.n_decode, self.n_batch}):
             alloc = self.alloc if T <= self.n_decode else Allocator()
             for layout in self._worst(T):
                 worst = self._build(T, layout, min(T, MAX_LOGIT_ROWS), alloc=False)
@@ -350,9 +353,9 @@ class Engine:
             self._sets.popitem(last=False)[1].free()
         if T > self.n_decode and self._prompt_alloc is None:
             self._prompt_alloc = Allocator()
-            for worst_layout in self._worst(self.n_ubatch):
-                worst = self._build(self.n_ubatch, worst_layout,
-                                    min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
+            for worst_layout in self._worst(self.n_batch):
+                worst = self._build(self.n_batch, worst_layout,
+                                    min(self.n_batch, MAX_LOGIT_ROWS), alloc=False)
                 for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
                     self._prompt_alloc.reserve(ops)
                 worst.free()
@@ -400,7 +403,7 @@ class Engine:
         return out if order is None else out[order]
 
     def _chunks(self, batch: TokenBatch):
-        """Micro-batches of at most n_ubatch tokens, cut as each sequence's tokens would be cut
+        """Micro-batches of at most n_batch tokens, cut as each sequence's tokens would be cut
         alone (llama.cpp's micro-batches): a sequence's run is cut every n_ubatch tokens from its
         start, and the pieces are packed whole, in order. Each piece runs through the layers
         whole, however many logit rows it wants (they come out MAX_LOGIT_ROWS at a time), so a
@@ -408,7 +411,7 @@ class Engine:
         64 tokens takes ggml's untiled flash attention, which rounds differently)."""
         start = 0
         for a, e in _pieces(batch.seqs, self.n_ubatch):
-            if e - start > self.n_ubatch:  # the piece does not fit: a new micro-batch
+            if e - start > self.n_batch:  # the piece does not fit: a new micro-batch
                 yield batch.slice(start, a)
                 start = a
         yield batch.slice(start, len(batch))

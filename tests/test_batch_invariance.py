@@ -114,15 +114,60 @@ def test_interleaved_tokens_come_back_in_batch_order(tiny_llama_path):
     np.testing.assert_array_equal(mixed, grouped[order])
 
 
-@pytest.mark.parametrize("seqs, U, cuts", [
-    ([0] * 5, 2, [2, 2, 1]),
-    ([0, 1, 1, 1], 3, [1, 3]),  # B's three tokens do not join A's one: 3 is B's piece alone
-    ([0, 0, 1, 2], 3, [3, 1]),
-    ([0, 1, 2], 1, [1, 1, 1]),
+@pytest.mark.parametrize("seqs, U, n_batch, cuts", [
+    ([0] * 5, 2, 2, [2, 2, 1]),
+    ([0, 1, 1, 1], 3, 3, [1, 3]),  # B's three tokens do not join A's one: 3 is B's piece alone
+    ([0, 0, 1, 2], 3, 3, [3, 1]),
+    ([0, 1, 2], 1, 1, [1, 1, 1]),
+    ([0, 1, 1, 1, 1], 3, 4, [4, 1]),  # A's token and B's first piece share a micro-batch
 ])
-def test_micro_batches_cut_each_sequence_as_alone(seqs, U, cuts):
+def test_micro_batches_cut_each_sequence_as_alone(seqs, U, n_batch, cuts):
     from flexinfer.engine import Engine
     eng = Engine.__new__(Engine)
-    eng.n_ubatch = U
+    eng.n_ubatch, eng.n_batch = U, n_batch
     b = TokenBatch(list(range(len(seqs))), seqs, list(range(len(seqs))), [False] * len(seqs))
     assert [len(c) for c in eng._chunks(b)] == cuts
+
+
+def _record_logits(monkeypatch) -> dict:
+    """The scheduler's samplers pick greedily and keep every logits row they see, by request."""
+    from flexinfer import scheduler
+    seen = {}
+
+    def sampler_for(opts):
+        rows = seen.setdefault(id(opts), [])
+
+        def sample(logits, history, n_prompt):
+            rows.append(np.array(logits))
+            return int(np.argmax(logits))
+        return sample
+    monkeypatch.setattr(scheduler, "sampler_for", sampler_for)
+    return seen
+
+
+def test_a_long_prompt_beside_a_decoding_sequence_equals_alone(tiny_llama_path, monkeypatch):
+    """BatchLoop: X decodes while Y's 150-token prompt goes in beside it, cut as alone (64, 64 and
+    22 tokens at n_ubatch 64, each with X's token in one micro-batch of n_batch 65), not at the
+    63 tokens X leaves of 64. Y's rows (its prompt's last, then each decode step) equal Y's run
+    alone, and X's equal X's."""
+    from flexinfer.generate import SamplingOptions
+    from flexinfer.scheduler import BatchLoop, Request
+    seen = _record_logits(monkeypatch)
+    x_opts = SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True)
+    y_opts = SamplingOptions(max_tokens=4, temperature=0, ignore_eos=True)
+    X, Y = A[:10], B[:150]
+
+    def run(n_seq, reqs):
+        with _load(tiny_llama_path, n_seq, 64) as m:
+            loop = BatchLoop(m)
+            for ids, opts in reqs:
+                loop.add(Request(ids, opts), lambda e: None)
+                loop.step()
+            while not loop.idle:
+                loop.step()
+        return [np.stack(seen.pop(id(opts))) for _, opts in reqs]
+
+    x_both, y_both = run(2, [(X, x_opts), (Y, y_opts)])
+    (x_alone,), (y_alone,) = run(1, [(X, x_opts)]), run(1, [(Y, y_opts)])
+    np.testing.assert_array_equal(y_both, y_alone)
+    np.testing.assert_array_equal(x_both, x_alone)
