@@ -130,8 +130,9 @@ def test_micro_batches_cut_each_sequence_as_alone(seqs, U, n_batch, cuts):
 
 
 def _record_logits(monkeypatch) -> dict:
-    """The scheduler's samplers pick greedily and keep every logits row they see, by request."""
-    from flexinfer import scheduler
+    """The samplers (the scheduler's and generate's) pick greedily and keep every logits row they
+    see, by SamplingOptions."""
+    from flexinfer import generate, scheduler
     seen = {}
 
     def sampler_for(opts):
@@ -142,32 +143,33 @@ def _record_logits(monkeypatch) -> dict:
             return int(np.argmax(logits))
         return sample
     monkeypatch.setattr(scheduler, "sampler_for", sampler_for)
+    monkeypatch.setattr(generate, "sampler_for", sampler_for)
     return seen
 
 
 def test_a_long_prompt_beside_a_decoding_sequence_equals_alone(tiny_llama_path, monkeypatch):
     """BatchLoop: X decodes while Y's 150-token prompt goes in beside it, cut as alone (64, 64 and
     22 tokens at n_ubatch 64, each with X's token in one micro-batch of n_batch 65), not at the
-    63 tokens X leaves of 64. Y's rows (its prompt's last, then each decode step) equal Y's run
-    alone, and X's equal X's."""
+    63 tokens X would leave of 64. Y's rows (its prompt's last, then each decode step) equal
+    Y's run alone (Model.generate), and X's equal X's."""
     from flexinfer.generate import SamplingOptions
     from flexinfer.scheduler import BatchLoop, Request
     seen = _record_logits(monkeypatch)
     x_opts = SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True)
     y_opts = SamplingOptions(max_tokens=4, temperature=0, ignore_eos=True)
     X, Y = A[:10], B[:150]
-
-    def run(n_seq, reqs):
-        with _load(tiny_llama_path, n_seq, 64) as m:
-            loop = BatchLoop(m)
-            for ids, opts in reqs:
-                loop.add(Request(ids, opts), lambda e: None)
-                loop.step()
-            while not loop.idle:
-                loop.step()
-        return [np.stack(seen.pop(id(opts))) for _, opts in reqs]
-
-    x_both, y_both = run(2, [(X, x_opts), (Y, y_opts)])
-    (x_alone,), (y_alone,) = run(1, [(X, x_opts)]), run(1, [(Y, y_opts)])
-    np.testing.assert_array_equal(y_both, y_alone)
-    np.testing.assert_array_equal(x_both, x_alone)
+    with _load(tiny_llama_path, 2, 64) as m:
+        loop = BatchLoop(m)
+        for ids, opts in ((X, x_opts), (Y, y_opts)):
+            loop.add(Request(ids, opts), lambda e: None)
+            loop.step()
+        while not loop.idle:
+            loop.step()
+    x_both, y_both = np.stack(seen.pop(id(x_opts))), np.stack(seen.pop(id(y_opts)))
+    for ids, opts, both in ((X, x_opts, x_both), (Y, y_opts, y_both)):
+        with _load(tiny_llama_path, 1, 64) as m:
+            list(m.generate(ids, **vars(opts)))
+        (alone,) = [np.stack(rows) for rows in seen.values()]
+        seen.clear()
+        assert both.shape == (opts.max_tokens, m.cfg.n_vocab)  # the prompt's last row, then decode
+        np.testing.assert_array_equal(both, alone)
