@@ -52,10 +52,10 @@ def grouped(batch: TokenBatch) -> tuple[TokenBatch, np.ndarray | None]:
         return batch, None
     first = {s: i for i, s in reversed(list(enumerate(batch.seqs)))}
     idx = sorted(range(len(seqs)), key=lambda i: (first[batch.seqs[i]], i))
-    grouped = TokenBatch(*([getattr(batch, f)[i] for i in idx]
-                           for f in ("tokens", "seqs", "pos", "logits")))
+    out = TokenBatch(*([getattr(batch, f)[i] for i in idx]
+                       for f in ("tokens", "seqs", "pos", "logits")))
     wanted = [i for i in idx if batch.logits[i]]  # original index of each logit row
-    return grouped, np.argsort(wanted)
+    return out, np.argsort(wanted)
 
 
 def pieces(seqs: list[int], U: int):
