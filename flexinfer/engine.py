@@ -20,12 +20,13 @@ import numpy as np
 
 from flexinfer import ggml_ops
 from flexinfer.config import ModelConfig
+from flexinfer.engine_inputs import Inputs, grouped, mask_offsets, pad as _pad, pieces, starts
 from flexinfer.ggml_ops import (KQ_MASK_PAD, TYPE_F16, TYPE_F32, TYPE_I32, TYPE_I64, Allocator,
-                                Backend, Buffer, Ops, Tensor, TensorTable)
+                                Backend, Ops, Tensor, TensorTable)
 from flexinfer.gguf_file import row_bytes
 from flexinfer.batch import TokenBatch
 from flexinfer.kv_cache import CacheLayout, KVCache
-from flexinfer.models.base import Batch, layer_weights
+from flexinfer.models.base import Batch, Group, layer_weights
 from flexinfer.models import moe
 
 KV_BUCKET = 256  # attention reads the cache in buckets of this many cells; the mask hides the rest
@@ -33,10 +34,6 @@ MAX_LOGIT_ROWS = 64  # logits for every position are computed this many rows at 
 MAX_GRAPH_SETS = 3  # cached (batch size, bucket) graph sets, least recently used dropped first:
 # a 30-layer set is ~3 MB and decoding never goes back to a smaller bucket (keeping 8 grew the
 # process by 7 MB over 2,000 tokens at context 2048, memory the planner had not counted)
-
-
-def _pad(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def _node_budget(weights: dict, base: int) -> int:
@@ -60,106 +57,6 @@ class GraphSet:
             ops.free()
 
 
-class Inputs:
-    """Engine-owned input memory, sized once for the largest batch: numpy views write it.
-    Sliding-window layers (kv_cache.py's rings, n_cells_swa cells) have rows and a mask of their
-    own."""
-
-    @staticmethod
-    def sizes(cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,
-              embd_row_bytes: int) -> dict:
-        pad = _pad(n_ubatch, KQ_MASK_PAD)
-        return {"x": 4 * cfg.n_embd * n_ubatch, "emb": embd_row_bytes * n_ubatch,
-                "pos": 4 * n_ubatch, "rows": 8 * n_ubatch, "idx": 4 * n_ubatch,
-                "out": 4 * n_ubatch, "mask": 2 * n_cells * pad,
-                **({"rows_swa": 8 * n_ubatch, "mask_swa": 2 * n_cells_swa * pad}
-                   if n_cells_swa else {}),
-                **({"xa": 4 * cfg.n_embd * n_ubatch, "ids": 4 * cfg.n_expert_used * n_ubatch}
-                   if cfg.n_expert else {})}  # expert streaming: graph A's outputs
-
-    def __init__(self, cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,
-                 embd_row_bytes: int):
-        self.n_ubatch, self.n_cells = n_ubatch, n_cells
-        sizes = self.sizes(cfg, n_cells, n_cells_swa, n_ubatch, embd_row_bytes)
-        self.addr, off = {}, 0
-        self._buf = Buffer(sum(_pad(s, 64) for s in sizes.values()))
-        for k, s in sizes.items():
-            self.addr[k] = self._buf.base + off
-            off += _pad(s, 64)
-        self.nbytes = off
-        mv = ggml_ops.memview
-        self.pos = np.frombuffer(mv(self.addr["pos"], sizes["pos"]), dtype=np.int32)
-        self.rows = np.frombuffer(mv(self.addr["rows"], sizes["rows"]), dtype=np.int64)
-        self.out = np.frombuffer(mv(self.addr["out"], sizes["out"]), dtype=np.int32)
-        self._idx = np.frombuffer(mv(self.addr["idx"], sizes["idx"]), dtype=np.int32)
-        self._idx[:] = np.arange(n_ubatch)
-        self._mask = mv(self.addr["mask"], sizes["mask"])
-        self.n_swa = cfg.n_swa  # sliding-window layers read their own rows and mask (gemma3)
-        self._mask_swa = self.rows_swa = None
-        if n_cells_swa:
-            self._mask_swa = mv(self.addr["mask_swa"], sizes["mask_swa"])
-            self.rows_swa = np.frombuffer(mv(self.addr["rows_swa"], sizes["rows_swa"]),
-                                          dtype=np.int64)
-        self.ids = (np.frombuffer(mv(self.addr["ids"], sizes["ids"]), dtype=np.int32)
-                    if cfg.n_expert else None)  # the router's top-K picks, (T, K) row-major
-        self.sizes_xa = sizes.get("xa", 0) // 4  # floats of graph A's residual, n_embd a token
-
-    def residual(self, T: int) -> np.ndarray:
-        """Graph A's residual of the T tokens (T, n_embd) float32, a view (expert read-ahead)."""
-        n = self.sizes_xa // self.n_ubatch
-        return np.frombuffer(ggml_ops.memview(self.addr["xa"], 4 * n * T),
-                             dtype=np.float32).reshape(T, n)
-
-    def release(self) -> None:
-        """Give the pages a prompt batch wrote back to the OS (decode steps write only the first
-        rows of each input again); the constant row indices are written anew."""
-        ggml_ops.release_pages(self._buf.base, self.nbytes)
-        self._idx[:] = np.arange(self.n_ubatch)
-
-    @staticmethod
-    def decode_bytes(cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_decode: int,
-                     embd_row_bytes: int) -> int:
-        """What a decode step of n_decode tokens writes of the inputs, at most: their rows, a page
-        more for each of the seven (nine with rings) inputs (they start inside pages), and the
-        first page, which holds idx."""
-        one = Inputs.sizes(cfg, n_cells, n_cells_swa, n_decode, embd_row_bytes)
-        return sum(_pad(s, ggml_ops.PAGE) + ggml_ops.PAGE for s in one.values()) + ggml_ops.PAGE
-
-    def set_batch(self, b: TokenBatch, kv: CacheLayout, n_kv: int, n_kv_swa: int) -> None:
-        """Write positions, cache cells and the masks: token t sees full-layer cell c when c is in
-        its sequence's slot at a position <= its own; ring cell c (sliding layers) when c is in its
-        sequence's ring and holds a position p with 0 <= pos_t - p < n_swa (llama.cpp: a key is
-        hidden when pos_q - pos_k >= n_swa). (The rows whose logits are wanted go to `out` before
-        each head computation.)"""
-        T = len(b)
-        pos, seqs = np.asarray(b.pos, dtype=np.int32), np.asarray(b.seqs)
-        self.pos[:T] = pos
-        self.rows[:T] = kv.cells(b.seqs, b.pos)
-        c = np.arange(n_kv)
-        visible = (c[None, :] // kv.n_ctx == seqs[:, None]) & (c[None, :] % kv.n_ctx <= pos[:, None])
-        self._write_mask(self._mask, visible, n_kv)
-        if self.rows_swa is not None:
-            self.rows_swa[:T] = kv.cells_swa(b.seqs, b.pos)
-            held = kv.swa_positions(b.seqs, b.pos, n_kv_swa)[None, :]  # (1, n_kv_swa)
-            ring = np.arange(n_kv_swa) // kv.swa_ctx
-            near = (ring[None, :] == seqs[:, None]) & (held >= 0) & (held <= pos[:, None]) & \
-                (pos[:, None] - held < self.n_swa)
-            self._write_mask(self._mask_swa, near, n_kv_swa)
-
-    @staticmethod
-    def _write_mask(mem, visible: np.ndarray, n_kv: int) -> None:
-        """visible (T, n_kv) -> f16 rows of 0 / -inf, the padding rows -inf."""
-        T, t_pad = len(visible), _pad(len(visible), KQ_MASK_PAD)
-        mask = np.frombuffer(mem, dtype=np.float16, count=t_pad * n_kv).reshape(t_pad, n_kv)
-        mask[:T] = np.where(visible, np.float16(0), np.float16(-np.inf))
-        mask[T:] = np.float16(-np.inf)
-
-    def close(self) -> None:
-        del self.pos, self.rows, self.out, self._mask, self._idx, self._mask_swa, self.rows_swa
-        del self.ids
-        self._buf.free()
-
-
 class Engine:
     """step(batch) -> logits: one weight pass for every token of the batch, whatever sequences
     they belong to. Steps of at most n_decode tokens (one per running sequence) use the decode
@@ -177,13 +74,16 @@ class Engine:
         self.n_decode = max(1, kv.n_seq)  # a decode step: one token per sequence
         # never more than the sliding layers' rings were sized for (kv_cache.swa_cells)
         self.n_ubatch = max(min(n_ubatch, kv.n_cells, kv.n_ubatch), self.n_decode)
-        self.inputs = Inputs(cfg, kv.n_cells, kv.n_cells_swa, self.n_ubatch, store.embd_row_bytes)
-        self._sets: OrderedDict[tuple[int, int, int, int], GraphSet] = OrderedDict()
+        # a micro-batch: one sequence's piece of n_ubatch prompt tokens and a token of each other
+        # sequence, so a prompt cut as alone goes on beside the others' decoding (scheduler.py)
+        self.n_batch = self.n_ubatch + self.n_decode - 1
+        self.inputs = Inputs(cfg, kv.n_cells, kv.n_cells_swa, self.n_batch, store.embd_row_bytes)
+        self._sets: OrderedDict[tuple[int, tuple, int], GraphSet] = OrderedDict()
         self._max_sets = MAX_GRAPH_SETS + self.n_decode - 1  # a decode set for each width
         self.alloc, self._prompt_alloc = Allocator(), None
         self._reserve()
         if warm:
-            self._graphs(1, min(kv.n_cells, KV_BUCKET), min(kv.n_cells_swa, KV_BUCKET), 1)
+            self._graphs(1, ((0, 1, min(kv.n_ctx, KV_BUCKET), min(kv.swa_ctx, KV_BUCKET)),), 1)
             # the decode graphs, built before timing
 
     def _reserve(self) -> None:
@@ -198,16 +98,17 @@ class Engine:
         n_cells, n_swa, work = self.kv.n_cells, self.kv.n_cells_swa, 0
         threads = self.backend.n_threads if self.backend else 1
         self.prompt_bytes = 0
-        for T in sorted({self.n_decode, self.n_ubatch}):
-            worst = self._build(T, n_cells, n_swa, min(T, MAX_LOGIT_ROWS), alloc=False)
+        for T in sorted({self.n_decode, self.n_batch}):
             alloc = self.alloc if T <= self.n_decode else Allocator()
-            for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
-                alloc.reserve(ops)
-                work = max(work, ops.work_size(threads))
+            for layout in self._worst(T):
+                worst = self._build(T, layout, min(T, MAX_LOGIT_ROWS), alloc=False)
+                for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
+                    alloc.reserve(ops)
+                    work = max(work, ops.work_size(threads))
+                worst.free()
             if T > self.n_decode:
                 self.prompt_bytes = alloc.size()
                 alloc.free()  # reserved only to be measured: nothing was written to it
-            worst.free()
         decode_inputs = min(self.inputs.nbytes, Inputs.decode_bytes(
             self.cfg, n_cells, n_swa, self.n_decode, self.store.embd_row_bytes))
         self.compute_bytes = self.alloc.size() + work + decode_inputs
@@ -222,21 +123,59 @@ class Engine:
         residency = getattr(self.store, "residency", None)
         return residency.view() if residency is not None else (-1, self.store.layers)
 
-    def _build(self, T: int, n_kv: int, n_kv_swa: int, n_out: int,
-               alloc: bool = True, weights: list[dict] | None = None) -> GraphSet:
+    def _worst(self, T: int) -> list[tuple]:
+        """The layouts whose graphs need the most memory for T tokens, reserved before any graph
+        is placed: one sequence reading a whole slot, and T tokens of min(T, n_seq) sequences
+        each reading a whole slot (one attention and its output per sequence, and the concats)."""
+        kv = self.kv
+        out = [((0, T, kv.n_ctx, kv.swa_ctx),)]
+        g = min(T, kv.n_seq)
+        if g > 1:
+            out.append(tuple((s, T // g + (s < T % g), kv.n_ctx, kv.swa_ctx) for s in range(g)))
+        return out
+
+    def _layout(self, b: TokenBatch) -> tuple:
+        """(seq, n_tokens, n_kv, n_kv_swa) for each run of one sequence's tokens, in batch order
+        (step groups a batch so each sequence has one run): n_kv what the sequence alone would
+        read, its slot's cells up to its highest position here padded to KV_BUCKET, at most
+        n_ctx; n_kv_swa its ring's cells likewise, at most W."""
+        kv, seqs, pos = self.kv, np.asarray(b.seqs), np.asarray(b.pos)
+        starts = np.flatnonzero(np.r_[True, seqs[1:] != seqs[:-1]])
+        out = []
+        for a, e in zip(starts, np.r_[starts[1:], len(seqs)]):
+            top = int(pos[a:e].max()) + 1
+            n_swa = kv.swa_ctx and min(kv.swa_ctx, _pad(min(top, kv.swa_ctx), KV_BUCKET))
+            out.append((int(seqs[a]), int(e - a), min(kv.n_ctx, _pad(top, KV_BUCKET)), n_swa))
+        return tuple(out)
+
+    def _batch(self, ops: Ops, T: int, layout: tuple) -> Batch:
+        """The layer graph's batch inputs: one Group per sequence, its mask at its offset."""
+        a, kv, swa = self.inputs.addr, self.kv, self.kv.n_cells_swa
+        pos = ops.input(TYPE_I32, (T,), a["pos"])
+        groups, rings = [], []
+        for (seq, t0, n, n_kv, n_swa), (off, off_swa) in zip(starts(layout),
+                                                              mask_offsets(layout)):
+            tp = _pad(n, KQ_MASK_PAD)
+            groups.append(Group(t0, n, kv.cell(seq, 0), n_kv,
+                                ops.input(TYPE_F16, (n_kv, tp), a["mask"] + 2 * off)))
+            if swa:
+                rings.append(Group(t0, n, seq * kv.swa_ctx, n_swa, ops.input(
+                    TYPE_F16, (n_swa, tp), a["mask_swa"] + 2 * off_swa)))
+        ring = None if not swa else Batch(  # the rings' cells (kv_cache.py)
+            T, pos, ops.input(TYPE_I64, (T,), a["rows_swa"]), tuple(rings))
+        return Batch(T, pos, ops.input(TYPE_I64, (T,), a["rows"]), tuple(groups), ring)
+
+    def _build(self, T: int, layout: tuple, n_out: int, alloc: bool = True,
+               weights: list[dict] | None = None) -> GraphSet:
         """The graphs of a batch shape on `weights` (by layer; default every block apart, the
         most nodes and intermediates: what buffers are reserved for)."""
         cfg, a = self.cfg, self.inputs.addr
         weights = self.store.layers if weights is None else weights
         layers, ffns = [], []
         for il in range(cfg.n_layer):
-            ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
-            pos = ops.input(TYPE_I32, (T,), a["pos"])
-            swa = None if not self.kv.n_cells_swa else Batch(  # the rings' cells (kv_cache.py)
-                T, n_kv_swa, pos, ops.input(TYPE_I64, (T,), a["rows_swa"]),
-                ops.input(TYPE_F16, (n_kv_swa, _pad(T, KQ_MASK_PAD)), a["mask_swa"]))
-            batch = Batch(T, n_kv, pos, ops.input(TYPE_I64, (T,), a["rows"]),
-                          ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]), swa)
+            ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg))
+                      + 12 * len(layout))  # views, attention and a concat per sequence
+            batch = self._batch(ops, T, layout)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
             w = layer_weights(weights, il)
             if self.split:
@@ -288,9 +227,9 @@ class Engine:
         logits = self.arch.build_head(ops, self.cfg, weights[self.cfg.n_layer], x)
         return ops, ops.output(logits)
 
-    def _graphs(self, T: int, n_kv: int, n_kv_swa: int, n_out: int) -> GraphSet:
+    def _graphs(self, T: int, layout: tuple, n_out: int) -> GraphSet:
         view, weights = self._view()
-        key = (T, n_kv, n_kv_swa, n_out, view)
+        key = (T, layout, n_out, view)
         gs = self._sets.get(key)
         if gs is not None:
             self._sets.move_to_end(key)
@@ -299,12 +238,19 @@ class Engine:
             self._sets.popitem(last=False)[1].free()
         if T > self.n_decode and self._prompt_alloc is None:
             self._prompt_alloc = Allocator()
-            worst = self._build(self.n_ubatch, self.kv.n_cells, self.kv.n_cells_swa,
-                                min(self.n_ubatch, MAX_LOGIT_ROWS), alloc=False)
-            for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
-                self._prompt_alloc.reserve(ops)
-            worst.free()
-        gs = self._sets[key] = self._build(T, n_kv, n_kv_swa, n_out, weights=weights)
+            for worst_layout in self._worst(self.n_batch):
+                worst = self._build(self.n_batch, worst_layout,
+                                    min(self.n_batch, MAX_LOGIT_ROWS), alloc=False)
+                for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
+                    self._prompt_alloc.reserve(ops)
+                worst.free()
+        alloc = self.alloc if T <= self.n_decode else self._prompt_alloc
+        size = alloc.size()
+        gs = self._sets[key] = self._build(T, layout, n_out, weights=weights)
+        if alloc.size() != size:  # the buffer moved (a layout the worst case did not cover):
+            for k in [k for k in self._sets if k != key and (k[0] <= self.n_decode) ==
+                      (T <= self.n_decode)]:  # graphs placed in the old one are rebuilt
+                self._sets.pop(k).free()
         return gs
 
     def end_prompt(self) -> None:
@@ -330,6 +276,7 @@ class Engine:
             self.store.residency.begin_prompt()  # the loan goes before the prompt buffer comes
         else:
             self.end_prompt()  # after a prompt step: decoding needs the loan back
+        batch, order = grouped(batch)
         out = [self._forward_chunk(chunk) for chunk in self._chunks(batch)]
         if prompt and not more_prompt:  # the buffer goes before the loan comes back, in the
             self.end_prompt()  # prompt's time
@@ -337,25 +284,29 @@ class Engine:
         out = [o for o in out if o is not None]
         if not out:
             return np.zeros((0, self.cfg.n_vocab), dtype=np.float32)
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        out = np.concatenate(out) if len(out) > 1 else out[0]
+        return out if order is None else out[order]
 
     def _chunks(self, batch: TokenBatch):
-        """Pieces of at most n_ubatch tokens: llama.cpp's micro-batches. Each piece runs through
-        the layers whole, however many logit rows it wants (they come out MAX_LOGIT_ROWS at a
-        time), so a prompt's attention runs over the same batch shapes as llama.cpp's (a short
-        last piece takes ggml's untiled flash attention, which rounds differently)."""
-        for i in range(0, len(batch), self.n_ubatch):
-            yield batch.slice(i, i + self.n_ubatch)
+        """Micro-batches of at most n_batch tokens, cut as each sequence's tokens would be cut
+        alone (llama.cpp's micro-batches): a sequence's run is cut every n_ubatch tokens from its
+        start, and the pieces are packed whole, in order. Each piece runs through the layers
+        whole, however many logit rows it wants (they come out MAX_LOGIT_ROWS at a time), so a
+        prompt's attention runs over the same batch shapes as llama.cpp's (a piece shorter than
+        64 tokens takes ggml's untiled flash attention, which rounds differently)."""
+        start = 0
+        for a, e in pieces(batch.seqs, self.n_ubatch):
+            if e - start > self.n_batch:  # the piece does not fit: a new micro-batch
+                yield batch.slice(start, a)
+                start = a
+        yield batch.slice(start, len(batch))
 
     def _forward_chunk(self, b: TokenBatch) -> np.ndarray | None:
-        T, kv = len(b), self.kv
-        n_kv = min(kv.n_cells, _pad(int(kv.cells(b.seqs, b.pos).max()) + 1, KV_BUCKET))
-        n_kv_swa = kv.n_cells_swa and min(kv.n_cells_swa,
-                                          _pad(kv.swa_extent(b.seqs, b.pos), KV_BUCKET))
+        T, layout = len(b), self._layout(b)
         wanted = np.flatnonzero(b.logits)
-        gs = self._graphs(T, n_kv, n_kv_swa, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
+        gs = self._graphs(T, layout, min(max(len(wanted), 1), MAX_LOGIT_ROWS))
         self.store.embed_rows(b.tokens, self.inputs.addr["emb"])
-        self.inputs.set_batch(b, kv, n_kv, n_kv_swa)
+        self.inputs.set_batch(b, self.kv, layout)
         self.backend.compute(gs.embed.graph)
         out = []
         try:

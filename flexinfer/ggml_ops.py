@@ -460,6 +460,7 @@ class Ops:
     def set_rows(self, dst, src, rows): return ggml.ggml_set_rows(self._ctx, dst, src, rows)
     def cpy(self, a, b): return ggml.ggml_cpy(self._ctx, a, b)
     def cont(self, a): return ggml.ggml_cont(self._ctx, a)
+    def concat(self, a, b, dim: int): return ggml.ggml_concat(self._ctx, a, b, dim)
     def reshape_2d(self, a, n0, n1): return ggml.ggml_reshape_2d(self._ctx, a, n0, n1)
     def reshape_3d(self, a, n0, n1, n2): return ggml.ggml_reshape_3d(self._ctx, a, n0, n1, n2)
     def permute(self, a, *axes): return ggml.ggml_permute(self._ctx, a, *axes)

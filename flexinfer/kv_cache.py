@@ -4,9 +4,10 @@ Sequence s (0 <= s < n_seq) owns cells [s * n_ctx, (s + 1) * n_ctx) and keeps po
 s * n_ctx + p, like llama-server's slots (`-np`). Fixed slots rather than llama.cpp's unified free
 list, because:
 - a sequence's cells stay in position order, so flash attention visits its keys in the same order as
-  when the sequence runs alone: a sequence's logits in a batch equal its logits alone, bit for bit,
-  wherever the kernels are batch-invariant (a free list hands out cells out of order once sequences
-  finish and give theirs back);
+  when the sequence runs alone (a free list hands out cells out of order once sequences finish and
+  give theirs back); the engine also runs attention once per sequence over its own slot, n_kv
+  padded as alone (base.Group), so ggml picks the same kernel: a sequence's logits in a batch equal
+  its logits alone, bit for bit, wherever the other kernels are batch-invariant;
 - nothing fragments, and admission is one question: is a slot free.
 
 The memory is zeroed anonymous memory charged page by page as it is first written

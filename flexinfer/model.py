@@ -150,7 +150,8 @@ class Model:
         self._engine = Engine(self.cfg, self.arch, self._store, self.cache, self._backend,
                               planned.n_ubatch, experts=self._experts)
         self.stats.compute_bytes = self._engine.compute_bytes
-        self.n_ubatch = self._engine.n_ubatch  # tokens one step computes at a time
+        self.n_ubatch = self._engine.n_ubatch  # a sequence's prompt tokens per micro-batch
+        self.n_batch = self._engine.n_batch  # tokens one micro-batch computes (n_ubatch + n_seq - 1)
 
     # ---- the API
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
@@ -515,10 +516,11 @@ def _expert_plan(p: Plan, budget: int, g, cfg: ModelConfig, o: Options, owned, l
 
 def _kv_and_masks(cfg: ModelConfig, n_ctx: int, n_seq: int, ubatch: int, types) -> tuple[int, int]:
     """(the KV cache's bytes, those plus the f16 attention masks' rows): the sliding layers hold
-    rings of W = n_swa + ubatch cells per sequence (kv_cache.swa_cells) and have a mask over them."""
+    rings of W = n_swa + ubatch cells per sequence (kv_cache.swa_cells) and have a mask over them;
+    a micro-batch holds ubatch + n_seq - 1 tokens (engine.n_batch)."""
     n_cells, swa = n_ctx * n_seq, swa_total(cfg, n_ctx, n_seq, ubatch)
     kv = kv_bytes(cfg, n_cells, *types, swa=swa)
-    return kv, kv + 2 * (n_cells + swa) * ubatch
+    return kv, kv + 2 * (n_cells + swa) * (ubatch + n_seq - 1)
 
 
 def _seqs(n_seq: int) -> str:

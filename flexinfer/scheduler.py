@@ -174,18 +174,24 @@ class BatchLoop:
 
     def _build(self) -> tuple[TokenBatch, list[_Seq], int]:
         """The next token of every decoding sequence, then prompt chunks in arrival order up to
-        the engine's batch size. Returns the batch, the sequence of each logits row, and how many
-        prompt tokens it carries."""
-        b, rows, cache = TokenBatch(), [], self.model.cache
+        the engine's micro-batch (n_batch). A chunk is whole pieces of n_ubatch tokens counted
+        from where the prompt started (its last piece may be shorter): the pieces the engine
+        cuts for the prompt alone, so its rows are its rows alone (engine._chunks). The first
+        prompt always gets a piece: n_batch leaves n_ubatch beside the other sequences' tokens.
+        Returns the batch, the sequence of each logits row, and how many prompt tokens it
+        carries."""
+        b, rows, cache, U = TokenBatch(), [], self.model.cache, self.model.n_ubatch
         for seq in self.running.values():
             if not seq.prefilling and seq.next_token is not None:
                 b.add(seq.next_token, seq.slot, len(cache.tokens[seq.slot]), True)
                 rows.append(seq)
-        room, prompt = self.model.n_ubatch - len(b), 0
+        room, prompt = self.model.n_batch - len(b), 0
         for seq in self.running.values():
-            if not seq.prefilling or room <= 0:
+            left = len(seq.req.ids) - seq.done_prompt
+            n = left if left <= room else room // U * U
+            if not seq.prefilling or n <= 0:
                 continue
-            chunk = seq.req.ids[seq.done_prompt:seq.done_prompt + room]
+            chunk = seq.req.ids[seq.done_prompt:seq.done_prompt + n]
             last = seq.done_prompt + len(chunk) == len(seq.req.ids)
             b.add_run(chunk, seq.slot, seq.done_prompt, last_logits=last)
             if last:

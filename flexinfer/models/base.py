@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexinfer.config import ModelConfig
-from flexinfer.ggml_ops import Ops, Tensor, row_size, stride, type_of
+from flexinfer.ggml_ops import Ops, Tensor, ne, row_size, stride, type_of
 
 ROLES = ("attn", "ffn", "norm", "embd", "output", "rope")
 ROPE_ROLE = "rope"  # a non-layer tensor every layer reads (rope frequency factors)
@@ -47,20 +47,34 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Group:
+    """One sequence's tokens in a micro-batch and the cells its attention reads: tokens t0 ..
+    t0 + n_tokens - 1 (contiguous in the batch), cache cells cell0 .. cell0 + n_kv - 1 of its own
+    slot, n_kv padded as it would be alone (engine.py). Attention runs once per group, so a
+    sequence's queries meet the same K/V shapes and the same ggml kernel (one thread's untiled
+    loop, the 64-row tiles, or the split-KV decode path once n_kv >= 512) in a batch as alone."""
+
+    t0: int
+    n_tokens: int
+    cell0: int
+    n_kv: int
+    mask: Tensor  # (n_kv, n_tokens padded to KQ_MASK_PAD) f16: 0 where visible, -inf elsewhere
+
+
+@dataclass(frozen=True)
 class Batch:
     """The per-batch inputs every layer graph shares; their data is rewritten for each batch.
 
     A sliding-window layer (window(cfg, il) > 0) holds its K/V in rings of W cells per sequence
     (kv_cache.py: position p of sequence s in cell s * W + p % W), so it reads `swa`: the same
-    tokens and positions with the rings' own n_kv, rows and mask (`for_layer` picks it)."""
+    tokens and positions with the rings' own rows and groups (`for_layer` picks it)."""
 
     n_tokens: int  # T
-    n_kv: int  # cache cells attention reads: 0..n_kv-1 (padded; the mask hides the rest)
     pos: Tensor  # (T,) i32 positions, for rope
     kv_rows: Tensor  # (T,) i64 the cache cells the new K/V go to
-    mask: Tensor  # (n_kv, T padded to KQ_MASK_PAD) f16: 0 where visible, -inf elsewhere
-    # the sliding layers' Batch: n_kv of the rings' cells, each token's ring cell, and a mask over
-    # the ring cells hiding keys with pos_q - pos_k >= cfg.n_swa; None when no layer slides
+    groups: tuple[Group, ...]  # one per sequence, in token order: what attention reads
+    # the sliding layers' Batch: each token's ring cell, and groups over the rings' cells whose
+    # masks hide keys with pos_q - pos_k >= cfg.n_swa; None when no layer slides
     swa: Batch | None = None
 
 
@@ -197,17 +211,34 @@ def store_kv(ops: Ops, cfg: ModelConfig, k: Tensor, v: Tensor, k_cache: Tensor, 
 
 def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor,
               batch: Batch, scale: float) -> Tensor:
-    """Flash attention of q (hd, n_head, T) over the first n_kv cache cells; GQA heads share K/V by
-    broadcast. Strides come from the cache tensors: nb1 per cell, the row size of hd per head.
-    Returns (n_embd_q, T)."""
-    hd, n_kv = cfg.head_dim, batch.n_kv
+    """Flash attention of q (hd, n_head, T), each sequence's tokens over its own slot's cells
+    (batch.groups), the outputs concatenated in token order; GQA heads share K/V by broadcast.
+    One flash_attn per group, not one over every slot: ggml picks its kernel and its split of the
+    cells from the shapes (T = 1 and n_kv >= 512 splits the cells among the threads; T >= 64
+    takes the tiled kernel), so a shared call would sum a sequence's keys in another order than
+    its run alone. Returns (n_embd_q, T)."""
+    outs = [_attend(ops, cfg, q, k_cache, v_cache, g, scale) for g in batch.groups]
+    out = outs[0]
+    for o in outs[1:]:
+        out = ops.concat(out, o, 1)
+    return out
+
+
+def _attend(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor, g: Group,
+            scale: float) -> Tensor:
+    """One group's attention: its queries over cells cell0 .. cell0 + n_kv - 1. Strides come from
+    the cache tensors: nb1 per cell, the row size of hd per head. Returns (n_embd_q, n_tokens)."""
+    hd = cfg.head_dim
+    if g.t0 or g.n_tokens != ne(q, 2):  # the group's tokens of q
+        q = ops.view_3d(q, hd, cfg.n_head, g.n_tokens, stride(q, 1), stride(q, 2),
+                        g.t0 * stride(q, 2))
     q = ops.permute(q, 0, 2, 1, 3)  # (hd, T, n_head)
-    k = ops.view_3d(k_cache, hd, n_kv, cfg.n_head_kv, stride(k_cache, 1),
-                    row_size(type_of(k_cache), hd))
-    v = ops.view_3d(v_cache, hd, n_kv, cfg.n_head_kv, stride(v_cache, 1),
-                    row_size(type_of(v_cache), hd))
-    out = ops.flash_attn(q, k, v, batch.mask, scale)  # (hd, n_head, T)
-    return ops.reshape_2d(out, cfg.n_embd_q, batch.n_tokens)
+    k = ops.view_3d(k_cache, hd, g.n_kv, cfg.n_head_kv, stride(k_cache, 1),
+                    row_size(type_of(k_cache), hd), g.cell0 * stride(k_cache, 1))
+    v = ops.view_3d(v_cache, hd, g.n_kv, cfg.n_head_kv, stride(v_cache, 1),
+                    row_size(type_of(v_cache), hd), g.cell0 * stride(v_cache, 1))
+    out = ops.flash_attn(q, k, v, g.mask, scale)  # (hd, n_head, T)
+    return ops.reshape_2d(out, cfg.n_embd_q, g.n_tokens)
 
 
 def swiglu_ffn(ops: Ops, w: dict, cur: Tensor) -> Tensor:
