@@ -196,17 +196,17 @@ def store_kv(ops: Ops, cfg: ModelConfig, k: Tensor, v: Tensor, k_cache: Tensor, 
 
 
 def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-              batch: Batch, scale: float) -> Tensor:
+              batch: Batch, scale: float, sinks: Tensor | None = None) -> Tensor:
     """Flash attention of q (hd, n_head, T) over the first n_kv cache cells; GQA heads share K/V by
     broadcast. Strides come from the cache tensors: nb1 per cell, the row size of hd per head.
-    Returns (n_embd_q, T)."""
+    sinks: gpt-oss's (n_head,) sink logits. Returns (n_embd_q, T)."""
     hd, n_kv = cfg.head_dim, batch.n_kv
     q = ops.permute(q, 0, 2, 1, 3)  # (hd, T, n_head)
     k = ops.view_3d(k_cache, hd, n_kv, cfg.n_head_kv, stride(k_cache, 1),
                     row_size(type_of(k_cache), hd))
     v = ops.view_3d(v_cache, hd, n_kv, cfg.n_head_kv, stride(v_cache, 1),
                     row_size(type_of(v_cache), hd))
-    out = ops.flash_attn(q, k, v, batch.mask, scale)  # (hd, n_head, T)
+    out = ops.flash_attn(q, k, v, batch.mask, scale, sinks)  # (hd, n_head, T)
     return ops.reshape_2d(out, cfg.n_embd_q, batch.n_tokens)
 
 
