@@ -184,6 +184,16 @@ def test_expert_streaming_is_bit_exact(resident, mode, fraction, monkeypatch, ho
     assert stats["prefetched"] > 0 and 0 < stats["prefetch_recall"] <= 1
 
 
+def test_streaming_without_repack_too(resident, home):
+    """MXFP4 experts are repacked by ggml's CPU_REPACK buffer (slab by slab when streamed: the
+    test above); without repacking, streamed equals resident too."""
+    from flexinfer.ggml_ops import repacks
+    path, _ = resident
+    assert repacks(MXFP4, (128, 128, 8))
+    plain = _run(path, repack=False, experts="whole")[0]
+    assert np.array_equal(_run(path, repack=False, expert_cache=0)[0], plain)
+
+
 def test_expert_biases_are_resident_vectors(built):
     """A (rows, E) F32 bias is one whole always-resident block, not a plannable matrix."""
     _, path = built
@@ -203,6 +213,14 @@ def test_gpt_oss_needs_a_sliding_window(built):
     with pytest.raises(GGUFError, match="'gpt-oss.attention.sliding_window' is missing") as e:
         ModelConfig.from_gguf(g)
     assert "\n" not in str(e.value)
+
+
+def test_mxfp4_is_a_known_type():
+    """The parser's MXFP4 block (32 values in 17 bytes) is ggml's."""
+    from flexinfer.gguf_file import GGML_TYPES
+    from flexinfer.ggml_ops import row_size
+    name, blck, size = GGML_TYPES[MXFP4]
+    assert name == "MXFP4" and row_size(MXFP4, blck) == size == 17
 
 
 # ---- the synthetic writer
