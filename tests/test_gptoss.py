@@ -194,6 +194,16 @@ def test_streaming_without_repack_too(resident, home):
     assert np.array_equal(_run(path, repack=False, expert_cache=0)[0], plain)
 
 
+def test_mmap_and_whole_streaming_match_resident(resident, monkeypatch, home):
+    """--offload mmap (no repack, as mmap) and the expert tensors streamed whole (--experts
+    whole, dense rows squeezed) equal their resident runs."""
+    path, want = resident
+    plain = _run(path, repack=False, experts="whole")[0]
+    assert np.array_equal(_run(path, offload="mmap")[0], plain)
+    _squeeze_budget(monkeypatch, 0.5)
+    assert np.array_equal(_run(path, offload="sync", experts="whole")[0], want)
+
+
 def test_expert_biases_are_resident_vectors(built):
     """A (rows, E) F32 bias is one whole always-resident block, not a plannable matrix."""
     _, path = built
