@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from flexinfer.errors import GGUFError
 from flexinfer.gguf_file import GGUFFile
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe", "olmoe")
 ARCHITECTURES += ("gpt-oss",)  # models/gptoss.py
 MAX_LAYERS = 1024  # the largest public models have ~130
 MAX_EMBD = 1 << 16
@@ -18,7 +18,7 @@ YARN_BETA = (32.0, 1.0)  # llama.cpp's yarn_beta_fast / yarn_beta_slow when the 
 # yarn keys whose llama.cpp computation is not built here (DeepSeek's mscale, overrides): refused
 YARN_UNBUILT = ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor",
                 "rope.scaling.yarn_attn_factor")
-FULL_ROPE = ("llama",)  # llama.cpp: n_rot must equal the head size
+FULL_ROPE = ("llama", "olmoe")  # llama.cpp: n_rot must equal the head size
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ModelConfig:
     n_expert: int = 0  # {arch}.expert_count
     n_expert_used: int = 0  # {arch}.expert_used_count: experts each token goes through
     n_ff_exp: int = 0  # {arch}.expert_feed_forward_length; n_ff / n_expert_used when absent
-    # (mixtral, arch llama: n_ff)
+    # (mixtral, arch llama, and olmoe: n_ff, as llama.cpp builds their expert tensors)
     n_ff_shexp: int = 0  # qwen2moe's shared expert: {arch}.expert_shared_feed_forward_length, n_ff
 
     @property
@@ -144,13 +144,17 @@ class ModelConfig:
         )
 
 
-MOE_ARCHS = ("qwen3moe", "qwen2moe", "gpt-oss")  # experts required; llama has them when expert_count > 0
+# experts required; llama has them when expert_count > 0
+MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "gpt-oss")
+N_FF_EXPERTS = ("llama", "olmoe")  # experts feed_forward_length wide (llama.cpp's loaders)
 MAX_EXPERTS = 1024  # llama.cpp's LLAMA_MAX_EXPERTS
 
 
 def _experts(g: GGUFFile, arch: str, get) -> dict:
-    """The MoE fields, checked as llama.cpp checks them: qwen3moe/qwen2moe need experts, llama has
-    them only when expert_count > 0 (mixtral), and expert_used_count is in [1, expert_count]."""
+    """The MoE fields, checked as llama.cpp checks them: qwen3moe/qwen2moe/olmoe need experts,
+    llama has them only when expert_count > 0 (mixtral), and expert_used_count is in
+    [1, expert_count]. Mixtral's and OLMoE's experts are feed_forward_length wide (OLMoE-1B-7B:
+    1024): llama.cpp reads no expert_feed_forward_length for them."""
     lo = 1 if arch in MOE_ARCHS else 0
     n_expert = get("expert_count", int, None if lo else 0, lo=lo, hi=MAX_EXPERTS)
     if not n_expert:
@@ -158,7 +162,7 @@ def _experts(g: GGUFFile, arch: str, get) -> dict:
     n_used = get("expert_used_count", int, lo=1, hi=n_expert)
     n_ff = get("feed_forward_length", int, lo=1, hi=1 << 20)
     out = {"n_expert": n_expert, "n_expert_used": n_used}
-    if arch == "llama":  # mixtral: the experts are n_ff wide
+    if arch in N_FF_EXPERTS:
         out["n_ff_exp"] = n_ff
     else:
         out["n_ff_exp"] = get("expert_feed_forward_length", int, max(1, n_ff // n_used), lo=1,

@@ -216,9 +216,18 @@ class Engine:
         else:  # no prompt batches: decoding is all there is
             self.compute_bytes += self.inputs.nbytes - decode_inputs
 
+    def _view(self) -> tuple[int, list[dict]]:
+        """(id, weights by layer) for what is resident now: a run of resident row blocks is one
+        header (WeightStore.view); a store of headers only has one view."""
+        residency = getattr(self.store, "residency", None)
+        return residency.view() if residency is not None else (-1, self.store.layers)
+
     def _build(self, T: int, n_kv: int, n_kv_swa: int, n_out: int,
-               alloc: bool = True) -> GraphSet:
+               alloc: bool = True, weights: list[dict] | None = None) -> GraphSet:
+        """The graphs of a batch shape on `weights` (by layer; default every block apart, the
+        most nodes and intermediates: what buffers are reserved for)."""
         cfg, a = self.cfg, self.inputs.addr
+        weights = self.store.layers if weights is None else weights
         layers, ffns = [], []
         for il in range(cfg.n_layer):
             ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg)))
@@ -229,7 +238,7 @@ class Engine:
             batch = Batch(T, n_kv, pos, ops.input(TYPE_I64, (T,), a["rows"]),
                           ops.input(TYPE_F16, (n_kv, _pad(T, KQ_MASK_PAD)), a["mask"]), swa)
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
-            w = layer_weights(self.store.layers, il)
+            w = layer_weights(weights, il)
             if self.split:
                 ffns.append(self._split_layer(ops, il, w, x, batch))
             else:
@@ -240,7 +249,7 @@ class Engine:
             layers.append(ops)
             if not alloc:
                 break
-        embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out)
+        embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out, weights)
         if alloc:
             for ops in (embed, *layers, *[f for f in ffns if f], head):
                 (self.alloc if T <= self.n_decode else self._prompt_alloc).alloc(ops)
@@ -270,19 +279,19 @@ class Engine:
         ops.output(ops.cpy(ops.get_rows(rows, idx), x))
         return ops
 
-    def _head_graph(self, T: int, n_out: int) -> tuple[Ops, Tensor]:
+    def _head_graph(self, T: int, n_out: int, weights: list[dict]) -> tuple[Ops, Tensor]:
         """The head over the n_out rows of x the batch wants logits for (inputs["out"])."""
         ops, e, a = Ops(_node_budget(self.store.layers[self.cfg.n_layer], 32)), self.cfg.n_embd, \
             self.inputs.addr
         x = ops.input(TYPE_F32, (e, T), a["x"])
         if n_out < T:
             x = ops.get_rows(x, ops.input(TYPE_I32, (n_out,), a["out"]))
-        w = self.store.layers[self.cfg.n_layer]
-        logits = self.arch.build_head(ops, self.cfg, w, x)
+        logits = self.arch.build_head(ops, self.cfg, weights[self.cfg.n_layer], x)
         return ops, ops.output(logits)
 
     def _graphs(self, T: int, n_kv: int, n_kv_swa: int, n_out: int) -> GraphSet:
-        key = (T, n_kv, n_kv_swa, n_out)
+        view, weights = self._view()
+        key = (T, n_kv, n_kv_swa, n_out, view)
         gs = self._sets.get(key)
         if gs is not None:
             self._sets.move_to_end(key)
@@ -296,7 +305,7 @@ class Engine:
             for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
                 self._prompt_alloc.reserve(ops)
             worst.free()
-        gs = self._sets[key] = self._build(T, n_kv, n_kv_swa, n_out)
+        gs = self._sets[key] = self._build(T, n_kv, n_kv_swa, n_out, weights=weights)
         return gs
 
     def end_prompt(self) -> None:

@@ -55,6 +55,7 @@ class Residency:
         self._pending: dict[int, list] = {}  # layer -> blocks to copy home as they pass the ring
         self._grown: list = []  # copied home during this step: resident from the next boundary
         self._grown_bytes = 0
+        self._view = None  # (id, layers) for the resident set, made when first asked for
         self._set_plan(plan, positions)
         if mapped:
             return
@@ -78,6 +79,13 @@ class Residency:
         while stage < len(self.stage_positions) and positions > self.stage_positions[stage]:
             stage += 1
         return stage
+
+    def view(self) -> tuple[int, list[dict]]:
+        """(id, layers): the headers the graphs use for what is resident now (WeightStore.view:
+        one header per run of resident blocks); the id changes only with the pattern."""
+        if self._view is None:
+            self._view = self.store.view(self.resident)
+        return self._view
 
     def target(self, stage: int | None = None, lent: bool | None = None) -> set:
         stage = self.stage if stage is None else stage
@@ -137,15 +145,20 @@ class Residency:
             self._move(through_ring=False)
 
     def _adopt_grown(self, target: set) -> None:
-        """Blocks copied home during the last step: resident now (their headers move home)."""
+        """Blocks copied home during the last step: resident now (their headers move home).
+        Those the target no longer wants are released after the others are adopted (a page
+        they share with an adopted neighbour stays)."""
+        if self._grown:
+            self._view = None
         for b in self._grown:
             if b in target:
-                b.place(self.store.arena, b.home + b.offset % ggml_ops.PAGE)
+                b.place(self.store.arena, self.store.data_addr(b))
                 self.mlock([b])
                 self.resident.add(b)
                 self.resident_bytes += b.nbytes
-            else:  # the target changed meanwhile
-                ggml_ops.release_pages(b.home, b.span)
+        for b in self._grown:
+            if b not in target:  # the target changed meanwhile
+                self.store.release_home(b, self.resident)
         self._grown, self._grown_bytes = [], 0
 
     def _move(self, progress=None, through_ring: bool = False, restart: bool = False) -> None:
@@ -166,10 +179,12 @@ class Residency:
             return
         if self.prefetcher:
             self.prefetcher.close()  # it may be reading ahead with the old sets
-        for b in sorted(leaving, key=lambda b: b.offset):
-            ggml_ops.release_pages(b.home, b.span)
+        self._view = None
+        for b in leaving:
             self.resident.discard(b)
             self.resident_bytes -= b.nbytes
+        for b in sorted(leaving, key=lambda b: b.offset):
+            self.store.release_home(b, self.resident)
         if grow:  # stream them once more, and copy them home as they pass (release)
             for b in sorted(arriving, key=lambda b: b.offset):
                 self._pending.setdefault(b.layer, []).append(b)
@@ -278,7 +293,7 @@ class Residency:
             if self.resident_bytes + self._grown_bytes + b.span > room:
                 left.append(b)
                 continue
-            ggml_ops.copy(b.home + b.offset % ggml_ops.PAGE, ggml_ops.data_addr(b.header), b.nbytes)
+            ggml_ops.copy(self.store.data_addr(b), ggml_ops.data_addr(b.header), b.nbytes)
             self._grown.append(b)
             self._grown_bytes += b.nbytes
         if left:

@@ -6,7 +6,10 @@ the MoE bound, budget by budget, for one or more MoE models (the uniform and zip
 
 Each point is a fresh process (`flexinfer run --json`, or flexinfer.bench.peer_llamacpp) in a
 memory cgroup whose limit is the budget, after the page cache is dropped (cgroup.run_limited, as
-`flexinfer bench` runs its points). The disk's O_DIRECT bandwidth is measured once per model file.
+`flexinfer bench` runs its points). The disk's O_DIRECT bandwidth is measured once per model file (under --disk-rate's cap, which
+every point then runs under too: an I/O cgroup, as `flexinfer bench --disk-rate`).
+--temp > 0 samples (both engines, seeded): a synthetic model's greedy output repeats itself, so
+greedy decoding picks the same experts again and again, far more locality than text has.
 Per flexinfer point:
   MoE bound = 1 / max(T_cpu, missed expert bytes per token / disk bandwidth)
 with T_cpu given by --t-cpu (decode s/token with all weights resident, measured apart), else the
@@ -37,11 +40,13 @@ from flexinfer.bench.machine import machine_info, measure_disk_capped  # noqa: E
 from flexinfer.bench.sweep import parse_result, prompt_text, status_of  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
 from flexinfer.cgroup import cgroup_unavailable_reason, drop_page_cache, run_limited  # noqa: E402
+from flexinfer.errors import FlexInferError  # noqa: E402
 
 
 def flexinfer_argv(a, model: str, budget: int) -> list[str]:
     return [sys.executable, "-m", "flexinfer", "run", model, "--json", "-n", str(a.tokens),
-            "-t", str(a.threads), "-c", str(a.ctx), "--temp", "0", "--ignore-eos",
+            "-t", str(a.threads), "-c", str(a.ctx), "--temp", str(a.temp), "-s", str(a.seed),
+            "--ignore-eos",
             "--memory-budget", str(budget), "-p", getattr(a, "prompt", None) or
             prompt_text(a.prompt_tokens)]
 
@@ -53,7 +58,7 @@ WARMUP_PROMPT = ("Once upon a time in a small village by the sea, an old sailor 
 def peer_argv(a, model: str) -> list[str]:
     return [sys.executable, "-m", "flexinfer.bench.peer_llamacpp", model, "--tokens",
             str(a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
-            "-p", prompt_text(a.prompt_tokens)]
+            "--temp", str(a.temp), "--seed", str(a.seed), "-p", prompt_text(a.prompt_tokens)]
 
 
 def moe_bound(r: dict, disk_bw: float, t_cpu: float | None = None) -> float | None:
@@ -70,10 +75,12 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str) 
     argv = flexinfer_argv(a, model, budget) if mode == "flexinfer" else peer_argv(a, model)
     drop_page_cache()
     env = {**os.environ, "FLEXINFER_HOME": home}
-    run = run_limited(argv, budget, env=env, timeout=a.timeout)
+    rate = (model, a.disk_rate) if a.disk_rate else None
+    run = run_limited(argv, budget, env=env, timeout=a.timeout, disk_rate=rate)
     r = parse_result(run.stdout) if run.returncode == 0 else None
     row = {"model": os.path.basename(model), "mode": mode, "budget_bytes": budget,
            "status": status_of(run, r), "cgroup_peak_bytes": run.peak_bytes,
+           "disk_rate_bytes_per_s": a.disk_rate,
            "seconds": round(run.seconds, 1), "argv": argv, "result": r or {},
            "load_avg": [round(x, 2) for x in os.getloadavg()]}
     if r:
@@ -126,8 +133,24 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--t-cpu", type=float, help="decode s/token with every weight resident (the "
                    "bound's T_cpu); default: each point's own compute s/token")
+    p.add_argument("--disk-rate", help="cap reads of the models' disk at this many bytes/s (an I/O "
+                   "cgroup, as `flexinfer bench --disk-rate`), e.g. 1G; the disk is measured "
+                   "under the same cap")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature of both engines "
+                   "(0: greedy; a synthetic model's greedy output repeats itself, and so do its "
+                   "experts: > 0 routes like varied text)")
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    try:
+        a.disk_rate = parse_size(a.disk_rate, "--disk-rate") if a.disk_rate else None
+        budgets = [parse_size(b, "--budgets") for b in a.budgets.split(",")]
+    except FlexInferError as e:
+        print(f"bench_moe: {e}", file=sys.stderr)
+        return 2
+    if a.temp < 0:
+        print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
+        return 2
     reason = cgroup_unavailable_reason()
     if reason:
         print(f"bench_moe: no memory cgroup: {reason}", file=sys.stderr)
@@ -136,18 +159,16 @@ def main(argv=None) -> int:
         if not os.path.isfile(m):
             print(f"bench_moe: {m}: no such file", file=sys.stderr)
             return 2
-    budgets = [parse_size(b, "--budgets") for b in a.budgets.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(sys.argv), "machine": machine_info(), "disk": {}, "rows": []}
     modes = ["flexinfer"] + ([] if a.no_peer else ["llama.cpp-mmap"])
-    home = tempfile.mkdtemp(prefix="bench-moe-home-")  # expert counts and calibration of this run
-    src = Path(os.environ.get("FLEXINFER_HOME", Path.home() / ".cache" / "flexinfer"))
-    if (src / "machine.json").is_file():
-        shutil.copy(src / "machine.json", home)
+    # expert counts and calibration of this run: the first point calibrates compute and the disk
+    # (under the cap) afresh, so plans never predict from an old measurement of a busier machine
+    home = tempfile.mkdtemp(prefix="bench-moe-home-")
     try:
         for m in a.models:
-            bw = measure_disk_capped(m, None).bytes_per_s
+            bw = measure_disk_capped(m, a.disk_rate).bytes_per_s
             results["disk"][os.path.basename(m)] = bw
             counts = Path(home) / "experts"
             shutil.rmtree(counts, ignore_errors=True)

@@ -14,6 +14,9 @@ run the load, then stop the server and report the cgroup's peak and whether the 
     python scripts/load_test.py --launch "flexinfer serve MODEL --port 8080 -t 2 --parallel 4" \
         --memory-limit 2G --url http://127.0.0.1:8080 --clients 16 --duration 120 --label flexinfer
 
+--disk-rate 1G --disk-model MODEL also caps the server's reads of the model's disk (an I/O cgroup,
+as `flexinfer bench --disk-rate`): a disk of known speed for both servers.
+
 Token counts come from the server's usage (stream_options.include_usage); a server that sends no
 usage is counted one token per content chunk.
 """
@@ -136,12 +139,23 @@ def launched(a):
     """Start --launch under a new cgroup of --memory-limit (the child joins before exec, so every
     byte it touches is charged); yield (pid, cgroup dir, cgroup); stop it at the end."""
     from flexinfer.budget import parse_size
-    from flexinfer.cgroup import _JOIN_AND_EXEC, MemoryCgroup, drop_page_cache
+    from flexinfer.cgroup import MemoryCgroup, drop_page_cache
+    from flexinfer.disk_cap import DiskCap
     group = MemoryCgroup.create("load-test", parse_size(a.memory_limit, "--memory-limit"))
+    joins, cap = [group.procs_file], None
+    if a.disk_rate:  # reads of the model's disk capped, as `flexinfer bench --disk-rate`
+        cap = DiskCap.create(a.disk_model, parse_size(a.disk_rate, "--disk-rate"))
+        if cap.hierarchy.version == 2 and group.version == 2:  # one cgroup carries both
+            cap.remove()
+            DiskCap.apply_to(group.path, cap.hierarchy, cap.device, cap.rate)
+            cap = None
+        else:
+            joins.append(cap.procs_file)
     drop_page_cache()
     log = open(a.server_log, "w")
-    proc = subprocess.Popen(["sh", "-c", _JOIN_AND_EXEC, str(group.procs_file),
-                             *shlex.split(a.launch)], stdout=log, stderr=subprocess.STDOUT)
+    join = " && ".join(f'echo $$ > "{f}"' for f in joins) + ' && exec "$@"'
+    proc = subprocess.Popen(["sh", "-c", join, "server", *shlex.split(a.launch)],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + a.ready_timeout
         while True:
@@ -166,6 +180,8 @@ def launched(a):
             proc.wait()
         log.close()
         group.remove()
+        if cap is not None:
+            cap.remove()
 
 
 def pct(xs: list[float], p: float) -> float | None:
@@ -194,15 +210,21 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--launch", default=None, help="a server command to start under a cgroup")
     ap.add_argument("--memory-limit", default="2G", help="that cgroup's limit (with --launch)")
+    ap.add_argument("--disk-rate", default=None, help="with --launch: also cap the server's "
+                    "reads of --disk-model's disk at this many bytes/s, e.g. 1G")
+    ap.add_argument("--disk-model", default=None, help="the model file whose disk --disk-rate caps")
     ap.add_argument("--server-log", default="load_test_server.log", help="its stdout and stderr")
     ap.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for /health")
     a = ap.parse_args()
+    if a.disk_rate and not (a.launch and a.disk_model):
+        ap.error("--disk-rate needs --launch and --disk-model")
     if a.launch:
         with launched(a) as (a.pid, a.cgroup, group):
             res = run_load(a)
             res["oom_killed"] = group.oom_killed()
             res["memory_limit"] = a.memory_limit
             res["launch"] = a.launch
+            res["disk_rate"] = a.disk_rate
     else:
         res = run_load(a)
     print(json.dumps(res, indent=1))

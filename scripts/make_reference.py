@@ -108,8 +108,11 @@ SYNTH_QWEN3MOE = SynthSpec("qwen3moe", **MOE, n_ff_exp=128, router="zipf:0.5", s
 SYNTH_QWEN2MOE = SynthSpec("qwen2moe", **MOE, n_ff_exp=128, n_ff_shexp=256, seed=22,
                            overrides={"token_embd": "q8_0", "ffn_down_exps": "q8_0"})
 SYNTH_MIXTRAL = SynthSpec("mixtral", **MOE, seed=23)
+# olmoe: no GQA (llama.cpp's olmoe has none), 4 heads of 32 whose q and k are normed whole; experts
+# of n_ff = 256 (as llama.cpp, olmoe's are feed_forward_length wide); the gpt-2 vocab (50257)
+SYNTH_OLMOE = SynthSpec("olmoe", **{**MOE, "n_head_kv": 4}, seed=24)
 SYNTH_MOE = {f"reference_{s.arch}_synth.json": s
-             for s in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL)}
+             for s in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL, SYNTH_OLMOE)}
 # gpt-oss (tests/test_gptoss.py): 4 layers (0 and 2 slide, window 16 of the 256 forced tokens),
 # heads of 64 (q 256 wide on a 128 residual), 8 MXFP4 experts of 128 (2 used), attention Q8_0,
 # yarn 4x over 128 positions (n_ctx 512) as the real models' 32x over 4096; sinks, biases and

@@ -171,3 +171,28 @@ def test_growing_through_the_ring_reads_nothing_more(layered_path):
         assert m.resident_weight_bytes() == sum(b.nbytes for b in m._store.all_blocks())
     assert min(reads[:2]) > 0 and reads[2] < 2 * max(reads[:2]) and reads[3:] == [0, 0, 0]
     assert np.array_equal(np.concatenate(out), reference)
+
+
+def _split_matrices(m) -> int:
+    """Matrices the graphs now see as more than one header (a tuple of runs and blocks)."""
+    _, layers = m._residency.view()
+    return sum(isinstance(w, tuple) for d in layers for w in d.values())
+
+
+def test_a_matrix_resident_whole_is_one_header(layered_path):
+    """Blocks are the unit of residency, but a run of resident blocks is one header over them
+    (weights.WeightStore.view): whole matrices multiply as one mul_mat, split ones as their runs
+    and streamed blocks, and the view follows the budget both ways."""
+    with _load(layered_path) as m:
+        assert max(len(bs) for bs in m._store.blocks.values()) > 2  # 16 KiB blocks: many
+        assert _split_matrices(m) == 0
+        ids = [t % m.cfg.n_vocab for t in PROMPT]
+        whole = m._forward(ids, 0)
+        m.set_memory_budget(m.minimum_budget())
+        assert _split_matrices(m) > 0
+        streamed = m._forward(ids, 0)
+        m.set_memory_budget(ROOMY)
+        m.settle()
+        assert _split_matrices(m) == 0
+        again = m._forward(ids, 0)
+    assert np.array_equal(whole, streamed) and np.array_equal(whole, again)

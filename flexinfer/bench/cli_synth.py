@@ -52,11 +52,11 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tied", action="store_true", help="no output.weight: reuse token_embd")
     p.add_argument("--rope-base", type=float)
     p.add_argument("--vocab-file", help="vocab-only GGUF to copy the tokenizer from")
-    moe = p.add_argument_group("mixture of experts (--arch qwen3moe, qwen2moe, mixtral, gpt-oss: "
-                                "MXFP4 experts unless --override, --swa required)")
+    moe = p.add_argument_group("mixture of experts (--arch qwen3moe, qwen2moe, mixtral, olmoe, "
+                                "gpt-oss: MXFP4 experts unless --override, --swa required)")
     moe.add_argument("--experts", type=int, help="experts per layer")
     moe.add_argument("--experts-used", type=int, help="experts each token uses (top K)")
-    moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's is --ff)")
+    moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's and olmoe's is --ff)")
     moe.add_argument("--shared-ff", type=int, help="qwen2moe's shared expert width (default --ff)")
     moe.add_argument("--router", help="uniform (default): every expert as likely; zipf:S: a few "
                                       "experts take most picks (S=1: 16 of 128 take 68%%)")

@@ -1,7 +1,8 @@
-"""The llama.cpp peer: one greedy generation through llama-cpp-python, reported like
+"""The llama.cpp peer: one generation (greedy, or sampled with --temp) through llama-cpp-python, reported like
 `flexinfer run --json` so the bench puts it in the same table.
 
     python -m flexinfer.bench.peer_llamacpp MODEL -n TOKENS -t THREADS -c CTX -p PROMPT [--repack]
+        [--temp T --seed S]
 
 The weights stay mmapped (llama.cpp's default load mode). Without --repack, use_extra_bufts is off,
 so the CPU backend computes straight from the mapped file pages and the page cache is all the
@@ -31,6 +32,9 @@ def parse_args(argv):
     p.add_argument("--threads", "-t", type=int, default=2)
     p.add_argument("--ctx", "-c", type=int, default=256)
     p.add_argument("--prompt", "-p", default="the")
+    p.add_argument("--temp", type=float, default=0.0,
+                   help="0: greedy; else sample softmax(logits / temp) with --seed (numpy)")
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repack", action="store_true",
                    help="llama.cpp's default: repack weights into anonymous memory")
     return p.parse_args(argv)
@@ -87,14 +91,28 @@ def tokenize(L, vocab, text: str) -> list[int]:
     return list(buf[:n])
 
 
-def step(L, ctx, tokens: list[int], n_vocab: int) -> int:
-    """Decodes tokens as one batch and returns the greedy next token."""
+def step(L, ctx, tokens: list[int], n_vocab: int, pick=None) -> int:
+    """Decodes tokens as one batch and returns the next token: greedy, or pick(logits)."""
     arr = (L.llama_token * len(tokens))(*tokens)
     rc = L.llama_decode(ctx, L.llama_batch_get_one(arr, len(tokens)))
     if rc != 0:
         raise SystemExit(f"llama_decode returned {rc}")
     logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-    return int(np.argmax(logits))
+    return int(np.argmax(logits)) if pick is None else pick(logits)
+
+
+def sampler(temp: float, seed: int):
+    """None (greedy) for temp 0, else a seeded pick from softmax(logits / temp): the speed
+    figures only need routing like varied text's, not flexinfer's exact tokens."""
+    if temp <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+
+    def pick(logits):
+        z = logits.astype(np.float64) / temp
+        p = np.exp(z - z.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
+    return pick
 
 
 def detokenize(L, vocab, tokens: list[int]) -> str:
@@ -105,13 +123,13 @@ def detokenize(L, vocab, tokens: list[int]) -> str:
     return out.decode("utf-8", "replace")
 
 
-def generate(L, ctx, vocab, prompt: list[int], n: int) -> tuple[list[int], int]:
-    """Greedy decoding of n tokens (EOS does not stop it: the point is the speed)."""
+def generate(L, ctx, vocab, prompt: list[int], n: int, pick=None) -> tuple[list[int], int]:
+    """Decoding of n tokens, greedy unless pick (EOS does not stop it: the point is the speed)."""
     n_vocab = L.llama_vocab_n_tokens(vocab)
-    out = [step(L, ctx, prompt, n_vocab)]
+    out = [step(L, ctx, prompt, n_vocab, pick)]
     read0 = proc_counter("/proc/self/io", "read_bytes")
     while len(out) < n:
-        out.append(step(L, ctx, [out[-1]], n_vocab))
+        out.append(step(L, ctx, [out[-1]], n_vocab, pick))
     return out, proc_counter("/proc/self/io", "read_bytes") - read0
 
 
@@ -147,7 +165,8 @@ def main(argv=None) -> int:
     wall_load = time.perf_counter() - start
     vocab = L.llama_model_get_vocab(model)
     prompt = tokenize(L, vocab, args.prompt)
-    tokens, decode_read = generate(L, ctx, vocab, prompt, args.tokens)
+    tokens, decode_read = generate(L, ctx, vocab, prompt, args.tokens,
+                                   sampler(args.temp, args.seed))
     result = report(L, ctx, args, prompt, tokens, detokenize(L, vocab, tokens), decode_read,
                     wall_load)
     print(json.dumps(result))

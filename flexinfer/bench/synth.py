@@ -70,10 +70,10 @@ class SynthSpec:
     biases: bool = False  # llama: attn_output and ffn_gate/up/down biases (optional in llama.cpp)
     rope_scaling: str | None = None  # rope.scaling.type ("yarn", "linear"); None: unwritten
     rope_factor: float | None = None  # rope.scaling.factor; None: unwritten
-    # mixture of experts (qwen3moe, qwen2moe, mixtral; synth_moe.py)
+    # mixture of experts (qwen3moe, qwen2moe, mixtral, olmoe; synth_moe.py)
     n_expert: int = 0  # experts per layer
     n_expert_used: int = 0  # experts each token uses (top K)
-    n_ff_exp: int = 0  # expert width (qwen); 0: n_ff / n_expert_used. Mixtral's experts are n_ff
+    n_ff_exp: int = 0  # expert width (qwen); 0: n_ff / n_expert_used. Mixtral's, OLMoE's are n_ff
     n_ff_shexp: int = 0  # qwen2moe's shared expert width; 0: n_ff
     router: str = "uniform"  # "uniform" or "zipf:S": how unevenly the router picks experts
 
@@ -99,6 +99,10 @@ PRESETS: dict[str, SynthSpec] = {
     # Mixtral-8x7B-v0.1 (26 GB in Q4_0): 8 experts of 14336, 2 used; rope base 1e6
     "mixtral-8x7b": SynthSpec("mixtral", 32, 4096, 14336, 32, 8, 32000, ctx_len=32768,
                               rope_base=1e6, n_expert=8, n_expert_used=2),
+    # OLMoE-1B-7B-0924 (3.9 GB in Q4_0): 64 experts of 1024, 8 used; 16 heads of 128, no GQA;
+    # the gpt-2 vocab (50257 tokens; the real model's GPT-NeoX BPE pads it to 50304)
+    "olmoe-1b-7b": SynthSpec("olmoe", 16, 2048, 1024, 16, 16, None, n_expert=64,
+                             n_expert_used=8),
 }
 # gpt-oss-20b: 24 layers of 2880, 64 query / 8 KV heads of 64, 32 experts of 2880 (4 used) in
 # MXFP4 (10.2 GB of the 10.9), the rest Q8_0; window 128 on even layers; yarn 32x over 4096.

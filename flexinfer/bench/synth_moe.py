@@ -1,5 +1,5 @@
-"""Synthetic mixture-of-experts models: the tensors and metadata of qwen3moe, qwen2moe and mixtral
-(llama.cpp's arch "llama" with llama.expert_count) conversions, for synth.py.
+"""Synthetic mixture-of-experts models: the tensors and metadata of qwen3moe, qwen2moe, olmoe and
+mixtral (llama.cpp's arch "llama" with llama.expert_count) conversions, for synth.py.
 
 Expert tensors are 3-D, ggml order (ne0, rows, n_expert): expert e is the contiguous slab
 [e * rows * row_bytes, (e + 1) * rows * row_bytes) of the tensor's data, as in real files.
@@ -29,11 +29,13 @@ import numpy as np
 from flexinfer.bench import synth_blocks as blocks
 from flexinfer.errors import FlexInferError
 
-MOE_ARCHS = ("qwen3moe", "qwen2moe", "mixtral")
+MOE_ARCHS = ("qwen3moe", "qwen2moe", "mixtral", "olmoe")
+N_FF_EXPERTS = ("mixtral", "olmoe")  # experts --ff wide; llama.cpp reads no expert width for them
 GGUF_ARCH = {"mixtral": "llama"}  # general.architecture written to the file
 VOCAB_FILES = {"qwen3moe": "ggml-vocab-qwen2.gguf", "qwen2moe": "ggml-vocab-qwen2.gguf",
-               "mixtral": "ggml-vocab-llama-spm.gguf"}
-RMS_EPS = {"qwen3moe": 1e-6, "qwen2moe": 1e-6, "mixtral": 1e-5}
+               "mixtral": "ggml-vocab-llama-spm.gguf",
+               "olmoe": "ggml-vocab-gpt-2.gguf"}  # OLMoE's GPT-NeoX BPE: gpt-2's regex, 50k tokens
+RMS_EPS = {"qwen3moe": 1e-6, "qwen2moe": 1e-6, "mixtral": 1e-5, "olmoe": 1e-5}
 EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp",
                 "ffn_up_shexp", "ffn_down_shexp")
 ROUTER_GAIN = 2.0
@@ -74,13 +76,29 @@ def check(spec) -> None:
                              f"{spec.n_expert}]")
     if spec.n_ff_exp < 0 or spec.n_ff_shexp < 0:
         raise FlexInferError("expert-ff: must be > 0")
+    if spec.arch in N_FF_EXPERTS and spec.n_ff_exp not in (0, spec.n_ff):
+        raise FlexInferError(f"expert-ff {spec.n_ff_exp}: {spec.arch}'s experts are --ff wide "
+                             f"({spec.n_ff})")
+    if spec.arch == "olmoe":
+        _check_olmoe(spec)
     parse_router(spec.router)
 
 
+def _check_olmoe(spec) -> None:
+    """llama.cpp's olmoe loader: attn_k_norm is (n_embd,) and attn_q / attn_output are
+    (n_embd, n_embd), so no grouped-query attention and heads that tile n_embd."""
+    if spec.n_head_kv != spec.n_head:
+        raise FlexInferError(f"kv-heads {spec.n_head_kv}: olmoe has no grouped-query attention "
+                             f"(llama.cpp needs kv-heads = heads = {spec.n_head})")
+    if spec.head_dim and spec.head_dim * spec.n_head != spec.n_embd:
+        raise FlexInferError(f"head-dim {spec.head_dim}: olmoe's heads must tile n_embd "
+                             f"{spec.n_embd}")
+
+
 def n_ff_exp(spec) -> int:
-    """Expert width: mixtral's is n_ff; qwen's expert_feed_forward_length (spec.n_ff_exp, or
-    n_ff / experts used when 0, as llama.cpp derives it)."""
-    if spec.arch == "mixtral":
+    """Expert width: mixtral's and olmoe's are n_ff; qwen's expert_feed_forward_length
+    (spec.n_ff_exp, or n_ff / experts used when 0, as llama.cpp derives it)."""
+    if spec.arch in N_FF_EXPERTS:
         return spec.n_ff
     return spec.n_ff_exp or max(1, spec.n_ff // spec.n_expert_used)
 
@@ -91,7 +109,7 @@ def metadata(spec) -> dict[str, tuple[str, object]]:
     a = gguf_arch(spec.arch)
     out = {f"{a}.expert_count": ("uint32", spec.n_expert),
            f"{a}.expert_used_count": ("uint32", spec.n_expert_used)}
-    if spec.arch != "mixtral":
+    if spec.arch not in N_FF_EXPERTS:
         out[f"{a}.expert_feed_forward_length"] = ("uint32", n_ff_exp(spec))
     if spec.arch == "qwen2moe":
         out[f"{a}.expert_shared_feed_forward_length"] = ("uint32", spec.n_ff_shexp or spec.n_ff)
@@ -110,9 +128,12 @@ def layer_tensors(spec, i: int, matrix, vector, tensor) -> list:
                 vector(f"{p}.attn_k.bias", kv, spec, True),
                 vector(f"{p}.attn_v.bias", kv, spec, True)]
     out.append(matrix(spec, f"{p}.attn_output", q, e))
-    if spec.arch == "qwen3moe":
+    if spec.arch == "qwen3moe":  # one weight per head
         out += [vector(f"{p}.attn_q_norm.weight", hd, spec),
                 vector(f"{p}.attn_k_norm.weight", hd, spec)]
+    if spec.arch == "olmoe":  # one weight over the whole q / k vector
+        out += [vector(f"{p}.attn_q_norm.weight", q, spec),
+                vector(f"{p}.attn_k_norm.weight", kv, spec)]
     out.append(vector(f"{p}.ffn_norm.weight", e, spec))
     ff, n = n_ff_exp(spec), spec.n_expert
     out.append(tensor(f"{p}.ffn_gate_inp.weight", (e, n), "F32", ROUTER_GAIN / math.sqrt(e),

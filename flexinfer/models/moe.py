@@ -1,5 +1,5 @@
 """The mixture-of-experts feed-forward block, computed as llama.cpp's build_moe_ffn computes it
-(src/llama-graph.cpp), for qwen3moe, qwen2moe and mixtral (llama with experts).
+(src/llama-graph.cpp), for qwen3moe, qwen2moe, olmoe and mixtral (llama with experts).
 
 Shapes, ggml order (innermost first), for T tokens, E experts of which K are used, ff = n_ff_exp:
   router   ffn_gate_inp.weight   (n_embd, E)          logits = router @ x       -> (E, T)
@@ -10,7 +10,8 @@ Shapes, ggml order (innermost first), for T tokens, E experts of which K are use
   probs    = softmax(logits)                                        (E, T)
   selected = top-K of probs per token (descending argsort, a view)  (K, T) i32
   weights  = probs[selected]                                        (1, K, T)
-             / sum over the K (clamped below at 2^-14)  when normalized (qwen3moe, mixtral)
+             / sum over the K (clamped below at 2^-14)  when normalized (qwen3moe, mixtral;
+                                                        not qwen2moe, olmoe)
   out_k    = down_k(swiglu(gate_k x, up_k x)) * weights_k           (n_embd, K, T) by mul_mat_id
   moe_out  = out_0 + out_1 + ... + out_{K-1}                        (n_embd, T), in that order
 
@@ -35,7 +36,7 @@ from flexinfer.models.base import TensorSpec
 
 # the K weights divided by their sum, per arch, as llama.cpp's graphs pass norm_w (not the file's
 # expert_weights_norm, which they do not read); expert_weights_scale is not applied by any of them
-NORMALIZED = {"llama": True, "qwen3moe": True, "qwen2moe": False}
+NORMALIZED = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
 SHARED_EXPERT = ("qwen2moe",)
 F16_TINY = 6.103515625e-5  # 2^-14, the smallest normal f16: llama.cpp's floor for the weight sum
 # graph nodes a MoE FFN adds beyond a dense one (router, softmax, top-k, weights and their norm,
@@ -120,12 +121,15 @@ def attn_graph(ops: Ops, arch, cfg: ModelConfig, w: dict, x: Tensor, batch, k_ca
                v_cache: Tensor, xa: Tensor, ids: Tensor, il: int = 0) -> None:
     """Graph A of a layer: attention, the residual written to xa (n_embd, T) and the router's
     top-K ids to ids (K, T) i32, both engine memory: the host reads ids, the expert store reads
-    the experts they name, then graph B runs. arch.ROPE_MODE: the three MoE archs are llama's
-    block with their rope mode."""
+    the experts they name, then graph B runs. The attention is arch.attention_block where the
+    arch has its own (olmoe: q/k norms over the whole vectors), else llama's with arch.ROPE_MODE
+    (qwen3moe, qwen2moe, mixtral); gpt-oss its own split graphs (SPLIT)."""
     if cfg.arch in SPLIT:
         return SPLIT[cfg.arch].attn_graph(ops, cfg, il, w, x, batch, k_cache, v_cache, xa, ids)
+
     from flexinfer.models import llama
-    h = llama.attention_block(ops, cfg, w, x, batch, k_cache, v_cache, arch.ROPE_MODE)
+    attend = getattr(arch, "attention_block", llama.attention_block)
+    h = attend(ops, cfg, w, x, batch, k_cache, v_cache, arch.ROPE_MODE)
     _, selected = route(ops, cfg, w, base.rms_norm(ops, cfg, h, w["ffn_norm.weight"]))
     ops.output(ops.cpy(h, xa))
     ops.output(ops.cpy(selected, ids))
@@ -134,11 +138,16 @@ def attn_graph(ops: Ops, arch, cfg: ModelConfig, w: dict, x: Tensor, batch, k_ca
 def ffn_graph(ops: Ops, cfg: ModelConfig, w: dict, xa: Tensor, x: Tensor) -> None:
     """Graph B: the MoE FFN over the saved residual xa, written to x. It routes again from the
     same bytes with the same ops, so it picks what graph A picked and computes exactly what the
-    unsplit block computes (llama.block)."""
+    unsplit block computes (llama.block, olmoe.build_layer)."""
     if cfg.arch in SPLIT:
         return SPLIT[cfg.arch].ffn_graph(ops, cfg, w, xa, x)
-    cur = base.rms_norm(ops, cfg, xa, w["ffn_norm.weight"])
-    ops.output(ops.cpy(ops.add(ffn(ops, cfg, w, cur), xa), x))
+    ops.output(ops.cpy(residual_ffn(ops, cfg, w, xa), x))
+
+
+def residual_ffn(ops: Ops, cfg: ModelConfig, w: dict, h: Tensor) -> Tensor:
+    """The FFN half of a MoE block: h + ffn(rms_norm(h) * ffn_norm), (n_embd, T)."""
+    cur = base.rms_norm(ops, cfg, h, w["ffn_norm.weight"])
+    return ops.add(ffn(ops, cfg, w, cur), h)
 
 
 def shared_expert(ops: Ops, w: dict[str, Tensor], cur: Tensor) -> Tensor:
