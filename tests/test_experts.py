@@ -259,3 +259,28 @@ def test_the_moe_bench_table():
     assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 4.00x | 0.440 (+10%) | "
                         "0.30 | 0.700 | 1.90 |")
     assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
+
+
+def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
+    """The cache evicts the least recently used expert first, never one the step needs, and
+    pinned experts (the saved counts' most used) only when no other is left."""
+    path, _ = resident
+    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, expert_prefetch=False) as m:
+        st, unit = m._experts, m._experts.unit_bytes[0]
+        st.set_capacity(st._floor)  # one layer's experts: room for all of layer 0's
+        st._make_room(set(), st.capacity)  # start empty
+        assert st.used_bytes == 0
+        for e in range(m.cfg.n_expert):  # 0 used first, the last used most recently
+            st.fetch(0, np.array([e]))
+        st.fetch(0, np.array([0]))  # 0 is the most recent now; 1 the least
+        st.fetch(1, np.array([2]))  # full: one of layer 0's goes, the least recently used
+        assert 1 not in st.resident(0) and 0 in st.resident(0) and st.resident(1) == [2]
+        st._pinned.add((0, 2))  # 2 is pinned: passed over though it is now the oldest
+        st._order.pop((0, 2))
+        st._pinned_order[(0, 2)] = None
+        st.fetch(1, np.array([4]))
+        assert 2 in st.resident(0) and 3 not in st.resident(0) and 4 in st.resident(1)
+        st.fetch(1, np.array([5, 6]))  # the step's own picks are never evicted for each other
+        assert {5, 6} <= set(st.resident(1)) and st.used_bytes <= st.capacity
+        n_other = len(st.resident(0)) + len(st.resident(1))
+        assert n_other * unit == st.used_bytes
