@@ -9,6 +9,7 @@ from flexinfer.errors import GGUFError
 from flexinfer.gguf_file import GGUFFile
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe", "olmoe")
+ARCHITECTURES += ("gpt-oss",)  # models/gptoss.py
 MAX_LAYERS = 1024  # the largest public models have ~130
 MAX_EMBD = 1 << 16
 MAX_CTX = 1 << 24
@@ -144,7 +145,7 @@ class ModelConfig:
 
 
 # experts required; llama has them when expert_count > 0
-MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe")
+MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "gpt-oss")
 N_FF_EXPERTS = ("llama", "olmoe")  # experts feed_forward_length wide (llama.cpp's loaders)
 MAX_EXPERTS = 1024  # llama.cpp's LLAMA_MAX_EXPERTS
 
@@ -184,6 +185,8 @@ def _swa(g: GGUFFile, arch: str, n_layer: int, get) -> dict:
     """The sliding window, as llama.cpp reads it: gemma3 only (phi3's is disabled in llama.cpp
     too). Layer il slides when il % pattern < pattern - 1 (pattern 6: five layers of six), or as a
     per-layer bool array says."""
+    if arch == "gpt-oss":
+        return _swa_gptoss(g, arch, n_layer, get)
     if arch != "gemma3":
         return {}
     n_swa = get("attention.sliding_window", int, 0, lo=0, hi=MAX_CTX)
@@ -200,6 +203,15 @@ def _swa(g: GGUFFile, arch: str, n_layer: int, get) -> dict:
         layers = tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
     return {"n_swa": n_swa, "swa_layers": layers,
             "rope_base_swa": get("rope.freq_base_swa", float, 10000.0, lo=1e-3, hi=1e12)}
+
+
+def _swa_gptoss(g: GGUFFile, arch: str, n_layer: int, get) -> dict:
+    """gpt-oss's window, as llama.cpp's loader reads it: attention.sliding_window required (128
+    in gpt-oss-20b/120b), every other layer sliding from layer 0 (pattern 2: il % 2 == 0); the
+    sliding layers rope like the others (same base and scaling)."""
+    n_swa = get("attention.sliding_window", int, lo=1, hi=MAX_CTX)
+    return {"n_swa": n_swa, "swa_layers": tuple(il % 2 == 0 for il in range(n_layer)),
+            "rope_base_swa": get("rope.freq_base", float, 10000.0, lo=1e-3, hi=1e12)}
 
 
 def _yarn(g: GGUFFile, arch: str, scaling: str, factor: float, get) -> dict:

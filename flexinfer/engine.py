@@ -203,7 +203,8 @@ class Engine:
             w = {**w, **self.experts.layers[il]}
         xa = ops.input(TYPE_F32, (cfg.n_embd, T), a["xa"])
         ids = ops.input(TYPE_I32, (cfg.n_expert_used, T), a["ids"])
-        moe.attn_graph(ops, self.arch, cfg, w, x, batch, self.kv.k[il], self.kv.v[il], xa, ids)
+        moe.attn_graph(ops, self.arch, cfg, w, x, batch, self.kv.k[il], self.kv.v[il], xa, ids,
+                       il=il)
         ffn = Ops(_node_budget(self.store.layers[il], 48 + moe.graph_nodes(cfg)))
         moe.ffn_graph(ffn, cfg, w, ffn.input(TYPE_F32, (cfg.n_embd, T), a["xa"]),
                       ffn.input(TYPE_F32, (cfg.n_embd, T), a["x"]))

@@ -75,20 +75,26 @@ def min_capacity(g: GGUFFile, names) -> int:
     return max(layer_expert_bytes(g, names).values(), default=0)
 
 
-def router_names(names) -> list[tuple[str, str]]:
-    """(router, ffn_norm) names of every layer with experts, for the read-ahead's prediction."""
+def router_names(names, g: GGUFFile) -> list[tuple[str, str]]:
+    """(router, FFN input norm) names of every layer with experts, for the read-ahead's
+    prediction: ffn_norm, or gpt-oss's post_attention_norm."""
     layers = sorted({int(n.split(".")[1]) for n in names})
-    return [(f"blk.{l}.ffn_gate_inp.weight", f"blk.{l}.ffn_norm.weight") for l in layers]
+    if not layers:
+        return []
+    norm = "ffn_norm" if f"blk.{layers[0]}.ffn_norm.weight" in g.tensors else "post_attention_norm"
+    return [(f"blk.{l}.ffn_gate_inp.weight", f"blk.{l}.{norm}.weight") for l in layers]
 
 
 def prefetch_bytes(g: GGUFFile, names) -> int:
     """Host memory the read-ahead takes: every layer's router and ffn_norm as float32 (48 MB for
     Qwen3-30B-A3B: 48 x 2048 x 128 x 4 bytes) and a second staging buffer. 0 when a router is of a
     type read-ahead does not read (it is then off)."""
-    pairs = router_names(names)
+    pairs = router_names(names, g)
     if not pairs or any(g.tensors[r].type not in ROUTER_TYPES for r, _ in pairs):
         return 0
-    return sum(4 * (int(np.prod(g.tensors[r].shape)) + g.tensors[n].shape[0])
+    bias = {r: g.tensors[b].shape[0] if (b := r.replace(".weight", ".bias")) in g.tensors else 0
+            for r, _ in pairs}  # gpt-oss's router bias (E,)
+    return sum(4 * (int(np.prod(g.tensors[r].shape)) + g.tensors[n].shape[0] + bias[r])
                for r, n in pairs) + STAGE + 2 * ALIGN
 
 
@@ -199,7 +205,7 @@ class ExpertStore:
         self.bytes_read = 0
         self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
         self._bg: Background | None = None  # the read-ahead thread (prefetch.py), when enabled
-        self._routers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._routers: dict[int, tuple] = {}  # layer -> (router, norm, router bias or 0)
         self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, read)
         self.predicted = self.predicted_used = self.needed_predicted_layers = 0
         self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
@@ -353,10 +359,11 @@ class ExpertStore:
         read-ahead) when a router's type is not F32/F16 or the cache holds every expert."""
         if self.capacity >= self.total_bytes or not prefetch_bytes(self.g, self._names):
             return False
-        for r, n in router_names(self._names):
+        for r, n in router_names(self._names, self.g):
             layer = int(r.split(".")[1])
-            self._routers[layer] = (self._host(r).reshape(self.n_expert, -1),
-                                    self._host(n))
+            bias = r.replace(".weight", ".bias")  # gpt-oss's router bias (E,)
+            self._routers[layer] = (self._host(r).reshape(self.n_expert, -1), self._host(n),
+                                    self._host(bias) if bias in self.g.tensors else 0.0)
         self._stage2 = Buffer(self._stage.size)
         self._bg = Background("expert read-ahead")
         return True
@@ -377,12 +384,12 @@ class ExpertStore:
         ones on the read-ahead thread. Experts the current step needs are never evicted for it."""
         if self._bg is None or layer not in self._routers:
             return
-        w, norm = self._routers[layer]
+        w, norm, bias = self._routers[layer]
         k = self.cfg.n_expert_used
         if xa.shape[0] * k > PREFETCH_SHARE * self.n_expert:
             return
         h = xa / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps) * norm
-        top = np.argpartition(-(h @ w.T), k - 1, axis=1)[:, :k]
+        top = np.argpartition(-(h @ w.T + bias), k - 1, axis=1)[:, :k]
         predicted = set(np.unique(top).tolist())
         read = sorted(e for e in predicted if (layer, e) not in self._resident)
         if read:

@@ -484,8 +484,11 @@ class Ops:
     def geglu(self, gate, up): return ggml.ggml_geglu_split(self._ctx, gate, up)  # gelu(g) * up
     def tanh(self, a): return ggml.ggml_tanh(self._ctx, a)
 
-    def flash_attn(self, q, k, v, mask, scale: float):
+    def flash_attn(self, q, k, v, mask, scale: float, sinks=None):
+        """sinks: gpt-oss's (n_head,) F32 attention sink logits, one extra softmax term per head."""
         out = ggml.ggml_flash_attn_ext(self._ctx, q, k, v, mask, scale, 0.0, 0.0)
+        if sinks is not None:
+            ggml.ggml_flash_attn_ext_add_sinks(out, sinks)
         ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
         return out
     def mul_mat_id(self, a, b, ids): return ggml.ggml_mul_mat_id(self._ctx, a, b, ids)  # moe.py
@@ -495,6 +498,10 @@ class Ops:
     def div(self, a, b): return ggml.ggml_div(self._ctx, a, b)
     def sum_rows(self, a): return ggml.ggml_sum_rows(self._ctx, a)
     def clamp(self, a, lo: float, hi: float): return ggml.ggml_clamp(self._ctx, a, lo, hi)
+    # gpt-oss (models/gptoss.py): per-expert bias rows b[:, ids] added; the clamped swiglu
+    def add_id(self, a, b, ids): return ggml.ggml_add_id(self._ctx, a, b, ids)
+    def swiglu_oai(self, gate, up, alpha: float, limit: float):
+        return ggml.ggml_swiglu_oai(self._ctx, gate, up, alpha, limit)
 
 
 def row_stride(t: Tensor) -> int:

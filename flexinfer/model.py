@@ -465,7 +465,8 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
                   if o.offload in ("flexinfer", "sync") else ())
         fixed_parts = {  # what the weights cannot use while decoding, in bytes
             "runtime": runtime, "kv_cache": kv, "compute": keep,
-            "vectors": sum(g.tensors[s.name].nbytes for s in specs if len(s.shape) == 1),
+            "vectors": sum(g.tensors[s.name].nbytes for s in specs
+                           if len(s.shape) == 1 or not s.quantizable),  # F32-only: resident
             "headroom": HEADROOM,
             **({"experts": least + ahead} if owned else {}),  # one layer's experts, staging
             # buffers, the read-ahead's host routers

@@ -80,7 +80,7 @@ def matrices(g: GGUFFile, cfg: ModelConfig, specs, repackable) -> list[PlanTenso
     tied). `repackable(info)` says whether a tensor's type is converted on upload."""
     out = []
     for s in specs:
-        if s.role in ("attn", "ffn") and len(s.shape) >= 2:
+        if s.role in ("attn", "ffn") and len(s.shape) >= 2 and s.quantizable:  # not F32-only
             kind = s.name.split(".")[2]
             out.append(_plan_tensor(g.tensors[s.name], s.layer, kind, repackable))
     head = g.tensors.get("output.weight") or g.tensors["token_embd.weight"]
@@ -153,13 +153,16 @@ class WeightStore:
             if s.role == "embd":
                 continue
             layer = s.layer if s.layer is not None else self.n_head_layer
-            self._add(self.g.tensors[s.name], layer, s.name, plan)
+            self._add(self.g.tensors[s.name], layer, s.name, plan, whole=not s.quantizable)
         if head_name == "token_embd.weight":  # tied: the head multiplies by token_embd
             self._add(self._embd, self.n_head_layer, "output.weight", plan)
 
-    def _add(self, info: TensorInfo, layer: int, key_name: str, plan: Plan) -> None:
+    def _add(self, info: TensorInfo, layer: int, key_name: str, plan: Plan,
+             whole: bool = False) -> None:
+        """whole: an F32-only tensor (a norm, a bias; gpt-oss's (rows, E) expert biases too) is
+        one always-resident vector block, never split."""
         key = key_name.split(".", 2)[-1] if key_name.startswith("blk.") else key_name
-        if len(info.shape) == 1:
+        if len(info.shape) == 1 or whole:
             h = self._table.new(info.name, info.type, info.shape)
             self.vectors.append(Block(h, info.offset, 1, info.nbytes, False, layer, info.name, 0))
             self.layers[layer][key] = h

@@ -113,6 +113,15 @@ SYNTH_MIXTRAL = SynthSpec("mixtral", **MOE, seed=23)
 SYNTH_OLMOE = SynthSpec("olmoe", **{**MOE, "n_head_kv": 4}, seed=24)
 SYNTH_MOE = {f"reference_{s.arch}_synth.json": s
              for s in (SYNTH_QWEN3MOE, SYNTH_QWEN2MOE, SYNTH_MIXTRAL, SYNTH_OLMOE)}
+# gpt-oss (tests/test_gptoss.py): 4 layers (0 and 2 slide, window 16 of the 256 forced tokens),
+# heads of 64 (q 256 wide on a 128 residual), 8 MXFP4 experts of 128 (2 used), attention Q8_0,
+# yarn 4x over 128 positions (n_ctx 512) as the real models' 32x over 4096; sinks, biases and
+# swiglu_oai's clamp strong enough to matter (synth_gptoss.py)
+SYNTH_GPTOSS = SynthSpec("gpt-oss", n_layer=4, n_embd=128, n_ff=128, n_head=4, n_head_kv=2,
+                         head_dim=64, type="q8_0", norm_noise=0.1, n_expert=8, n_expert_used=2,
+                         n_ff_exp=128, n_swa=16, seed=31, rope_scaling="yarn", rope_factor=4.0,
+                         orig_ctx=128, rope_base=150000.0)
+SYNTH_MOE["reference_gptoss_synth.json"] = SYNTH_GPTOSS
 
 
 def user(text: str) -> dict:

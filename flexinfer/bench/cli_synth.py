@@ -33,7 +33,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     for flag in ("layers", "embd", "ff", "heads", "kv-heads", "vocab", "seed", "ctx"):
         p.add_argument(f"--{flag}", type=int)
     p.add_argument("--head-dim", type=int, help="attention.key_length (default n_embd / heads)")
-    p.add_argument("--swa", type=int, help="gemma3: sliding window (5 layers of 6 slide)")
+    p.add_argument("--swa", type=int, help="gemma3: sliding window (5 layers of 6 slide); "
+                                           "gpt-oss: required (every other layer slides)")
     p.add_argument("--rope-factors", action="store_true",
                    help="llama: rope_freqs.weight (Llama 3.1); phi3: LongRoPE long/short factors")
     p.add_argument("--biases", action="store_true",
@@ -51,7 +52,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tied", action="store_true", help="no output.weight: reuse token_embd")
     p.add_argument("--rope-base", type=float)
     p.add_argument("--vocab-file", help="vocab-only GGUF to copy the tokenizer from")
-    moe = p.add_argument_group("mixture of experts (--arch qwen3moe, qwen2moe, mixtral, olmoe)")
+    moe = p.add_argument_group("mixture of experts (--arch qwen3moe, qwen2moe, mixtral, olmoe, "
+                                "gpt-oss: MXFP4 experts unless --override, --swa required)")
     moe.add_argument("--experts", type=int, help="experts per layer")
     moe.add_argument("--experts-used", type=int, help="experts each token uses (top K)")
     moe.add_argument("--expert-ff", type=int, help="expert FFN width (qwen; mixtral's and olmoe's is --ff)")

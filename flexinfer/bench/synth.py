@@ -21,6 +21,7 @@ import numpy as np
 
 from flexinfer.bench import synth_archs as archs
 from flexinfer.bench import synth_blocks as blocks
+from flexinfer.bench import synth_gptoss as gptoss
 from flexinfer.bench import synth_moe as moe
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import read_gguf
@@ -36,6 +37,7 @@ RMS_EPS.update(moe.RMS_EPS)
 # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*) of a file whose matrices are mostly this type
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32}
+FILE_TYPES["MXFP4"] = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
 Progress = Callable[[int, int], None]  # (bytes written, total bytes)
 
 
@@ -102,6 +104,13 @@ PRESETS: dict[str, SynthSpec] = {
     "olmoe-1b-7b": SynthSpec("olmoe", 16, 2048, 1024, 16, 16, None, n_expert=64,
                              n_expert_used=8),
 }
+# gpt-oss-20b: 24 layers of 2880, 64 query / 8 KV heads of 64, 32 experts of 2880 (4 used) in
+# MXFP4 (10.2 GB of the 10.9), the rest Q8_0; window 128 on even layers; yarn 32x over 4096.
+# The vocab is the synthetic default's (llama-spm, 32000), not o200k's 201088.
+PRESETS["gpt-oss-20b"] = SynthSpec("gpt-oss", 24, 2880, 2880, 64, 8, None, type="q8_0",
+                                   ctx_len=131072, rope_base=150000.0, head_dim=64, n_swa=128,
+                                   rope_scaling="yarn", rope_factor=32.0, orig_ctx=4096,
+                                   n_expert=32, n_expert_used=4, n_ff_exp=2880)
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,7 @@ def check_spec(spec: SynthSpec):
         raise FlexInferError(f"heads {spec.n_head}/{spec.n_head_kv}: n_embd {spec.n_embd} must "
                              "divide by n_head and n_head by n_head_kv")
     moe.check(spec)
+    gptoss.check(spec)
     for name, _ in spec.overrides:
         m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)", name)
         if not m or m[2] not in MATRIX_ROLES or (m[1] and int(m[1]) >= spec.n_layer):
@@ -194,7 +204,7 @@ def type_of(spec: SynthSpec, base: str, role: str) -> str:
 def matrix(spec: SynthSpec, base: str, ne0: int, ne1: int) -> SynthTensor:
     role = base.rsplit(".", 1)[-1]
     ttype = type_of(spec, base, role)
-    block = blocks.LAYOUTS[ttype].block_elems if ttype in blocks.LAYOUTS else 1
+    block = blocks.block_elems(ttype)
     if ne0 % block:
         raise FlexInferError(f"{base}: row length {ne0} is not a multiple of the {ttype} block "
                              f"size {block} (use an n_embd / n_ff that is)")
@@ -211,6 +221,8 @@ def vector(name: str, n: int, spec: SynthSpec, bias: bool | float = False) -> Sy
 
 
 def layer_tensors(spec: SynthSpec, i: int) -> list[SynthTensor]:
+    if spec.arch == gptoss.ARCH:
+        return gptoss.layer_tensors(spec, i, matrix, vector, SynthTensor)
     if spec.arch in moe.MOE_ARCHS:
         return moe.layer_tensors(spec, i, matrix, vector, SynthTensor)
     return archs.layer_tensors(spec, i, matrix, vector)

@@ -96,8 +96,8 @@ def check_arch_spec(spec) -> str | None:
     """Why llama.cpp could not load this spec, or None."""
     if spec.rope_factors and spec.arch not in ROPE_FACTOR_ARCHS:
         return f"rope_factors: {spec.arch} has none (only {', '.join(ROPE_FACTOR_ARCHS)})"
-    if spec.n_swa and spec.arch != "gemma3":
-        return f"n_swa {spec.n_swa}: only gemma3 has a sliding window"
+    if spec.n_swa and spec.arch not in ("gemma3", "gpt-oss"):
+        return f"n_swa {spec.n_swa}: only gemma3 and gpt-oss have a sliding window"
     if spec.biases and spec.arch != "llama":
         return "biases: only llama has optional output and FFN biases"
     if spec.n_swa < 0:

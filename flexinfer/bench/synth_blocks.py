@@ -50,10 +50,22 @@ LAYOUTS: dict[str, BlockLayout] = {
 }
 FLOAT_TYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
 SQRT3 = math.sqrt(3.0)
+# MXFP4 (gpt-oss's experts): an E8M0 exponent byte e, then 16 bytes of 32 E2M1 nibbles;
+# w = KVALUES[nibble] * 2^(e - 128) (ggml's kvalues_mxfp4 are twice the E2M1 values)
+MXFP4 = BlockLayout(32, 17, 0)
+MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float64)
+MXFP4_UNIT_RMS = float(np.sqrt(np.mean(MXFP4_KVALUES ** 2)))  # 5.85: random nibbles, e = 128
 
 
 def supported_types() -> tuple[str, ...]:
-    return tuple(FLOAT_TYPES) + tuple(LAYOUTS)
+    return tuple(FLOAT_TYPES) + tuple(LAYOUTS) + ("MXFP4",)
+
+
+def block_elems(type_name: str) -> int:
+    """Values per block: a row's length must be a multiple of it (1 for float types)."""
+    if type_name == "MXFP4":
+        return MXFP4.block_elems
+    return LAYOUTS[type_name].block_elems if type_name in LAYOUTS else 1
 
 
 def make_rng(seed: int, stream: int) -> np.random.Generator:
@@ -93,6 +105,18 @@ def quant_chunk(rng, type_name: str, n_blocks: int, rms: float) -> np.ndarray:
     return raw
 
 
+def mxfp4_chunk(rng, n_blocks: int, rms: float) -> np.ndarray:
+    """n_blocks random MXFP4 blocks whose weights have the given rms in expectation: random
+    nibbles, each block's exponent floor(x) or floor(x) + 1, x = 128 + log2(rms / 5.85), the
+    upper one with probability (4^(x - floor x) - 1) / 3 so that E[2^(2(e - x))] = 1."""
+    raw = random_bytes(rng, n_blocks * MXFP4.block_bytes).reshape(n_blocks, MXFP4.block_bytes)
+    x = 128.0 + math.log2(rms / MXFP4_UNIT_RMS)
+    lo = math.floor(x)
+    up = rng.random(n_blocks) < (4.0 ** (x - lo) - 1.0) / 3.0
+    raw[:, 0] = np.clip(lo + up, 1, 254).astype(np.uint8)
+    return raw.reshape(-1)
+
+
 def float_chunk(rng, type_name: str, n_elems: int, rms: float) -> np.ndarray:
     """Gaussian weights with the given rms as F32, F16 or BF16 (round to nearest even) bytes."""
     x = rng.standard_normal(n_elems, dtype=np.float32)
@@ -113,17 +137,20 @@ def iter_weight_bytes(rng, type_name: str, n_elems: int, rms: float, chunk_bytes
         for start in range(0, n_elems, step):
             yield float_chunk(rng, type_name, min(step, n_elems - start), rms)
         return
-    layout = LAYOUTS[type_name]
+    layout = MXFP4 if type_name == "MXFP4" else LAYOUTS[type_name]
     n_blocks = n_elems // layout.block_elems
     step = max(1, chunk_bytes // layout.block_bytes)
     for start in range(0, n_blocks, step):
-        yield quant_chunk(rng, type_name, min(step, n_blocks - start), rms)
+        if type_name == "MXFP4":
+            yield mxfp4_chunk(rng, min(step, n_blocks - start), rms)
+        else:
+            yield quant_chunk(rng, type_name, min(step, n_blocks - start), rms)
 
 
 def tensor_nbytes(type_name: str, n_elems: int) -> int:
     if type_name in FLOAT_TYPES:
         return n_elems * FLOAT_TYPES[type_name]
-    layout = LAYOUTS[type_name]
+    layout = MXFP4 if type_name == "MXFP4" else LAYOUTS[type_name]
     return n_elems // layout.block_elems * layout.block_bytes
 
 

@@ -39,6 +39,10 @@ RMS_EPS = {"qwen3moe": 1e-6, "qwen2moe": 1e-6, "mixtral": 1e-5, "olmoe": 1e-5}
 EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp",
                 "ffn_up_shexp", "ffn_down_shexp")
 ROUTER_GAIN = 2.0
+# gpt-oss: experts too; synth_gptoss.py writes its layers, these its metadata and checks
+MOE_ARCHS += ("gpt-oss",)
+VOCAB_FILES["gpt-oss"] = "ggml-vocab-llama-spm.gguf"
+RMS_EPS["gpt-oss"] = 1e-5
 
 
 def gguf_arch(arch: str) -> str:

@@ -5,10 +5,12 @@ tensors llama.cpp loads but never computes with, each with the reason."""
 from types import ModuleType
 
 from flexinfer.models import gemma3, llama, olmoe, phi3, qwen2, qwen2moe, qwen3, qwen3moe
+from flexinfer.models import gptoss
 
 ARCHS: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3": gemma3,
                                 "phi3": phi3, "qwen3moe": qwen3moe, "qwen2moe": qwen2moe,
                                 "olmoe": olmoe}
+ARCHS["gpt-oss"] = gptoss
 
 from flexinfer.config import ModelConfig  # noqa: E402
 from flexinfer.errors import GGUFError  # noqa: E402

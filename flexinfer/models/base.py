@@ -210,14 +210,14 @@ def store_kv(ops: Ops, cfg: ModelConfig, k: Tensor, v: Tensor, k_cache: Tensor, 
 
 
 def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-              batch: Batch, scale: float) -> Tensor:
+              batch: Batch, scale: float, sinks: Tensor | None = None) -> Tensor:
     """Flash attention of q (hd, n_head, T), each sequence's tokens over its own slot's cells
     (batch.groups), the outputs concatenated in token order; GQA heads share K/V by broadcast.
     One flash_attn per group, not one over every slot: ggml picks its kernel and its split of the
     cells from the shapes (T = 1 and n_kv >= 512 splits the cells among the threads; T >= 64
     takes the tiled kernel), so a shared call would sum a sequence's keys in another order than
-    its run alone. Returns (n_embd_q, T)."""
-    outs = [_attend(ops, cfg, q, k_cache, v_cache, g, scale) for g in batch.groups]
+    its run alone. sinks: gpt-oss's (n_head,) sink logits. Returns (n_embd_q, T)."""
+    outs = [_attend(ops, cfg, q, k_cache, v_cache, g, scale, sinks) for g in batch.groups]
     out = outs[0]
     for o in outs[1:]:
         out = ops.concat(out, o, 1)
@@ -225,7 +225,7 @@ def attention(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: T
 
 
 def _attend(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Tensor, g: Group,
-            scale: float) -> Tensor:
+            scale: float, sinks: Tensor | None = None) -> Tensor:
     """One group's attention: its queries over cells cell0 .. cell0 + n_kv - 1. Strides come from
     the cache tensors: nb1 per cell, the row size of hd per head. Returns (n_embd_q, n_tokens)."""
     hd = cfg.head_dim
@@ -237,7 +237,7 @@ def _attend(ops: Ops, cfg: ModelConfig, q: Tensor, k_cache: Tensor, v_cache: Ten
                     row_size(type_of(k_cache), hd), g.cell0 * stride(k_cache, 1))
     v = ops.view_3d(v_cache, hd, g.n_kv, cfg.n_head_kv, stride(v_cache, 1),
                     row_size(type_of(v_cache), hd), g.cell0 * stride(v_cache, 1))
-    out = ops.flash_attn(q, k, v, g.mask, scale)  # (hd, n_head, T)
+    out = ops.flash_attn(q, k, v, g.mask, scale, sinks)  # (hd, n_head, T)
     return ops.reshape_2d(out, cfg.n_embd_q, g.n_tokens)
 
 

@@ -91,7 +91,12 @@ def ffn_moe(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor,
     up = ops.mul_mat_id(w["ffn_up_exps.weight"], x, selected)  # (ff, K, T)
     gate = ops.mul_mat_id(w["ffn_gate_exps.weight"], x, selected)
     experts = ops.mul_mat_id(w["ffn_down_exps.weight"], ops.swiglu(gate, up), selected)
-    experts = ops.mul(experts, weights)  # (n_embd, K, T), f32 and contiguous
+    return sum_experts(ops, cfg, ops.mul(experts, weights), T)
+
+
+def sum_experts(ops: Ops, cfg: ModelConfig, experts: Tensor, T: int) -> Tensor:
+    """The weighted expert outputs (n_embd, K, T), f32 and contiguous, added in top-K order."""
+    e, k = cfg.n_embd, cfg.n_expert_used
     row, tok = 4 * e, 4 * e * k  # its strides: nb[1], nb[2]
     out = ops.view_2d(experts, e, T, tok, 0)
     for i in range(1, k):
@@ -107,13 +112,21 @@ def route(ops: Ops, cfg: ModelConfig, w: dict[str, Tensor], cur: Tensor) -> tupl
 
 # ---- expert streaming: a layer in two graphs, split after the router (engine.py, experts.py)
 
+# archs with their own split graphs (gptoss.py registers itself): name -> module with
+# attn_graph(ops, cfg, il, w, x, batch, k_cache, v_cache, xa, ids) and ffn_graph(ops, cfg, w, xa, x)
+SPLIT: dict = {}
+
+
 def attn_graph(ops: Ops, arch, cfg: ModelConfig, w: dict, x: Tensor, batch, k_cache: Tensor,
-               v_cache: Tensor, xa: Tensor, ids: Tensor) -> None:
+               v_cache: Tensor, xa: Tensor, ids: Tensor, il: int = 0) -> None:
     """Graph A of a layer: attention, the residual written to xa (n_embd, T) and the router's
     top-K ids to ids (K, T) i32, both engine memory: the host reads ids, the expert store reads
     the experts they name, then graph B runs. The attention is arch.attention_block where the
     arch has its own (olmoe: q/k norms over the whole vectors), else llama's with arch.ROPE_MODE
-    (qwen3moe, qwen2moe, mixtral)."""
+    (qwen3moe, qwen2moe, mixtral); gpt-oss its own split graphs (SPLIT)."""
+    if cfg.arch in SPLIT:
+        return SPLIT[cfg.arch].attn_graph(ops, cfg, il, w, x, batch, k_cache, v_cache, xa, ids)
+
     from flexinfer.models import llama
     attend = getattr(arch, "attention_block", llama.attention_block)
     h = attend(ops, cfg, w, x, batch, k_cache, v_cache, arch.ROPE_MODE)
@@ -126,6 +139,8 @@ def ffn_graph(ops: Ops, cfg: ModelConfig, w: dict, xa: Tensor, x: Tensor) -> Non
     """Graph B: the MoE FFN over the saved residual xa, written to x. It routes again from the
     same bytes with the same ops, so it picks what graph A picked and computes exactly what the
     unsplit block computes (llama.block, olmoe.build_layer)."""
+    if cfg.arch in SPLIT:
+        return SPLIT[cfg.arch].ffn_graph(ops, cfg, w, xa, x)
     ops.output(ops.cpy(residual_ffn(ops, cfg, w, xa), x))
 
 
