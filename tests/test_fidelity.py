@@ -93,6 +93,21 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def greedy_mismatches(model, greedy: dict) -> list[str]:
+    """A line for each of a reference's greedy cases (tokenized as llama.cpp did) that the model
+    continues otherwise than llama.cpp: where, and the two tokens there."""
+    wrong = []
+    for c in greedy["cases"]:
+        assert model.tokenize(c["text"], special=c["special"]) == c["ids"], c["name"]
+        got = [p.token for p in model.generate(c["ids"], max_tokens=greedy["max_tokens"],
+                                               temperature=0) if p.token >= 0]
+        if got != c["continuation"]:
+            i = first_difference(got, c["continuation"])
+            wrong.append(f"{c['name']}: token {i} is {got[i:i + 1]}, llama.cpp "
+                         f"{c['continuation'][i:i + 1]}")
+    return wrong
+
+
 def test_greedy_continuations_match_llamacpp(case):
     ref, model, name = case
     g, wrong = ref["greedy"], []

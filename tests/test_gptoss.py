@@ -30,7 +30,8 @@ from flexinfer.ggml_ops import Ops
 from flexinfer.gguf_file import read_gguf
 from flexinfer.models import base, gptoss
 from tests.test_engine import _squeeze_budget
-from tests.test_fidelity import compare, first_difference, sha256
+from tests.test_fidelity import compare, greedy_mismatches, sha256
+from tests.test_moe import PROMPT, decode_run
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = "reference_gptoss_synth.json"
@@ -91,15 +92,7 @@ def test_the_even_layers_keep_rings(built):
 
 def test_greedy_continuations_match_llamacpp(model):
     ref, m = model
-    g, wrong = ref["greedy"], []
-    for c in g["cases"]:
-        assert m.tokenize(c["text"], special=c["special"]) == c["ids"], c["name"]
-        got = [p.token for p in m.generate(c["ids"], max_tokens=g["max_tokens"], temperature=0)
-               if p.token >= 0]
-        if got != c["continuation"]:
-            i = first_difference(got, c["continuation"])
-            wrong.append(f"{c['name']}: token {i} is {got[i:i + 1]}, llama.cpp "
-                         f"{c['continuation'][i:i + 1]}")
+    wrong = greedy_mismatches(m, ref["greedy"])
     assert not wrong, "greedy continuations differ:\n" + "\n".join(wrong)
 
 
@@ -149,7 +142,6 @@ def test_a_broken_feature_is_caught(built, broken, monkeypatch):
 
 # ---- expert streaming: equal to the resident run bit for bit
 
-PROMPT = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 29871]
 
 
 @pytest.fixture
@@ -158,12 +150,7 @@ def home(tmp_path, monkeypatch):
 
 
 def _run(path, **opts):
-    """(logits of PROMPT then of 6 decode steps, the expert summary)."""
-    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
-        out = [m.logits(PROMPT)]
-        for t in PROMPT[:6]:
-            out.append(m._forward([t], len(m.cache.tokens[0])))
-        return np.concatenate(out), dict(m.stats.experts)
+    return decode_run(path, PROMPT, **opts)
 
 
 @pytest.fixture(scope="module")

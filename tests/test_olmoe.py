@@ -30,8 +30,8 @@ from flexinfer.ggml_ops import ROPE_NORM
 from flexinfer.gguf_file import read_gguf
 from flexinfer.models import moe, olmoe
 from tests.test_engine import _squeeze_budget
-from tests.test_fidelity import compare, first_difference, sha256
-from tests.test_moe import MAX_LOGIT_DIFF, MIN_TOP1_AGREEMENT, N_CTX, PROMPT
+from tests.test_fidelity import compare, greedy_mismatches, sha256
+from tests.test_moe import MAX_LOGIT_DIFF, MIN_TOP1_AGREEMENT, N_CTX, PROMPT, decode_run
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "reference_olmoe_synth.json").read_text(encoding="utf-8"))
@@ -69,15 +69,7 @@ def test_the_model_is_olmoe(model):
 
 
 def test_greedy_continuations_match_llamacpp(model):
-    g, wrong = REFERENCE["greedy"], []
-    for c in g["cases"]:
-        assert model.tokenize(c["text"], special=c["special"]) == c["ids"], c["name"]
-        got = [p.token for p in model.generate(c["ids"], max_tokens=g["max_tokens"],
-                                               temperature=0) if p.token >= 0]
-        if got != c["continuation"]:
-            i = first_difference(got, c["continuation"])
-            wrong.append(f"{c['name']}: token {i} is {got[i:i + 1]}, llama.cpp "
-                         f"{c['continuation'][i:i + 1]}")
+    wrong = greedy_mismatches(model, REFERENCE["greedy"])
     assert not wrong, "olmoe: greedy continuations differ:\n" + "\n".join(wrong)
 
 
@@ -137,12 +129,7 @@ def small(tmp_path_factory):
 
 
 def _run(path, **opts):
-    """(logits of PROMPT then of 6 decode steps, stacked; the expert stats)."""
-    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
-        out = [m.logits(PROMPT)]
-        for t in PROMPT[:6]:
-            out.append(m._forward([t], len(m.cache.tokens[0])))
-        return np.concatenate(out), dict(m.stats.experts)
+    return decode_run(path, PROMPT, **opts)
 
 
 @pytest.fixture(autouse=True)
