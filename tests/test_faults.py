@@ -107,11 +107,20 @@ def test_file_replaced_by_rename_keeps_working(tiny_llama_path, tmp_path, monkey
     assert before == after
 
 
+def _default_sigint():
+    """The child takes Ctrl-C as a user's shell gives it, whatever the test runner inherited: a
+    runner started in the background by a shell without job control ignores SIGINT, and an
+    ignored signal stays ignored across exec, so Python would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_within_a_second_and_keeps_output(tiny_llama_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "flexinfer", "run", str(tiny_llama_path), "-p", "Hello world",
            "-n", "100000", "-c", "4096", "--temp", "0", "--offload", "sync"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 60
         out = b""

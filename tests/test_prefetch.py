@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _thread
 import errno
+import signal
 import threading
 import time
 
@@ -399,6 +400,9 @@ def test_ctrl_c_while_waiting_in_acquire(no_thread_left_behind):
     gate = threading.Event()
     before = flexinfer_threads()
     s = Store(ORDER, gate=gate, made=no_thread_left_behind)
+    # interrupt_main raises KeyboardInterrupt only under Python's own SIGINT handler, which a
+    # runner that inherited an ignored SIGINT (started in the background) never installed
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.2, _thread.interrupt_main)
     t0 = time.monotonic()
     timer.start()
@@ -409,6 +413,7 @@ def test_ctrl_c_while_waiting_in_acquire(no_thread_left_behind):
     finally:
         timer.cancel()
         gate.set()
+        signal.signal(signal.SIGINT, old)
     assert waited < 1.2
     t0 = time.monotonic()
     s.p.close()
