@@ -187,6 +187,9 @@ def main(argv=None) -> int:
                     print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: {row['status']} "
                           f"{row.get('decode_tokens_per_s')} tok/s", file=sys.stderr)
                     (out / "results.json").write_text(json.dumps(results, indent=1))
+    except FlexInferError as e:  # e.g. --disk-rate where no I/O cgroup can be made: one line
+        print(f"bench_moe: {e}", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(home, ignore_errors=True)
     (out / "table.md").write_text(table(results["rows"]))

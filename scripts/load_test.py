@@ -141,10 +141,17 @@ def launched(a):
     from flexinfer.budget import parse_size
     from flexinfer.cgroup import MemoryCgroup, drop_page_cache
     from flexinfer.disk_cap import DiskCap
-    group = MemoryCgroup.create("load-test", parse_size(a.memory_limit, "--memory-limit"))
-    joins, cap = [group.procs_file], None
-    if a.disk_rate:  # reads of the model's disk capped, as `flexinfer bench --disk-rate`
-        cap = DiskCap.create(a.disk_model, parse_size(a.disk_rate, "--disk-rate"))
+    limit = parse_size(a.memory_limit, "--memory-limit")  # both sizes checked before any cgroup
+    rate = parse_size(a.disk_rate, "--disk-rate") if a.disk_rate else None
+    cap = DiskCap.create(a.disk_model, rate) if rate else None  # reads of the model's disk
+    try:  # capped, as `flexinfer bench --disk-rate`
+        group = MemoryCgroup.create("load-test", limit)
+    except BaseException:
+        if cap is not None:
+            cap.remove()
+        raise
+    joins = [group.procs_file]
+    if cap is not None:
         if cap.hierarchy.version == 2 and group.version == 2:  # one cgroup carries both
             cap.remove()
             DiskCap.apply_to(group.path, cap.hierarchy, cap.device, cap.rate)
@@ -219,12 +226,17 @@ def main() -> int:
     if a.disk_rate and not (a.launch and a.disk_model):
         ap.error("--disk-rate needs --launch and --disk-model")
     if a.launch:
-        with launched(a) as (a.pid, a.cgroup, group):
-            res = run_load(a)
-            res["oom_killed"] = group.oom_killed()
-            res["memory_limit"] = a.memory_limit
-            res["launch"] = a.launch
-            res["disk_rate"] = a.disk_rate
+        from flexinfer.errors import FlexInferError
+        try:
+            with launched(a) as (a.pid, a.cgroup, group):
+                res = run_load(a)
+                res["oom_killed"] = group.oom_killed()
+                res["memory_limit"] = a.memory_limit
+                res["launch"] = a.launch
+                res["disk_rate"] = a.disk_rate
+        except FlexInferError as e:  # a bad size, or no cgroup to be had: one line
+            print(f"load_test: {e}", file=sys.stderr)
+            return 2
     else:
         res = run_load(a)
     print(json.dumps(res, indent=1))
