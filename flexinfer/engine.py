@@ -247,11 +247,16 @@ class Engine:
                 worst.free()
         alloc = self.alloc if T <= self.n_decode else self._prompt_alloc
         size = alloc.size()
-        gs = self._sets[key] = self._build(T, layout, n_out, weights=weights)
-        if alloc.size() != size:  # the buffer moved (a layout the worst case did not cover):
-            for k in [k for k in self._sets if k != key and (k[0] <= self.n_decode) ==
-                      (T <= self.n_decode)]:  # graphs placed in the old one are rebuilt
+        gs = self._build(T, layout, n_out, weights=weights)
+        while alloc.size() != size:  # the buffer moved (a graph the worst case did not cover):
+            # ggml freed the old one, where every cached set of this kind and this set's graphs
+            # placed before the move (the embed graph first) still point, so all are rebuilt
+            for k in [k for k in self._sets if (k[0] <= self.n_decode) == (T <= self.n_decode)]:
                 self._sets.pop(k).free()
+            gs.free()
+            size = alloc.size()  # now fits each of the set's graphs: the rebuild does not move it
+            gs = self._build(T, layout, n_out, weights=weights)
+        self._sets[key] = gs
         return gs
 
     def end_prompt(self) -> None:

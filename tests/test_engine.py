@@ -391,3 +391,39 @@ def test_a_ring_without_the_double_mapping_streams_bit_exactly(model, request, m
             streamed = np.concatenate([streamed, m.logits([t % m.cfg.n_vocab for t in PROMPT])])
         assert m._residency.prefetcher.started_over > 0
     assert np.array_equal(streamed, np.concatenate([resident] * 4))
+
+
+def test_graphs_placed_before_the_compute_buffer_moved_are_placed_again(tiny_llama_path,
+                                                                         monkeypatch):
+    """A graph of a set that outgrows the compute buffer makes ggml free it and allocate a larger
+    one; the graphs of the set placed before it (the embedding's first) still point into the
+    freed buffer and must be placed again before anything computes them. (The reservation for the
+    worst case normally prevents a move; a streamed Qwen2 synth's head outgrew it by 7.8 MB and
+    the embed graph then wrote into the unmapped old buffer: a segfault in CI under contention.)
+    Here nothing is reserved, so the first layer graph of every set moves the buffer."""
+    from flexinfer import engine as fe, ggml_ops
+    resident, _ = _logits(tiny_llama_path)
+    placed, generation, moves = {}, {}, []
+    real_alloc, real_graphs = ggml_ops.Allocator.alloc, fe.Engine._graphs
+
+    def alloc(self, ops):
+        before = self.size()
+        real_alloc(self, ops)
+        if self.size() != before:  # a new buffer: what was placed before is in a freed one
+            generation[id(self)] = generation.get(id(self), 0) + 1
+            moves.append(before)
+        placed[id(ops)] = (id(self), generation.get(id(self), 0))
+
+    def graphs(self, T, layout, n_out):
+        gs = real_graphs(self, T, layout, n_out)
+        for ops in (gs.embed, *gs.layers, gs.head):
+            a, g = placed[id(ops)]
+            assert g == generation[a], f"a graph of the {T}-token set is in a freed buffer"
+        return gs
+
+    monkeypatch.setattr(ggml_ops.Allocator, "alloc", alloc)
+    monkeypatch.setattr(fe.Engine, "_graphs", graphs)
+    monkeypatch.setattr(fe.Engine, "_worst", lambda self, T: [])  # no reservation
+    unreserved, _ = _logits(tiny_llama_path)
+    assert len([b for b in moves if b]) >= 2  # the decode and the prompt buffer each moved
+    assert np.array_equal(unreserved, resident)
