@@ -14,15 +14,17 @@ HEADROOM = 24 << 20  # bytes kept free for transient allocations (logits copies,
 # VmRSS, which `runtime` comes from, already overcounts: it includes shared library pages
 
 
-def parse_size(text: str, option: str = "--memory-budget") -> int:
-    """'1.5GiB', '800M', '2G', '123456' -> bytes. K/M/G are decimal, KiB/MiB/GiB binary."""
+def parse_size(text: str, option: str = "--memory-budget", zero: bool = False) -> int:
+    """'1.5GiB', '800M', '2G', '123456' -> bytes. K/M/G are decimal, KiB/MiB/GiB binary.
+    zero: 0 is taken too (an option whose 0 means its least, --expert-cache)."""
     m = _SIZE.match(str(text))
     if not m:
         raise FlexInferError(f"{option}: cannot read {text!r} as a size (examples: 1.5GiB, 800M, "
                              "2000000000)")
     value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
-    if value < 1:
-        raise FlexInferError(f"{option}: {text!r} is not a positive size")
+    if value < 1 and not (zero and value == 0):
+        raise FlexInferError(f"{option}: {text!r} is not " + ("0 or at least one byte" if zero
+                                                               else "a positive size"))
     return int(value)
 
 

@@ -47,7 +47,8 @@ def _model_args(p) -> None:
                    help="MoE: auto reads only the picked experts into an expert cache; whole "
                         "plans expert tensors whole with the rest")
     p.add_argument("--expert-cache", default=None,
-                   help="MoE: bytes of expert cache, e.g. 2G (default: what the plan leaves)")
+                   help="MoE: bytes of expert cache, e.g. 2G; never less than one layer's "
+                        "experts, which 0 asks for (default: what the plan leaves)")
     p.add_argument("--no-expert-prefetch", action="store_true",
                    help="MoE: no read-ahead of the next layer's likely experts")
     for which in ("k", "v"):
@@ -62,15 +63,16 @@ def _options(a) -> dict:
                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                 n_seq=getattr(a, "parallel", 1), experts=a.experts,
                 expert_prefetch=not a.no_expert_prefetch,
-                expert_cache=_size(a.expert_cache, "--expert-cache"))
+                expert_cache=_size(a.expert_cache, "--expert-cache", zero=True))
 
 
-def _size(text, option: str):
-    """A byte count like 800M or 2G (None stays None); bad input: one line naming the option."""
+def _size(text, option: str, zero: bool = False):
+    """A byte count like 800M or 2G (None stays None; 0 only when `zero`); bad input: one line
+    naming the option."""
     if text is None:
         return None
     from flexinfer.budget import parse_size
-    return parse_size(text, option)
+    return parse_size(text, option, zero)
 
 
 def build_parser() -> argparse.ArgumentParser:

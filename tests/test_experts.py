@@ -148,6 +148,26 @@ def test_bad_expert_options_are_refused(resident, opts, expect):
         fm.load(path, **opts)
 
 
+def test_the_cli_takes_expert_cache_0_for_the_floor(resident):
+    """`--expert-cache 0` asks for the least cache that works, as the API's expert_cache=0 does:
+    one layer's experts (plus the staging buffer the plan charges with it), which `plan` shows
+    and `run` runs with; a size that is not a whole byte is still one line and exit 2."""
+    from tests.test_cli import cli
+    path, _ = resident
+    g, _, specs = fm.check_model(str(path))
+    floor = ex.min_capacity(g, ex.expert_names(specs))
+    r = cli("plan", path, "-c", "64", "--memory-budget", "4G", "--expert-cache", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["expert_cache_bytes"] == floor > 0
+    r = cli("run", path, "-p", "hello", "-n", "2", "--temp", "0", "-c", "64",
+            "--memory-budget", "4G", "--expert-cache", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    for bad in ("0.5", "-1"):
+        r = cli("run", path, "-p", "hello", "-n", "2", "--expert-cache", bad)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert "--expert-cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_read_ahead_predicts_and_is_used(resident):
     """Decode steps read layer 1's likely experts while layer 0's compute: the prediction's recall
     is reported, experts read ahead are used, and the run is still bit-exact (an expert read
