@@ -9,6 +9,9 @@ compute buffers, the interpreter, headroom); taking half the weights' bytes off 
 budget between the minimum working set (the ring holds 2-3 layers, a few MB here) and the full
 size. SmolLM2-135M Q4_1: 98 MB of weights, 0.22 GB in all at context 512, so a 0.17 GB budget;
 the run keeps 0.06 GB resident and reads 0.033 GB per token (part of the budget holds the ring).
+The first run gets a budget too, the same total with IN_RAM_ROOM to spare, rounded up to 100 MB
+(0.3 GB): without one it would follow the machine (--memory-budget auto), and under another
+program's memory pressure it would give up weights and stream as well.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ CTX = "512"  # a short context keeps the KV cache small, so the budget is mostly
 RUN = ["--chat", "-p", PROMPT, "--temp", "0", "-n", "32", "-c", CTX]  # greedy: the same answer
 ROOM = "1T"  # a budget that holds everything, for the plan of the all-in-RAM run
 STREAMED_SHARE = 0.5  # of the weights' bytes, taken off the all-resident total
+IN_RAM_ROOM = 0.25  # of the all-resident total, added for the first run's budget
 
 
 def flexinfer(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
@@ -42,14 +46,21 @@ def streaming_budget(plan: dict) -> int:
     return int(full - STREAMED_SHARE * weights) // 10**6 * 10**6
 
 
+def in_ram_budget(plan: dict) -> int:
+    """Bytes: the all-resident plan's total and IN_RAM_ROOM of it, rounded up to 100 MB."""
+    return -int(-plan["planned_total_bytes"] * (1 + IN_RAM_ROOM) // 10**8) * 10**8
+
+
 def main(model: str = MODEL) -> None:
     plan = json.loads(flexinfer("plan", model, "--memory-budget", ROOM, "--json", "-c", CTX,
                                 capture=True).stdout)
     budget = streaming_budget(plan)
     gb = 1e9
+    room = in_ram_budget(plan)
     print(f"\n1. All in RAM: {plan['model_bytes'] / gb:.2f} GB of weights, "
-          f"{plan['planned_total_bytes'] / gb:.2f} GB in all.", flush=True)
-    flexinfer("run", model, *RUN)
+          f"{plan['planned_total_bytes'] / gb:.2f} GB in all, under a {room / gb:.2f} GB budget "
+          "that holds it.", flush=True)
+    flexinfer("run", model, *RUN, "--memory-budget", f"{room // 10**6}M")
     print(f"\n2. The same under a {budget / gb:.2f} GB budget, too small for it: part of the "
           "weights stays in RAM, the rest is read from disk for every token.", flush=True)
     flexinfer("run", model, *RUN, "--memory-budget", f"{budget // 10**6}M")

@@ -73,9 +73,13 @@ START = 1 << 30  # the cgroup's limit while the child loads: well above anything
 TIMEOUT_S = 120  # per command: a step takes ~0.1 s here, a change well under a second
 
 CHILD = r"""
-import json, sys
+import functools, json, sys
 import flexinfer
+from flexinfer import follow
 budget = sys.argv[2] if sys.argv[2] == "auto" else int(sys.argv[2])
+# auto follows the group's limits, the subject here, and the machine's memory pressure (PSI is
+# the whole machine's under cgroup v1), which another program's work would add: not read
+follow.Paths = functools.partial(follow.Paths, pressure="/nonexistent/pressure")
 m = flexinfer.load(sys.argv[1], n_ctx=256, n_threads=2, memory_budget=budget)
 ids = m.tokenize("The capital of France is")
 logits, out = m._forward(ids, 0), []

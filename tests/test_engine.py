@@ -38,8 +38,12 @@ class Run:
         self.plan, self.streamed = plan, streamed  # streamed layer loads the forward pass used
 
 
+BUDGET = "4G"  # a fixed budget that holds every tiny model: an auto one follows the machine, and
+# another program's memory pressure would make it stream (tests/test_experts.py's too)
+
+
 def _logits(path, prompt=PROMPT, **opts):
-    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, **{"memory_budget": BUDGET, **opts}) as m:
         ids = [t % m.cfg.n_vocab for t in prompt]
         out = m.logits(ids)
         assert m.prefetch_threads_alive in (0, 2)

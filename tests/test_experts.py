@@ -17,7 +17,7 @@ import pytest
 import flexinfer.model as fm
 from flexinfer import experts as ex
 from flexinfer.errors import FlexInferError
-from tests.test_engine import _squeeze_budget
+from tests.test_engine import BUDGET, _squeeze_budget
 from tests.test_moe import PROMPT, small  # noqa: F401 (a fixture)
 
 DECODE = PROMPT[:6]
@@ -32,7 +32,7 @@ def home(tmp_path, monkeypatch):
 
 def _run(path, **opts):
     """(logits of the prompt then of each decode step, stacked; the model's expert summary)."""
-    with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, **{"memory_budget": BUDGET, **opts}) as m:
         out = [m.logits(PROMPT)]
         for t in DECODE:
             out.append(m._forward([t], len(m.cache.tokens[0])))
@@ -89,7 +89,8 @@ def test_only_the_picked_experts_are_read(resident):
     unpicked experts' slabs never touched (they read as zeros in the lazily charged arena).
     Without the read-ahead, which reads guesses (test_read_ahead_predicts_and_is_used)."""
     path, _ = resident
-    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, expert_prefetch=False) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
+                 expert_prefetch=False) as m:
         st = m._experts
         assert st.hits + st.misses == 0 and st.bytes_read == 0  # a cold cache: nothing read yet
         m._forward([PROMPT[0]], 0)  # one token: K experts per layer
@@ -193,7 +194,7 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
             raise OSError("disk gone")
         return real(self, layer, experts, stage)
     monkeypatch.setattr(ex.ExpertStore, "_read_experts", failing)
-    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0) as m:
         m.logits(PROMPT)
         step = 0
         with pytest.raises(ex.StreamError, match="expert read-ahead failed: OSError: disk gone"):
@@ -229,7 +230,8 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     per = floor // cfg.n_expert  # a unit's bytes (every layer alike here)
     top = np.sort(counts, axis=None)[::-1][:floor // per]
     assert warm.miss_rate == pytest.approx(1 - top.sum() / counts.sum())
-    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, experts="auto") as m:
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
+                 experts="auto") as m:
         p = m.plan
     mach = fm.make_plan(g, cfg, specs_for(g, cfg), fm.Options(expert_cache=0), 64, 2).machine
     base = dataclasses.replace(p, t_cpu=0.0, t_io=0.0, predicted_s=0.0, stages=())
@@ -244,7 +246,7 @@ def test_a_budget_change_resizes_the_expert_cache(resident):
     """set_memory_budget re-plans: the cache takes the new plan's expert_cache_bytes, evicting
     down to it at once (pages given back), and the logits do not change."""
     path, want = resident
-    with fm.load(path, n_ctx=64, n_threads=2) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET) as m:
         st = m._experts
         full = m.logits(PROMPT)
         assert st.capacity == st.total_bytes == st.used_bytes  # everything cached
@@ -285,7 +287,8 @@ def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
     """The cache evicts the least recently used expert first, never one the step needs, and
     pinned experts (the saved counts' most used) only when no other is left."""
     path, _ = resident
-    with fm.load(path, n_ctx=64, n_threads=2, expert_cache=0, expert_prefetch=False) as m:
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
+                 expert_prefetch=False) as m:
         st, unit = m._experts, m._experts.unit_bytes[0]
         st.set_capacity(st._floor)  # one layer's experts: room for all of layer 0's
         st._make_room(set(), st.capacity)  # start empty
