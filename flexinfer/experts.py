@@ -201,6 +201,12 @@ class ExpertStore:
         self._now: set[tuple[int, int]] = set()  # touched at this tick
         self._tick = 0
         self.used_bytes = 0
+        # pages of evicted slabs kept for the loads that follow (size -> page-aligned addresses):
+        # a load takes them by moving them to its home (ggml_ops.move_pages) instead of touching
+        # fresh pages, and whatever is left is released after the step's loads (_release_spares)
+        self._spare: dict[int, dict[int, None]] = {}
+        self._recycle = _can_recycle(self._slabs)
+        self.recycled = 0  # slabs written into an evicted slab's pages
         self.hits = self.misses = 0  # expert lookups per layer per step (a unit counts once)
         self.bytes_read = 0
         self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
@@ -315,6 +321,7 @@ class ExpertStore:
         self._tick += 1
         self._now = set()
         ahead = self._settle(layer, need)
+        self._release_spares()  # the read-ahead is done: what it did not take goes back
         missing = []
         for e in need:
             key = (layer, e)
@@ -330,6 +337,7 @@ class ExpertStore:
         if missing:
             self._make_room({(layer, e) for e in need}, len(missing) * self.unit_bytes[layer])
             self._load(layer, missing)
+        self._release_spares()
         self.fetch_s += time.perf_counter() - t0
 
     def _settle(self, layer: int, need: list[int]) -> set[int]:
@@ -344,6 +352,7 @@ class ExpertStore:
             for e in read:
                 if (at, e) in self._resident:
                     self._evict((at, e))
+            self._release_spares()
             raise
         if at != layer:
             return set()
@@ -432,7 +441,38 @@ class ExpertStore:
         self._pinned.discard(key)
         self.used_bytes -= self.unit_bytes[layer]
         for s in self._slabs[layer]:
-            ggml_ops.release_pages(s.home + e * s.nb2, s.nb2)
+            addr = s.home + e * s.nb2
+            if self._recycle:  # charged still: the loads this eviction makes room for take them
+                with self._lock:
+                    self._spare.setdefault(s.nb2, {})[addr] = None
+            else:
+                ggml_ops.release_pages(addr, s.nb2)
+
+    def _claim(self, dst: int, nbytes: int) -> None:
+        """Before a slab is written at dst: give it an evicted slab's pages (its own when it was
+        just evicted), so the write faults no fresh page."""
+        with self._lock:
+            bucket = self._spare.get(nbytes)
+            if not bucket:
+                return
+            self.recycled += 1
+            if dst in bucket:  # its own pages
+                del bucket[dst]
+                return
+            src = bucket.popitem()[0]
+        if not ggml_ops.move_pages(src, dst, nbytes):  # refused: it would be every time
+            ggml_ops.release_pages(src, nbytes)
+            with self._lock:
+                self.recycled -= 1
+                self._recycle = False
+
+    def _release_spares(self) -> None:
+        """Give back the pages of evicted slabs no load took."""
+        with self._lock:
+            left = [(a, n) for n, b in self._spare.items() for a in b]
+            self._spare = {}
+        for a, n in left:
+            ggml_ops.release_pages(a, n)
 
     def _load(self, layer: int, experts: list[int]) -> None:
         """Read `experts` (sorted) of the layer and mark them resident."""
@@ -462,6 +502,9 @@ class ExpertStore:
         with self._lock:  # the read-ahead thread counts too
             self.bytes_read += n
         dst = s.home + run[0] * s.nb2
+        if self._recycle:
+            for i in range(len(run)):
+                self._claim(dst + i * s.nb2, s.nb2)
         if not s.repack:
             ggml_ops.copy(dst, src, n)
             return
@@ -479,6 +522,7 @@ class ExpertStore:
         self.capacity = max(min(capacity, self.total_bytes), self._floor)
         before = self.used_bytes
         self._make_room(set(), 0)
+        self._release_spares()
         return before - self.used_bytes
 
     def resident(self, layer: int) -> list[int]:
@@ -494,6 +538,7 @@ class ExpertStore:
                 "cached_bytes": self.used_bytes, "hits": self.hits, "misses": self.misses,
                 "hit_rate": round(self.hits / looked, 4) if looked else 0.0,
                 "bytes_read": self.bytes_read, "fetch_s": round(self.fetch_s, 4),
+                "recycled_slabs": self.recycled,
                 "pinned": len(self._pinned)}
 
     def close(self) -> None:
@@ -513,6 +558,22 @@ class ExpertStore:
                 b.free()
         self._table.free()
         self._convert_table.free()
+
+
+def _can_recycle(slabs: dict) -> bool:
+    """Evicted slabs' pages can move to the next load's home when every slab is whole pages at a
+    page-aligned home, and the moves cannot run the process out of mappings: each moved slab may
+    split the arena's mapping in two (vm.max_map_count, 65,530 by default; Qwen3-30B-A3B has
+    18,432 slabs)."""
+    all_slabs = [s for ss in slabs.values() for s in ss]
+    if not all_slabs or any(s.nb2 % ggml_ops.PAGE or s.home % ggml_ops.PAGE for s in all_slabs):
+        return False
+    n = sum(s.header.contents.ne[2] for s in all_slabs)
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return False
+    return 2 * n + 10_000 < limit
 
 
 def _page(n: int) -> int:

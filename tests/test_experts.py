@@ -284,3 +284,40 @@ def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
         assert {5, 6} <= set(st.resident(1)) and st.used_bytes <= st.capacity
         n_other = len(st.resident(0)) + len(st.resident(1))
         assert n_other * unit == st.used_bytes
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """(path, resident logits) of a qwen3moe whose expert slabs are whole pages (256 rows of 256
+    Q4_0 values: 36,864 bytes, 9 pages), so evicted slabs' pages move to the next loads."""
+    from flexinfer.bench.synth import SynthSpec, shared_dir, write_synthetic
+    try:
+        vocab = shared_dir() / "vocab" / "ggml-vocab-llama-spm.gguf"
+    except FlexInferError as e:
+        pytest.skip(str(e))
+    spec = SynthSpec(arch="qwen3moe", n_layer=2, n_embd=256, n_ff=256, n_head=4, n_head_kv=2,
+                     type="q4_0", seed=21, n_expert=8, n_expert_used=2, n_ff_exp=256,
+                     router="zipf:0.5", vocab_file=str(vocab))
+    path = write_synthetic(tmp_path_factory.mktemp("aligned") / "qwen3moe.gguf", spec)
+    return path, _run(path, experts="whole")[0]
+
+
+def test_evicted_pages_move_to_the_next_load(aligned):
+    """At the cache's floor every step evicts: the loads take the evicted slabs' pages (no fresh
+    page touched) and the logits stay those of the resident run, bit for bit."""
+    path, want = aligned
+    got, stats, _ = _run(path, expert_cache=0)
+    assert stats["recycled_slabs"] > 0 and stats["misses"] > 0
+    assert np.array_equal(got, want)
+
+
+def test_a_move_of_the_wrong_pages_is_caught(aligned, monkeypatch):
+    """Break it on purpose: a move one page too long takes a page of the next (cached) expert with
+    it, and the logits change."""
+    path, want = aligned
+    real = ex.ggml_ops.move_pages
+    monkeypatch.setattr(ex.ggml_ops, "move_pages",
+                        lambda src, dst, n: real(src, dst, n + ex.ggml_ops.PAGE))
+    got, stats, _ = _run(path, expert_cache=0)
+    assert stats["recycled_slabs"] > 0
+    assert not np.array_equal(got, want)
