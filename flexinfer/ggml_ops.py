@@ -24,7 +24,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import ggml
+# ggml computes with OpenMP, whose idle threads spin (libgomp: 300,000 rounds) after every graph
+# before they sleep. A mixture of experts runs two graphs a layer with reads, repacking and
+# routing between them (98 graphs a token for Qwen3-30B-A3B); the spinning thread held one of two
+# cores through those gaps, and page faults of the expert read-ahead ran 2-11 us a page instead of
+# 2. A short spin still bridges back-to-back graphs (SmolLM2 in RAM: 90-101 tok/s against 86-92
+# with the default; OMP_WAIT_POLICY=passive halves it). libgomp reads this once, when ggml loads
+# it, so it is set here, before the import, and taken back after (processes this one starts, such
+# as the llama.cpp peer of the benchmarks, keep their own default); a value the user set wins.
+_SPIN_SET = "GOMP_SPINCOUNT" not in os.environ
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
+import ggml  # noqa: E402 (after GOMP_SPINCOUNT)
+
+if _SPIN_SET:
+    del os.environ["GOMP_SPINCOUNT"]
 
 Tensor = ggml.ggml_tensor_p  # opaque to callers: they pass these between Ops methods
 TYPE_F32, TYPE_F16, TYPE_I32, TYPE_I64 = 0, 1, 26, 27
