@@ -192,6 +192,16 @@ def move_pages(src: int, dst: int, nbytes: int) -> bool:
     return got not in (None, _MAP_FAILED) and got == dst
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+def populate(addr: int, nbytes: int) -> bool:
+    """Fault in (and zero) the whole pages of [addr, addr + nbytes) in one call: 1.5 us a page
+    here, against 2-11 us when each is first touched while ggml computes. False where the
+    kernel lacks MADV_POPULATE_WRITE or cannot charge the memory (nothing is then promised)."""
+    return _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), _MADV_POPULATE_WRITE) == 0
+
+
 class LazyMemory:
     """Zeroed anonymous memory charged page by page as it is first written, never in huge pages (a
     2 MB page would charge a whole layer's KV cache at its first position). Not a ggml buffer:
