@@ -214,7 +214,8 @@ class ExpertStore:
         self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
         self._bg: Background | None = None  # the read-ahead thread (prefetch.py), when enabled
         self._routers: dict[int, tuple] = {}  # layer -> (router, norm, router bias or 0)
-        self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, read)
+        self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, to read)
+        self._done: list[int] = []  # of those, read so far (the read-ahead thread appends)
         self.predicted = self.predicted_used = self.needed_predicted_layers = 0
         self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
 
@@ -367,26 +368,42 @@ class ExpertStore:
         self.fetch_s += time.perf_counter() - t0
 
     def _settle(self, layer: int, need: list[int]) -> set[int]:
-        """Wait for the read-ahead; the experts it read for this layer (its recall counted)."""
+        """Stop the read-ahead (it ends after the expert it is reading: the step's picks are
+        known now, and what it has not read yet is read only if picked, as a miss); the experts
+        it read for this layer (its recall counted)."""
         if self._bg is None or self._ahead is None:
             return set()
         at, predicted, read = self._ahead
         self._ahead = None
         try:
-            self._bg.wait()
+            self._bg.stop()
         except BaseException:  # what it was reading is not to be trusted
             for e in read:
                 if (at, e) in self._resident:
                     self._evict((at, e))
             self._release_spares()
             raise
+        with self._lock:
+            done, self._done = set(self._done), []
+        for e in read:
+            if e not in done:  # charged by prefetch, never read: not in the cache after all
+                self._forget((at, e))
+        self.prefetched += len(done)
         if at != layer:
             return set()
         hit = predicted & set(need)
         self.predicted += len(need)
         self.predicted_used += len(hit)
-        self.prefetch_used += len(read & set(need))
-        return read & set(need)
+        self.prefetch_used += len(done & set(need))
+        return done & set(need)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        """Take out of the cache an expert that was charged but never written (its home holds no
+        pages: they went with its last eviction)."""
+        del self._resident[key]
+        (self._pinned_order if key in self._pinned else self._order).pop(key)
+        self._pinned.discard(key)
+        self.used_bytes -= self.unit_bytes[key[0]]
 
     # ---- read-ahead: layer l+1's likely experts while layer l's experts compute
     def enable_prefetch(self) -> bool:
@@ -416,26 +433,37 @@ class ExpertStore:
         """After layer `layer - 1`'s experts were fetched, while they compute: predict layer's
         picks by its router applied to the residual xa (T, n_embd) that layer - 1's attention made
         (rms_norm, ffn_norm, top-K of the logits: softmax keeps the order) and read the missing
-        ones on the read-ahead thread. Experts the current step needs are never evicted for it."""
+        ones on the read-ahead thread, most likely first, until fetch(layer) stops it. Experts
+        the current step needs are never evicted for it."""
         if self._bg is None or layer not in self._routers:
             return
         w, norm, bias = self._routers[layer]
         k = self.cfg.n_expert_used
         if xa.shape[0] * k > PREFETCH_SHARE * self.n_expert:
             return
-        h = xa / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps) * norm
-        top = np.argpartition(-(h @ w.T + bias), k - 1, axis=1)[:, :k]
-        predicted = set(np.unique(top).tolist())
-        read = sorted(e for e in predicted if (layer, e) not in self._resident)
+        h = xa * (norm / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps))
+        logits = h @ w.T + bias  # (T, E)
+        top = np.unique(np.argpartition(-logits, k - 1, axis=1)[:, :k])  # each token's top K
+        top = top[np.argsort(-logits.max(axis=0)[top], kind="stable")]  # most likely first
+        predicted = set(top.tolist())
+        read = [e for e in top.tolist() if (layer, e) not in self._resident]
         if read:
             self._make_room(self._now | {(layer, e) for e in predicted},
                             len(read) * self.unit_bytes[layer])
-            for e in read:  # charged now; read before fetch(layer) looks (it waits first)
+            for e in read:  # charged now; what is not read by fetch(layer) is forgotten then
                 self._touch((layer, e))
                 self.used_bytes += self.unit_bytes[layer]
-            self.prefetched += len(read)
-            self._bg.start(lambda: self._read_experts(layer, read, self._stage2))
+            self._bg.start(lambda: self._read_ahead(layer, read))
         self._ahead = (layer, predicted, set(read))
+
+    def _read_ahead(self, layer: int, experts: list[int]) -> None:
+        """On the read-ahead thread: the experts one at a time, until told to stop."""
+        for e in experts:
+            if self._bg.stopping:
+                return
+            self._read_experts(layer, [e], self._stage2)
+            with self._lock:
+                self._done.append(e)
 
     def _touch(self, key: tuple[int, int]) -> None:
         """key is resident and used now: the most recently used of its order."""

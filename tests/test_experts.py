@@ -161,6 +161,21 @@ def test_read_ahead_predicts_and_is_used(resident):
     assert np.array_equal(off, want) and "prefetch_recall" not in stats_off
 
 
+def test_a_read_ahead_stopped_early_forgets_what_it_did_not_read(resident, monkeypatch):
+    """fetch stops the read-ahead once the step's picks are known: experts it charged but had not
+    read yet leave the cache (a picked one is read then, as a miss). Here it always stops after
+    its first expert; the run stays exact and the cache's bytes are those of what it holds."""
+    path, want = resident
+    real = ex.ExpertStore._read_ahead
+    monkeypatch.setattr(ex.ExpertStore, "_read_ahead",
+                        lambda self, layer, experts: real(self, layer, experts[:1]))
+    got, stats, m = _run(path, expert_cache=0)
+    assert np.array_equal(got, want)
+    st = m._experts
+    assert stats["prefetched"] > 0 and stats["misses"] > 0
+    assert st.used_bytes == sum(st.unit_bytes[l] for (l, _) in st._resident)
+
+
 def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
     """A read-ahead that fails raises a StreamError at the next fetch, and what it was reading is
     not kept as cached: the step run again reads those experts and is exact."""
