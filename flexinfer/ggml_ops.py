@@ -24,7 +24,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import ggml
+# ggml computes with OpenMP, whose idle threads spin (libgomp: 300,000 rounds) after every graph
+# before they sleep. A mixture of experts runs two graphs a layer with reads, repacking and
+# routing between them (98 graphs a token for Qwen3-30B-A3B); the spinning thread held one of two
+# cores through those gaps, and page faults of the expert read-ahead ran 2-11 us a page instead of
+# 2. A short spin still bridges back-to-back graphs (SmolLM2 in RAM: 90-101 tok/s against 86-92
+# with the default; OMP_WAIT_POLICY=passive halves it). libgomp reads this once, when ggml loads
+# it, so it is set here, before the import, and taken back after (processes this one starts, such
+# as the llama.cpp peer of the benchmarks, keep their own default); a value the user set wins.
+_SPIN_SET = "GOMP_SPINCOUNT" not in os.environ
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
+import ggml  # noqa: E402 (after GOMP_SPINCOUNT)
+
+if _SPIN_SET:
+    del os.environ["GOMP_SPINCOUNT"]
 
 Tensor = ggml.ggml_tensor_p  # opaque to callers: they pass these between Ops methods
 TYPE_F32, TYPE_F16, TYPE_I32, TYPE_I64 = 0, 1, 26, 27
@@ -155,6 +169,37 @@ def release_pages(addr: int, nbytes: int) -> None:
         munlock(start, end - start)
         if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED):
             raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
+
+
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                         ctypes.c_void_p)
+_MREMAP_MAYMOVE, _MREMAP_FIXED, _MREMAP_DONTUNMAP = 1, 2, 4  # Linux values
+
+
+def move_pages(src: int, dst: int, nbytes: int) -> bool:
+    """Move the pages of [src, src + nbytes) to dst (both page-aligned, inside private anonymous
+    mappings such as LazyMemory) without copying or faulting: the page table entries move, src is
+    left mapped and empty (zeros when next touched) and dst's old pages are dropped. An expert cache
+    hands an evicted expert's pages to the one it loads this way (experts.py): a page first touched
+    costs 2-11 us on the virtual machines measured (4 KB; the host backs it), a move a few us for
+    hundreds of pages. False (nothing moved) where the kernel refuses (before Linux 5.7, or
+    mlocked pages): the caller writes into dst as it would have."""
+    if src % PAGE or dst % PAGE or nbytes % PAGE or not nbytes:
+        return False
+    got = _libc.mremap(ctypes.c_void_p(src), nbytes, nbytes,
+                       _MREMAP_MAYMOVE | _MREMAP_FIXED | _MREMAP_DONTUNMAP, ctypes.c_void_p(dst))
+    return got not in (None, _MAP_FAILED) and got == dst
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+def populate(addr: int, nbytes: int) -> bool:
+    """Fault in (and zero) the whole pages of [addr, addr + nbytes) in one call: 1.5 us a page
+    here, against 2-11 us when each is first touched while ggml computes. False where the
+    kernel lacks MADV_POPULATE_WRITE or cannot charge the memory (nothing is then promised)."""
+    return _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), _MADV_POPULATE_WRITE) == 0
 
 
 class LazyMemory:

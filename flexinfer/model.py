@@ -134,6 +134,7 @@ class Model:
                                            repack=repack, counts_file=ex.counts_path(self.g),
                                            note=self._note)
             self._experts.warm()
+            self._experts.make_pool()  # the rest of the cache, faulted in now, not per token
             if planned.expert_prefetch:
                 self._experts.enable_prefetch()
             self.stats.experts = self._experts.summary()
@@ -312,11 +313,11 @@ class Model:
                 (p.io_busy_s if p else 0.0) + fetch, (p.stall_s if p else 0.0) + fetch,
                 p.convert_busy_s if p else 0.0, process_read_bytes())
 
-    def expert_counters(self) -> tuple[int, int, int]:
-        """(hits, misses, bytes read) of the expert cache since load (zeros without one): the
-        differences of two readings give a stretch of work's figures."""
+    def expert_counters(self) -> tuple[int, int, int, int]:
+        """(hits, misses, bytes read, hits the read-ahead made) of the expert cache since load
+        (zeros without one): the differences of two readings give a stretch of work's figures."""
         e = self._experts
-        return (e.hits, e.misses, e.bytes_read) if e else (0, 0, 0)
+        return (e.hits, e.misses, e.bytes_read, e.prefetch_used) if e else (0, 0, 0, 0)
 
     def generate(self, prompt, **kw):
         from flexinfer.generate import generate

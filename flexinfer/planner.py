@@ -613,20 +613,31 @@ class ExpertCost:
         return self.active_bytes * self.miss_rate
 
 
+MOE_COMPUTE_SLOWDOWN = 2.0  # the active experts' bytes compute this much slower than a mat-vec's:
+# each layer runs two graphs (98 a token for Qwen3-30B-A3B), mul_mat_id over the picks, routing
+# and top-k; measured 0.071-0.092 s a token of compute there against 0.053 s predicted from
+# compute_bw for the same bytes, i.e. the expert part 1.6-2.2x slower
+MISS_STALL = 1.6  # a missed expert stalls compute this many times its read at disk_bw: measured
+# 3.8-5.5 ms a miss on a disk capped at 1 GB/s (2.8 ms to read 2.65 MB), from waiting for the
+# read-ahead's expert in flight (fetch stops it, but not mid-read), repacking and the Python
+# around each read; the read-ahead's overlap is not counted (its recall of 0.78-0.85 went to
+# experts that were mostly cached anyway)
+
+
 def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
-    active experts (at compute_bw, like dense weights) and, on the computing thread with no overlap
-    (fetch reads between a layer's two graphs), reading and converting the missed ones. A Plan's
-    bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw); it records the cache's
-    `capacity` (expert_cache_bytes)."""
-    t_cpu = cost.active_bytes / machine.compute_bw
-    t_io = cost.missed_bytes / machine.disk_bw + cost.reads * machine.read_latency
+    active experts (at compute_bw / MOE_COMPUTE_SLOWDOWN) and, on the computing thread, reading
+    and converting the missed ones (MISS_STALL). A Plan's bound becomes the MoE bound,
+    1 / max(T_cpu, missed bytes / disk_bw), with the active experts at compute_bw; it records
+    the cache's `capacity` (expert_cache_bytes)."""
+    t_cpu = cost.active_bytes / machine.compute_bw * MOE_COMPUTE_SLOWDOWN
+    t_io = cost.missed_bytes / machine.disk_bw * MISS_STALL + cost.reads * machine.read_latency
     conv = cost.missed_bytes / machine.repack_bw if cost.repacked else 0.0
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
                               predicted_s=p.predicted_s + t_cpu + t_io + conv)
     if isinstance(p, Plan):
-        out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + t_cpu,
-                                  expert_cache_bytes=capacity,
+        out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + cost.active_bytes /
+                                  machine.compute_bw, expert_cache_bytes=capacity,
                                   t_io_bound=p.t_io_bound + cost.missed_bytes / machine.disk_bw,
                                   stages=tuple(with_experts(s, cost, machine) for s in p.stages))
     return out

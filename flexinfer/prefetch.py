@@ -270,15 +270,29 @@ class ReadPool:
 class Background:
     """One job at a time on a worker thread (the expert store's read-ahead of the next layer's
     likely experts, experts.py): start(fn) runs fn() there; wait() blocks until it is done and
-    raises its error, a FlexInferError as it is, anything else as a StreamError."""
+    raises its error, a FlexInferError as it is, anything else as a StreamError. stop() asks the
+    job to end early (it polls `stopping` between pieces of work) and waits for it."""
 
     def __init__(self, name: str):
         self._name = name
         self._pool: ThreadPoolExecutor | None = None
         self._future = None
+        self._stop = threading.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> Any:
+        self._stop.set()
+        try:
+            return self.wait()
+        finally:
+            self._stop.clear()
 
     def start(self, fn: Callable[[], Any]) -> None:
         self.wait()
+        self._stop.clear()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexinfer-{self._name}")
         self._future = self._pool.submit(fn)

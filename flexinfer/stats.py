@@ -50,7 +50,8 @@ class RunTimes:
     convert_s: float = 0.0  # converter thread time uploading (repacking) streamed weights
     disk_read: int = 0  # /proc/self/io read_bytes during decode: what the disk gave this process,
     # page faults of a mapping (mmap mode) included, which the reader's count cannot see
-    experts: tuple = (0, 0, 0)  # expert cache hits, misses and bytes read during decode
+    experts: tuple = (0, 0, 0, 0)  # expert cache hits, misses, bytes read and hits read ahead,
+    # during decode
 
     def as_dict(self, stats: Stats) -> dict:
         n = max(self.decode_tokens, 1)
@@ -82,9 +83,13 @@ class RunTimes:
 
 
     def _expert_rates(self, n: int) -> dict:
-        """The expert cache over the decode: hit rate, expert bytes read per token."""
-        hits, misses, read = self.experts
-        return {"decode_hit_rate": _r(hits / (hits + misses) if hits + misses else 0.0),
+        """The expert cache over the decode: hit rate (an expert read ahead counts as a hit),
+        the share of picks that were cached before the step (read-ahead hits not counted),
+        expert bytes read per token."""
+        hits, misses, read, ahead = self.experts
+        looked = hits + misses
+        return {"decode_hit_rate": _r(hits / looked if looked else 0.0),
+                "decode_cached_rate": _r((hits - ahead) / looked if looked else 0.0),
                 "decode_expert_bytes_per_token": int(read / n)}
 
 

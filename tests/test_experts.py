@@ -169,10 +169,14 @@ def test_the_cli_takes_expert_cache_0_for_the_floor(resident):
         assert "--expert-cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_read_ahead_predicts_and_is_used(resident):
+def test_read_ahead_predicts_and_is_used(resident, monkeypatch):
     """Decode steps read layer 1's likely experts while layer 0's compute: the prediction's recall
     is reported, experts read ahead are used, and the run is still bit-exact (an expert read
-    ahead but marked resident without its bytes would change the logits: the tests above)."""
+    ahead but marked resident without its bytes would change the logits: the tests above). fetch
+    stops the read-ahead when it comes, which on this tiny model is before it read anything but
+    by chance; here it lets it finish, so that what it read is known."""
+    from flexinfer.prefetch import Background
+    monkeypatch.setattr(Background, "stop", Background.wait)
     path, want = resident
     got, stats, _ = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
@@ -180,6 +184,21 @@ def test_read_ahead_predicts_and_is_used(resident):
     assert 0 < stats["prefetch_recall"] <= 1
     off, stats_off, _ = _run(path, expert_cache=0, expert_prefetch=False)
     assert np.array_equal(off, want) and "prefetch_recall" not in stats_off
+
+
+def test_a_read_ahead_stopped_early_forgets_what_it_did_not_read(resident, monkeypatch):
+    """fetch stops the read-ahead once the step's picks are known: experts it charged but had not
+    read yet leave the cache (a picked one is read then, as a miss). Here it always stops after
+    its first expert; the run stays exact and the cache's bytes are those of what it holds."""
+    path, want = resident
+    real = ex.ExpertStore._read_ahead
+    monkeypatch.setattr(ex.ExpertStore, "_read_ahead",
+                        lambda self, layer, experts: real(self, layer, experts[:1]))
+    got, stats, m = _run(path, expert_cache=0)
+    assert np.array_equal(got, want)
+    st = m._experts
+    assert stats["prefetched"] > 0 and stats["misses"] > 0
+    assert st.used_bytes == sum(st.unit_bytes[l] for (l, _) in st._resident)
 
 
 def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
@@ -209,12 +228,12 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
 
 def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     """The planner's MoE cost: a decode token computes K/E of the expert bytes and reads the
-    expected misses: capacity / expert bytes hit without counts, the most counted experts' share
-    of the picks with them; the plan's prediction includes both."""
+    expected misses: capacity / expert bytes hit without counts, a replay of the picks an earlier
+    run recorded with them; the plan's prediction includes both."""
     from flexinfer.gguf_file import read_gguf
     from flexinfer.config import ModelConfig
     from flexinfer.models import specs_for
-    from flexinfer.planner import with_experts
+    from flexinfer.planner import MISS_STALL, MOE_COMPUTE_SLOWDOWN, with_experts
     path, _ = resident
     g = read_gguf(path)
     cfg = ModelConfig.from_gguf(g)
@@ -224,22 +243,35 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     cost = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
     assert cost.active_bytes == total * cfg.n_expert_used // cfg.n_expert
     assert cost.miss_rate == pytest.approx(1 - floor / total)
-    _run(path, expert_cache=0)  # writes counts: the hit rate becomes their coverage
-    counts = np.asarray(json.loads(ex.counts_path(g).read_text())["counts"])
+    _run(path, expert_cache=0)  # writes counts and the picks' trace: the estimate replays it
+    trace = json.loads(ex.counts_path(g).read_text())["trace"]
+    assert trace and all(0 <= l < cfg.n_layer for l, *_ in trace)
     warm = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
-    per = floor // cfg.n_expert  # a unit's bytes (every layer alike here)
-    top = np.sort(counts, axis=None)[::-1][:floor // per]
-    assert warm.miss_rate == pytest.approx(1 - top.sum() / counts.sum())
+    unit = {l: b // cfg.n_expert for l, b in ex.layer_expert_bytes(g, names).items()}
+    assert warm.miss_rate == pytest.approx(
+        1 - ex.replayed_hit_rate(trace, unit, floor, cfg.n_expert_used))
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
                  experts="auto") as m:
         p = m.plan
     mach = fm.make_plan(g, cfg, specs_for(g, cfg), fm.Options(expert_cache=0), 64, 2).machine
     base = dataclasses.replace(p, t_cpu=0.0, t_io=0.0, predicted_s=0.0, stages=())
     got = with_experts(base, warm, mach)
-    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw
+    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw * MOE_COMPUTE_SLOWDOWN
                                       + warm.missed_bytes / mach.repack_bw)
     assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io)
-    assert got.t_io >= warm.missed_bytes / mach.disk_bw > 0
+    assert got.t_io >= warm.missed_bytes / mach.disk_bw * MISS_STALL > 0
+
+
+def test_the_replay_is_a_least_recently_used_cache():
+    """Two one-byte experts fit: 1 misses, 2 misses, 1 hits, 3 misses and evicts 2 (the least
+    recently used; evicting the most recent, 1, would miss the last step), 1 hits: 2 of 5. A
+    prompt step (more than K picks) fills the cache but is not counted: after one picking 1 and
+    2, the four single steps hit 3 times."""
+    trace = [[0, 1], [0, 2], [0, 1], [0, 3], [0, 1]]
+    assert ex.replayed_hit_rate(trace, {0: 1}, 2, 1) == pytest.approx(2 / 5)
+    assert ex.replayed_hit_rate([[0, 1, 2]] + trace[1:], {0: 1}, 2, 1) == pytest.approx(3 / 4)
+    assert ex.replayed_hit_rate([[0, 1, 2]], {0: 1}, 2, 1) is None
+    assert ex.replayed_hit_rate([[5, 1]], {0: 1}, 2, 1) is None  # another model's trace
 
 
 def test_a_budget_change_resizes_the_expert_cache(resident):
@@ -307,3 +339,40 @@ def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
         assert {5, 6} <= set(st.resident(1)) and st.used_bytes <= st.capacity
         n_other = len(st.resident(0)) + len(st.resident(1))
         assert n_other * unit == st.used_bytes
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """(path, resident logits) of a qwen3moe whose expert slabs are whole pages (256 rows of 256
+    Q4_0 values: 36,864 bytes, 9 pages), so evicted slabs' pages move to the next loads."""
+    from flexinfer.bench.synth import SynthSpec, shared_dir, write_synthetic
+    try:
+        vocab = shared_dir() / "vocab" / "ggml-vocab-llama-spm.gguf"
+    except FlexInferError as e:
+        pytest.skip(str(e))
+    spec = SynthSpec(arch="qwen3moe", n_layer=2, n_embd=256, n_ff=256, n_head=4, n_head_kv=2,
+                     type="q4_0", seed=21, n_expert=8, n_expert_used=2, n_ff_exp=256,
+                     router="zipf:0.5", vocab_file=str(vocab))
+    path = write_synthetic(tmp_path_factory.mktemp("aligned") / "qwen3moe.gguf", spec)
+    return path, _run(path, experts="whole")[0]
+
+
+def test_evicted_pages_move_to_the_next_load(aligned):
+    """At the cache's floor every step evicts: the loads take the evicted slabs' pages (no fresh
+    page touched) and the logits stay those of the resident run, bit for bit."""
+    path, want = aligned
+    got, stats, _ = _run(path, expert_cache=0)
+    assert stats["recycled_slabs"] > 0 and stats["misses"] > 0
+    assert np.array_equal(got, want)
+
+
+def test_a_move_of_the_wrong_pages_is_caught(aligned, monkeypatch):
+    """Break it on purpose: a move one page too long takes a page of the next (cached) expert with
+    it, and the logits change."""
+    path, want = aligned
+    real = ex.ggml_ops.move_pages
+    monkeypatch.setattr(ex.ggml_ops, "move_pages",
+                        lambda src, dst, n: real(src, dst, n + ex.ggml_ops.PAGE))
+    got, stats, _ = _run(path, expert_cache=0)
+    assert stats["recycled_slabs"] > 0
+    assert not np.array_equal(got, want)

@@ -227,7 +227,7 @@ class _FixedLogitsModel:
         return 0, 0.0, 0.0, 0.0, 0
 
     def expert_counters(self):
-        return 0, 0, 0
+        return 0, 0, 0, 0
 
     def _forward(self, ids, pos, seq=0):
         row = np.zeros(8, np.float32)
