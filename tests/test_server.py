@@ -56,6 +56,7 @@ class Server:
             if r.status_code == 200:
                 return
             time.sleep(0.05)
+        self.stop()  # a server that came up after all would follow the machine until killed
         raise AssertionError("the server did not become ready in 60 s:\n" + self.log_path.read_text())
 
     def client(self, key=KEY, **kw) -> openai.OpenAI:
