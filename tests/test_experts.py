@@ -154,8 +154,13 @@ def test_read_ahead_predicts_and_is_used(resident, monkeypatch):
     ahead but marked resident without its bytes would change the logits: the tests above). fetch
     stops the read-ahead when it comes, which on this tiny model is before it read anything but
     by chance; here it lets it finish, so that what it read is known."""
-    from flexinfer.prefetch import Background
-    monkeypatch.setattr(Background, "stop", Background.wait)
+    real = ex.ExpertStore._settle
+
+    def finished(self, layer, need):
+        if self._bg is not None:
+            self._bg.wait()
+        return real(self, layer, need)
+    monkeypatch.setattr(ex.ExpertStore, "_settle", finished)
     path, want = resident
     got, stats, _ = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
@@ -171,8 +176,11 @@ def test_a_read_ahead_stopped_early_forgets_what_it_did_not_read(resident, monke
     its first expert; the run stays exact and the cache's bytes are those of what it holds."""
     path, want = resident
     real = ex.ExpertStore._read_ahead
-    monkeypatch.setattr(ex.ExpertStore, "_read_ahead",
-                        lambda self, layer, experts: real(self, layer, experts[:1]))
+
+    def first_only(self, job):
+        job.todo = job.todo[:1]
+        return real(self, job)
+    monkeypatch.setattr(ex.ExpertStore, "_read_ahead", first_only)
     got, stats, m = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
     st = m._experts
