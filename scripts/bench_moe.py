@@ -57,7 +57,7 @@ WARMUP_PROMPT = ("Once upon a time in a small village by the sea, an old sailor 
 
 def peer_argv(a, model: str) -> list[str]:
     return [sys.executable, "-m", "flexinfer.bench.peer_llamacpp", model, "--tokens",
-            str(a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
+            str(a.peer_tokens or a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
             "--temp", str(a.temp), "--seed", str(a.seed), "-p", prompt_text(a.prompt_tokens)]
 
 
@@ -128,6 +128,10 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", "-c", type=int, default=256)
     p.add_argument("--tokens", "-n", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--peer-tokens", type=int, help="tokens llama.cpp decodes (default: -n); "
+                   "mmap re-reads the model every token, 13 s a token at 2 GB")
+    p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
+                   "whose counts and picks every point starts from (the plan replays its picks)")
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
     p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -151,6 +155,10 @@ def main(argv=None) -> int:
     if a.temp < 0:
         print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
         return 2
+    for name in ("tokens", "peer_tokens", "warmup_tokens"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            print(f"bench_moe: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     reason = cgroup_unavailable_reason()
     if reason:
         print(f"bench_moe: no memory cgroup: {reason}", file=sys.stderr)
@@ -173,7 +181,8 @@ def main(argv=None) -> int:
             counts = Path(home) / "experts"
             shutil.rmtree(counts, ignore_errors=True)
             if not a.cold:  # the warm-up: counts from another prompt, kept for every point
-                warm = run_point(argparse.Namespace(**{**vars(a), "prompt": WARMUP_PROMPT}),
+                warm = run_point(argparse.Namespace(**{**vars(a), "prompt": WARMUP_PROMPT,
+                                                       "tokens": a.warmup_tokens}),
                                  m, "flexinfer", max(budgets), bw, home)
                 results.setdefault("warmup", []).append(warm)
                 shutil.copytree(counts, Path(home) / "warm", dirs_exist_ok=True)
