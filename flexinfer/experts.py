@@ -319,7 +319,7 @@ class ExpertStore:
         self.bytes_read = 0
         self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
         self._bg: Background | None = None  # the read-ahead thread (prefetch.py), when enabled
-        self._routers: dict[int, tuple] = {}  # layer -> (router, norm, router bias or 0)
+        self._routers: dict[int, tuple] = {}  # layer -> (router x ffn_norm, transposed; bias)
         self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, to read)
         self._job: _Job | None = None  # the read-ahead in progress
         self._detached: set[tuple[int, int]] = set()  # being read by a stopped read-ahead, not
@@ -561,8 +561,9 @@ class ExpertStore:
         for r, n in router_names(self._names, self.g):
             layer = int(r.split(".")[1])
             bias = r.replace(".weight", ".bias")  # gpt-oss's router bias (E,)
-            self._routers[layer] = (self._host(r).reshape(self.n_expert, -1), self._host(n),
-                                    self._host(bias) if bias in self.g.tensors else 0.0)
+            w = self._host(r).reshape(self.n_expert, -1) * self._host(n)  # ffn_norm folded in
+            self._routers[layer] = (np.ascontiguousarray(w.T),
+                                    self._host(bias) if bias in self.g.tensors else None)
         self._stage2 = Buffer(self._stage.size)
         self._bg = Background("expert read-ahead")
         return True
@@ -584,14 +585,21 @@ class ExpertStore:
         the current step needs are never evicted for it."""
         if self._bg is None or layer not in self._routers:
             return
-        w, norm, bias = self._routers[layer]
+        wn, bias = self._routers[layer]  # (n_embd, E) with ffn_norm's weights folded in
         k = self.cfg.n_expert_used
         if xa.shape[0] * k > PREFETCH_SHARE * self.n_expert:
             return
-        h = xa * (norm / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps))
-        logits = h @ w.T + bias  # (T, E)
-        top = np.unique(np.argpartition(-logits, k - 1, axis=1)[:, :k])  # each token's top K
-        top = top[np.argsort(-logits.max(axis=0)[top], kind="stable")]  # most likely first
+        logits = xa @ wn  # (T, E); a token's rms scales its row and keeps its order...
+        if bias is not None:  # ...unless a bias is added after the norm (gpt-oss)
+            rms = np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps)
+            logits = logits / rms + bias
+        if xa.shape[0] == 1:
+            row = logits[0]
+            top = np.argpartition(-row, k - 1)[:k]
+            top = top[np.argsort(-row[top])]  # most likely first
+        else:
+            top = np.unique(np.argpartition(-logits, k - 1, axis=1)[:, :k])  # each token's top K
+            top = top[np.argsort(-logits.max(axis=0)[top], kind="stable")]
         predicted = set(top.tolist())
         read = [e for e in top.tolist() if (layer, e) not in self._resident]
         if read:
