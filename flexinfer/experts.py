@@ -245,6 +245,17 @@ def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
                       3 * cfg.n_expert_used * len(layer_expert_bytes(g, names)) * miss, rp)
 
 
+class _Job:
+    """A read-ahead: the experts of `layer` to read, most likely first; the ones read so far, the
+    one being read, and whether fetch told it to stop (all under the store's lock)."""
+
+    def __init__(self, layer: int, todo: list[int]):
+        self.layer, self.todo = layer, todo
+        self.done: list[int] = []
+        self.inflight: int | None = None
+        self.stop = False
+
+
 class _Slab:
     """One expert tensor: its header, file offset, bytes per expert, rows per expert."""
 
@@ -308,9 +319,11 @@ class ExpertStore:
         self.bytes_read = 0
         self.fetch_s = 0.0  # time spent reading and converting, on the computing thread
         self._bg: Background | None = None  # the read-ahead thread (prefetch.py), when enabled
-        self._routers: dict[int, tuple] = {}  # layer -> (router, norm, router bias or 0)
+        self._routers: dict[int, tuple] = {}  # layer -> (router x ffn_norm, transposed; bias)
         self._ahead: tuple[int, set[int], set[int]] | None = None  # (layer, predicted, to read)
-        self._done: list[int] = []  # of those, read so far (the read-ahead thread appends)
+        self._job: _Job | None = None  # the read-ahead in progress
+        self._detached: set[tuple[int, int]] = set()  # being read by a stopped read-ahead, not
+        # picked: fetch went on without waiting; never evicted until read
         self.predicted = self.predicted_used = self.needed_predicted_layers = 0
         self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
 
@@ -448,7 +461,16 @@ class ExpertStore:
         self._tick += 1
         self._now = set()
         ahead = self._settle(layer, need)
-        self._release_spares()  # the read-ahead is done: what it did not take goes back
+        with self._lock:
+            late = any((layer, e) in self._detached for e in need)
+        if late:  # picked now, still being read by an earlier read-ahead that was stopped
+            try:
+                self._bg.wait()
+            except BaseException:
+                self._drop_detached()
+                raise
+        self._release_spares()  # pages no load took (a read-ahead still running reads into
+        # fresh pages if it finds none: the memory is the same)
         missing = []
         for e in need:
             key = (layer, e)
@@ -468,27 +490,36 @@ class ExpertStore:
         self.fetch_s += time.perf_counter() - t0
 
     def _settle(self, layer: int, need: list[int]) -> set[int]:
-        """Stop the read-ahead (it ends after the expert it is reading: the step's picks are
-        known now, and what it has not read yet is read only if picked, as a miss); the experts
-        it read for this layer (its recall counted)."""
+        """Stop the read-ahead: the step's picks are known now. What it has not begun leaves the
+        cache (a picked one is read now, as a miss); the expert it is reading is waited for when
+        picked, and otherwise finishes on its own while fetch goes on (kept from eviction until
+        then). Returns the experts it read for this layer (its recall counted)."""
         if self._bg is None or self._ahead is None:
             return set()
         at, predicted, read = self._ahead
-        self._ahead = None
+        job, self._ahead, self._job = self._job, None, None
+        done, inflight = set(), None
+        if job is not None:
+            with self._lock:
+                job.stop = True
+                done, inflight = set(job.done), job.inflight
+                if inflight is not None:
+                    self._detached.add((at, inflight))
+        wanted = at == layer and inflight in need
         try:
-            self._bg.stop()
+            if wanted:
+                self._bg.wait()
+                done.add(inflight)
+            else:
+                self._bg.errors()
         except BaseException:  # what it was reading is not to be trusted
-            for e in read:
-                if (at, e) in self._resident:
-                    self._evict((at, e))
-            self._release_spares()
+            self._drop_unread(read | {k[1] for k in self._detached if k[0] == at}, at)
+            self._drop_detached()
             raise
-        with self._lock:
-            done, self._done = set(self._done), []
         for e in read:
-            if e not in done:  # charged by prefetch, never read: not in the cache after all
+            if e not in done and e != inflight:  # charged by prefetch, never begun
                 self._forget((at, e))
-        self.prefetched += len(done)
+        self.prefetched += len(done) + (inflight is not None and not wanted)
         if at != layer:
             return set()
         hit = predicted & set(need)
@@ -496,6 +527,22 @@ class ExpertStore:
         self.predicted_used += len(hit)
         self.prefetch_used += len(done & set(need))
         return done & set(need)
+
+    def _drop_unread(self, experts, layer: int) -> None:
+        for e in experts:
+            if (layer, e) in self._resident:
+                self._evict((layer, e))
+        self._release_spares()
+
+    def _drop_detached(self) -> None:
+        """After a read-ahead failed: the experts stopped read-aheads were still reading are not
+        to be trusted either."""
+        with self._lock:
+            keys, self._detached = set(self._detached), set()
+        for key in keys:
+            if key in self._resident:
+                self._evict(key)
+        self._release_spares()
 
     def _forget(self, key: tuple[int, int]) -> None:
         """Take out of the cache an expert that was charged but never written (its home holds no
@@ -514,8 +561,9 @@ class ExpertStore:
         for r, n in router_names(self._names, self.g):
             layer = int(r.split(".")[1])
             bias = r.replace(".weight", ".bias")  # gpt-oss's router bias (E,)
-            self._routers[layer] = (self._host(r).reshape(self.n_expert, -1), self._host(n),
-                                    self._host(bias) if bias in self.g.tensors else 0.0)
+            w = self._host(r).reshape(self.n_expert, -1) * self._host(n)  # ffn_norm folded in
+            self._routers[layer] = (np.ascontiguousarray(w.T),
+                                    self._host(bias) if bias in self.g.tensors else None)
         self._stage2 = Buffer(self._stage.size)
         self._bg = Background("expert read-ahead")
         return True
@@ -537,14 +585,21 @@ class ExpertStore:
         the current step needs are never evicted for it."""
         if self._bg is None or layer not in self._routers:
             return
-        w, norm, bias = self._routers[layer]
+        wn, bias = self._routers[layer]  # (n_embd, E) with ffn_norm's weights folded in
         k = self.cfg.n_expert_used
         if xa.shape[0] * k > PREFETCH_SHARE * self.n_expert:
             return
-        h = xa * (norm / np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps))
-        logits = h @ w.T + bias  # (T, E)
-        top = np.unique(np.argpartition(-logits, k - 1, axis=1)[:, :k])  # each token's top K
-        top = top[np.argsort(-logits.max(axis=0)[top], kind="stable")]  # most likely first
+        logits = xa @ wn  # (T, E); a token's rms scales its row and keeps its order...
+        if bias is not None:  # ...unless a bias is added after the norm (gpt-oss)
+            rms = np.sqrt(np.mean(xa * xa, axis=1, keepdims=True) + self.cfg.norm_eps)
+            logits = logits / rms + bias
+        if xa.shape[0] == 1:
+            row = logits[0]
+            top = np.argpartition(-row, k - 1)[:k]
+            top = top[np.argsort(-row[top])]  # most likely first
+        else:
+            top = np.unique(np.argpartition(-logits, k - 1, axis=1)[:, :k])  # each token's top K
+            top = top[np.argsort(-logits.max(axis=0)[top], kind="stable")]
         predicted = set(top.tolist())
         read = [e for e in top.tolist() if (layer, e) not in self._resident]
         if read:
@@ -553,17 +608,28 @@ class ExpertStore:
             for e in read:  # charged now; what is not read by fetch(layer) is forgotten then
                 self._touch((layer, e))
                 self.used_bytes += self.unit_bytes[layer]
-            self._bg.start(lambda: self._read_ahead(layer, read))
+            job = self._job = _Job(layer, read)
+            try:
+                self._bg.submit(lambda: self._read_ahead(job))
+            except BaseException:  # an earlier, stopped read-ahead failed
+                self._job = None
+                self._drop_unread(set(read), layer)
+                self._drop_detached()
+                raise
         self._ahead = (layer, predicted, set(read))
 
-    def _read_ahead(self, layer: int, experts: list[int]) -> None:
+    def _read_ahead(self, job: _Job) -> None:
         """On the read-ahead thread: the experts one at a time, until told to stop."""
-        for e in experts:
-            if self._bg.stopping:
-                return
-            self._read_experts(layer, [e], self._stage2)
+        for e in job.todo:
             with self._lock:
-                self._done.append(e)
+                if job.stop:
+                    return
+                job.inflight = e
+            self._read_experts(job.layer, [e], self._stage2)
+            with self._lock:
+                job.done.append(e)
+                job.inflight = None
+                self._detached.discard((job.layer, e))
 
     def _touch(self, key: tuple[int, int]) -> None:
         """key is resident and used now: the most recently used of its order."""
@@ -578,6 +644,8 @@ class ExpertStore:
         step's picks, and what is read ahead), until nbytes more fit the capacity."""
         over = self.used_bytes + nbytes - self.capacity
         victims = []
+        with self._lock:
+            keep = keep | self._detached
         for order in (self._order, self._pinned_order):
             for key in order:
                 if over <= 0:

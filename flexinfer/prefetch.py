@@ -268,39 +268,51 @@ class ReadPool:
 
 
 class Background:
-    """One job at a time on a worker thread (the expert store's read-ahead of the next layer's
-    likely experts, experts.py): start(fn) runs fn() there; wait() blocks until it is done and
-    raises its error, a FlexInferError as it is, anything else as a StreamError. stop() asks the
-    job to end early (it polls `stopping` between pieces of work) and waits for it."""
+    """Jobs on one worker thread, run in the order given (the expert store's read-ahead of the next
+    layer's likely experts, experts.py): submit(fn) queues fn() there without waiting for the
+    jobs before it; wait() blocks until all are done and raises the first error, a
+    FlexInferError as it is, anything else as a StreamError; errors() does the same for the jobs
+    already done, without blocking. A job that is told to stop early polls a flag of its own."""
 
     def __init__(self, name: str):
         self._name = name
         self._pool: ThreadPoolExecutor | None = None
-        self._future = None
-        self._stop = threading.Event()
+        self._futures: list = []
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def stop(self) -> Any:
-        self._stop.set()
-        try:
-            return self.wait()
-        finally:
-            self._stop.clear()
-
-    def start(self, fn: Callable[[], Any]) -> None:
-        self.wait()
-        self._stop.clear()
+    def submit(self, fn: Callable[[], Any]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexinfer-{self._name}")
-        self._future = self._pool.submit(fn)
+        self.errors()
+        self._futures.append(self._pool.submit(fn))
+
+    def start(self, fn: Callable[[], Any]) -> None:
+        """Run fn once every earlier job is done."""
+        self.wait()
+        self.submit(fn)
+
+    @property
+    def busy(self) -> bool:
+        return any(not f.done() for f in self._futures)
+
+    def errors(self) -> None:
+        """Raise the error of a finished job, if one failed (the finished ones are forgotten)."""
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for f in done:
+            self._result(f)
 
     def wait(self) -> Any:
-        f, self._future = self._future, None
-        if f is None:
-            return None
+        futures, self._futures = self._futures, []
+        out = None
+        try:
+            for f in futures:
+                out = self._result(f)
+        finally:
+            for f in futures:  # every job ends before the error is raised
+                f.exception()
+        return out
+
+    def _result(self, f) -> Any:
         try:
             return f.result()
         except FlexInferError:

@@ -12,6 +12,8 @@ every point then runs under too: an I/O cgroup, as `flexinfer bench --disk-rate`
 greedy decoding picks the same experts again and again, far more locality than text has.
 Per flexinfer point:
   MoE bound = 1 / max(T_cpu, missed expert bytes per token / disk bandwidth)
+and the same bound at the disk's rate for reads shaped like the cache's (random reads of one
+expert slab, three an expert: bench.machine.measure_expert_reads), which waits on latency too
 with T_cpu given by --t-cpu (decode s/token with all weights resident, measured apart), else the
 point's own compute seconds per decode token (decode time less the time spent waiting for expert
 and weight reads) and the missed bytes what its expert cache read per decode
@@ -36,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flexinfer.bench.machine import machine_info, measure_disk_capped  # noqa: E402
+from flexinfer.bench.machine import (machine_info, measure_disk_capped,  # noqa: E402
+                                     measure_expert_reads_capped)
 from flexinfer.bench.sweep import parse_result, prompt_text, status_of  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
 from flexinfer.cgroup import cgroup_unavailable_reason, drop_page_cache, run_limited  # noqa: E402
@@ -57,8 +60,18 @@ WARMUP_PROMPT = ("Once upon a time in a small village by the sea, an old sailor 
 
 def peer_argv(a, model: str) -> list[str]:
     return [sys.executable, "-m", "flexinfer.bench.peer_llamacpp", model, "--tokens",
-            str(a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
+            str(a.peer_tokens or a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
             "--temp", str(a.temp), "--seed", str(a.seed), "-p", prompt_text(a.prompt_tokens)]
+
+
+def expert_piece(model: str) -> int:
+    """Bytes of one expert's slab of an *_exps tensor (what the cache reads at a time)."""
+    from flexinfer.gguf_file import read_gguf
+    g = read_gguf(model)
+    exps = [t for n, t in g.tensors.items() if n.endswith("_exps.weight") and len(t.shape) == 3]
+    if not exps:
+        raise FlexInferError(f"{model}: no expert tensors (ffn_*_exps): not a mixture of experts")
+    return exps[0].nbytes // exps[0].shape[2]
 
 
 def moe_bound(r: dict, disk_bw: float, t_cpu: float | None = None) -> float | None:
@@ -71,7 +84,8 @@ def moe_bound(r: dict, disk_bw: float, t_cpu: float | None = None) -> float | No
     return 1.0 / max(t_cpu, e["decode_expert_bytes_per_token"] / disk_bw)
 
 
-def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str) -> dict:
+def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str,
+              expert_bw: float | None = None) -> dict:
     argv = flexinfer_argv(a, model, budget) if mode == "flexinfer" else peer_argv(a, model)
     drop_page_cache()
     env = {**os.environ, "FLEXINFER_HOME": home}
@@ -87,9 +101,12 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str) 
         row["decode_tokens_per_s"] = r.get("decode_tokens_per_s")
         if mode == "flexinfer":
             row["moe_bound_tokens_per_s"] = moe_bound(r, disk_bw, a.t_cpu)
+            if expert_bw:
+                row["moe_bound_expert_reads_tokens_per_s"] = moe_bound(r, expert_bw, a.t_cpu)
             row["predicted_tokens_per_s"] = (r.get("plan") or {}).get("predicted_tokens_per_s")
             e = r.get("experts") or {}
             row["hit_rate"] = e.get("decode_hit_rate")
+            row["cached_rate"] = e.get("decode_cached_rate")
             row["expert_bytes_per_token"] = e.get("decode_expert_bytes_per_token")
     if run.returncode != 0:
         row["stderr_tail"] = run.stderr[-600:]
@@ -97,24 +114,29 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str) 
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | budget | mode | tok/s | MoE bound | % of bound | vs llama.cpp mmap | "
-           "plan tok/s (error) | decode hit rate | expert GB read/token | peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | budget | mode | tok/s | MoE bound | % of bound | bound at expert reads | "
+           "% of it | vs llama.cpp mmap | plan tok/s (error) | decode hit rate (cached) | "
+           "expert GB read/token | peak GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     peer = {(r["model"], r["budget_bytes"]): r.get("decode_tokens_per_s") for r in rows
             if r["mode"] == "llama.cpp-mmap"}
     f = lambda v, fmt: "" if v is None else fmt.format(v)  # noqa: E731
+    pct = lambda a, b: f(a / b * 100 if a and b else None, "{:.0f}%")  # noqa: E731
     for r in rows:
         tps, bound = r.get("decode_tokens_per_s"), r.get("moe_bound_tokens_per_s")
+        ebound = r.get("moe_bound_expert_reads_tokens_per_s")
         p = peer.get((r["model"], r["budget_bytes"]))
         pred = r.get("predicted_tokens_per_s")
         err = f" ({100 * (pred - tps) / tps:+.0f}%)" if pred and tps else ""
         status = "" if r["status"] == "ok" else f" ({r['status']})"
+        cached = r.get("cached_rate")
+        hit = f(r.get("hit_rate"), "{:.2f}") + (f" ({cached:.2f})" if cached is not None else "")
         out.append(
             f"| {r['model']} | {r['budget_bytes'] / 1e9:.1f} GB | {r['mode']}{status} | "
-            f"{f(tps, '{:.3f}')} | {f(bound, '{:.3f}')} | "
-            f"{f(tps / bound * 100 if tps and bound else None, '{:.0f}%')} | "
+            f"{f(tps, '{:.3f}')} | {f(bound, '{:.3f}')} | {pct(tps, bound)} | "
+            f"{f(ebound, '{:.3f}')} | {pct(tps, ebound)} | "
             f"{f(tps / p if tps and p and r['mode'] == 'flexinfer' else None, '{:.2f}x')} | "
-            f"{f(pred, '{:.3f}')}{err} | {f(r.get('hit_rate'), '{:.2f}')} | "
+            f"{f(pred, '{:.3f}')}{err} | {hit} | "
             f"{f((r.get('expert_bytes_per_token') or 0) / 1e9 if 'hit_rate' in r else None, '{:.3f}')}"
             f" | {f((r['cgroup_peak_bytes'] or 0) / 1e9, '{:.2f}')} |")
     return "\n".join(out) + "\n"
@@ -128,6 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", "-c", type=int, default=256)
     p.add_argument("--tokens", "-n", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--peer-tokens", type=int, help="tokens llama.cpp decodes (default: -n); "
+                   "mmap re-reads the model every token, 13 s a token at 2 GB")
+    p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
+                   "whose counts and picks every point starts from (the plan replays its picks)")
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
     p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -151,6 +177,10 @@ def main(argv=None) -> int:
     if a.temp < 0:
         print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
         return 2
+    for name in ("tokens", "peer_tokens", "warmup_tokens"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            print(f"bench_moe: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     reason = cgroup_unavailable_reason()
     if reason:
         print(f"bench_moe: no memory cgroup: {reason}", file=sys.stderr)
@@ -170,10 +200,13 @@ def main(argv=None) -> int:
         for m in a.models:
             bw = measure_disk_capped(m, a.disk_rate).bytes_per_s
             results["disk"][os.path.basename(m)] = bw
+            ebw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate)
+            results.setdefault("expert_reads", {})[os.path.basename(m)] = ebw
             counts = Path(home) / "experts"
             shutil.rmtree(counts, ignore_errors=True)
             if not a.cold:  # the warm-up: counts from another prompt, kept for every point
-                warm = run_point(argparse.Namespace(**{**vars(a), "prompt": WARMUP_PROMPT}),
+                warm = run_point(argparse.Namespace(**{**vars(a), "prompt": WARMUP_PROMPT,
+                                                       "tokens": a.warmup_tokens}),
                                  m, "flexinfer", max(budgets), bw, home)
                 results.setdefault("warmup", []).append(warm)
                 shutil.copytree(counts, Path(home) / "warm", dirs_exist_ok=True)
@@ -182,7 +215,7 @@ def main(argv=None) -> int:
                     shutil.rmtree(counts, ignore_errors=True)
                     if not a.cold:
                         shutil.copytree(Path(home) / "warm", counts)
-                    row = run_point(a, m, mode, budget, bw, home)
+                    row = run_point(a, m, mode, budget, bw, home, ebw)
                     results["rows"].append(row)
                     print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: {row['status']} "
                           f"{row.get('decode_tokens_per_s')} tok/s", file=sys.stderr)

@@ -175,8 +175,13 @@ def test_read_ahead_predicts_and_is_used(resident, monkeypatch):
     ahead but marked resident without its bytes would change the logits: the tests above). fetch
     stops the read-ahead when it comes, which on this tiny model is before it read anything but
     by chance; here it lets it finish, so that what it read is known."""
-    from flexinfer.prefetch import Background
-    monkeypatch.setattr(Background, "stop", Background.wait)
+    real = ex.ExpertStore._settle
+
+    def finished(self, layer, need):
+        if self._bg is not None:
+            self._bg.wait()
+        return real(self, layer, need)
+    monkeypatch.setattr(ex.ExpertStore, "_settle", finished)
     path, want = resident
     got, stats, _ = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
@@ -192,8 +197,11 @@ def test_a_read_ahead_stopped_early_forgets_what_it_did_not_read(resident, monke
     its first expert; the run stays exact and the cache's bytes are those of what it holds."""
     path, want = resident
     real = ex.ExpertStore._read_ahead
-    monkeypatch.setattr(ex.ExpertStore, "_read_ahead",
-                        lambda self, layer, experts: real(self, layer, experts[:1]))
+
+    def first_only(self, job):
+        job.todo = job.todo[:1]
+        return real(self, job)
+    monkeypatch.setattr(ex.ExpertStore, "_read_ahead", first_only)
     got, stats, m = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
     st = m._experts
@@ -306,12 +314,13 @@ def test_the_moe_bench_table():
     rows = [{"model": "m", "mode": "flexinfer", "budget_bytes": 2 * 10**9, "status": "ok",
              "cgroup_peak_bytes": 1.9e9, "decode_tokens_per_s": 0.4,
              "moe_bound_tokens_per_s": 0.5, "predicted_tokens_per_s": 0.44, "hit_rate": 0.3,
+             "moe_bound_expert_reads_tokens_per_s": 0.42, "cached_rate": 0.25,
              "expert_bytes_per_token": 7e8},
             {"model": "m", "mode": "llama.cpp-mmap", "budget_bytes": 2 * 10**9, "status": "oom",
              "cgroup_peak_bytes": 2e9, "decode_tokens_per_s": 0.1}]
     lines = b.table(rows).splitlines()
-    assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 4.00x | 0.440 (+10%) | "
-                        "0.30 | 0.700 | 1.90 |")
+    assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 0.420 | 95% | 4.00x | "
+                        "0.440 (+10%) | 0.30 (0.25) | 0.700 | 1.90 |")
     assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
 
 
@@ -376,3 +385,16 @@ def test_a_move_of_the_wrong_pages_is_caught(aligned, monkeypatch):
     got, stats, _ = _run(path, expert_cache=0)
     assert stats["recycled_slabs"] > 0
     assert not np.array_equal(got, want)
+
+
+def test_expert_shaped_reads_are_measured(tmp_path):
+    """The bench's second disk figure: random reads of one slab each, three an expert; a file
+    smaller than one read is refused in one line."""
+    from flexinfer.bench.machine import measure_expert_reads
+    f = tmp_path / "data"
+    f.write_bytes(b"\1" * (1 << 20))
+    assert measure_expert_reads(f, 5000, count=4) > 0
+    small = tmp_path / "small"
+    small.write_bytes(b"\1" * 4096)
+    with pytest.raises(FlexInferError, match="too small to measure reads of 5000 bytes"):
+        measure_expert_reads(small, 5000)
