@@ -246,7 +246,9 @@ class Prefetcher:
 class ReadPool:
     """`depth` calls in flight at once (direct_io.py: several preadv of one span, which a disk
     with a queue serves faster than one at a time). map() returns the results in order and raises
-    the first call's error in the caller; the threads start on first use, close() joins them."""
+    the first call's error in the caller, once every call has ended (a read still running would
+    write into a buffer the caller frees or reuses after the error); the threads start on first
+    use, close() joins them."""
 
     def __init__(self, depth: int):
         self.depth = depth
@@ -258,7 +260,10 @@ class ReadPool:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="flexinfer-read")
             pool = self._pool
-        return list(pool.map(fn, items))
+        futures = [pool.submit(fn, x) for x in items]
+        for f in futures:  # all end before anything is returned or raised
+            f.exception()
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         with self._lock:

@@ -429,6 +429,16 @@ def test_read_pool_runs_calls_at_once_in_order_and_joins(no_thread_left_behind):
     assert pool.map(lambda x: (both.wait(), x * 10)[1], [1, 2, 3, 4]) == [10, 20, 30, 40]
     with pytest.raises(ZeroDivisionError):  # the first error reaches the caller
         pool.map(lambda x: 1 / x, [1, 0, 2])
+    ended = []  # ...once the other calls ended: a read in flight must not outlive the map
+
+    def slow(x):
+        if x == 0:
+            raise OSError("disk gone")
+        time.sleep(0.3)
+        ended.append(x)
+    with pytest.raises(OSError, match="disk gone"):
+        pool.map(slow, [0, 1])
+    assert ended == [1]
     pool.close()
     assert not any(t.name.startswith("flexinfer-read") and t.is_alive()
                    for t in threading.enumerate())
