@@ -297,15 +297,14 @@ class ExpertStore:
         self._saved = np.zeros_like(self.counts)  # counts of earlier runs, read from the file
         self._trace: list[list[int]] = []  # [layer, picked experts...] of each fetch, in order
         self.counts_file = counts_file
-        self._resident: dict[tuple[int, int], int] = {}  # (layer, expert) -> last use (a tick)
+        self._resident: set[tuple[int, int]] = set()  # (layer, expert) held (or being read)
         self._pinned: set[tuple[int, int]] = set()
         # least recently used first, pinned ones apart (evicted last): eviction takes from the
         # front, never sorting the cache (at 8 GB it holds ~2,700 of Qwen3-30B-A3B's 6,144
         # experts, and a sort per layer per token cost tens of ms a token)
         self._order: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._pinned_order: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self._now: set[tuple[int, int]] = set()  # touched at this tick
-        self._tick = 0
+        self._now: set[tuple[int, int]] = set()  # touched by this step
         self.used_bytes = 0
         # pages of evicted slabs kept for the loads that follow (size -> page-aligned addresses):
         # a load takes them by moving them to its home (ggml_ops.move_pages) instead of touching
@@ -324,7 +323,7 @@ class ExpertStore:
         self._job: _Job | None = None  # the read-ahead in progress
         self._detached: set[tuple[int, int]] = set()  # being read by a stopped read-ahead, not
         # picked: fetch went on without waiting; never evicted until read
-        self.predicted = self.predicted_used = self.needed_predicted_layers = 0
+        self.predicted = self.predicted_used = 0
         self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
 
     def _add(self, name: str, home: int, repack: bool) -> None:
@@ -458,9 +457,8 @@ class ExpertStore:
         need = np.unique(picks).tolist()
         if len(self._trace) < TRACE_LEN:
             self._trace.append([layer] + need)
-        self._tick += 1
         self._now = set()
-        ahead = self._settle(layer, need)
+        self._settle(layer, need)
         with self._lock:
             late = any((layer, e) in self._detached for e in need)
         if late:  # picked now, still being read by an earlier read-ahead that was stopped
@@ -474,10 +472,7 @@ class ExpertStore:
         missing = []
         for e in need:
             key = (layer, e)
-            if e in ahead:  # read ahead of time: ready when asked, a hit (read this step)
-                self.hits += 1
-                self._touch(key)
-            elif key in self._resident:
+            if key in self._resident:  # cached, or read ahead and settled above: a hit
                 self.hits += 1
                 self._touch(key)
             else:
@@ -513,8 +508,8 @@ class ExpertStore:
             else:
                 self._bg.errors()
         except BaseException:  # what it was reading is not to be trusted
-            self._drop_unread(read | {k[1] for k in self._detached if k[0] == at}, at)
-            self._drop_detached()
+            self._drop_unread(read, at)
+            self._drop_detached()  # the stopped ones' experts in flight, this one's included
             raise
         for e in read:
             if e not in done and e != inflight:  # charged by prefetch, never begun
@@ -545,9 +540,9 @@ class ExpertStore:
         self._release_spares()
 
     def _forget(self, key: tuple[int, int]) -> None:
-        """Take out of the cache an expert that was charged but never written (its home holds no
-        pages: they went with its last eviction)."""
-        del self._resident[key]
+        """Take an expert out of the cache's books (its pages are _evict's business; one that was
+        charged but never written holds none: they went with its last eviction)."""
+        self._resident.remove(key)
         (self._pinned_order if key in self._pinned else self._order).pop(key)
         self._pinned.discard(key)
         self.used_bytes -= self.unit_bytes[key[0]]
@@ -633,7 +628,7 @@ class ExpertStore:
 
     def _touch(self, key: tuple[int, int]) -> None:
         """key is resident and used now: the most recently used of its order."""
-        self._resident[key] = self._tick
+        self._resident.add(key)
         self._now.add(key)
         order = self._pinned_order if key in self._pinned else self._order
         order[key] = None
@@ -658,10 +653,7 @@ class ExpertStore:
 
     def _evict(self, key: tuple[int, int]) -> None:
         layer, e = key
-        del self._resident[key]
-        (self._pinned_order if key in self._pinned else self._order).pop(key)
-        self._pinned.discard(key)
-        self.used_bytes -= self.unit_bytes[layer]
+        self._forget(key)
         for s in self._slabs[layer]:
             addr = s.home + e * s.nb2
             if self._recycle:  # charged still: the loads this eviction makes room for take them

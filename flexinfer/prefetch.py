@@ -290,11 +290,6 @@ class Background:
         self.errors()
         self._futures.append(self._pool.submit(fn))
 
-    def start(self, fn: Callable[[], Any]) -> None:
-        """Run fn once every earlier job is done."""
-        self.wait()
-        self.submit(fn)
-
     @property
     def busy(self) -> bool:
         return any(not f.done() for f in self._futures)

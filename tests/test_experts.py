@@ -386,7 +386,7 @@ def test_a_move_of_the_wrong_pages_is_caught(aligned, monkeypatch):
     def kept(self, key):
         pinned = key in self._pinned
         real(self, key)
-        self._resident[key] = self._tick  # still "cached", its pages handed to the next load
+        self._resident.add(key)  # still "cached", its pages handed to the next load
         (self._pinned_order if pinned else self._order)[key] = None
         self.used_bytes += self.unit_bytes[key[0]]
     monkeypatch.setattr(ex.ExpertStore, "_evict", kept)

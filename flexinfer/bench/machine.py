@@ -50,14 +50,20 @@ def measure_disk_capped(path, rate: int | None) -> DiskBandwidth:
     cgroup, disk_cap.py; FlexInferError where none can be made); in this process when uncapped."""
     if rate is None:
         return measure_disk_bandwidth(path)
-    argv = [sys.executable, "-m", "flexinfer.bench.machine", os.fspath(path)]
+    d = _capped_child(path, rate, [], "disk measurement")
+    return DiskBandwidth(d["bytes_per_s"], tuple(d["samples"]), d["bytes_read"], d["direct"],
+                         d["cache_dropped"])
+
+
+def _capped_child(path, rate: int, args: list[str], what: str) -> dict:
+    """`python -m flexinfer.bench.machine PATH ARGS...` with its reads capped at rate bytes/s:
+    the JSON it prints."""
+    argv = [sys.executable, "-m", "flexinfer.bench.machine", os.fspath(path), *args]
     run = run_limited(argv, None, timeout=3600, disk_rate=(os.fspath(path), rate))
     if run.returncode != 0:
         lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
-        raise FlexInferError(f"{path}: the capped disk measurement failed: {lines[-1]}")
-    d = json.loads(run.stdout)
-    return DiskBandwidth(d["bytes_per_s"], tuple(d["samples"]), d["bytes_read"], d["direct"],
-                         d["cache_dropped"])
+        raise FlexInferError(f"{path}: the capped {what} failed: {lines[-1]}")
+    return json.loads(run.stdout)
 
 
 def measure_expert_reads(path, piece: int, pieces: int = 3, count: int = 500,
@@ -95,13 +101,8 @@ def measure_expert_reads_capped(path, piece: int, rate: int | None) -> float:
     """measure_expert_reads, in a child process capped at rate bytes/s (as measure_disk_capped)."""
     if rate is None:
         return measure_expert_reads(path, piece)
-    argv = [sys.executable, "-m", "flexinfer.bench.machine", os.fspath(path), "--expert-reads",
-            str(piece)]
-    run = run_limited(argv, None, timeout=3600, disk_rate=(os.fspath(path), rate))
-    if run.returncode != 0:
-        lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
-        raise FlexInferError(f"{path}: the capped expert-read measurement failed: {lines[-1]}")
-    return float(json.loads(run.stdout)["bytes_per_s"])
+    return float(_capped_child(path, rate, ["--expert-reads", str(piece)],
+                               "expert-read measurement")["bytes_per_s"])
 
 
 def _one_pass(path, max_bytes: int, block: int) -> tuple[float, int, bool, bool]:
