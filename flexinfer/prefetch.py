@@ -272,6 +272,41 @@ class ReadPool:
             pool.shutdown(wait=True)
 
 
+class Workers:
+    """A caller's work shared with `n` pool threads (the expert store's loads of a step's missing
+    experts, experts.py): run(fn) calls fn(0) on the caller's thread and fn(1)..fn(n) on the pool's
+    at once, each pulling work from a queue of the caller's, so one reads while another converts.
+    It returns once every call has ended (none may still write into a buffer the caller reuses)
+    and raises the first error: the caller's own, else a FlexInferError as it is, anything else as
+    a StreamError."""
+
+    def __init__(self, name: str, n: int):
+        self._name, self.n = name, n
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, fn: Callable[[int], Any]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.n, thread_name_prefix=f"flexinfer-{self._name}")
+        futures = [self._pool.submit(fn, i) for i in range(1, self.n + 1)]
+        try:
+            fn(0)
+        finally:
+            for f in futures:
+                f.exception()
+        for f in futures:
+            try:
+                f.result()
+            except FlexInferError:
+                raise
+            except Exception as e:
+                raise StreamError(f"{self._name} failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 class Background:
     """Jobs on one worker thread, run in the order given (the expert store's read-ahead of the next
     layer's likely experts, experts.py): submit(fn) queues fn() there without waiting for the

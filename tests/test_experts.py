@@ -74,10 +74,10 @@ def test_a_wrong_slab_is_caught(resident, monkeypatch):
     path, want = resident
     real = ex.ExpertStore._read_run
 
-    def shifted(self, s, run, stage=None):  # the next expert's bytes (the previous one's for
+    def shifted(self, s, run, stage, headers):  # the next expert's bytes (the previous one's for
         d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2  # the last)
         return real(self, ex._Slab(s.header, s.offset + d, s.nb2, s.rows, s.rb, s.home, s.repack),
-                    run, stage)
+                    run, stage, headers)
     monkeypatch.setattr(ex.ExpertStore, "_read_run", shifted)
     got = _run(path, expert_cache=0)[0]
     assert not np.array_equal(got, want)
@@ -213,14 +213,14 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
     """A read-ahead that fails raises a StreamError at the next fetch, and what it was reading is
     not kept as cached: the step run again reads those experts and is exact."""
     path, want = resident
-    real, calls = ex.ExpertStore._read_experts, []
+    real, calls = ex.ExpertStore._read_run, []
 
-    def failing(self, layer, experts, stage):
-        if stage is not self._stage and not calls:
-            calls.append((layer, list(experts)))
+    def failing(self, s, run, stage, headers):
+        if stage == self._stage2.base and not calls:  # the read-ahead's
+            calls.append((next(l for l, ss in self._slabs.items() if s in ss), list(run)))
             raise OSError("disk gone")
-        return real(self, layer, experts, stage)
-    monkeypatch.setattr(ex.ExpertStore, "_read_experts", failing)
+        return real(self, s, run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", failing)
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0) as m:
         m.logits(PROMPT)
         step = 0
@@ -232,6 +232,43 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
         for j in range(step, len(DECODE)):  # the failed step again, and on
             got = m._forward([DECODE[j]], len(m.cache.tokens[0]))
             assert np.array_equal(got[0], want[len(PROMPT) + j])
+
+
+def test_two_loaders_share_a_steps_misses(resident, monkeypatch):
+    """fetch's misses are read by two loaders at once, each through its half of the stage (one
+    reads while the other converts); at the cache's floor both take part and the run is exact."""
+    path, want = resident
+    real, seen = ex.ExpertStore._read_run, set()
+
+    def watched(self, s, run, stage, headers):
+        seen.add((stage - self._stage.base) // self._half if stage != self._stage2.base else 2)
+        return real(self, s, run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", watched)
+    got, stats, _ = _run(path, expert_cache=0)
+    assert np.array_equal(got, want)
+    assert {0, 1} <= seen and stats["misses"] > 0
+
+
+def test_a_failed_loader_is_reported_and_its_experts_not_cached(resident, monkeypatch):
+    """The second loader's read fails: fetch raises a StreamError once both loaders ended, none of
+    the step's misses counts as cached, and the step run again is exact."""
+    path, want = resident
+    real, calls = ex.ExpertStore._read_run, []
+
+    def failing(self, s, run, stage, headers):
+        if stage == self._stage.base + self._half and not calls:
+            calls.append(next(l for l, ss in self._slabs.items() if s in ss))
+            raise OSError("disk gone")
+        return real(self, s, run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", failing)
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
+                 expert_prefetch=False) as m:
+        st = m._experts
+        with pytest.raises(ex.StreamError, match="expert loads failed: OSError: disk gone"):
+            m.logits(PROMPT)
+        assert st.resident(calls[0]) == []  # a cold cache: the failed step's misses only
+        assert st.used_bytes == sum(st.unit_bytes[l] for (l, _) in st._resident)
+        assert np.array_equal(m.logits(PROMPT), want[:len(PROMPT)])
 
 
 def test_the_plan_charges_k_of_e_expert_bytes(resident, home):

@@ -161,10 +161,10 @@ def test_a_wrong_slab_is_caught(small, monkeypatch):
     path, want = small
     real = ex.ExpertStore._read_run
 
-    def shifted(self, s, run, stage=None):
+    def shifted(self, s, run, stage, headers):
         d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2
         return real(self, ex._Slab(s.header, s.offset + d, s.nb2, s.rows, s.rb, s.home, s.repack),
-                    run, stage)
+                    run, stage, headers)
     monkeypatch.setattr(ex.ExpertStore, "_read_run", shifted)
     got = _run(path, expert_cache=0)[0]
     assert np.abs(got - want).max() > 0.1

@@ -444,6 +444,46 @@ def test_read_pool_runs_calls_at_once_in_order_and_joins(no_thread_left_behind):
                    for t in threading.enumerate())
 
 
+def test_workers_share_the_callers_work_and_join(no_thread_left_behind):
+    """Workers.run: fn(0) on the caller's thread and fn(1) on the pool's, at once; a worker's
+    error is raised (as a StreamError, a FlexInferError as it is) only once every call ended;
+    the caller's own error as it is."""
+    from flexinfer.prefetch import Workers
+    w = Workers("loads", 1)
+    both = threading.Barrier(2, timeout=5)  # only passes if the two calls run together
+    seen = {}
+
+    def fn(i):
+        both.wait()
+        seen[i] = threading.current_thread() is threading.main_thread()
+    w.run(fn)
+    assert seen == {0: True, 1: False}
+    ended = []
+
+    def helper_fails(i):
+        if i == 1:
+            raise OSError("disk gone")
+        time.sleep(0.3)
+        ended.append(i)
+    with pytest.raises(StreamError, match="loads failed: OSError: disk gone"):
+        w.run(helper_fails)
+    assert ended == [0]
+
+    def caller_fails(i):
+        if i == 0:
+            raise ValueError("bad")
+        time.sleep(0.3)
+        ended.append(i)
+    with pytest.raises(ValueError, match="bad"):
+        w.run(caller_fails)
+    assert ended == [0, 1]  # the helper's call ended before the caller's error was raised
+    with pytest.raises(FlexInferError, match="as is"):
+        w.run(lambda i: (_ for _ in ()).throw(FlexInferError("as is")) if i else None)
+    w.close()
+    assert not any(t.name.startswith("flexinfer-loads") and t.is_alive()
+                   for t in threading.enumerate())
+
+
 @pytest.mark.parametrize("offset, nbytes", [(0, 9 << 20), (5000, (12 << 20) + 1234 - 5000), (100, 3000)])
 def test_reads_in_flight_give_the_same_bytes(tmp_path, no_thread_left_behind, offset, nbytes):
     """A span of several 4 MiB chunks read two at a time lands exactly as one at a time; a span
