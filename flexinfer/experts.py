@@ -244,8 +244,20 @@ def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
     k_share = cfg.n_expert_used / cfg.n_expert
     miss = 1.0 - expected_hit_rate(g, names, capacity, counts_file, cfg.n_expert_used)
     rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
-    return ExpertCost(int(total * k_share), miss,
-                      3 * cfg.n_expert_used * len(layer_expert_bytes(g, names)) * miss, rp)
+    big = max(g.tensors[n].nbytes // g.tensors[n].shape[2] for n in names)
+    layers = len(layer_expert_bytes(g, names)) * (1.0 - (1.0 - miss) ** cfg.n_expert_used)
+    return ExpertCost(int(total * k_share), miss, layers, rp and not _two_loaders(big))
+
+
+def _stage_bytes(big: int) -> int:
+    """The staging buffer's size for expert slabs of at most `big` bytes."""
+    return max(span(0, big)[1] + ALIGN, STAGE + 2 * ALIGN)
+
+
+def _two_loaders(big: int) -> bool:
+    """Whether fetch's misses load on two threads, each through half of the stage: where a half
+    holds the largest slab read at any offset."""
+    return _stage_bytes(big) // 2 // ALIGN * ALIGN >= span(0, big)[1] + 2 * ALIGN
 
 
 class _Job:
@@ -293,14 +305,12 @@ class ExpertStore:
         self._floor = min_capacity(g, names)
         self.capacity = max(min(capacity, self.total_bytes), self._floor)
         self._make_converter()
-        stage = max(max(span(0, s.nb2)[1] for ss in self._slabs.values() for s in ss) + ALIGN,
-                    STAGE + 2 * ALIGN)
-        self._stage = Buffer(stage)
+        big = max(s.nb2 for ss in self._slabs.values() for s in ss)
+        self._stage = Buffer(_stage_bytes(big))
         # a step's missing experts are loaded by two workers, each through half of the stage, so
-        # one reads while the other converts (Workers): where a half holds the largest slab
+        # one reads while the other converts (Workers)
         self._half = self._stage.size // 2 // ALIGN * ALIGN
-        big = max(span(0, s.nb2)[1] for ss in self._slabs.values() for s in ss)
-        self._loaders = Workers("expert loads", 1) if self._half >= big + 2 * ALIGN else None
+        self._loaders = Workers("expert loads", 1) if _two_loaders(big) else None
         self.counts = np.zeros((cfg.n_layer, self.n_expert), dtype=np.int64)
         self._saved = np.zeros_like(self.counts)  # counts of earlier runs, read from the file
         self._trace: list[list[int]] = []  # [layer, picked experts...] of each fetch, in order

@@ -600,13 +600,14 @@ def _search(good: int, bad: int, ok) -> int:
 class ExpertCost:
     """What a decode token costs in the expert cache: the K picked experts of every layer
     (active_bytes = K/E of the expert bytes; Qwen3-30B-A3B Q4_0: 8/128 x 16.3 GB = 1.02 GB), the
-    share of them missing from the cache (1 - hit rate) read from disk, 3 reads each (gate, up,
-    down slabs), and repacked on arrival when `repacked`."""
+    share of them missing from the cache (1 - hit rate) read from disk, the layers where at least
+    one of the K misses, and whether converting the missed slabs (repacking) waits on the
+    computing thread: with one loader; two convert one while the other reads (experts.py)."""
 
     active_bytes: int
     miss_rate: float
-    reads: float  # read requests per token for the missed slabs
-    repacked: bool
+    miss_layers: float  # layers a token with at least one missed expert
+    converted: bool
 
     @property
     def missed_bytes(self) -> float:
@@ -617,22 +618,23 @@ MOE_COMPUTE_SLOWDOWN = 2.0  # the active experts' bytes compute this much slower
 # each layer runs two graphs (98 a token for Qwen3-30B-A3B), mul_mat_id over the picks, routing
 # and top-k; measured 0.071-0.092 s a token of compute there against 0.053 s predicted from
 # compute_bw for the same bytes, i.e. the expert part 1.6-2.2x slower
-MISS_STALL = 1.6  # a missed expert stalls compute this many times its read at disk_bw: measured
-# 3.8-5.5 ms a miss on a disk capped at 1 GB/s (2.8 ms to read 2.65 MB), from waiting for the
-# read-ahead's expert in flight (fetch stops it, but not mid-read), repacking and the Python
-# around each read; the read-ahead's overlap is not counted (its recall of 0.78-0.85 went to
-# experts that were mostly cached anyway)
+MISS_LATENCY = 1.1e-3  # s a layer with misses waits beyond reading them at disk_bw: the first
+# read's latency and the last slab's conversion, which nothing overlaps. Fitted on six capped
+# runs (Qwen3-30B-A3B synthetic, uniform and zipf:1, 2/4/8 GB, disk capped at 1 GB/s; measured
+# compute and cache hits) with the misses' bytes at disk_bw: 1.02 x their read plus 1.1 ms a
+# layer gave every point within 10%; the read-ahead's overlap is not counted
 
 
 def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
     active experts (at compute_bw / MOE_COMPUTE_SLOWDOWN) and, on the computing thread, reading
-    and converting the missed ones (MISS_STALL). A Plan's bound becomes the MoE bound,
+    the missed ones (MISS_LATENCY a layer on top), converting them too with one loader. A Plan's
+    bound becomes the MoE bound,
     1 / max(T_cpu, missed bytes / disk_bw), with the active experts at compute_bw; it records
     the cache's `capacity` (expert_cache_bytes)."""
     t_cpu = cost.active_bytes / machine.compute_bw * MOE_COMPUTE_SLOWDOWN
-    t_io = cost.missed_bytes / machine.disk_bw * MISS_STALL + cost.reads * machine.read_latency
-    conv = cost.missed_bytes / machine.repack_bw if cost.repacked else 0.0
+    t_io = cost.missed_bytes / machine.disk_bw + cost.miss_layers * MISS_LATENCY
+    conv = cost.missed_bytes / machine.repack_bw if cost.converted else 0.0
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
                               predicted_s=p.predicted_s + t_cpu + t_io + conv)
     if isinstance(p, Plan):

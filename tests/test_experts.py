@@ -278,7 +278,7 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     from flexinfer.gguf_file import read_gguf
     from flexinfer.config import ModelConfig
     from flexinfer.models import specs_for
-    from flexinfer.planner import MISS_STALL, MOE_COMPUTE_SLOWDOWN, with_experts
+    from flexinfer.planner import MISS_LATENCY, MOE_COMPUTE_SLOWDOWN, with_experts
     path, _ = resident
     g = read_gguf(path)
     cfg = ModelConfig.from_gguf(g)
@@ -301,10 +301,15 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     mach = fm.make_plan(g, cfg, specs_for(g, cfg), fm.Options(expert_cache=0), 64, 2).machine
     base = dataclasses.replace(p, t_cpu=0.0, t_io=0.0, predicted_s=0.0, stages=())
     got = with_experts(base, warm, mach)
-    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw * MOE_COMPUTE_SLOWDOWN
-                                      + warm.missed_bytes / mach.repack_bw)
+    # two loaders convert while they read: only the compute and the reads count
+    assert not warm.converted and m._experts._loaders is not None
+    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw * MOE_COMPUTE_SLOWDOWN)
     assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io)
-    assert got.t_io >= warm.missed_bytes / mach.disk_bw * MISS_STALL > 0
+    layers = cfg.n_layer * (1 - (1 - warm.miss_rate) ** cfg.n_expert_used)
+    assert got.t_io == pytest.approx(warm.missed_bytes / mach.disk_bw + layers * MISS_LATENCY)
+    one = dataclasses.replace(warm, converted=True)  # one loader: converting waits too
+    assert with_experts(base, one, mach).t_cpu == pytest.approx(
+        got.t_cpu + warm.missed_bytes / mach.repack_bw)
 
 
 def test_the_replay_is_a_least_recently_used_cache():
