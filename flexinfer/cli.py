@@ -49,8 +49,12 @@ def _model_args(p) -> None:
     p.add_argument("--expert-cache", default=None,
                    help="MoE: bytes of expert cache, e.g. 2G; never less than one layer's "
                         "experts, which 0 asks for (default: what the plan leaves)")
-    p.add_argument("--no-expert-prefetch", action="store_true",
-                   help="MoE: no read-ahead of the next layer's likely experts")
+    ahead = p.add_mutually_exclusive_group()
+    ahead.add_argument("--expert-prefetch", dest="expert_prefetch", action="store_true",
+                       help="MoE: read the next layer's likely experts ahead (off by default: "
+                            "slower on the machines measured, docs/benchmarks.md)")
+    ahead.add_argument("--no-expert-prefetch", dest="expert_prefetch", action="store_false",
+                       help="MoE: no read-ahead (the default)")
     for which in ("k", "v"):
         p.add_argument(f"--cache-type-{which}", "-ct" + which, default="f16",
                        choices=("f16", "q8_0", "q4_0"), help=f"KV cache type for {which.upper()}")
@@ -62,7 +66,7 @@ def _options(a) -> dict:
                 prefetch_window=a.prefetch_window, repack=not a.no_repack,
                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                 n_seq=getattr(a, "parallel", 1), experts=a.experts,
-                expert_prefetch=not a.no_expert_prefetch,
+                expert_prefetch=a.expert_prefetch,
                 expert_cache=_size(a.expert_cache, "--expert-cache", zero=True))
 
 

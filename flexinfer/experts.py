@@ -341,8 +341,13 @@ class ExpertStore:
         self._job: _Job | None = None  # the read-ahead in progress
         self._detached: set[tuple[int, int]] = set()  # being read by a stopped read-ahead, not
         # picked: fetch went on without waiting; never evicted until read
+        self._abandoned: list[tuple[int, int]] = []  # left half read by a stopped read-ahead
+        # (its next slab not begun): still charged, evicted by the next fetch
+        self._wanted: set[tuple[int, int]] = set()  # the last fetch's picks: a stopped
+        # read-ahead reads these to the end
         self.predicted = self.predicted_used = 0
         self.prefetched = self.prefetch_used = 0  # experts read ahead; of them, picked
+        self.abandoned = 0  # experts the read-ahead left half read when stopped
 
     def _add(self, name: str, home: int, repack: bool) -> None:
         info = self.g.tensors[name]
@@ -477,6 +482,7 @@ class ExpertStore:
         if len(self._trace) < TRACE_LEN:
             self._trace.append([layer] + need)
         self._now = set()
+        self._drop_abandoned({(layer, e) for e in need})
         ahead = self._settle(layer, need)
         with self._lock:  # picked now, still being read by a read-ahead that was stopped
             late = any((layer, e) in self._detached for e in need)
@@ -552,6 +558,18 @@ class ExpertStore:
             if (layer, e) in self._resident:
                 self._evict((layer, e))
         self._release_spares()
+
+    def _drop_abandoned(self, wanted: set[tuple[int, int]] | None = None) -> None:
+        """Evict the experts a stopped read-ahead left half read. With `wanted` (a fetch's
+        picks, set in the same breath): from now on it leaves none of those, so any it left
+        before is evicted here and read again as a miss."""
+        with self._lock:
+            keys, self._abandoned = self._abandoned, []
+            if wanted is not None:
+                self._wanted = wanted
+        for key in keys:
+            if key in self._resident:
+                self._evict(key)
 
     def _drop_detached(self) -> None:
         """After a read-ahead failed: the experts stopped read-aheads were still reading are not
@@ -638,18 +656,30 @@ class ExpertStore:
         self._ahead = (layer, predicted, set(read))
 
     def _read_ahead(self, job: _Job) -> None:
-        """On the read-ahead thread: the experts one at a time, until told to stop."""
+        """On the read-ahead thread: the experts one at a time, until told to stop. Told to stop
+        while reading one the last fetch did not pick, it leaves it after the slab in flight (to
+        be evicted, _drop_abandoned) rather than hold the disk from fetch's misses; a picked one
+        it reads to the end (fetch waits for it)."""
         for e in job.todo:
             with self._lock:
                 if job.stop:
                     return
                 job.inflight = e
+            left = False
             for s, run in self._runs(job.layer, [e], STAGE):
+                with self._lock:
+                    left = job.stop and (job.layer, e) not in self._wanted
+                if left:
+                    break
                 self._read_run(s, run, self._stage2.base, self._converts[2])
             with self._lock:
-                job.done.append(e)
                 job.inflight = None
                 self._detached.discard((job.layer, e))
+                if left:
+                    self._abandoned.append((job.layer, e))
+                    self.abandoned += 1
+                    return
+                job.done.append(e)
 
     def _touch(self, key: tuple[int, int]) -> None:
         """key is resident and used now: the most recently used of its order."""
@@ -785,6 +815,7 @@ class ExpertStore:
         least recently used experts until the cache fits. Returns the bytes given back."""
         if self._bg is not None:
             self._bg.wait()
+        self._drop_abandoned()
         self.capacity = max(min(capacity, self.total_bytes), self._floor)
         self._drop_pool()
         before = self.used_bytes

@@ -60,7 +60,8 @@ class Options:
     # | whole (expert tensors planned whole with the rest); mmap always maps them whole
     expert_cache: int | None = None  # bytes of expert cache instead of what the plan leaves
     # (at least one layer's experts; an ablation and for tests)
-    expert_prefetch: bool = True  # read layer l+1's likely experts while layer l's compute
+    expert_prefetch: bool = False  # read layer l+1's likely experts while layer l's compute:
+    # off by default, slower at every budget measured on two cores (docs/benchmarks.md)
 
 
 def _check_options(o: Options) -> None:

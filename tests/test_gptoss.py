@@ -165,7 +165,7 @@ def test_expert_streaming_is_bit_exact(resident, mode, fraction, monkeypatch, ho
     post_attention_norm."""
     path, want = resident
     _squeeze_budget(monkeypatch, fraction)
-    got, stats = _run(path, offload=mode, expert_cache=0)
+    got, stats = _run(path, offload=mode, expert_cache=0, expert_prefetch=True)
     assert np.array_equal(got, want), f"{mode} {fraction} differs"
     assert stats["misses"] > 0 and stats["capacity_bytes"] < stats["expert_bytes"]
     assert stats["prefetched"] > 0 and 0 < stats["prefetch_recall"] <= 1
