@@ -115,13 +115,17 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     """The planner's estimate of the share of a decode token's picks the cache holds before the
     step (the read-ahead's own hits not counted).
 
-    With the picks an earlier run recorded (the counts file's trace): a least-recently-used
-    cache of `capacity` replayed over them (replayed_hit_rate). The pinned experts are left out:
-    chosen from a run's own counts they promise far more than another text gets from them (2 GB:
-    the replay with them held 43% (uniform) and 40% (zipf:1), a new prompt 2% and 17%), and
-    without them the replay came within 0.06 of the six measured points (0.00 / 0.94 / 0.98
-    against 0.02 / 0.91 / 0.97 uniform, 0.00 / 0.92 / 0.97 against 0.17 / 0.97 / 0.99 zipf:1 at
-    2 / 4 / 8 GB).
+    With the picks an earlier run recorded (the counts file's trace): the cache warm() and
+    fetch() keep, replayed over them (replayed_hit_rate): the experts counted most pinned (up to
+    PIN_SHARE of the capacity), a least-recently-used cache of the rest. A pinned expert's picks
+    count as hits only where counts beyond the trace's own picks chose it too (in a bench's
+    warm-up, those of its prompt): chosen from the trace's own counts the pins promised 40-43% at
+    2 GB where a new prompt found 2% (uniform) and 17% (zipf:1). Without the pins' room taken
+    from the LRU, a 2 GB cache (just over one token's 384 experts) replayed a token's whole
+    working set and promised 66-70% where the run's LRU part held half of one (3% measured). On
+    the bench's 48-token warm-up: 0.32 / 0.96 / 0.98 (uniform) and 0.34 / 0.95 / 0.98 (zipf:1) at
+    2 / 4 / 8 GB against 0.03 / 0.95 / 0.98 and 0.18 / 0.98 / 0.99 measured on another prompt:
+    how far one text's pins carry to another is what it cannot know.
 
     Without a trace, from counts alone, for the cache warm() and fetch() keep: the experts
     counted most pinned (up to PIN_SHARE of the capacity), the rest least recently used.
@@ -141,14 +145,28 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
         return 1.0
     n = g_n_expert(g, names)
     k = n_used or max(1, n // 16)
-    replayed = replayed_hit_rate(_load_trace(counts_file), {l: b // n for l, b in
-                                                           per_layer.items()}, capacity, k)
-    if replayed is not None:
-        return replayed
-    layers = sorted(per_layer)
     counts = _load_counts(counts_file, (max(per_layer) + 1, n))
     if counts is None:
         counts = np.zeros((max(per_layer) + 1, n), dtype=np.int64)
+    trace = _load_trace(counts_file)
+    unit_of = {l: b // n for l, b in per_layer.items()}
+    if trace:
+        # warm() pins the most counted; the least-recently-used rest is what the replay holds.
+        # The pins' hits count only as far as counts other than the trace's own chose them
+        # (the pins of the trace's own counts promised 40-43% at 2 GB where a new prompt found
+        # 2% and 17%); without the pins' share left out, at 2 GB the replay held a token's
+        # whole working set where the run's LRU part held half of one (66% against 2%)
+        pins = _pins(counts, unit_of, capacity)
+        own = np.zeros_like(counts)
+        for step in trace:
+            if step[0] < own.shape[0]:
+                own[step[0], step[1:]] += 1
+        chosen = _pins(np.maximum(counts - own, 0), unit_of, capacity)
+        replayed = replayed_hit_rate(trace, unit_of, capacity - sum(unit_of[l] for l, _ in pins),
+                                     k, pins & chosen)
+        if replayed is not None:
+            return replayed
+    layers = sorted(per_layer)
     counts = counts[layers]
     picks = counts.sum(axis=1, keepdims=True)
     prior = np.maximum(picks, 1) / n  # pseudo-picks per expert: as many in all as real picks
@@ -174,6 +192,23 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     return min(1.0, h_pin + float(flat[held].sum()))
 
 
+def _pins(counts: np.ndarray, unit: dict[int, int], capacity: int) -> set[tuple[int, int]]:
+    """The (layer, expert)s warm() pins for these counts: the most counted, while they fit
+    PIN_SHARE of the capacity."""
+    out, room = set(), capacity * PIN_SHARE
+    for flat in np.argsort(-counts, axis=None, kind="stable"):
+        layer, e = divmod(int(flat), counts.shape[1])
+        if counts[layer, e] == 0:
+            break
+        if layer not in unit:
+            continue
+        if unit[layer] > room:
+            break
+        room -= unit[layer]
+        out.add((layer, e))
+    return out
+
+
 def _load_trace(f: Path | None) -> list[list[int]]:
     """The picks a counts file recorded ([layer, experts...] per fetch), [] when it has none."""
     if f is None or not f.is_file():
@@ -186,12 +221,13 @@ def _load_trace(f: Path | None) -> list[list[int]]:
 
 
 def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: int,
-                      k: int) -> float | None:
+                      k: int, pinned: set[tuple[int, int]] = frozenset()) -> float | None:
     """The share of single-token steps' picks a least-recently-used cache of `capacity` bytes
     held when the recorded picks are replayed (Mattson: one replay per capacity). A recorded run
     carries the router's locality in time, which counts alone lose: on the synthetic
     Qwen3-30B-A3B, a cache of 18% of the experts held 91% of a decode's picks (uniform router),
-    where their frequencies promise half that. None without single-token steps."""
+    where their frequencies promise half that. `pinned` experts always hit and take none of
+    the capacity. None without single-token steps."""
     order: OrderedDict[tuple[int, int], None] = OrderedDict()
     used = hits = looked = 0
     for step in trace:
@@ -201,14 +237,16 @@ def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: in
         single = len(picks) <= k
         for e in picks:
             key = (layer, e)
-            if key in order:
+            if key in pinned:
+                hits += single
+            elif key in order:
                 order.move_to_end(key)
                 hits += single
             else:
                 order[key] = None
                 used += unit[layer]
             looked += single
-        keep, victims, over = {(layer, e) for e in picks}, [], used - capacity
+        keep, victims, over = {(layer, e) for e in picks}, [], used - max(capacity, 0)
         for key in order:  # least recently used first, never this step's picks
             if over <= 0:
                 break

@@ -361,8 +361,11 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     assert trace and all(0 <= l < cfg.n_layer for l, *_ in trace)
     warm = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
     unit = {l: b // cfg.n_expert for l, b in ex.layer_expert_bytes(g, names).items()}
-    assert warm.miss_rate == pytest.approx(
-        1 - ex.replayed_hit_rate(trace, unit, floor, cfg.n_expert_used))
+    counts = np.asarray(json.loads(ex.counts_path(g).read_text())["counts"])
+    pins = ex._pins(counts, unit, floor)  # what warm() pins: the replay's LRU holds the rest
+    assert pins and warm.miss_rate == pytest.approx(1 - ex.replayed_hit_rate(
+        trace, unit, floor - sum(unit[l] for l, _ in pins), cfg.n_expert_used,
+        pins & ex._pins(np.maximum(counts - _trace_counts(trace, counts.shape), 0), unit, floor)))
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
                  experts="auto") as m:
         p = m.plan
@@ -378,6 +381,39 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     one = dataclasses.replace(warm, converted=True)  # one loader: converting waits too
     assert with_experts(base, one, mach).t_cpu == pytest.approx(
         got.t_cpu + warm.missed_bytes / mach.repack_bw)
+
+
+def _trace_counts(trace, shape):
+    own = np.zeros(shape, dtype=np.int64)
+    for layer, *picks in trace:
+        own[layer, picks] += 1
+    return own
+
+
+def test_the_replay_leaves_the_pins_room_and_trusts_only_other_counts(tmp_path):
+    """One layer, one-byte experts, K=2, capacity 4: a token's working set (2) fits the LRU only
+    if the pins (PIN_SHARE of 4: 2 experts) are not counted in it. Tokens alternate {0,1} and
+    {2,3}: the pins (0 and 1, counted most) take their room from the LRU, and hit only when
+    counts beyond the trace's own chose them."""
+    from types import SimpleNamespace
+    trace = [[0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3]]
+    t = SimpleNamespace(nbytes=8, shape=(1, 1, 8), type=0)
+    g = SimpleNamespace(tensors={"blk.0.ffn_up_exps.weight": t}, path="m.gguf", file_size=1)
+    f = tmp_path / "counts.json"
+    unit = {0: 1}
+
+    def rate(counts):
+        f.write_text(json.dumps({"counts": [counts], "trace": trace}))
+        return ex.expected_hit_rate(g, ["blk.0.ffn_up_exps.weight"], 4, f, 2)
+    own = [3, 3, 3, 3, 0, 0, 0, 0]
+    assert ex.replayed_hit_rate(trace, unit, 4, 2) == pytest.approx(4 / 6)  # all 4 in the LRU
+    # the trace's own counts pin 0 and 1 (2 of the 4): the LRU's 2 hold {0,1}, then {2,3}, ...
+    # and nothing hits (all 4 in the LRU would hit 4 of 6 steps: the knife edge of a cache that
+    # just holds a token's working set)
+    assert rate(own) == 0.0
+    # counts beyond the trace's chose 0 and 1 too: they hit always, and {2,3} in the LRU from
+    # its second time: 10 of 12 picks
+    assert rate([4, 4, 3, 3, 0, 0, 0, 0]) == pytest.approx(10 / 12)
 
 
 def test_the_replay_is_a_least_recently_used_cache():
