@@ -49,7 +49,7 @@ from flexinfer.errors import FlexInferError  # noqa: E402
 def flexinfer_argv(a, model: str, budget: int) -> list[str]:
     return [sys.executable, "-m", "flexinfer", "run", model, "--json", "-n", str(a.tokens),
             "-t", str(a.threads), "-c", str(a.ctx), "--temp", str(a.temp), "-s", str(a.seed),
-            "--ignore-eos",
+            "--ignore-eos", *(["--expert-prefetch"] if getattr(a, "expert_prefetch", None) else []),
             "--memory-budget", str(budget), "-p", getattr(a, "prompt", None) or
             prompt_text(a.prompt_tokens)]
 
@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
                    "whose counts and picks every point starts from (the plan replays its picks)")
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
+    p.add_argument("--expert-prefetch", action="store_true", help="flexinfer with its expert "
+                   "read-ahead (off by default), for the A/B of the ninth session's table")
     p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--t-cpu", type=float, help="decode s/token with every weight resident (the "
