@@ -460,25 +460,21 @@ def test_workers_share_the_callers_work_and_join(no_thread_left_behind):
     assert seen == {0: True, 1: False}
     ended = []
 
-    def helper_fails(i):
-        if i == 1:
-            raise OSError("disk gone")
-        time.sleep(0.3)
-        ended.append(i)
+    def fails(who, err):  # call `who` raises err; the other ends 0.3 s later
+        def fn(i):
+            if i == who:
+                raise err
+            time.sleep(0.3)
+            ended.append(i)
+        return fn
     with pytest.raises(StreamError, match="loads failed: OSError: disk gone"):
-        w.run(helper_fails)
+        w.run(fails(1, OSError("disk gone")))
     assert ended == [0]
-
-    def caller_fails(i):
-        if i == 0:
-            raise ValueError("bad")
-        time.sleep(0.3)
-        ended.append(i)
     with pytest.raises(ValueError, match="bad"):
-        w.run(caller_fails)
+        w.run(fails(0, ValueError("bad")))
     assert ended == [0, 1]  # the helper's call ended before the caller's error was raised
     with pytest.raises(FlexInferError, match="as is"):
-        w.run(lambda i: (_ for _ in ()).throw(FlexInferError("as is")) if i else None)
+        w.run(fails(1, FlexInferError("as is")))
     w.close()
     assert not any(t.name.startswith("flexinfer-loads") and t.is_alive()
                    for t in threading.enumerate())
