@@ -171,6 +171,23 @@ def test_the_cli_takes_expert_cache_0_for_the_floor(resident):
         assert "--expert-cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_the_cli_turns_the_read_ahead_on_only_when_asked(resident):
+    """The read-ahead is off by default (slower on the machines measured); `--expert-prefetch`
+    turns it on (its recall is reported); with `--no-expert-prefetch` too it is one line, exit 2."""
+    from tests.test_cli import cli
+    path, _ = resident
+    run = ("run", path, "-p", "hello world, once more", "-n", "4", "--temp", "0", "-c", "64",
+           "--memory-budget", "4G", "--expert-cache", "0", "--json")
+    off = cli(*run)
+    on = cli(*run, "--expert-prefetch")
+    assert off.returncode == on.returncode == 0, off.stderr + on.stderr
+    assert "prefetch_recall" not in json.loads(off.stdout)["experts"]
+    assert "prefetch_recall" in json.loads(on.stdout)["experts"]
+    both = cli(*run, "--expert-prefetch", "--no-expert-prefetch")
+    assert both.returncode == 2 and both.stderr.strip().count("\n") == 0, both.stderr
+    assert "--expert-prefetch" in both.stderr and "Traceback" not in both.stderr
+
+
 def test_read_ahead_predicts_and_is_used(resident, monkeypatch):
     """Decode steps read layer 1's likely experts while layer 0's compute: the prediction's recall
     is reported, experts read ahead are used, and the run is still bit-exact (an expert read
