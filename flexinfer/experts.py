@@ -167,18 +167,16 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
         if replayed is not None:
             return replayed
     layers = sorted(per_layer)
+    row = {l: i for i, l in enumerate(layers)}
+    pinned = np.zeros(len(layers) * n, dtype=bool)  # as warm() loads them
+    for l, e in _pins(counts, unit_of, capacity):
+        pinned[row[l] * n + e] = True
     counts = counts[layers]
     picks = counts.sum(axis=1, keepdims=True)
     prior = np.maximum(picks, 1) / n  # pseudo-picks per expert: as many in all as real picks
     prob = (counts + prior) / (picks + prior * n)  # each layer's row sums to 1
     unit = np.array([per_layer[l] / n for l in layers])
     units = np.repeat(unit, n)
-    # pinned: most counted first, while they fit PIN_SHARE of the capacity (as warm() loads them)
-    order = np.argsort(-counts, axis=None, kind="stable")
-    counted = counts.ravel()[order] > 0
-    fits = np.cumsum(units[order]) <= capacity * PIN_SHARE
-    pinned = np.zeros(counts.size, dtype=bool)
-    pinned[order[counted & fits]] = True
     flat = prob.ravel() / len(layers)  # a share of all of a token's picks
     h_pin = float(flat[pinned].sum())
     lru = capacity - float(units[pinned].sum())
@@ -193,8 +191,8 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
 
 
 def _pins(counts: np.ndarray, unit: dict[int, int], capacity: int) -> set[tuple[int, int]]:
-    """The (layer, expert)s warm() pins for these counts: the most counted, while they fit
-    PIN_SHARE of the capacity."""
+    """The (layer, expert)s warm() pins for these counts (rows: layers, a layer without experts
+    absent from `unit`): the most counted, while they fit PIN_SHARE of the capacity."""
     out, room = set(), capacity * PIN_SHARE
     for flat in np.argsort(-counts, axis=None, kind="stable"):
         layer, e = divmod(int(flat), counts.shape[1])
@@ -425,20 +423,13 @@ class ExpertStore:
         """Read the counts of earlier runs and load the experts used most, up to PIN_SHARE of the
         capacity (all of them when the capacity holds every expert), pinned from then on."""
         self._saved = self._read_counts()
-        room = self.total_bytes if self.capacity >= self.total_bytes else \
-            int(self.capacity * PIN_SHARE)
-        order = np.argsort(-self._saved, axis=None, kind="stable")  # most counted first
+        if self.capacity >= self.total_bytes:
+            keys = [(layer, e) for layer in self._slabs for e in range(self.n_expert)]
+        else:
+            keys = sorted(_pins(self._saved, self.unit_bytes, self.capacity),  # most counted first
+                          key=lambda k: (-self._saved[k], k[0] * self.n_expert + k[1]))
         want: dict[int, list[int]] = {}
-        used = 0
-        for flat in order:
-            layer, e = divmod(int(flat), self.n_expert)
-            if layer not in self._slabs:
-                continue
-            if self._saved[layer, e] == 0 and self.capacity < self.total_bytes:
-                break
-            if used + self.unit_bytes[layer] > room:
-                break
-            used += self.unit_bytes[layer]
+        for layer, e in keys:
             want.setdefault(layer, []).append(e)
         for layer, es in want.items():
             self._load(layer, sorted(es))
@@ -520,10 +511,12 @@ class ExpertStore:
         if len(self._trace) < TRACE_LEN:
             self._trace.append([layer] + need)
         self._now = set()
-        self._drop_abandoned({(layer, e) for e in need})
-        ahead = self._settle(layer, need)
-        with self._lock:  # picked now, still being read by a read-ahead that was stopped
-            late = any((layer, e) in self._detached for e in need)
+        ahead, late = None, False
+        if self._bg is not None:  # the read-ahead's books
+            self._drop_abandoned({(layer, e) for e in need})
+            ahead = self._settle(layer, need)
+            with self._lock:  # picked now, still being read by a read-ahead that was stopped
+                late = any((layer, e) in self._detached for e in need)
         # the pages the read-ahead's evictions left (for experts it charged and did not read,
         # forgotten by _settle) stay spare for this step's misses: released before the loads, the
         # misses would fault in fresh ones (0.47 ms a slab against 0.15 ms at 2 GB)
@@ -552,7 +545,7 @@ class ExpertStore:
         finishes on its own (kept from eviction until then): fetch waits for it after starting
         its misses' reads when it was picked (_wait_ahead), and goes on otherwise. Returns what
         _wait_ahead drops if the read-ahead failed: (its layer, the experts it charged)."""
-        if self._bg is None or self._ahead is None:
+        if self._ahead is None:
             return None
         at, predicted, read = self._ahead
         job, self._ahead, self._job = self._job, None, None

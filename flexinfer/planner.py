@@ -629,9 +629,8 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
     active experts (at compute_bw / MOE_COMPUTE_SLOWDOWN) and, on the computing thread, reading
     the missed ones (MISS_LATENCY a layer on top), converting them too with one loader. A Plan's
-    bound becomes the MoE bound,
-    1 / max(T_cpu, missed bytes / disk_bw), with the active experts at compute_bw; it records
-    the cache's `capacity` (expert_cache_bytes)."""
+    bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw), with the active experts
+    at compute_bw; it records the cache's `capacity` (expert_cache_bytes)."""
     t_cpu = cost.active_bytes / machine.compute_bw * MOE_COMPUTE_SLOWDOWN
     t_io = cost.missed_bytes / machine.disk_bw + cost.miss_layers * MISS_LATENCY
     conv = cost.missed_bytes / machine.repack_bw if cost.converted else 0.0

@@ -294,17 +294,23 @@ class Workers:
             for f in futures:
                 f.exception()
         for f in futures:
-            try:
-                f.result()
-            except FlexInferError:
-                raise
-            except Exception as e:
-                raise StreamError(f"{self._name} failed: {type(e).__name__}: {e}") from e
+            _result(self._name, f)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _result(name: str, f) -> Any:
+    """A finished job's result; its error a FlexInferError as it is, anything else as a
+    StreamError naming the job's threads."""
+    try:
+        return f.result()
+    except FlexInferError:
+        raise
+    except Exception as e:
+        raise StreamError(f"{name} failed: {type(e).__name__}: {e}") from e
 
 
 class Background:
@@ -325,35 +331,23 @@ class Background:
         self.errors()
         self._futures.append(self._pool.submit(fn))
 
-    @property
-    def busy(self) -> bool:
-        return any(not f.done() for f in self._futures)
-
     def errors(self) -> None:
         """Raise the error of a finished job, if one failed (the finished ones are forgotten)."""
         done = [f for f in self._futures if f.done()]
         self._futures = [f for f in self._futures if not f.done()]
         for f in done:
-            self._result(f)
+            _result(self._name, f)
 
     def wait(self) -> Any:
         futures, self._futures = self._futures, []
         out = None
         try:
             for f in futures:
-                out = self._result(f)
+                out = _result(self._name, f)
         finally:
             for f in futures:  # every job ends before the error is raised
                 f.exception()
         return out
-
-    def _result(self, f) -> Any:
-        try:
-            return f.result()
-        except FlexInferError:
-            raise
-        except Exception as e:
-            raise StreamError(f"{self._name} failed: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         try:
