@@ -148,7 +148,7 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     counts = _load_counts(counts_file, (max(per_layer) + 1, n))
     if counts is None:
         counts = np.zeros((max(per_layer) + 1, n), dtype=np.int64)
-    trace = _load_trace(counts_file)
+    trace = _load_trace(counts_file, n)
     unit_of = {l: b // n for l, b in per_layer.items()}
     if trace:
         # warm() pins the most counted; the least-recently-used rest is what the replay holds.
@@ -207,15 +207,19 @@ def _pins(counts: np.ndarray, unit: dict[int, int], capacity: int) -> set[tuple[
     return out
 
 
-def _load_trace(f: Path | None) -> list[list[int]]:
-    """The picks a counts file recorded ([layer, experts...] per fetch), [] when it has none."""
+def _load_trace(f: Path | None, n_expert: int) -> list[list[int]]:
+    """The picks a counts file recorded ([layer, experts...] per fetch), [] when it has none or
+    any of them is not a layer and experts of this model (a damaged file)."""
     if f is None or not f.is_file():
         return []
     try:
         trace = json.loads(f.read_text(encoding="utf-8")).get("trace") or []
-        return [[int(x) for x in t] for t in trace if isinstance(t, list) and len(t) > 1]
+        trace = [[int(x) for x in t] for t in trace if isinstance(t, list) and len(t) > 1]
     except (OSError, ValueError, TypeError, AttributeError):
         return []
+    if any(t[0] < 0 or min(t[1:]) < 0 or max(t[1:]) >= n_expert for t in trace):
+        return []
+    return trace
 
 
 def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: int,
@@ -487,7 +491,7 @@ class ExpertStore:
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            trace = self._trace or _load_trace(f)  # the last run's, where it made one
+            trace = self._trace or _load_trace(f, self.n_expert)  # the last run's, where it made one
             tmp.write_text(json.dumps({"model": os.path.basename(self.g.path),
                                        "counts": total.tolist(), "trace": trace}),
                            encoding="utf-8")

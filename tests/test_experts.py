@@ -433,6 +433,20 @@ def test_the_replay_leaves_the_pins_room_and_trusts_only_other_counts(tmp_path):
     assert rate([4, 4, 3, 3, 0, 0, 0, 0]) == pytest.approx(10 / 12)
 
 
+@pytest.mark.parametrize("trace", [[[0, 99]], [[-1, 2]], [[0, -3]]])
+def test_a_damaged_trace_is_ignored(tmp_path, trace):
+    """A counts file whose trace names an expert or layer the model cannot have: the estimate
+    falls back to the counts alone, as with no trace (an expert past E raised IndexError)."""
+    from types import SimpleNamespace
+    t = SimpleNamespace(nbytes=8, shape=(1, 1, 8), type=0)
+    g = SimpleNamespace(tensors={"blk.0.ffn_up_exps.weight": t}, path="m.gguf", file_size=1)
+    f = tmp_path / "counts.json"
+    f.write_text(json.dumps({"counts": [[1] * 8]}))
+    alone = ex.expected_hit_rate(g, ["blk.0.ffn_up_exps.weight"], 4, f, 2)
+    f.write_text(json.dumps({"counts": [[1] * 8], "trace": trace}))
+    assert ex.expected_hit_rate(g, ["blk.0.ffn_up_exps.weight"], 4, f, 2) == alone
+
+
 def test_the_replay_is_a_least_recently_used_cache():
     """Two one-byte experts fit: 1 misses, 2 misses, 1 hits, 3 misses and evicts 2 (the least
     recently used; evicting the most recent, 1, would miss the last step), 1 hits: 2 of 5. A
