@@ -289,7 +289,12 @@ def test_a_read_ahead_stopped_mid_expert_leaves_it(resident, monkeypatch):
     assert same and st.abandoned > 0 and wrong == []
     assert st.used_bytes == sum(st.unit_bytes[l] for (l, _) in st._resident)
     monkeypatch.setattr(ex.ExpertStore, "_drop_abandoned", lambda self, wanted=None: None)
-    st, wrong, same = _run_checking_cache(path, want)
+    # what it left shows at the end only if the cache did not evict it since (its LRU may): a
+    # run of 6 steps at the floor evicts every step, so up to five runs to see one
+    for _ in range(5):
+        st, wrong, same = _run_checking_cache(path, want)
+        if wrong:
+            break
     assert st.abandoned > 0 and wrong  # (the logits may change too: a later pick of it)
 
 
