@@ -113,31 +113,27 @@ def counts_path(g: GGUFFile) -> Path:
 def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None,
                       n_used: int = 0) -> float:
     """The planner's estimate of the share of a decode token's picks the cache holds before the
-    step (the read-ahead's own hits not counted).
+    step (the read-ahead's own hits not counted), for the cache warm() and fetch() keep: the
+    experts counted most in earlier runs pinned (up to PIN_SHARE of the capacity), a
+    least-recently-used cache of the rest.
 
-    With the picks an earlier run recorded (the counts file's trace): the cache warm() and
-    fetch() keep, replayed over them (replayed_hit_rate): the experts counted most pinned (up to
-    PIN_SHARE of the capacity), a least-recently-used cache of the rest. A pinned expert's picks
-    count as hits only where counts beyond the trace's own picks chose it too (in a bench's
-    warm-up, those of its prompt): chosen from the trace's own counts the pins promised 40-43% at
-    2 GB where a new prompt found 2% (uniform) and 17% (zipf:1). Without the pins' room taken
-    from the LRU, a 2 GB cache (just over one token's 384 experts) replayed a token's whole
-    working set and promised 66-70% where the run's LRU part held half of one (3% measured). On
-    the bench's 48-token warm-up: 0.32 / 0.96 / 0.98 (uniform) and 0.34 / 0.95 / 0.98 (zipf:1) at
-    2 / 4 / 8 GB against 0.03 / 0.95 / 0.98 and 0.18 / 0.98 / 0.99 measured on another prompt:
-    how far one text's pins carry to another is what it cannot know.
-
-    Without a trace, from counts alone, for the cache warm() and fetch() keep: the experts
-    counted most pinned (up to PIN_SHARE of the capacity), the rest least recently used.
-    - Each layer's pick probabilities: its counts smoothed toward uniform with as many
-      pseudo-picks as it has picks (counts of a few dozen tokens of one text say which experts
-      that text used; another text shares the popular ones only: on the synthetic Qwen3-30B-A3B
-      the pinned experts held 2% of a new prompt's picks with the uniform router and 17% with
-      zipf:1, where the warm-up's own counts gave them ~30%).
-    - The pinned part holds its experts' probability; the least-recently-used part holds the
-      most probable of the others only when it outlasts a token: each token loads about
-      n_used x layers x (1 - pinned share) experts, and a smaller LRU part has evicted a layer's
-      experts before that layer runs again (2 GB: 185 slots against ~380 loads a token).
+    - The pins hold what the router prefers whatever the text (router_prior): counts of earlier
+      texts pick the pins, but what made those texts pick them beyond the router's own preference
+      does not carry to the next. On the synthetic Qwen3-30B-A3B, pins chosen from the bench's
+      warm-up held 2.7 / 9.7 / 19.7% of another prompt's picks at 2 / 4 / 8 GB with the uniform
+      router (the router's prior: 3.2 / 9.3 / 21.6%) and 18.3 / 42.3 / 73.5% with zipf:1 (prior
+      16.3 / 40.1 / 71.2%), where the warm-up's own picks promised 30-50% at 2 GB.
+    - The rest of the picks share the rest of the cache: with the picks an earlier run recorded
+      (the counts file's trace), a least-recently-used cache of the rest's bytes replayed over
+      them (replayed_hit_rate; its capacity scaled by 1 / (1 - pinned share): it serves that
+      share of the picks). A recorded run carries the router's locality in time, which counts
+      alone lose; how much of it the next text has, it cannot know (on the synthetic model at 4
+      GB: 0.88 replayed over the warm-up's text, 0.94 on the bench's prompt).
+    - Without a trace, from counts alone: each layer's pick probabilities are its counts smoothed
+      toward uniform with as many pseudo-picks as it has picks, and the least-recently-used part
+      holds the most probable of the unpinned experts only when it outlasts a token: each token
+      loads about n_used x layers x (1 - pinned share) experts, and a smaller part has evicted a
+      layer's experts before that layer runs again (2 GB: 185 slots against ~380 loads a token).
     Without counts: capacity / expert bytes under the same turnover rule."""
     per_layer = layer_expert_bytes(g, names)
     total = sum(per_layer.values())
@@ -148,38 +144,30 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     counts = _load_counts(counts_file, (max(per_layer) + 1, n))
     if counts is None:
         counts = np.zeros((max(per_layer) + 1, n), dtype=np.int64)
-    trace = _load_trace(counts_file, n)
     unit_of = {l: b // n for l, b in per_layer.items()}
-    if trace:
-        # warm() pins the most counted; the least-recently-used rest is what the replay holds.
-        # The pins' hits count only as far as counts other than the trace's own chose them
-        # (the pins of the trace's own counts promised 40-43% at 2 GB where a new prompt found
-        # 2% and 17%); without the pins' share left out, at 2 GB the replay held a token's
-        # whole working set where the run's LRU part held half of one (66% against 2%)
-        pins = _pins(counts, unit_of, capacity)
-        own = np.zeros_like(counts)
-        for step in trace:
-            if step[0] < own.shape[0]:
-                own[step[0], step[1:]] += 1
-        chosen = _pins(np.maximum(counts - own, 0), unit_of, capacity)
-        replayed = replayed_hit_rate(trace, unit_of, capacity - sum(unit_of[l] for l, _ in pins),
-                                     k, pins & chosen)
-        if replayed is not None:
-            return replayed
+    pins = _pins(counts, unit_of, capacity)
     layers = sorted(per_layer)
+    prior = router_prior(g, names, k)
+    if prior is None:  # every expert alike
+        prior = np.full((max(per_layer) + 1, n), 1.0 / n)
+    h_pin = sum(float(prior[l, e]) for l, e in pins) / len(layers)
+    lru = capacity - sum(unit_of[l] for l, _ in pins)
+    trace = _load_trace(counts_file, n)
+    if trace and h_pin < 1.0:
+        replayed = replayed_hit_rate(trace, unit_of, int(lru / (1.0 - h_pin)), k)
+        if replayed is not None:
+            return h_pin + (1.0 - h_pin) * replayed
     row = {l: i for i, l in enumerate(layers)}
     pinned = np.zeros(len(layers) * n, dtype=bool)  # as warm() loads them
-    for l, e in _pins(counts, unit_of, capacity):
+    for l, e in pins:
         pinned[row[l] * n + e] = True
     counts = counts[layers]
     picks = counts.sum(axis=1, keepdims=True)
-    prior = np.maximum(picks, 1) / n  # pseudo-picks per expert: as many in all as real picks
-    prob = (counts + prior) / (picks + prior * n)  # each layer's row sums to 1
+    smooth = np.maximum(picks, 1) / n  # pseudo-picks per expert: as many in all as real picks
+    prob = (counts + smooth) / (picks + smooth * n)  # each layer's row sums to 1
     unit = np.array([per_layer[l] / n for l in layers])
     units = np.repeat(unit, n)
     flat = prob.ravel() / len(layers)  # a share of all of a token's picks
-    h_pin = float(flat[pinned].sum())
-    lru = capacity - float(units[pinned].sum())
     held_share = (prob * pinned.reshape(prob.shape)).sum(axis=1)  # per layer, pinned
     loads = float((k * unit * (1 - held_share)).sum())  # bytes a token loads
     if lru < loads:
@@ -188,6 +176,52 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     rest = rest[np.argsort(-flat[rest], kind="stable")]
     held = rest[np.cumsum(units[rest]) <= lru]
     return min(1.0, h_pin + float(flat[held].sum()))
+
+
+PRIOR_INPUTS = 512  # random inputs each router is applied to (router_prior)
+_priors: dict[tuple[str, int, int], np.ndarray | None] = {}
+
+
+def router_prior(g: GGUFFile, names, k: int) -> np.ndarray | None:
+    """Each layer's pick probabilities (layers x E, rows of layers without experts zero) when the
+    router sees inputs that carry no text: its top-k over PRIOR_INPUTS random normal vectors,
+    rms-normed and scaled by the FFN norm as a token's are (gpt-oss's bias added). What a router
+    prefers whatever it reads; a text adds its own preferences, which another text does not
+    share. None when a router or norm is of a type this does not read (F32/F16 only). Computed
+    once per model file (~0.2 s for Qwen3-30B-A3B: 48 MB of routers)."""
+    key = (str(g.path), getattr(g, "file_size", 0), k)
+    if key in _priors:
+        return _priors[key]
+    pairs = router_names(names, g)
+    out = None
+    if pairs and all(r in g.tensors and nm in g.tensors and g.tensors[r].type in ROUTER_TYPES
+                     and g.tensors[nm].type in ROUTER_TYPES for r, nm in pairs):
+        n_embd, n = g.tensors[pairs[0][0]].shape[:2]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((PRIOR_INPUTS, n_embd)).astype(np.float32)
+        x /= np.sqrt(np.mean(x * x, axis=1, keepdims=True))
+        out = np.zeros((max(int(r.split(".")[1]) for r, _ in pairs) + 1, n))
+        for r, nm in pairs:
+            layer = int(r.split(".")[1])
+            w = _host(g, r).reshape(n, n_embd)
+            logits = (x * _host(g, nm)) @ w.T
+            bias = r.replace(".weight", ".bias")
+            if bias in g.tensors:
+                logits += _host(g, bias)
+            top = np.argpartition(-logits, min(k, n) - 1, axis=1)[:, :k]
+            np.add.at(out[layer], top.ravel(), 1.0 / top.size)
+    _priors[key] = out
+    return out
+
+
+def _host(g: GGUFFile, name: str) -> np.ndarray:
+    """A F32 or F16 tensor of the file, as float32."""
+    info = g.tensors[name]
+    n = int(np.prod(info.shape))
+    a = np.fromfile(g.path, dtype=ROUTER_TYPES[info.type], count=n, offset=info.offset)
+    if a.size != n:
+        raise RuntimeError(f"{g.path}: short read of {name}")
+    return a.astype(np.float32)
 
 
 def _pins(counts: np.ndarray, unit: dict[int, int], capacity: int) -> set[tuple[int, int]]:
@@ -633,21 +667,12 @@ class ExpertStore:
         for r, n in router_names(self._names, self.g):
             layer = int(r.split(".")[1])
             bias = r.replace(".weight", ".bias")  # gpt-oss's router bias (E,)
-            w = self._host(r).reshape(self.n_expert, -1) * self._host(n)  # ffn_norm folded in
+            w = _host(self.g, r).reshape(self.n_expert, -1) * _host(self.g, n)  # ffn_norm folded in
             self._routers[layer] = (np.ascontiguousarray(w.T),
-                                    self._host(bias) if bias in self.g.tensors else None)
+                                    _host(self.g, bias) if bias in self.g.tensors else None)
         self._stage2 = Buffer(self._stage.size)
         self._bg = Background("expert read-ahead")
         return True
-
-    def _host(self, name: str) -> np.ndarray:
-        info = self.g.tensors[name]
-        dt = ROUTER_TYPES[info.type]
-        n = int(np.prod(info.shape))
-        a = np.fromfile(self.g.path, dtype=dt, count=n, offset=info.offset)
-        if a.size != n:
-            raise RuntimeError(f"{self.g.path}: short read of {name}")
-        return a.astype(np.float32)
 
     def prefetch(self, layer: int, xa: np.ndarray) -> None:
         """After layer `layer - 1`'s experts were fetched, while they compute: predict layer's

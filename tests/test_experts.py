@@ -385,9 +385,11 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     unit = {l: b // cfg.n_expert for l, b in ex.layer_expert_bytes(g, names).items()}
     counts = np.asarray(json.loads(ex.counts_path(g).read_text())["counts"])
     pins = ex._pins(counts, unit, floor)  # what warm() pins: the replay's LRU holds the rest
-    assert pins and warm.miss_rate == pytest.approx(1 - ex.replayed_hit_rate(
-        trace, unit, floor - sum(unit[l] for l, _ in pins), cfg.n_expert_used,
-        pins & ex._pins(np.maximum(counts - _trace_counts(trace, counts.shape), 0), unit, floor)))
+    prior = ex.router_prior(g, names, cfg.n_expert_used)
+    share = sum(prior[l, e] for l, e in pins) / len(unit)  # the router's own preference
+    lru = floor - sum(unit[l] for l, _ in pins)
+    assert pins and 0 < share < 1 and warm.miss_rate == pytest.approx(1 - share - (1 - share) * (
+        ex.replayed_hit_rate(trace, unit, int(lru / (1 - share)), cfg.n_expert_used)))
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
                  experts="auto") as m:
         p = m.plan
@@ -405,37 +407,65 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
         got.t_cpu + warm.missed_bytes / mach.repack_bw)
 
 
-def _trace_counts(trace, shape):
-    own = np.zeros(shape, dtype=np.int64)
-    for layer, *picks in trace:
-        own[layer, picks] += 1
-    return own
-
-
-def test_the_replay_leaves_the_pins_room_and_trusts_only_other_counts(tmp_path):
-    """One layer, one-byte experts, K=2, capacity 4: a token's working set (2) fits the LRU only
-    if the pins (PIN_SHARE of 4: 2 experts) are not counted in it. Tokens alternate {0,1} and
-    {2,3}: the pins (0 and 1, counted most) take their room from the LRU, and hit only when
-    counts beyond the trace's own chose them."""
+def _one_layer(tmp_path, counts, capacity, trace):
+    """expected_hit_rate of one layer of eight one-byte experts, K=2, with these counts and
+    trace (a model without routers: every expert alike to them)."""
     from types import SimpleNamespace
-    trace = [[0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3]]
     t = SimpleNamespace(nbytes=8, shape=(1, 1, 8), type=0)
-    g = SimpleNamespace(tensors={"blk.0.ffn_up_exps.weight": t}, path="m.gguf", file_size=1)
+    g = SimpleNamespace(tensors={"blk.0.ffn_up_exps.weight": t}, path=str(tmp_path / "m.gguf"),
+                        file_size=1)
     f = tmp_path / "counts.json"
-    unit = {0: 1}
+    f.write_text(json.dumps({"counts": [counts], "trace": trace}))
+    return ex.expected_hit_rate(g, ["blk.0.ffn_up_exps.weight"], capacity, f, 2)
 
-    def rate(counts):
-        f.write_text(json.dumps({"counts": [counts], "trace": trace}))
-        return ex.expected_hit_rate(g, ["blk.0.ffn_up_exps.weight"], 4, f, 2)
+
+ALTERNATE = [[0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3]]
+
+
+def test_the_pins_hold_the_routers_share_and_leave_the_lru_their_room(tmp_path, monkeypatch):
+    """Tokens alternate {0,1} and {2,3}. The pins (the most counted, PIN_SHARE of the capacity)
+    hold what the router prefers whatever the text (alike for every expert without routers: 2 of
+    8 pinned hold 2/8), not the trace's share of them; the rest of the picks go to an LRU of the
+    rest of the capacity, replayed over the trace with its room scaled by the share it serves."""
     own = [3, 3, 3, 3, 0, 0, 0, 0]
-    assert ex.replayed_hit_rate(trace, unit, 4, 2) == pytest.approx(4 / 6)  # all 4 in the LRU
-    # the trace's own counts pin 0 and 1 (2 of the 4): the LRU's 2 hold {0,1}, then {2,3}, ...
-    # and nothing hits (all 4 in the LRU would hit 4 of 6 steps: the knife edge of a cache that
-    # just holds a token's working set)
-    assert rate(own) == 0.0
-    # counts beyond the trace's chose 0 and 1 too: they hit always, and {2,3} in the LRU from
-    # its second time: 10 of 12 picks
-    assert rate([4, 4, 3, 3, 0, 0, 0, 0]) == pytest.approx(10 / 12)
+    assert ex.replayed_hit_rate(ALTERNATE, {0: 1}, 4, 2) == pytest.approx(4 / 6)
+    # capacity 4: pins 0 and 1 hold 2/8; the LRU's 2 bytes serve 6/8 of the picks, as 2.67 would
+    # serve them all: {0,1} then {2,3} evict each other, no hit (the trace's own 3/6 on the pins
+    # would have promised 50% and more)
+    assert _one_layer(tmp_path, own, 4, ALTERNATE) == pytest.approx(2 / 8)
+    # counts choose which experts are pinned, not how much they hold
+    assert _one_layer(tmp_path, [0, 0, 0, 0, 0, 0, 5, 5], 4, ALTERNATE) == pytest.approx(2 / 8)
+    # capacity 6: 3 pinned hold 3/8; 3 bytes of LRU serving 5/8 replay as 4: from the third step
+    # on every step hits (4 of 6)
+    assert _one_layer(tmp_path, own, 6, ALTERNATE) == pytest.approx(3 / 8 + 5 / 8 * 4 / 6)
+    # a router that prefers 0 and 1 (80% of its picks): the pins hold 0.8, the LRU's 2 bytes
+    # serve a fifth of the picks as 10 would serve them all (every step from the third: 4 of 6)
+    monkeypatch.setattr(ex, "router_prior", lambda g, names, k: np.array(
+        [[0.4, 0.4] + [0.2 / 6] * 6]))
+    assert _one_layer(tmp_path, own, 4, ALTERNATE) == pytest.approx(0.8 + 0.2 * 4 / 6)
+
+
+def test_the_router_prior_is_its_preference_for_any_text(tmp_path):
+    """A zipf:1 router's prior puts most of its picks on a few experts, a uniform one's near
+    1/E each (the picks of random inputs, as tests/test_moe.py measures them apart); rows sum to
+    one; computed once per file."""
+    from flexinfer.bench.synth import SynthSpec, write_synthetic
+    from flexinfer.gguf_file import read_gguf
+    base = SynthSpec("qwen3moe", n_layer=2, n_embd=64, n_ff=64, n_head=2, n_head_kv=1,
+                     n_expert=32, n_expert_used=4, n_ff_exp=32, seed=5)
+    top8 = {}
+    for router in ("uniform", "zipf:1"):
+        path = write_synthetic(tmp_path / f"{router.replace(':', '')}.gguf",
+                               dataclasses.replace(base, router=router))
+        g = read_gguf(path)
+        names = ex.expert_names([type("S", (), {"name": n, "shape": t.shape})
+                                 for n, t in g.tensors.items()])
+        prior = ex.router_prior(g, names, 4)
+        assert prior.shape == (2, 32) and np.allclose(prior.sum(axis=1), 1.0)
+        assert ex.router_prior(g, names, 4) is prior
+        top8[router] = np.sort(prior, axis=1)[:, -8:].sum(axis=1).min()
+    # 8 of 32: 25% if even
+    assert top8["uniform"] < 0.4 and top8["zipf:1"] > 0.6, top8
 
 
 @pytest.mark.parametrize("trace", [[[0, 99]], [[-1, 2]], [[0, -3]]])
