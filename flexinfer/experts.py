@@ -52,7 +52,8 @@ from flexinfer.prefetch import Background, Workers
 
 KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 STAGE = 8 << 20  # bytes read at a time (a run of adjacent slabs); a slab larger than this alone
-PIN_SHARE = 0.5  # of the capacity, at most, pinned to the experts counted most in earlier runs
+PIN_SHARES = (0.0, 0.25, 0.5)  # of the capacity, at most, pinned to the experts counted most in
+# earlier runs: the one whose expected hit rate is highest (pin_share)
 ROUTER_TYPES = {0: np.float32, 1: np.float16}  # GGML F32, F16: routers read to the host as they are
 TRACE_LEN = 48 * 256  # fetches kept (a layer's picks each) for the planner's replay: 256 steps of
 # a 48-layer model, ~100,000 numbers in the counts file
@@ -113,9 +114,31 @@ def counts_path(g: GGUFFile) -> Path:
 def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None,
                       n_used: int = 0) -> float:
     """The planner's estimate of the share of a decode token's picks the cache holds before the
-    step (the read-ahead's own hits not counted), for the cache warm() and fetch() keep: the
-    experts counted most in earlier runs pinned (up to PIN_SHARE of the capacity), a
-    least-recently-used cache of the rest.
+    step (the read-ahead's own hits not counted), with the pins warm() chooses (pin_share)."""
+    return max(_hit_rates(g, names, capacity, counts_file, n_used))
+
+
+def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int) -> float:
+    """The share of the capacity warm() pins: of PIN_SHARES, the one whose expected hit rate is
+    highest (the smaller on a tie). Pins always hit but take their room from the
+    least-recently-used part, which holds the picks of the token before only while its room
+    outlasts a token's picks (K x layers experts): the synthetic Qwen3-30B-A3B at 2 GB (a cache of
+    391 experts, a token picking 384) held 78% of a decode's picks with no pins and 3% with half
+    of the cache pinned; at 8 GB the pins, read at load, spare the first uses' misses."""
+    rates = _hit_rates(g, names, capacity, counts_file, n_used)
+    return PIN_SHARES[rates.index(max(rates))]
+
+
+def _hit_rates(g: GGUFFile, names, capacity: int, counts_file: Path | None,
+               n_used: int) -> list[float]:
+    """_hit_rate at each of PIN_SHARES."""
+    return [_hit_rate(g, names, capacity, counts_file, n_used, share) for share in PIN_SHARES]
+
+
+def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int,
+              share: float) -> float:
+    """The share of a decode token's picks a cache holds whose `share` of the capacity, at most,
+    is pinned to the experts counted most in earlier runs, the rest least recently used.
 
     - The pins hold what the router prefers whatever the text (router_prior): counts of earlier
       texts pick the pins, but what made those texts pick them beyond the router's own preference
@@ -145,7 +168,7 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     if counts is None:
         counts = np.zeros((max(per_layer) + 1, n), dtype=np.int64)
     unit_of = {l: b // n for l, b in per_layer.items()}
-    pins = _pins(counts, unit_of, capacity)
+    pins = _pins(counts, unit_of, capacity, share)
     layers = sorted(per_layer)
     prior = router_prior(g, names, k)
     if prior is None:  # every expert alike
@@ -224,10 +247,11 @@ def _host(g: GGUFFile, name: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _pins(counts: np.ndarray, unit: dict[int, int], capacity: int) -> set[tuple[int, int]]:
+def _pins(counts: np.ndarray, unit: dict[int, int], capacity: int,
+          share: float) -> set[tuple[int, int]]:
     """The (layer, expert)s warm() pins for these counts (rows: layers, a layer without experts
-    absent from `unit`): the most counted, while they fit PIN_SHARE of the capacity."""
-    out, room = set(), capacity * PIN_SHARE
+    absent from `unit`): the most counted, while they fit `share` of the capacity."""
+    out, room = set(), capacity * share
     for flat in np.argsort(-counts, axis=None, kind="stable"):
         layer, e = divmod(int(flat), counts.shape[1])
         if counts[layer, e] == 0:
@@ -391,6 +415,7 @@ class ExpertStore:
         self.counts_file = counts_file
         self._resident: set[tuple[int, int]] = set()  # (layer, expert) held (or being read)
         self._pinned: set[tuple[int, int]] = set()
+        self.pin_share = 0.0  # of the capacity pinned by warm() (pin_share)
         # least recently used first, pinned ones apart (evicted last): eviction takes from the
         # front, never sorting the cache (at 8 GB it holds ~2,700 of Qwen3-30B-A3B's 6,144
         # experts, and a sort per layer per token cost tens of ms a token)
@@ -458,13 +483,17 @@ class ExpertStore:
 
     # ---- warm start
     def warm(self) -> None:
-        """Read the counts of earlier runs and load the experts used most, up to PIN_SHARE of the
-        capacity (all of them when the capacity holds every expert), pinned from then on."""
+        """Read the counts of earlier runs and load the experts used most, up to the share of the
+        capacity pin_share chooses (all of them when the capacity holds every expert), pinned
+        from then on."""
         self._saved = self._read_counts()
         if self.capacity >= self.total_bytes:
             keys = [(layer, e) for layer in self._slabs for e in range(self.n_expert)]
         else:
-            keys = sorted(_pins(self._saved, self.unit_bytes, self.capacity),  # most counted first
+            if self._saved.any():
+                self.pin_share = pin_share(self.g, self._names, self.capacity, self.counts_file,
+                                           self.cfg.n_expert_used)
+            keys = sorted(_pins(self._saved, self.unit_bytes, self.capacity, self.pin_share),
                           key=lambda k: (-self._saved[k], k[0] * self.n_expert + k[1]))
         want: dict[int, list[int]] = {}
         for layer, e in keys:
@@ -897,7 +926,7 @@ class ExpertStore:
                 "hit_rate": round(self.hits / looked, 4) if looked else 0.0,
                 "bytes_read": self.bytes_read, "fetch_s": round(self.fetch_s, 4),
                 "recycled_slabs": self.recycled,
-                "pinned": len(self._pinned)}
+                "pinned": len(self._pinned), "pin_share": self.pin_share}
 
     def close(self) -> None:
         if self._arena is None:

@@ -110,7 +110,9 @@ def test_only_the_picked_experts_are_read(resident):
                         assert not np.frombuffer(ex.ggml_ops.memview(inner, 4096), np.uint8).any()
 
 
-def test_counts_are_saved_and_warm_the_next_run(resident, home):
+def test_counts_are_saved_and_warm_the_next_run(resident, home, monkeypatch):
+    """The next run pins the experts counted most, as much of the cache as pin_share says (here
+    forced to half: the estimate prefers none for this tiny model's trace)."""
     path, want = resident
     got, first, _ = _run(path, expert_cache=0)
     files = list((home / "experts").glob("*.json"))
@@ -118,8 +120,14 @@ def test_counts_are_saved_and_warm_the_next_run(resident, home):
     counts = np.asarray(json.loads(files[0].read_text())["counts"])
     n_tok = len(PROMPT) + len(DECODE)
     assert counts.shape[1] == 8 and (counts.sum(axis=1) == n_tok * 2).all(), counts  # K = 2
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0) as m:
+        st = m._experts
+        assert st.pin_share == ex.pin_share(st.g, st._names, st.capacity, st.counts_file, 2)
+        assert len(st._pinned) * min(st.unit_bytes.values()) <= st.pin_share * st.capacity
+    monkeypatch.setattr(ex, "PIN_SHARES", (0.5,))
     got2, second, _ = _run(path, expert_cache=0)
     assert np.array_equal(got2, want)
+    assert second["pin_share"] == 0.5
     assert second["pinned"] > 0 and second["hits"] > first["hits"], (first, second)
 
 
@@ -384,12 +392,16 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     warm = ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g))
     unit = {l: b // cfg.n_expert for l, b in ex.layer_expert_bytes(g, names).items()}
     counts = np.asarray(json.loads(ex.counts_path(g).read_text())["counts"])
-    pins = ex._pins(counts, unit, floor)  # what warm() pins: the replay's LRU holds the rest
-    prior = ex.router_prior(g, names, cfg.n_expert_used)
-    share = sum(prior[l, e] for l, e in pins) / len(unit)  # the router's own preference
-    lru = floor - sum(unit[l] for l, _ in pins)
-    assert pins and 0 < share < 1 and warm.miss_rate == pytest.approx(1 - share - (1 - share) * (
-        ex.replayed_hit_rate(trace, unit, int(lru / (1 - share)), cfg.n_expert_used)))
+    rates = []
+    for part in ex.PIN_SHARES:  # warm() pins the most counted: the replay's LRU holds the rest
+        pins = ex._pins(counts, unit, floor, part)
+        prior = ex.router_prior(g, names, cfg.n_expert_used)
+        share = sum(prior[l, e] for l, e in pins) / len(unit)  # the router's own preference
+        lru = floor - sum(unit[l] for l, _ in pins)
+        assert 0 <= share < 1 and (share > 0) == (part > 0)
+        rates.append(share + (1 - share) * ex.replayed_hit_rate(trace, unit, int(lru / (1 - share)),
+                                                                 cfg.n_expert_used))
+    assert warm.miss_rate == pytest.approx(1 - max(rates))
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
                  experts="auto") as m:
         p = m.plan
@@ -407,42 +419,60 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
         got.t_cpu + warm.missed_bytes / mach.repack_bw)
 
 
-def _one_layer(tmp_path, counts, capacity, trace):
-    """expected_hit_rate of one layer of eight one-byte experts, K=2, with these counts and
-    trace (a model without routers: every expert alike to them)."""
+def _one_layer(tmp_path, counts, capacity, trace, share=None):
+    """The hit rate expected of one layer of eight one-byte experts, K=2, with these counts and
+    trace (a model without routers: every expert alike to them): with `share` of the capacity
+    pinned, or the share pin_share chooses (and the share itself)."""
     from types import SimpleNamespace
     t = SimpleNamespace(nbytes=8, shape=(1, 1, 8), type=0)
     g = SimpleNamespace(tensors={"blk.0.ffn_up_exps.weight": t}, path=str(tmp_path / "m.gguf"),
                         file_size=1)
     f = tmp_path / "counts.json"
     f.write_text(json.dumps({"counts": [counts], "trace": trace}))
-    return ex.expected_hit_rate(g, ["blk.0.ffn_up_exps.weight"], capacity, f, 2)
+    names = ["blk.0.ffn_up_exps.weight"]
+    if share is None:
+        return (ex.expected_hit_rate(g, names, capacity, f, 2),
+                ex.pin_share(g, names, capacity, f, 2))
+    return ex._hit_rate(g, names, capacity, f, 2, share)
 
 
 ALTERNATE = [[0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3]]
+OWN = [3, 3, 3, 3, 0, 0, 0, 0]
 
 
 def test_the_pins_hold_the_routers_share_and_leave_the_lru_their_room(tmp_path, monkeypatch):
-    """Tokens alternate {0,1} and {2,3}. The pins (the most counted, PIN_SHARE of the capacity)
-    hold what the router prefers whatever the text (alike for every expert without routers: 2 of
-    8 pinned hold 2/8), not the trace's share of them; the rest of the picks go to an LRU of the
-    rest of the capacity, replayed over the trace with its room scaled by the share it serves."""
-    own = [3, 3, 3, 3, 0, 0, 0, 0]
+    """Tokens alternate {0,1} and {2,3}. The pins (the most counted, up to a share of the
+    capacity) hold what the router prefers whatever the text (alike for every expert without
+    routers: 2 of 8 pinned hold 2/8), not the trace's share of them; the rest of the picks go to
+    an LRU of the rest of the capacity, replayed over the trace with its room scaled by the share
+    it serves."""
     assert ex.replayed_hit_rate(ALTERNATE, {0: 1}, 4, 2) == pytest.approx(4 / 6)
-    # capacity 4: pins 0 and 1 hold 2/8; the LRU's 2 bytes serve 6/8 of the picks, as 2.67 would
-    # serve them all: {0,1} then {2,3} evict each other, no hit (the trace's own 3/6 on the pins
-    # would have promised 50% and more)
-    assert _one_layer(tmp_path, own, 4, ALTERNATE) == pytest.approx(2 / 8)
+    # capacity 4, half pinned: 0 and 1 hold 2/8; the LRU's 2 bytes serve 6/8 of the picks, as
+    # 2.67 would serve them all: {0,1} then {2,3} evict each other, no hit (the trace's own 3/6
+    # on the pins would have promised 50% and more)
+    assert _one_layer(tmp_path, OWN, 4, ALTERNATE, 0.5) == pytest.approx(2 / 8)
     # counts choose which experts are pinned, not how much they hold
-    assert _one_layer(tmp_path, [0, 0, 0, 0, 0, 0, 5, 5], 4, ALTERNATE) == pytest.approx(2 / 8)
+    assert _one_layer(tmp_path, [0, 0, 0, 0, 0, 0, 5, 5], 4, ALTERNATE, 0.5) == \
+        pytest.approx(2 / 8)
     # capacity 6: 3 pinned hold 3/8; 3 bytes of LRU serving 5/8 replay as 4: from the third step
     # on every step hits (4 of 6)
-    assert _one_layer(tmp_path, own, 6, ALTERNATE) == pytest.approx(3 / 8 + 5 / 8 * 4 / 6)
+    assert _one_layer(tmp_path, OWN, 6, ALTERNATE, 0.5) == pytest.approx(3 / 8 + 5 / 8 * 4 / 6)
     # a router that prefers 0 and 1 (80% of its picks): the pins hold 0.8, the LRU's 2 bytes
     # serve a fifth of the picks as 10 would serve them all (every step from the third: 4 of 6)
     monkeypatch.setattr(ex, "router_prior", lambda g, names, k: np.array(
         [[0.4, 0.4] + [0.2 / 6] * 6]))
-    assert _one_layer(tmp_path, own, 4, ALTERNATE) == pytest.approx(0.8 + 0.2 * 4 / 6)
+    assert _one_layer(tmp_path, OWN, 4, ALTERNATE, 0.5) == pytest.approx(0.8 + 0.2 * 4 / 6)
+
+
+def test_the_pins_are_as_many_as_hit_most(tmp_path):
+    """pin_share takes the share of the capacity to pin whose expected hit rate is highest. Two
+    tokens alternating fit an LRU of the whole capacity (4): no pins, 4 of 6 hit (half of it
+    pinned: 2/8). Three tokens in turn do not: an LRU of 4 holds none of a cycle of 6 picks, and
+    half of the capacity pinned to 0 and 1 holds 2/8."""
+    assert _one_layer(tmp_path, OWN, 4, ALTERNATE) == (pytest.approx(4 / 6), 0.0)
+    cycle = [[0, 0, 1], [0, 2, 3], [0, 4, 5]] * 3
+    assert _one_layer(tmp_path, [3, 3, 1, 1, 1, 1, 0, 0], 4, cycle, 0.0) == 0.0
+    assert _one_layer(tmp_path, [3, 3, 1, 1, 1, 1, 0, 0], 4, cycle) == (pytest.approx(2 / 8), 0.5)
 
 
 def test_the_router_prior_is_its_preference_for_any_text(tmp_path):
