@@ -908,9 +908,32 @@ class ExpertStore:
         self.capacity = max(min(capacity, self.total_bytes), self._floor)
         self._drop_pool()
         before = self.used_bytes
+        self._repin()
         self._make_room(set(), 0)
         self._release_spares()
         return before - self.used_bytes
+
+    def _repin(self) -> None:
+        """After a change of capacity: the pins warm() would choose for it (pin_share, on the
+        counts of earlier runs and this one's), of those cached; no read. Unpinned experts join
+        the least recently used end. A cache shrunk below a token's picks keeps its pinned part
+        (an LRU part smaller than a token's picks evicts each before its layer comes again); one
+        grown past them gives the LRU its room back."""
+        counts = self._saved + self.counts
+        if self.capacity >= self.total_bytes or not counts.any():
+            return
+        self.pin_share = pin_share(self.g, self._names, self.capacity, self.counts_file,
+                                   self.cfg.n_expert_used)
+        want = _pins(counts, self.unit_bytes, self.capacity, self.pin_share) & self._resident
+        for key in [k for k in self._pinned_order if k not in want]:
+            self._pinned.discard(key)
+            del self._pinned_order[key]
+            self._order[key] = None
+            self._order.move_to_end(key, last=False)
+        for key in want - self._pinned:
+            del self._order[key]
+            self._pinned.add(key)
+            self._pinned_order[key] = None
 
     def resident(self, layer: int) -> list[int]:
         """The layer's cached experts, in order (for tests and stats)."""

@@ -541,6 +541,31 @@ def test_a_budget_change_resizes_the_expert_cache(resident):
         assert np.array_equal(full, want[:len(PROMPT)])
 
 
+def test_a_budget_change_chooses_the_pins_again(resident, monkeypatch):
+    """A cache shrunk by a budget change pins what warm() would pin at its new capacity (of what
+    it holds: no read), the rest least recently used and evicted first; grown again with no pins
+    chosen, it unpins them all. The logits do not change."""
+    path, want = resident
+    _run(path, expert_cache=0)  # counts for the pins
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET) as m:
+        st = m._experts
+        full = m.logits(PROMPT)
+        assert st._pinned == st._resident  # the cache holds every expert: all pinned
+        held = set(st._resident)
+        monkeypatch.setattr(ex, "PIN_SHARES", (0.5,))
+        m.set_memory_budget(m.minimum_budget())
+        assert st.capacity < st.total_bytes and st.pin_share == 0.5
+        pins = ex._pins(st._saved + st.counts, st.unit_bytes, st.capacity, 0.5) & held
+        assert pins and st._pinned == pins and pins <= st._resident
+        assert set(st._order).isdisjoint(pins) and set(st._pinned_order) == pins
+        assert np.array_equal(m.logits(PROMPT), full)
+        monkeypatch.setattr(ex, "PIN_SHARES", (0.0,))
+        m.set_memory_budget(m.minimum_budget() + 1)
+        assert st.pin_share == 0.0 and not st._pinned and not st._pinned_order
+        assert set(st._order) == st._resident
+        assert np.array_equal(m.logits(PROMPT), want[:len(PROMPT)])
+
+
 def test_the_moe_bench_table():
     """scripts/bench_moe.py's bound and table from rows as its points write them."""
     import importlib.util
