@@ -59,7 +59,7 @@ def prefill(model, ids: list[int], times: RunTimes, seq: int = 0):
     (at least the last token is evaluated, for its logits); returns the last logits."""
     t0 = time.perf_counter()
     cached = model.cache.reusable_prefix(seq, ids)
-    logits = model._forward(ids[cached:], cached, seq=seq)[-1]
+    logits = model.evaluate(ids[cached:], cached, seq=seq)[-1]
     times.prompt_tokens, times.cached_tokens = len(ids), cached
     times.prefill_s = time.perf_counter() - t0
     return logits
@@ -69,7 +69,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
                  times: RunTimes | None = None, seq: int = 0) -> Iterator[int]:
     """Yield generated token ids until an end-of-generation token, max_tokens, or a full context."""
     times = times if times is not None else RunTimes()
-    model._check_tokens(ids)
+    model.check_tokens(ids)
     sampler = sampler_for(opts)
     history = list(ids)
     logits = prefill(model, ids, times, seq)
@@ -86,7 +86,7 @@ def generate_ids(model, ids: list[int], opts: SamplingOptions,
             yield tok
             if len(history) >= model.n_ctx:
                 return
-            logits = model._forward([tok], len(history) - 1, seq=seq)[-1]
+            logits = model.evaluate([tok], len(history) - 1, seq=seq)[-1]
     finally:
         r1, io1, st1, cv1, d1 = model.io_counters()
         times.decode_s = time.perf_counter() - t0

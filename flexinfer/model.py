@@ -165,16 +165,18 @@ class Model:
     def logits(self, ids: list[int]) -> np.ndarray:
         """float32 logits, one row per position: (len(ids), n_vocab), evaluated from position 0
         in sequence 0."""
-        self._check_tokens(ids)
-        return self._forward(list(ids), 0, all_logits=True)
+        self.check_tokens(ids)
+        return self.evaluate(list(ids), 0, all_logits=True)
 
-    def _check_tokens(self, ids) -> None:
+    def check_tokens(self, ids) -> None:
+        """A prompt of token ids one sequence can evaluate: not empty, within the context, every
+        id in the vocabulary (FlexInferError saying which is not)."""
         if not ids:
             raise FlexInferError("no tokens to evaluate")
         if len(ids) > self.n_ctx:
             raise FlexInferError(f"{len(ids)} tokens do not fit the context of {self.n_ctx} "
                                  "(use --ctx-size or --truncate)")
-        self._check_tokens_range(ids)
+        self.check_token_ids(ids)
 
     def step(self, batch: TokenBatch, more_prompt: bool = False) -> np.ndarray:
         """One weight pass for every token of the batch (each with its sequence and position):
@@ -275,7 +277,7 @@ class Model:
             raise FlexInferError("no tokens to evaluate")
         if not len(b.tokens) == len(b.seqs) == len(b.pos) == len(b.logits):
             raise FlexInferError("batch: tokens, seqs, pos and logits differ in length")
-        self._check_tokens_range(b.tokens)
+        self.check_token_ids(b.tokens)
         nxt = {}
         for seq, pos in zip(b.seqs, b.pos):
             if not 0 <= seq < self.n_seq:
@@ -289,16 +291,18 @@ class Model:
                 raise FlexInferError(f"batch: sequence {seq} is full (context {self.n_ctx})")
             nxt[seq] = pos + 1
 
-    def _check_tokens_range(self, ids) -> None:
+    def check_token_ids(self, ids) -> None:
+        """Every id in the vocabulary (FlexInferError naming the first that is not)."""
         bad = [t for t in ids if not 0 <= t < self.cfg.n_vocab]
         if bad:
             raise FlexInferError(f"token id {bad[0]} is outside the vocabulary "
                                  f"(0..{self.cfg.n_vocab - 1})")
 
-    def _forward(self, ids: list[int], pos: int, all_logits: bool = False,
+    def evaluate(self, ids: list[int], pos: int, all_logits: bool = False,
                  seq: int = 0) -> np.ndarray:
-        """ids at positions pos.. of one sequence (what it held from pos on is forgotten):
-        the last token's logits (1, n_vocab), or every token's with all_logits."""
+        """ids at positions pos.. of one sequence (what it held from pos on is forgotten): the
+        last token's logits (1, n_vocab), or every token's with all_logits. One sequence's step
+        (generate.py's prefill and decode); `step` takes several."""
         self.cache.keep(seq, pos)
         b = TokenBatch()
         b.add_run(list(ids), seq, pos, all_logits=all_logits)

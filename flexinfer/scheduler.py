@@ -115,7 +115,7 @@ class BatchLoop:
         if len(req.ids) >= m.n_ctx:
             raise FlexInferError(f"request {req.id}: the prompt is {len(req.ids)} tokens but the "
                                  f"context holds {m.n_ctx}")
-        m._check_tokens_range(req.ids)
+        m.check_token_ids(req.ids)
 
     def _admit(self) -> None:
         """Cancelled waiting requests leave the queue; then the first ones take free slots."""

@@ -48,13 +48,13 @@ def _greedy(m, n_steps: int, changes: dict[int, int] | None = None):
     """The prompt's logits and n_steps greedy steps' logits; before step k (1-based), the budget
     changes to changes[k]. Returns the logits and the resident bytes after every step."""
     ids = [t % m.cfg.n_vocab for t in PROMPT]
-    out, held = [m._forward(ids, 0)], [m.resident_weight_bytes()]
+    out, held = [m.evaluate(ids, 0)], [m.resident_weight_bytes()]
     for k in range(1, n_steps + 1):
         if changes and k in changes:
             m.set_memory_budget(changes[k])
             assert m.plan.total_bytes() <= changes[k]
         ids.append(int(out[-1][-1].argmax()))
-        out.append(m._forward(ids[-1:], len(ids) - 1))
+        out.append(m.evaluate(ids[-1:], len(ids) - 1))
         held.append(m.resident_weight_bytes())
     return np.concatenate(out), held
 
@@ -158,14 +158,14 @@ def test_growing_through_the_ring_reads_nothing_more(layered_path):
     with _load(layered_path) as m:
         m.set_memory_budget(m.minimum_budget())
         ids = [t % m.cfg.n_vocab for t in PROMPT]
-        out, reads = [m._forward(ids, 0)], []
+        out, reads = [m.evaluate(ids, 0)], []
         for k in range(1, 7):
             if k == 3:
                 change = m.set_memory_budget(ROOMY)
                 assert change.read_bytes == 0 and change.pending_bytes > 0
             ids.append(int(out[-1][-1].argmax()))
             r0 = m._reader.bytes_read
-            out.append(m._forward(ids[-1:], len(ids) - 1))
+            out.append(m.evaluate(ids[-1:], len(ids) - 1))
             reads.append(m._reader.bytes_read - r0)
         assert m._residency.pending_bytes() == 0 and m._residency.ring is None
         assert m.resident_weight_bytes() == sum(b.nbytes for b in m._store.all_blocks())
@@ -187,12 +187,12 @@ def test_a_matrix_resident_whole_is_one_header(layered_path):
         assert max(len(bs) for bs in m._store.blocks.values()) > 2  # 16 KiB blocks: many
         assert _split_matrices(m) == 0
         ids = [t % m.cfg.n_vocab for t in PROMPT]
-        whole = m._forward(ids, 0)
+        whole = m.evaluate(ids, 0)
         m.set_memory_budget(m.minimum_budget())
         assert _split_matrices(m) > 0
-        streamed = m._forward(ids, 0)
+        streamed = m.evaluate(ids, 0)
         m.set_memory_budget(ROOMY)
         m.settle()
         assert _split_matrices(m) == 0
-        again = m._forward(ids, 0)
+        again = m.evaluate(ids, 0)
     assert np.array_equal(whole, streamed) and np.array_equal(whole, again)

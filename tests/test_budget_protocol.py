@@ -82,7 +82,7 @@ budget = sys.argv[2] if sys.argv[2] == "auto" else int(sys.argv[2])
 follow.Paths = functools.partial(follow.Paths, pressure="/nonexistent/pressure")
 m = flexinfer.load(sys.argv[1], n_ctx=256, n_threads=2, memory_budget=budget)
 ids = m.tokenize("The capital of France is")
-logits, out = m._forward(ids, 0), []
+logits, out = m.evaluate(ids, 0), []
 
 def vmlck():
     for line in open("/proc/self/status"):
@@ -101,7 +101,7 @@ for line in sys.stdin:
     if cmd == "gen":
         for _ in range(int(args[0])):
             out.append(int(logits[-1].argmax()))
-            logits = m._forward([out[-1]], len(ids) + len(out) - 1)
+            logits = m.evaluate([out[-1]], len(ids) + len(out) - 1)
         status()
     elif cmd == "budget":
         c = m.set_memory_budget(int(args[0]))

@@ -108,7 +108,7 @@ def test_decode_equals_batch(tiny_qwen2_path):
     with fm.load(tiny_qwen2_path, n_ctx=64, n_threads=2) as m:
         batch = m.logits(PROMPT[:6])
     with fm.load(tiny_qwen2_path, n_ctx=64, n_threads=2) as m:
-        steps = np.concatenate([m._forward([t], i) for i, t in enumerate(PROMPT[:6])])
+        steps = np.concatenate([m.evaluate([t], i) for i, t in enumerate(PROMPT[:6])])
     assert np.allclose(steps, batch, atol=1e-3 * np.abs(batch).max())
 
 
@@ -203,11 +203,11 @@ def _steps(path, n_steps=20, **opts):
     """The prompt's logits, then greedy decoding one token at a time: every step's logits."""
     with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
         ids = [t % m.cfg.n_vocab for t in PROMPT]
-        out = [m._forward(ids, 0)]
+        out = [m.evaluate(ids, 0)]
         stages, resident = [m._residency.stage], [m.stats.resident_bytes]
         for _ in range(n_steps):
             ids.append(int(out[-1][-1].argmax()))
-            out.append(m._forward(ids[-1:], len(ids) - 1))
+            out.append(m.evaluate(ids[-1:], len(ids) - 1))
             stages.append(m._residency.stage)
             resident.append(m.stats.resident_bytes)
         threads = m.prefetch_threads_alive
@@ -326,7 +326,7 @@ def _chat(path, **opts):
 
         def step(ids, pos):
             before = m._reader.bytes_read
-            out.append(m._forward(ids, pos))
+            out.append(m.evaluate(ids, pos))
             reads.append(m._reader.bytes_read - before)
             held.append(s.resident_bytes)
             assert not s.lent  # outside a forward pass the loan is always back

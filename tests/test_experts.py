@@ -35,7 +35,7 @@ def _run(path, **opts):
     with fm.load(path, n_ctx=64, n_threads=2, **{"memory_budget": BUDGET, **opts}) as m:
         out = [m.logits(PROMPT)]
         for t in DECODE:
-            out.append(m._forward([t], len(m.cache.tokens[0])))
+            out.append(m.evaluate([t], len(m.cache.tokens[0])))
         return np.concatenate(out), dict(m.stats.experts), m
 
 
@@ -95,7 +95,7 @@ def test_only_the_picked_experts_are_read(resident):
                  expert_prefetch=False) as m:
         st = m._experts
         assert st.hits + st.misses == 0 and st.bytes_read == 0  # a cold cache: nothing read yet
-        m._forward([PROMPT[0]], 0)  # one token: K experts per layer
+        m.evaluate([PROMPT[0]], 0)  # one token: K experts per layer
         k, layers = m.cfg.n_expert_used, m.cfg.n_layer
         assert st.misses == k * layers and st.hits == 0
         assert st.bytes_read == sum(st.unit_bytes[l] for l in range(layers)) * k
@@ -272,7 +272,7 @@ def _run_checking_cache(path, want):
                  expert_prefetch=True, repack=False) as m:
         out = [m.logits(PROMPT)]
         for t in DECODE:
-            out.append(m._forward([t], len(m.cache.tokens[0])))
+            out.append(m.evaluate([t], len(m.cache.tokens[0])))
         st = m._experts
         st._bg.wait()
         st._drop_abandoned()  # as the next fetch would
@@ -324,11 +324,11 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
         step = 0
         with pytest.raises(ex.StreamError, match="expert read-ahead failed: OSError: disk gone"):
             for step, t in enumerate(DECODE):
-                m._forward([t], len(m.cache.tokens[0]))
+                m.evaluate([t], len(m.cache.tokens[0]))
         layer, lost = calls[0]
         assert lost and not any((layer, e) in m._experts._resident for e in lost)
         for j in range(step, len(DECODE)):  # the failed step again, and on
-            got = m._forward([DECODE[j]], len(m.cache.tokens[0]))
+            got = m.evaluate([DECODE[j]], len(m.cache.tokens[0]))
             assert np.array_equal(got[0], want[len(PROMPT) + j])
 
 

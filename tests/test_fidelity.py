@@ -150,8 +150,8 @@ def test_decode_steps_match_llamacpp(case):
     if dec is None:
         pytest.skip("no decode steps in this reference")
     ids, start = ref["teacher_forced"]["ids"][:dec["decode_to"]], dec["decode_from"]
-    rows = [model._forward(ids[:start], 0)[-1]]
-    rows += [model._forward([t], p)[-1] for p, t in enumerate(ids[start:], start)]
+    rows = [model.evaluate(ids[:start], 0)[-1]]
+    rows += [model.evaluate([t], p)[-1] for p, t in enumerate(ids[start:], start)]
     agree, diff = compare(np.stack(rows), dec["top8_flash_attn_on"])
     print(f"\n{name}: {len(rows)} decode steps: top-1 agreement {agree:.4f}, max logit diff "
           f"{diff:.3g}")

@@ -92,13 +92,13 @@ with flexinfer.load(sys.argv[1], n_ctx=256, n_threads=2, memory_budget=budget) a
     ids, out = [], []
     for turn in ("The capital of France is", " and the capital of Italy is"):
         new = m.tokenize(turn, add_bos=not ids)
-        logits = m._forward(new, len(ids))  # a prompt batch, after the history so far
+        logits = m.evaluate(new, len(ids))  # a prompt batch, after the history so far
         ids += new
         for _ in range(12):
             tok = int(logits[-1].argmax())
             ids.append(tok)
             out.append(tok)
-            logits = m._forward([tok], len(ids) - 1)
+            logits = m.evaluate([tok], len(ids) - 1)
     print(json.dumps({"tokens": out, "prompts": m._residency.prompts, "loan": m.plan.loan_bytes}))
 """
 

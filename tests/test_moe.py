@@ -77,7 +77,7 @@ def decode_run(path, prompt: list[int], **opts):
     with fm.load(path, n_ctx=64, n_threads=2, **opts) as m:
         out = [m.logits(prompt)]
         for t in prompt[:6]:
-            out.append(m._forward([t], len(m.cache.tokens[0])))
+            out.append(m.evaluate([t], len(m.cache.tokens[0])))
         return np.concatenate(out), dict(m.stats.experts)
 
 

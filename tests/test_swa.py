@@ -71,7 +71,7 @@ def _fresh(path, ref, *runs):
     """Logits of the last run, each run (ids, pos) evaluated in turn in a fresh model."""
     with load(path, ref["settings"]) as m:
         for ids, pos in runs:
-            out = m._forward(ids, pos, all_logits=True)
+            out = m.evaluate(ids, pos, all_logits=True)
     return out
 
 
@@ -84,32 +84,32 @@ def test_prefix_reuse_only_while_the_rings_hold_it(ring, monkeypatch):
     a, b = ids[:300], ids[400:430]
     with load(path, ref["settings"]) as m:
         kv = m.cache
-        m._forward(a, 0)
-        m._forward(ids[300:320], 300)
+        m.evaluate(a, 0)
+        m.evaluate(ids[300:320], 300)
         assert kv.reusable_prefix(0, a + b) == 300
         kv.keep(0, 300)
-        near = m._forward(b, 300, all_logits=True)
+        near = m.evaluate(b, 300, all_logits=True)
         np.testing.assert_array_equal(near, _fresh(path, ref, (a, 0), (b, 300)))
 
         kv.keep(0, 300)
-        m._forward(ids[300:600], 300)  # 600 positions: cells of 285..299 hold 541..555
+        m.evaluate(ids[300:600], 300)  # 600 positions: cells of 285..299 hold 541..555
         assert kv.common_prefix(0, a + b) == 300 and kv.reusable_prefix(0, a + b) == 0
         assert kv.keep(0, 300) == 0 and kv.tokens[0] == []  # keep refuses it too
-        far = m._forward(a + b, 0, all_logits=True)
+        far = m.evaluate(a + b, 0, all_logits=True)
         fresh = _fresh(path, ref, (a + b, 0))
         np.testing.assert_array_equal(far, fresh)
 
-        m._forward(ids[330:600], 330)
+        m.evaluate(ids[330:600], 330)
         monkeypatch.setattr(KVCache, "reusable", lambda self, seq, n: True)  # broken on purpose
         kv.keep(0, 300)
-        stale = m._forward(b, 300, all_logits=True)
+        stale = m.evaluate(b, 300, all_logits=True)
     assert not np.array_equal(stale, fresh[300:])
 
 
 def _decode_two(path, ref, prompts, steps) -> list[np.ndarray]:
     """Two sequences prefilled one by one, then decoded together: each one's logits rows."""
     with load(path, ref["settings"], n_seq=2) as m:
-        rows = [[m._forward(p, 0, seq=s)[-1]] for s, p in enumerate(prompts)]
+        rows = [[m.evaluate(p, 0, seq=s)[-1]] for s, p in enumerate(prompts)]
         for i in range(len(steps[0]) - 1):
             b = TokenBatch()
             for s in range(2):
@@ -142,7 +142,7 @@ def test_the_rings_are_charged_no_more_than_the_plan_counts(ring):
     ids = ref["teacher_forced"]["ids"]
     with load(path, ref["settings"]) as m:
         kv, cfg = m.cache, m.cfg
-        m._forward(ids[:600], 0)
+        m.evaluate(ids[:600], 0)
         rss, bound = _smaps_rss(kv._mem.base), kv_charged(cfg, kv.cells_charged(), swa=256)
         assert rss <= bound
         assert bound == (600 + 5 * 256) * 1024  # one global layer at 600 cells, five rings
