@@ -112,31 +112,35 @@ def counts_path(g: GGUFFile) -> Path:
 
 
 def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None,
-                      n_used: int = 0) -> float:
+                      n_used: int = 0, n_seq: int = 1) -> float:
     """The planner's estimate of the share of a decode token's picks the cache holds before the
-    step (the read-ahead's own hits not counted), with the pins warm() chooses (pin_share)."""
-    return max(_hit_rates(g, names, capacity, counts_file, n_used))
+    step (the read-ahead's own hits not counted), with the pins warm() chooses (pin_share), when
+    n_seq sequences decode together."""
+    return max(_hit_rates(g, names, capacity, counts_file, n_used, n_seq))
 
 
-def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int) -> float:
+def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int,
+              n_seq: int = 1) -> float:
     """The share of the capacity warm() pins: of PIN_SHARES, the one whose expected hit rate is
     highest (the smaller on a tie). Pins always hit but take their room from the
     least-recently-used part, which holds the picks of the token before only while its room
     outlasts a token's picks (K x layers experts): the synthetic Qwen3-30B-A3B at 2 GB (a cache of
     391 experts, a token picking 384) held 78% of a decode's picks with no pins and 3% with half
-    of the cache pinned; at 8 GB the pins, read at load, spare the first uses' misses."""
-    rates = _hit_rates(g, names, capacity, counts_file, n_used)
+    of the cache pinned; at 8 GB the pins, read at load, spare the first uses' misses. Several
+    sequences decoding together pick more a step: the LRU part must outlast all their picks."""
+    rates = _hit_rates(g, names, capacity, counts_file, n_used, n_seq)
     return PIN_SHARES[rates.index(max(rates))]
 
 
 def _hit_rates(g: GGUFFile, names, capacity: int, counts_file: Path | None,
-               n_used: int) -> list[float]:
+               n_used: int, n_seq: int = 1) -> list[float]:
     """_hit_rate at each of PIN_SHARES."""
-    return [_hit_rate(g, names, capacity, counts_file, n_used, share) for share in PIN_SHARES]
+    return [_hit_rate(g, names, capacity, counts_file, n_used, share, n_seq)
+            for share in PIN_SHARES]
 
 
 def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int,
-              share: float) -> float:
+              share: float, n_seq: int = 1) -> float:
     """The share of a decode token's picks a cache holds whose `share` of the capacity, at most,
     is pinned to the experts counted most in earlier runs, the rest least recently used.
 
@@ -177,7 +181,8 @@ def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
     lru = capacity - sum(unit_of[l] for l, _ in pins)
     trace = _load_trace(counts_file, n)
     if trace and h_pin < 1.0:
-        replayed = replayed_hit_rate(trace, unit_of, int(lru / (1.0 - h_pin)), k)
+        replayed = replayed_hit_rate(trace, unit_of, int(lru / (1.0 - h_pin)), k,
+                                     n_seq=n_seq)
         if replayed is not None:
             return h_pin + (1.0 - h_pin) * replayed
     row = {l: i for i, l in enumerate(layers)}
@@ -192,7 +197,7 @@ def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
     units = np.repeat(unit, n)
     flat = prob.ravel() / len(layers)  # a share of all of a token's picks
     held_share = (prob * pinned.reshape(prob.shape)).sum(axis=1)  # per layer, pinned
-    loads = float((k * unit * (1 - held_share)).sum())  # bytes a token loads
+    loads = n_seq * float((k * unit * (1 - held_share)).sum())  # bytes a step loads
     if lru < loads:
         return h_pin
     rest = np.flatnonzero(~pinned)
@@ -281,20 +286,24 @@ def _load_trace(f: Path | None, n_expert: int) -> list[list[int]]:
 
 
 def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: int,
-                      k: int, pinned: set[tuple[int, int]] = frozenset()) -> float | None:
-    """The share of single-token steps' picks a least-recently-used cache of `capacity` bytes
-    held when the recorded picks are replayed (Mattson: one replay per capacity). A recorded run
+                      k: int, pinned: set[tuple[int, int]] = frozenset(),
+                      n_seq: int = 1) -> float | None:
+    """The share of decode steps' picks a least-recently-used cache of `capacity` bytes held
+    when the recorded picks are replayed (Mattson: one replay per capacity). A recorded run
     carries the router's locality in time, which counts alone lose: on the synthetic
     Qwen3-30B-A3B, a cache of 18% of the experts held 91% of a decode's picks (uniform router),
     where their frequencies promise half that. `pinned` experts always hit and take none of
-    the capacity. None without single-token steps."""
+    the capacity. With n_seq, that many sequences decode together (lockstep). None without
+    decode steps (single-token steps: at most k picks)."""
+    decode = [len(step) - 1 <= k for step in trace]
+    if n_seq > 1:
+        trace, decode = lockstep(trace, k, n_seq)
     order: OrderedDict[tuple[int, int], None] = OrderedDict()
     used = hits = looked = 0
-    for step in trace:
+    for step, single in zip(trace, decode):
         layer, picks = step[0], step[1:]
         if layer not in unit:
             return None
-        single = len(picks) <= k
         for e in picks:
             key = (layer, e)
             if key in pinned:
@@ -319,6 +328,32 @@ def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: in
     return hits / looked if looked else None
 
 
+def lockstep(trace: list[list[int]], k: int, n_seq: int) -> tuple[list[list[int]], list[bool]]:
+    """A trace of one sequence as n_seq sequences decoding together: its decode tokens (runs of
+    single-token steps, a new token where the layer does not grow) cut into n_seq stretches, and
+    step i of layer l the union of the stretches' i-th tokens' picks at l; the prompt steps
+    first, as they were. Returns (steps, which of them are decode steps). Stretches of one text
+    share more experts than other texts would: an optimistic stand-in."""
+    prompt = [step for step in trace if len(step) - 1 > k]
+    tokens: list[dict[int, set[int]]] = []
+    last = None
+    for step in trace:
+        if len(step) - 1 > k:
+            continue
+        if last is None or step[0] <= last:
+            tokens.append({})
+        tokens[-1].setdefault(step[0], set()).update(step[1:])
+        last = step[0]
+    n = min(n_seq, len(tokens)) or 1
+    per = len(tokens) // n
+    steps = []
+    for i in range(per):
+        group = [tokens[j * per + i] for j in range(n)]
+        for layer in sorted(set().union(*group)):
+            steps.append([layer] + sorted(set().union(*(t.get(layer, set()) for t in group))))
+    return prompt + steps, [False] * len(prompt) + [True] * len(steps)
+
+
 def g_n_expert(g: GGUFFile, names) -> int:
     return g.tensors[next(iter(names))].shape[2]
 
@@ -335,12 +370,12 @@ def _load_counts(f: Path | None, shape) -> np.ndarray | None:
 
 
 def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
-                counts_file: Path | None):
-    """planner.ExpertCost of a decode token with this cache."""
+                counts_file: Path | None, n_seq: int = 1):
+    """planner.ExpertCost of a decode token with this cache, n_seq sequences decoding."""
     from flexinfer.planner import ExpertCost
     total = sum(layer_expert_bytes(g, names).values())
     k_share = cfg.n_expert_used / cfg.n_expert
-    miss = 1.0 - expected_hit_rate(g, names, capacity, counts_file, cfg.n_expert_used)
+    miss = 1.0 - expected_hit_rate(g, names, capacity, counts_file, cfg.n_expert_used, n_seq)
     rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
     big = max(g.tensors[n].nbytes // g.tensors[n].shape[2] for n in names)
     layers = len(layer_expert_bytes(g, names)) * (1.0 - (1.0 - miss) ** cfg.n_expert_used)
@@ -379,8 +414,9 @@ class _Slab:
 
 class ExpertStore:
     def __init__(self, g: GGUFFile, cfg, names, capacity: int, reader: DirectReader, *,
-                 repack: bool, counts_file: Path | None = None, note=None):
+                 repack: bool, counts_file: Path | None = None, note=None, n_seq: int = 1):
         self.g, self.cfg, self.reader, self.note = g, cfg, reader, note or (lambda s: None)
+        self.n_seq = n_seq  # sequences decoded together: what the pins are chosen for
         self.n_expert = cfg.n_expert
         names = sorted(names, key=lambda n: (int(n.split(".")[1]), n))
         self._names = names
@@ -492,7 +528,7 @@ class ExpertStore:
         else:
             if self._saved.any():
                 self.pin_share = pin_share(self.g, self._names, self.capacity, self.counts_file,
-                                           self.cfg.n_expert_used)
+                                           self.cfg.n_expert_used, self.n_seq)
             keys = sorted(_pins(self._saved, self.unit_bytes, self.capacity, self.pin_share),
                           key=lambda k: (-self._saved[k], k[0] * self.n_expert + k[1]))
         want: dict[int, list[int]] = {}
@@ -923,7 +959,7 @@ class ExpertStore:
         if self.capacity >= self.total_bytes or not counts.any():
             return
         self.pin_share = pin_share(self.g, self._names, self.capacity, self.counts_file,
-                                   self.cfg.n_expert_used)
+                                   self.cfg.n_expert_used, self.n_seq)
         want = _pins(counts, self.unit_bytes, self.capacity, self.pin_share) & self._resident
         for key in [k for k in self._pinned_order if k not in want]:
             self._pinned.discard(key)

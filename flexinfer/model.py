@@ -133,7 +133,7 @@ class Model:
             self._experts = ex.ExpertStore(self.g, self.cfg, planned.experts,
                                            self.plan.expert_cache_bytes, self._reader,
                                            repack=repack, counts_file=ex.counts_path(self.g),
-                                           note=self._note)
+                                           note=self._note, n_seq=o.n_seq)
             self._experts.warm()
             self._experts.make_pool()  # the rest of the cache, faulted in now, not per token
             if planned.expert_prefetch:
@@ -517,8 +517,8 @@ def _expert_plan(p: Plan, budget: int, g, cfg: ModelConfig, o: Options, owned, l
     if o.expert_cache is not None:
         capacity = o.expert_cache
     capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
-    return with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g)),
-                        mach, capacity)
+    return with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g),
+                                          o.n_seq), mach, capacity)
 
 
 def _kv_and_masks(cfg: ModelConfig, n_ctx: int, n_seq: int, ubatch: int, types) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -246,7 +247,13 @@ def _wrong_and_slow_read_ahead(monkeypatch):
 
     def prefetch(self, layer, xa):
         stopped.clear()
-        return real_prefetch(self, layer, -xa)
+        real_prefetch(self, layer, -xa)
+        # the read-ahead has begun its first expert before fetch can stop it (on a busy machine
+        # its thread could otherwise be stopped before it began, and leave nothing half read)
+        job, deadline = self._job, time.monotonic() + 5
+        while job is not None and job.inflight is None and not job.done and \
+                time.monotonic() < deadline:
+            time.sleep(0.0002)
 
     def settle(self, layer, need):
         try:
@@ -473,6 +480,51 @@ def test_the_pins_are_as_many_as_hit_most(tmp_path):
     cycle = [[0, 0, 1], [0, 2, 3], [0, 4, 5]] * 3
     assert _one_layer(tmp_path, [3, 3, 1, 1, 1, 1, 0, 0], 4, cycle, 0.0) == 0.0
     assert _one_layer(tmp_path, [3, 3, 1, 1, 1, 1, 0, 0], 4, cycle) == (pytest.approx(2 / 8), 0.5)
+
+
+# two layers, K=1: three tokens pick expert 0 at both layers, then three pick 1
+TWO_TEXTS = [[l, e] for e in (0, 1) for _ in range(3) for l in (0, 1)]
+
+
+def test_the_replay_decodes_several_sequences_in_lockstep():
+    """n_seq sequences: the trace's tokens cut into n_seq stretches decoded together, each step
+    the union of their picks. One sequence in a cache of 2: a miss at each layer when the text
+    turns, 8 of 12 hit. Two: every step picks 0 and 1 at its layer and evicts the other layer's,
+    none hits; a cache of 4 holds them after the first step (8 of 12)."""
+    unit = {0: 1, 1: 1}
+    assert ex.replayed_hit_rate(TWO_TEXTS, unit, 2, 1) == pytest.approx(8 / 12)
+    steps, decode = ex.lockstep(TWO_TEXTS, 1, 2)
+    assert steps == [[0, 0, 1], [1, 0, 1]] * 3 and all(decode)
+    assert ex.replayed_hit_rate(TWO_TEXTS, unit, 2, 1, n_seq=2) == 0.0
+    assert ex.replayed_hit_rate(TWO_TEXTS, unit, 4, 1, n_seq=2) == pytest.approx(8 / 12)
+    # a prompt step (more than K picks) stays first and is not counted
+    steps, decode = ex.lockstep([[0, 0, 1, 2]] + TWO_TEXTS, 1, 2)
+    assert steps[0] == [0, 0, 1, 2] and decode == [False] + [True] * 6
+
+
+def test_the_pins_are_chosen_for_the_sequences_that_decode_together(tmp_path):
+    """A cache of 2 one-byte experts over two layers: one sequence's LRU of the whole cache holds
+    a token's two picks (no pins, 8 of 12); two sequences' steps pick two at each layer and evict
+    each other's, so half of the cache pinned (expert 0 of layer 0: 1/8 of layer 0's picks for a
+    router without preference, 1/16 of all) is better than nothing."""
+    from types import SimpleNamespace
+    t = SimpleNamespace(nbytes=8, shape=(1, 1, 8), type=0)
+    names = ["blk.0.ffn_up_exps.weight", "blk.1.ffn_up_exps.weight"]
+    g = SimpleNamespace(tensors={n: t for n in names}, path=str(tmp_path / "m.gguf"),
+                        file_size=1)
+    f = tmp_path / "counts.json"
+    f.write_text(json.dumps({"counts": [[3, 3] + [0] * 6] * 2, "trace": TWO_TEXTS}))
+    assert ex.pin_share(g, names, 2, f, 1) == 0.0
+    assert ex.expected_hit_rate(g, names, 2, f, 1) == pytest.approx(8 / 12)
+    assert ex.pin_share(g, names, 2, f, 1, n_seq=2) == 0.5
+    assert ex.expected_hit_rate(g, names, 2, f, 1, n_seq=2) == pytest.approx(1 / 16)
+
+
+def test_the_store_chooses_its_pins_for_the_parallel_sequences(resident):
+    path, _ = resident
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
+                 n_seq=2) as m:
+        assert m._experts.n_seq == 2
 
 
 def test_the_router_prior_is_its_preference_for_any_text(tmp_path):
