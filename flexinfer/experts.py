@@ -286,15 +286,13 @@ def _load_trace(f: Path | None, n_expert: int) -> list[list[int]]:
 
 
 def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: int,
-                      k: int, pinned: set[tuple[int, int]] = frozenset(),
-                      n_seq: int = 1) -> float | None:
+                      k: int, n_seq: int = 1) -> float | None:
     """The share of decode steps' picks a least-recently-used cache of `capacity` bytes held
     when the recorded picks are replayed (Mattson: one replay per capacity). A recorded run
     carries the router's locality in time, which counts alone lose: on the synthetic
     Qwen3-30B-A3B, a cache of 18% of the experts held 91% of a decode's picks (uniform router),
-    where their frequencies promise half that. `pinned` experts always hit and take none of
-    the capacity. With n_seq, that many sequences decode together (lockstep). None without
-    decode steps (single-token steps: at most k picks)."""
+    where their frequencies promise half that. With n_seq, that many sequences decode together
+    (lockstep). None without decode steps (single-token steps: at most k picks)."""
     decode = [len(step) - 1 <= k for step in trace]
     if n_seq > 1:
         trace, decode = lockstep(trace, k, n_seq)
@@ -306,9 +304,7 @@ def replayed_hit_rate(trace: list[list[int]], unit: dict[int, int], capacity: in
             return None
         for e in picks:
             key = (layer, e)
-            if key in pinned:
-                hits += single
-            elif key in order:
+            if key in order:
                 order.move_to_end(key)
                 hits += single
             else:
