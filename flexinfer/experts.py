@@ -371,11 +371,13 @@ def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
     from flexinfer.planner import ExpertCost
     total = sum(layer_expert_bytes(g, names).values())
     k_share = cfg.n_expert_used / cfg.n_expert
-    miss = 1.0 - expected_hit_rate(g, names, capacity, counts_file, cfg.n_expert_used, n_seq)
+    rates = _hit_rates(g, names, capacity, counts_file, cfg.n_expert_used, n_seq)
+    miss = 1.0 - max(rates)
     rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
     big = max(g.tensors[n].nbytes // g.tensors[n].shape[2] for n in names)
     layers = len(layer_expert_bytes(g, names)) * (1.0 - (1.0 - miss) ** cfg.n_expert_used)
-    return ExpertCost(int(total * k_share), miss, layers, rp and not _two_loaders(big))
+    return ExpertCost(int(total * k_share), miss, layers, rp and not _two_loaders(big),
+                      PIN_SHARES[rates.index(max(rates))])
 
 
 def _stage_bytes(big: int) -> int:

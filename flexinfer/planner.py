@@ -159,6 +159,8 @@ class Plan:
     prompt_extra_bytes: int = 0  # compute memory a prompt batch takes beyond `fixed_bytes`
     loan_bytes: int = 0  # weight bytes resident while decoding, released while a prompt runs
     expert_cache_bytes: int = 0  # MoE: the expert cache's capacity (with_experts, experts.py)
+    expert_hit_rate: float = 0.0  # MoE: the share of a decode token's picks expected cached
+    expert_pin_share: float = 0.0  # MoE: the share of the cache pinned (experts.pin_share)
 
     @property
     def first(self):
@@ -608,6 +610,7 @@ class ExpertCost:
     miss_rate: float
     miss_layers: float  # layers a token with at least one missed expert
     converted: bool
+    pin_share: float = 0.0  # of the cache pinned to the experts counted most (experts.pin_share)
 
     @property
     def missed_bytes(self) -> float:
@@ -639,6 +642,8 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     if isinstance(p, Plan):
         out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + cost.active_bytes /
                                   machine.compute_bw, expert_cache_bytes=capacity,
+                                  expert_hit_rate=1.0 - cost.miss_rate,
+                                  expert_pin_share=cost.pin_share,
                                   t_io_bound=p.t_io_bound + cost.missed_bytes / machine.disk_bw,
                                   stages=tuple(with_experts(s, cost, machine) for s in p.stages))
     return out

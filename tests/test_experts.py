@@ -170,7 +170,10 @@ def test_the_cli_takes_expert_cache_0_for_the_floor(resident):
     floor = ex.min_capacity(g, ex.expert_names(specs))
     r = cli("plan", path, "-c", "64", "--memory-budget", "4G", "--expert-cache", "0", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["expert_cache_bytes"] == floor > 0
+    plan = json.loads(r.stdout)
+    assert plan["expert_cache_bytes"] == floor > 0
+    # no counts yet: nothing to pin, the cache's share of the experts
+    assert plan["expert_pin_share"] == 0.0 and 0 < plan["expert_hit_rate"] < 1
     r = cli("run", path, "-p", "hello", "-n", "2", "--temp", "0", "-c", "64",
             "--memory-budget", "4G", "--expert-cache", "0", "--json")
     assert r.returncode == 0, r.stderr
@@ -415,6 +418,9 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     mach = fm.make_plan(g, cfg, specs_for(g, cfg), fm.Options(expert_cache=0), 64, 2).machine
     base = dataclasses.replace(p, t_cpu=0.0, t_io=0.0, predicted_s=0.0, stages=())
     got = with_experts(base, warm, mach)
+    assert got.expert_hit_rate == pytest.approx(1 - warm.miss_rate)
+    assert got.expert_pin_share == warm.pin_share == ex.pin_share(
+        g, names, floor, ex.counts_path(g), cfg.n_expert_used)
     # two loaders convert while they read: only the compute and the reads count
     assert not warm.converted and m._experts._loaders is not None
     assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw * MOE_COMPUTE_SLOWDOWN)
