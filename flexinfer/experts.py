@@ -174,8 +174,8 @@ def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
     unit_of = {l: b // n for l, b in per_layer.items()}
     pins = _pins(counts, unit_of, capacity, share)
     layers = sorted(per_layer)
-    prior = router_prior(g, names, k)
-    if prior is None:  # every expert alike
+    prior = router_prior(g, names, k) if pins else None
+    if prior is None:  # every expert alike (or nothing pinned)
         prior = np.full((max(per_layer) + 1, n), 1.0 / n)
     h_pin = sum(float(prior[l, e]) for l, e in pins) / len(layers)
     lru = capacity - sum(unit_of[l] for l, _ in pins)
