@@ -107,6 +107,7 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str,
             e = r.get("experts") or {}
             row["hit_rate"] = e.get("decode_hit_rate")
             row["cached_rate"] = e.get("decode_cached_rate")
+            row["pin_share"] = e.get("pin_share")
             row["expert_bytes_per_token"] = e.get("decode_expert_bytes_per_token")
     if run.returncode != 0:
         row["stderr_tail"] = run.stderr[-600:]
@@ -116,8 +117,8 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str,
 def table(rows: list[dict]) -> str:
     out = ["| model | budget | mode | tok/s | MoE bound | % of bound | bound at expert reads | "
            "% of it | vs llama.cpp mmap | plan tok/s (error) | decode hit rate (cached) | "
-           "expert GB read/token | peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "pinned share | expert GB read/token | peak GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     peer = {(r["model"], r["budget_bytes"]): r.get("decode_tokens_per_s") for r in rows
             if r["mode"] == "llama.cpp-mmap"}
     f = lambda v, fmt: "" if v is None else fmt.format(v)  # noqa: E731
@@ -136,7 +137,7 @@ def table(rows: list[dict]) -> str:
             f"{f(tps, '{:.3f}')} | {f(bound, '{:.3f}')} | {pct(tps, bound)} | "
             f"{f(ebound, '{:.3f}')} | {pct(tps, ebound)} | "
             f"{f(tps / p if tps and p and r['mode'] == 'flexinfer' else None, '{:.2f}x')} | "
-            f"{f(pred, '{:.3f}')}{err} | {hit} | "
+            f"{f(pred, '{:.3f}')}{err} | {hit} | {f(r.get('pin_share'), '{:g}')} | "
             f"{f((r.get('expert_bytes_per_token') or 0) / 1e9 if 'hit_rate' in r else None, '{:.3f}')}"
             f" | {f((r['cgroup_peak_bytes'] or 0) / 1e9, '{:.2f}')} |")
     return "\n".join(out) + "\n"

@@ -640,12 +640,12 @@ def test_the_moe_bench_table():
              "cgroup_peak_bytes": 1.9e9, "decode_tokens_per_s": 0.4,
              "moe_bound_tokens_per_s": 0.5, "predicted_tokens_per_s": 0.44, "hit_rate": 0.3,
              "moe_bound_expert_reads_tokens_per_s": 0.42, "cached_rate": 0.25,
-             "expert_bytes_per_token": 7e8},
+             "expert_bytes_per_token": 7e8, "pin_share": 0.25},
             {"model": "m", "mode": "llama.cpp-mmap", "budget_bytes": 2 * 10**9, "status": "oom",
              "cgroup_peak_bytes": 2e9, "decode_tokens_per_s": 0.1}]
     lines = b.table(rows).splitlines()
     assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 0.420 | 95% | 4.00x | "
-                        "0.440 (+10%) | 0.30 (0.25) | 0.700 | 1.90 |")
+                        "0.440 (+10%) | 0.30 (0.25) | 0.25 | 0.700 | 1.90 |")
     assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
 
 
