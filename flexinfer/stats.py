@@ -33,6 +33,9 @@ class Stats:
             "bound_tokens_per_s": round(plan.bound_tok_s, 3),
             "disk_bytes_per_s": round(machine.disk_bw), "compute_bytes_per_s": round(machine.compute_bw),
         }
+        if plan.expert_cache_bytes:  # a MoE's expert cache: what the plan expected of it
+            self.plan_summary.update(expert_hit_rate=round(plan.expert_hit_rate, 4),
+                                     expert_pin_share=plan.expert_pin_share)
 
 
 @dataclass

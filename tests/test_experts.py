@@ -177,6 +177,9 @@ def test_the_cli_takes_expert_cache_0_for_the_floor(resident):
     r = cli("run", path, "-p", "hello", "-n", "2", "--temp", "0", "-c", "64",
             "--memory-budget", "4G", "--expert-cache", "0", "--json")
     assert r.returncode == 0, r.stderr
+    ran = json.loads(r.stdout)  # the run's plan says what it expected of the cache, as plan did
+    assert ran["plan"]["expert_hit_rate"] == plan["expert_hit_rate"]
+    assert ran["experts"]["pin_share"] == ran["plan"]["expert_pin_share"] == 0.0
     for bad in ("0.5", "-1"):
         r = cli("run", path, "-p", "hello", "-n", "2", "--expert-cache", bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
