@@ -133,14 +133,20 @@ def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
 
 
 def _hit_rates(g: GGUFFile, names, capacity: int, counts_file: Path | None,
-               n_used: int, n_seq: int = 1) -> list[float]:
-    """_hit_rate at each of PIN_SHARES."""
-    return [_hit_rate(g, names, capacity, counts_file, n_used, share, n_seq)
-            for share in PIN_SHARES]
+               n_used: int, n_seq: int = 1, shares=PIN_SHARES) -> list[float]:
+    """_hit_rate at each of `shares`, the counts file read once."""
+    per_layer = layer_expert_bytes(g, names)
+    counts, trace = None, []
+    if per_layer:
+        n = g_n_expert(g, names)
+        counts = _load_counts(counts_file, (max(per_layer) + 1, n))
+        trace = _load_trace(counts_file, n)
+    return [_hit_rate(g, names, capacity, counts, trace, n_used, share, n_seq)
+            for share in shares]
 
 
-def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int,
-              share: float, n_seq: int = 1) -> float:
+def _hit_rate(g: GGUFFile, names, capacity: int, counts: np.ndarray | None,
+              trace: list[list[int]], n_used: int, share: float, n_seq: int = 1) -> float:
     """The share of a decode token's picks a cache holds whose `share` of the capacity, at most,
     is pinned to the experts counted most in earlier runs, the rest least recently used.
 
@@ -168,7 +174,6 @@ def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
         return 1.0
     n = g_n_expert(g, names)
     k = n_used or max(1, n // 16)
-    counts = _load_counts(counts_file, (max(per_layer) + 1, n))
     if counts is None:
         counts = np.zeros((max(per_layer) + 1, n), dtype=np.int64)
     unit_of = {l: b // n for l, b in per_layer.items()}
@@ -179,7 +184,6 @@ def _hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
         prior = np.full((max(per_layer) + 1, n), 1.0 / n)
     h_pin = sum(float(prior[l, e]) for l, e in pins) / len(layers)
     lru = capacity - sum(unit_of[l] for l, _ in pins)
-    trace = _load_trace(counts_file, n)
     if trace and h_pin < 1.0:
         replayed = replayed_hit_rate(trace, unit_of, int(lru / (1.0 - h_pin)), k,
                                      n_seq=n_seq)

@@ -449,7 +449,7 @@ def _one_layer(tmp_path, counts, capacity, trace, share=None):
     if share is None:
         return (ex.expected_hit_rate(g, names, capacity, f, 2),
                 ex.pin_share(g, names, capacity, f, 2))
-    return ex._hit_rate(g, names, capacity, f, 2, share)
+    return ex._hit_rates(g, names, capacity, f, 2, shares=(share,))[0]
 
 
 ALTERNATE = [[0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3], [0, 0, 1], [0, 2, 3]]
