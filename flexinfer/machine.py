@@ -14,12 +14,13 @@ import time
 
 from flexinfer import ggml_ops
 from flexinfer.budget import proc_field
+from flexinfer.config import ModelConfig
 from flexinfer.direct_io import ALIGN, DirectReader
 from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import GGUFFile, read_gguf, row_bytes
 from flexinfer.hub import home
-from flexinfer.planner import CAP_PAUSE_CREDIT_S, Machine
+from flexinfer.planner import CAP_PAUSE_CREDIT_S, MOE_COMPUTE_SLOWDOWN, Machine
 
 DISK_SAMPLE = 256 << 20  # bytes read to measure the disk (about 0.15 s at 1.6 GB/s)
 CHUNK = 8 << 20  # bytes per O_DIRECT read, as the streaming reads of large tensors
@@ -152,8 +153,26 @@ def record_calibration(path: str, n_threads: int, disk_bw: float | None,
         cache[disk_key(path, disk_rate)] = disk_bw
     ckey = f"{cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}"
     if t_cpu and ckey in cache:
-        matrix_bytes = sum(t.nbytes for t in g.tensors.values()
-                           if len(t.shape) == 2 and (t.name != "token_embd.weight"
-                                                     or "output.weight" not in g.tensors))
-        cache[ckey] = [matrix_bytes / t_cpu, cache[ckey][1]]
+        cache[ckey] = [compute_bytes(g) / t_cpu, cache[ckey][1]]
     _save_cache(cache)
+
+
+def compute_bytes(g: GGUFFile) -> float:
+    """The weight bytes a decode token's compute takes, as the planner charges them at compute_bw:
+    every matrix (the embedding only when it is the head too) and, in a mixture of experts, the
+    K of E experts a token picks (each 3-D *_exps tensor's K/E) times MOE_COMPUTE_SLOWDOWN. A
+    T_cpu measured on an MoE model also spends its time on those experts: divided by the matrices
+    alone it gave a compute_bw several times too low, which every later plan of a model of that
+    weight type on this machine then used."""
+    dense = sum(t.nbytes for t in g.tensors.values()
+                if len(t.shape) == 2 and (t.name != "token_embd.weight"
+                                          or "output.weight" not in g.tensors))
+    experts = sum(t.nbytes for t in g.tensors.values() if len(t.shape) == 3)
+    if not experts:
+        return dense
+    try:
+        cfg = ModelConfig.from_gguf(g)
+    except FlexInferError:
+        return dense
+    share = cfg.n_expert_used / cfg.n_expert if cfg.n_expert else 1.0
+    return dense + experts * share * MOE_COMPUTE_SLOWDOWN
