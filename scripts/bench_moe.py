@@ -23,6 +23,8 @@ A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and t
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
 the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
 from exactly those (restored before each point); --cold starts every point from none.
+Single runs here move by up to 15%: --repeat N runs each flexinfer point N times and the table
+gives its median run (that run's bound, hit rate and plan) and the range of the N.
 Writes DIR/results.json after every point and DIR/table.md at the end.
 """
 
@@ -114,17 +116,36 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str,
     return row
 
 
+def medians(rows: list[dict]) -> list[tuple[dict, list[float]]]:
+    """Each point's median run (by decode tok/s; of an even number the lower middle) and the
+    tok/s of all its runs (--repeat), points in the order they first ran. The median run's own
+    bound, hit rate and plan go in the table with it, so a row's numbers come from one run."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget_bytes"], r["mode"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        ok = sorted((r for r in runs if r.get("decode_tokens_per_s")),
+                    key=lambda r: r["decode_tokens_per_s"])
+        if not ok:  # none ran: the first failure speaks for the point
+            out.append((runs[0], []))
+            continue
+        out.append((ok[(len(ok) - 1) // 2], [r["decode_tokens_per_s"] for r in ok]))
+    return out
+
+
 def table(rows: list[dict]) -> str:
     out = ["| model | budget | mode | tok/s | MoE bound | % of bound | bound at expert reads | "
            "% of it | vs llama.cpp mmap | plan tok/s (error) | decode hit rate (cached) | "
            "pinned share | expert GB read/token | peak GB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    peer = {(r["model"], r["budget_bytes"]): r.get("decode_tokens_per_s") for r in rows
-            if r["mode"] == "llama.cpp-mmap"}
+    peer = {(r["model"], r["budget_bytes"]): r.get("decode_tokens_per_s")
+            for r, _ in medians(rows) if r["mode"] == "llama.cpp-mmap"}
     f = lambda v, fmt: "" if v is None else fmt.format(v)  # noqa: E731
     pct = lambda a, b: f(a / b * 100 if a and b else None, "{:.0f}%")  # noqa: E731
-    for r in rows:
+    for r, runs in medians(rows):
         tps, bound = r.get("decode_tokens_per_s"), r.get("moe_bound_tokens_per_s")
+        spread = f" ({min(runs):.3f}-{max(runs):.3f}, {len(runs)} runs)" if len(runs) > 1 else ""
         ebound = r.get("moe_bound_expert_reads_tokens_per_s")
         p = peer.get((r["model"], r["budget_bytes"]))
         pred = r.get("predicted_tokens_per_s")
@@ -134,7 +155,7 @@ def table(rows: list[dict]) -> str:
         hit = f(r.get("hit_rate"), "{:.2f}") + (f" ({cached:.2f})" if cached is not None else "")
         out.append(
             f"| {r['model']} | {r['budget_bytes'] / 1e9:.1f} GB | {r['mode']}{status} | "
-            f"{f(tps, '{:.3f}')} | {f(bound, '{:.3f}')} | {pct(tps, bound)} | "
+            f"{f(tps, '{:.3f}')}{spread} | {f(bound, '{:.3f}')} | {pct(tps, bound)} | "
             f"{f(ebound, '{:.3f}')} | {pct(tps, ebound)} | "
             f"{f(tps / p if tps and p and r['mode'] == 'flexinfer' else None, '{:.2f}x')} | "
             f"{f(pred, '{:.3f}')}{err} | {hit} | {f(r.get('pin_share'), '{:g}')} | "
@@ -156,6 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
                    "whose counts and picks every point starts from (the plan replays its picks)")
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each flexinfer point (fresh "
+                   "processes, the same counts restored before each); the table gives the median "
+                   "run and the range. llama.cpp runs once: under a cap its mmap is disk-bound")
     p.add_argument("--expert-prefetch", action="store_true", help="flexinfer with its expert "
                    "read-ahead (off by default), for the A/B of the ninth session's table")
     p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
@@ -180,7 +204,7 @@ def main(argv=None) -> int:
     if a.temp < 0:
         print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
         return 2
-    for name in ("tokens", "peer_tokens", "warmup_tokens"):
+    for name in ("tokens", "peer_tokens", "warmup_tokens", "repeat"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             print(f"bench_moe: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -215,14 +239,16 @@ def main(argv=None) -> int:
                 shutil.copytree(counts, Path(home) / "warm", dirs_exist_ok=True)
             for budget in budgets:
                 for mode in modes:
-                    shutil.rmtree(counts, ignore_errors=True)
-                    if not a.cold:
-                        shutil.copytree(Path(home) / "warm", counts)
-                    row = run_point(a, m, mode, budget, bw, home, ebw)
-                    results["rows"].append(row)
-                    print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: {row['status']} "
-                          f"{row.get('decode_tokens_per_s')} tok/s", file=sys.stderr)
-                    (out / "results.json").write_text(json.dumps(results, indent=1))
+                    for i in range(a.repeat if mode == "flexinfer" else 1):
+                        shutil.rmtree(counts, ignore_errors=True)
+                        if not a.cold:
+                            shutil.copytree(Path(home) / "warm", counts)
+                        row = {**run_point(a, m, mode, budget, bw, home, ebw), "run": i}
+                        results["rows"].append(row)
+                        print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: "
+                              f"{row['status']} {row.get('decode_tokens_per_s')} tok/s",
+                              file=sys.stderr)
+                        (out / "results.json").write_text(json.dumps(results, indent=1))
     except FlexInferError as e:  # e.g. --disk-rate where no I/O cgroup can be made: one line
         print(f"bench_moe: {e}", file=sys.stderr)
         return 2

@@ -650,6 +650,16 @@ def test_the_moe_bench_table():
     assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 0.420 | 95% | 4.00x | "
                         "0.440 (+10%) | 0.30 (0.25) | 0.25 | 0.700 | 1.90 |")
     assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
+    # --repeat: the median run's row (its own bound and plan) with the range of the runs
+    runs = [{**rows[0], "decode_tokens_per_s": t, "moe_bound_tokens_per_s": 2 * (t or 0), "run": i}
+            for i, t in enumerate((0.5, 0.3, None, 0.4))]
+    runs[2]["status"] = "timeout"
+    lines = b.table(runs + rows[1:]).splitlines()
+    assert len(lines) == 4 and lines[2].startswith(
+        "| m | 2.0 GB | flexinfer | 0.400 (0.300-0.500, 3 runs) | 0.800 | 50% |")
+    assert "0.440 (+10%)" in lines[2] and "4.00x" in lines[2]
+    failed = [{**rows[0], "decode_tokens_per_s": None, "status": "oom"}] * 2
+    assert b.table(failed).splitlines()[2].startswith("| m | 2.0 GB | flexinfer (oom) |  |")
 
 
 def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
