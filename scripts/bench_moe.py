@@ -19,6 +19,9 @@ point's own compute seconds per decode token (decode time less the time spent wa
 and weight reads) and the missed bytes what its expert cache read per decode
 token; the point's hit rate, its plan's predicted tok/s and the prediction's error.
 
+Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
+fastest kept for every point's plan (the plans' own calibration once caught the machine at half
+speed).
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
 the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
@@ -46,6 +49,10 @@ from flexinfer.bench.sweep import parse_result, prompt_text, status_of  # noqa: 
 from flexinfer.budget import parse_size  # noqa: E402
 from flexinfer.cgroup import cgroup_unavailable_reason, drop_page_cache, run_limited  # noqa: E402
 from flexinfer.errors import FlexInferError  # noqa: E402
+from flexinfer.gguf_file import read_gguf  # noqa: E402
+from flexinfer.machine import calibrate_compute  # noqa: E402
+
+COMPUTE_ROUNDS = 5  # compute calibrations, a second apart, before a model's points: the fastest
 
 
 def flexinfer_argv(a, model: str, budget: int) -> list[str]:
@@ -220,11 +227,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(sys.argv), "machine": machine_info(), "disk": {}, "rows": []}
     modes = ["flexinfer"] + ([] if a.no_peer else ["llama.cpp-mmap"])
-    # expert counts and calibration of this run: the first point calibrates compute and the disk
-    # (under the cap) afresh, so plans never predict from an old measurement of a busier machine
+    # expert counts and calibration of this run: compute is calibrated here and the disk (under
+    # the cap) by the first point, afresh, so plans never predict from an old measurement
     home = tempfile.mkdtemp(prefix="bench-moe-home-")
+    os.environ["FLEXINFER_HOME"] = home  # where this process's compute calibration goes too
     try:
         for m in a.models:
+            # the fastest of COMPUTE_ROUNDS a second apart: a plan's compute is measured in ~5 ms,
+            # and once it caught the machine at half speed and every point's plan with it
+            results.setdefault("compute_bytes_per_s", {})[os.path.basename(m)] = \
+                calibrate_compute(read_gguf(m), True, a.threads, COMPUTE_ROUNDS, 1.0)
             bw = measure_disk_capped(m, a.disk_rate).bytes_per_s
             results["disk"][os.path.basename(m)] = bw
             ebw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate)

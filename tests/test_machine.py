@@ -58,3 +58,19 @@ def test_a_recorded_t_cpu_is_what_the_next_plan_predicts(tiny_llama_path, small,
         t.nbytes for t in g.tensors.values() if len(t.shape) == 2 and t.name != "token_embd.weight"))
     machine.record_calibration(str(small[0]), 2, None, 0.05)
     assert _resident_t_cpu(small[0]) > 0.05 * 1.05
+
+
+def test_a_benchmark_calibrates_compute_on_its_fastest_round(tiny_llama_path, tmp_path,
+                                                             monkeypatch):
+    """calibrate_compute keeps the fastest of its rounds, and the next plan's machine uses it
+    without measuring again."""
+    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path))
+    g = read_gguf(tiny_llama_path)
+    rounds, pauses = iter([(10e9, 1e9), (30e9, 2e9), (20e9, 3e9)]), []
+    monkeypatch.setattr(machine, "measure_compute", lambda *a: next(rounds))
+    monkeypatch.setattr(machine.time, "sleep", pauses.append)
+    assert machine.calibrate_compute(g, True, 2, rounds=3, pause=0.5) == 30e9
+    assert pauses == [0.5, 0.5]
+    monkeypatch.setattr(machine, "measure_disk", lambda *a: 1e9)
+    got = machine.calibrate(g, repack=True, n_threads=2)
+    assert (got.compute_bw, got.repack_bw) == (30e9, 2e9)
