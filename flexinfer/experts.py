@@ -26,8 +26,9 @@ with one loader, 4% with two).
 
 The cache. `capacity` bytes (the planner gives what the budget leaves after the dense plan, at
 least one layer's E experts: a prompt may need them all). Experts counted most often in earlier
-runs (saved per model under $FLEXINFER_HOME/experts, hub.home()) are read at load, up to half of
-the capacity, and pinned while the rest of the cache is least recently used. Counts are per layer
+runs (saved per model under $FLEXINFER_HOME/experts, hub.home()) are read at load, up to the share
+of the capacity pin_share chooses (none, a quarter or half: the one with the highest expected hit
+rate), and pinned while the rest of the cache is least recently used. Counts are per layer
 (picks of each expert by the tokens of each step) and are saved when the store closes.
 """
 
