@@ -26,7 +26,7 @@ A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and t
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
 the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
 from exactly those (restored before each point); --cold starts every point from none.
-Single runs here move by up to 15%: --repeat N runs each flexinfer point N times and the table
+Single runs here move by up to 15%: --repeats N runs each flexinfer point N times and the table
 gives its median run (that run's bound, hit rate and plan) and the range of the N.
 Writes DIR/results.json after every point and DIR/table.md at the end.
 """
@@ -125,7 +125,7 @@ def run_point(a, model: str, mode: str, budget: int, disk_bw: float, home: str,
 
 def medians(rows: list[dict]) -> list[tuple[dict, list[float]]]:
     """Each point's median run (by decode tok/s; of an even number the lower middle) and the
-    tok/s of all its runs (--repeat), points in the order they first ran. The median run's own
+    tok/s of all its runs (--repeats), points in the order they first ran. The median run's own
     bound, hit rate and plan go in the table with it, so a row's numbers come from one run."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
                    "whose counts and picks every point starts from (the plan replays its picks)")
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
-    p.add_argument("--repeat", type=int, default=1, help="runs of each flexinfer point (fresh "
+    p.add_argument("--repeats", "--repeat", type=int, default=1, help="runs of each flexinfer "
+                   "point (as `flexinfer bench --repeats`; fresh "
                    "processes, the same counts restored before each); the table gives the median "
                    "run and the range. llama.cpp runs once: under a cap its mmap is disk-bound")
     p.add_argument("--expert-prefetch", action="store_true", help="flexinfer with its expert "
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     if a.temp < 0:
         print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
         return 2
-    for name in ("tokens", "peer_tokens", "warmup_tokens", "repeat"):
+    for name in ("tokens", "peer_tokens", "warmup_tokens", "repeats"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             print(f"bench_moe: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
                 shutil.copytree(counts, Path(home) / "warm", dirs_exist_ok=True)
             for budget in budgets:
                 for mode in modes:
-                    for i in range(a.repeat if mode == "flexinfer" else 1):
+                    for i in range(a.repeats if mode == "flexinfer" else 1):
                         shutil.rmtree(counts, ignore_errors=True)
                         if not a.cold:
                             shutil.copytree(Path(home) / "warm", counts)
