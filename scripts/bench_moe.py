@@ -22,10 +22,12 @@ token; the point's hit rate, its plan's predicted tok/s and the prediction's err
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
 fastest kept for every point's plan (the plans' own calibration once caught the machine at half
 speed).
+
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
 the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
 from exactly those (restored before each point); --cold starts every point from none.
+
 Single runs here move by up to 15%: --repeats N runs each flexinfer point N times and the table
 gives its median run (that run's bound, hit rate and plan) and the range of the N.
 Writes DIR/results.json after every point and DIR/table.md at the end.

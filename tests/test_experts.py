@@ -650,7 +650,7 @@ def test_the_moe_bench_table():
     assert lines[2] == ("| m | 2.0 GB | flexinfer | 0.400 | 0.500 | 80% | 0.420 | 95% | 4.00x | "
                         "0.440 (+10%) | 0.30 (0.25) | 0.25 | 0.700 | 1.90 |")
     assert lines[3].startswith("| m | 2.0 GB | llama.cpp-mmap (oom) | 0.100 |")
-    # --repeat: the median run's row (its own bound and plan) with the range of the runs
+    # --repeats: the median run's row (its own bound and plan) with the range of the runs
     runs = [{**rows[0], "decode_tokens_per_s": t, "moe_bound_tokens_per_s": 2 * (t or 0), "run": i}
             for i, t in enumerate((0.5, 0.3, None, 0.4))]
     runs[2]["status"] = "timeout"
