@@ -28,8 +28,9 @@ warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one wa
 the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
 from exactly those (restored before each point); --cold starts every point from none.
 
-Single runs here move by up to 15%: --repeats N runs each flexinfer point N times and the table
-gives its median run (that run's bound, hit rate and plan) and the range of the N.
+Single runs here move by up to 15%: --repeats N runs each flexinfer point N times (every point
+once, then again, so a point's runs are minutes apart) and the table gives its median run (that
+run's bound, hit rate and plan) and the range of the N.
 Writes DIR/results.json after every point and DIR/table.md at the end.
 """
 
@@ -252,18 +253,19 @@ def main(argv=None) -> int:
                                  m, "flexinfer", max(budgets), bw, home)
                 results.setdefault("warmup", []).append(warm)
                 shutil.copytree(counts, Path(home) / "warm", dirs_exist_ok=True)
-            for budget in budgets:
-                for mode in modes:
-                    for i in range(a.repeats if mode == "flexinfer" else 1):
-                        shutil.rmtree(counts, ignore_errors=True)
-                        if not a.cold:
-                            shutil.copytree(Path(home) / "warm", counts)
-                        row = {**run_point(a, m, mode, budget, bw, home, ebw), "run": i}
-                        results["rows"].append(row)
-                        print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: "
-                              f"{row['status']} {row.get('decode_tokens_per_s')} tok/s",
-                              file=sys.stderr)
-                        (out / "results.json").write_text(json.dumps(results, indent=1))
+            for i in range(a.repeats):  # every point once, then again: a point's runs fall
+                # minutes apart, so a slow spell of the machine does not take all of them
+                for budget, mode in ((b, md) for b in budgets for md in modes
+                                     if md == "flexinfer" or i == 0):
+                    shutil.rmtree(counts, ignore_errors=True)
+                    if not a.cold:
+                        shutil.copytree(Path(home) / "warm", counts)
+                    row = {**run_point(a, m, mode, budget, bw, home, ebw), "run": i}
+                    results["rows"].append(row)
+                    print(f"bench_moe: {row['model']} {budget / 1e9:.1f} GB {mode}: "
+                          f"{row['status']} {row.get('decode_tokens_per_s')} tok/s",
+                          file=sys.stderr)
+                    (out / "results.json").write_text(json.dumps(results, indent=1))
     except FlexInferError as e:  # e.g. --disk-rate where no I/O cgroup can be made: one line
         print(f"bench_moe: {e}", file=sys.stderr)
         return 2

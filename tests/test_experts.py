@@ -662,6 +662,42 @@ def test_the_moe_bench_table():
     assert b.table(failed).splitlines()[2].startswith("| m | 2.0 GB | flexinfer (oom) |  |")
 
 
+def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypatch):
+    """scripts/bench_moe.py --repeats: every point once (llama.cpp too), then the flexinfer
+    points again, so a point's runs are minutes apart; the table has one row a point."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", Path(__file__).parent.parent / "scripts" / "bench_moe.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    ran = []
+
+    def point(a, m, mode, budget, bw, home, ebw=None):
+        ran.append((budget // 10**9, mode))
+        return {"model": "m.gguf", "mode": mode, "budget_bytes": budget, "status": "ok",
+                "cgroup_peak_bytes": budget, "decode_tokens_per_s": float(len(ran))}
+
+    monkeypatch.setattr(b, "run_point", point)
+    monkeypatch.setattr(b, "cgroup_unavailable_reason", lambda: None)
+    monkeypatch.setattr(b, "calibrate_compute", lambda *a: 1e9)
+    monkeypatch.setattr(b, "read_gguf", lambda path: None)
+    monkeypatch.setattr(b, "measure_disk_capped", lambda *a: type("D", (), {"bytes_per_s": 1e9}))
+    monkeypatch.setattr(b, "measure_expert_reads_capped", lambda *a: 1e9)
+    monkeypatch.setattr(b, "expert_piece", lambda m: 1)
+    monkeypatch.setattr(b, "machine_info", dict)
+    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
+    assert b.main([str(model), "--budgets", "2G,4G", "--cold", "--repeats", "3",
+                   "--out", str(tmp_path / "out")]) == 0
+    assert ran == [(2, "flexinfer"), (2, "llama.cpp-mmap"), (4, "flexinfer"),
+                   (4, "llama.cpp-mmap"), (2, "flexinfer"), (4, "flexinfer"), (2, "flexinfer"),
+                   (4, "flexinfer")]
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert len(lines) == 6 and "| 5.000 (1.000-7.000, 3 runs) |" in lines[2]
+
+
 def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
     """The cache evicts the least recently used expert first, never one the step needs, and
     pinned experts (the saved counts' most used) only when no other is left."""
