@@ -21,7 +21,7 @@ token; the point's hit rate, its plan's predicted tok/s and the prediction's err
 
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
 fastest kept for every point's plan (the plans' own calibration once caught the machine at half
-speed).
+speed); the plans read the disk at the bench's own measurement of it, the bound's.
 
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
@@ -53,7 +53,7 @@ from flexinfer.budget import parse_size  # noqa: E402
 from flexinfer.cgroup import cgroup_unavailable_reason, drop_page_cache, run_limited  # noqa: E402
 from flexinfer.errors import FlexInferError  # noqa: E402
 from flexinfer.gguf_file import read_gguf  # noqa: E402
-from flexinfer.machine import calibrate_compute  # noqa: E402
+from flexinfer.machine import calibrate_compute, record_calibration  # noqa: E402
 
 COMPUTE_ROUNDS = 5  # compute calibrations, a second apart, before a model's points: the fastest
 
@@ -231,8 +231,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(sys.argv), "machine": machine_info(), "disk": {}, "rows": []}
     modes = ["flexinfer"] + ([] if a.no_peer else ["llama.cpp-mmap"])
-    # expert counts and calibration of this run: compute is calibrated here and the disk (under
-    # the cap) by the first point, afresh, so plans never predict from an old measurement
+    # expert counts and calibration of this run: compute and the disk (under the cap) are
+    # calibrated here, afresh, so plans never predict from an old measurement
     home = tempfile.mkdtemp(prefix="bench-moe-home-")
     os.environ["FLEXINFER_HOME"] = home  # where this process's compute calibration goes too
     try:
@@ -243,6 +243,10 @@ def main(argv=None) -> int:
                 calibrate_compute(read_gguf(m), True, a.threads, COMPUTE_ROUNDS, 1.0)
             bw = measure_disk_capped(m, a.disk_rate).bytes_per_s
             results["disk"][os.path.basename(m)] = bw
+            # the points' plans read the disk at the rate the bound uses (as flexinfer bench
+            # stores its own), not at one 256 MB measurement of their own: under the same cap
+            # that gave 0.76 GB/s in a plan where this gave 0.98
+            record_calibration(m, a.threads, bw, None, disk_rate=a.disk_rate)
             ebw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate)
             results.setdefault("expert_reads", {})[os.path.basename(m)] = ebw
             counts = Path(home) / "experts"

@@ -688,9 +688,13 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
     monkeypatch.setattr(b, "measure_expert_reads_capped", lambda *a: 1e9)
     monkeypatch.setattr(b, "expert_piece", lambda m: 1)
     monkeypatch.setattr(b, "machine_info", dict)
+    recorded = []
+    monkeypatch.setattr(b, "record_calibration", lambda *a, **k: recorded.append((a, k)))
     monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
     assert b.main([str(model), "--budgets", "2G,4G", "--cold", "--repeats", "3",
                    "--out", str(tmp_path / "out")]) == 0
+    # the plans' disk is the bench's own measurement, the one the bound divides by
+    assert recorded == [((str(model), 2, 1e9, None), {"disk_rate": None})]
     assert ran == [(2, "flexinfer"), (2, "llama.cpp-mmap"), (4, "flexinfer"),
                    (4, "llama.cpp-mmap"), (2, "flexinfer"), (4, "flexinfer"), (2, "flexinfer"),
                    (4, "flexinfer")]
