@@ -117,7 +117,7 @@ def expected_hit_rate(g: GGUFFile, names, capacity: int, counts_file: Path | Non
     """The planner's estimate of the share of a decode token's picks the cache holds before the
     step (the read-ahead's own hits not counted), with the pins warm() chooses (pin_share), when
     n_seq sequences decode together."""
-    return max(_hit_rates(g, names, capacity, counts_file, n_used, n_seq))
+    return _best(g, names, capacity, counts_file, n_used, n_seq)[0]
 
 
 def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int,
@@ -129,8 +129,15 @@ def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
     391 experts, a token picking 384) held 78% of a decode's picks with no pins and 3% with half
     of the cache pinned; at 8 GB the pins, read at load, spare the first uses' misses. Several
     sequences decoding together pick more a step: the LRU part must outlast all their picks."""
+    return _best(g, names, capacity, counts_file, n_used, n_seq)[1]
+
+
+def _best(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_used: int,
+          n_seq: int = 1) -> tuple[float, float]:
+    """(the highest expected hit rate, the share of PIN_SHARES that gives it; the smaller on a
+    tie)."""
     rates = _hit_rates(g, names, capacity, counts_file, n_used, n_seq)
-    return PIN_SHARES[rates.index(max(rates))]
+    return max(rates), PIN_SHARES[rates.index(max(rates))]
 
 
 def _hit_rates(g: GGUFFile, names, capacity: int, counts_file: Path | None,
@@ -245,6 +252,14 @@ def router_prior(g: GGUFFile, names, k: int) -> np.ndarray | None:
             np.add.at(out[layer], top.ravel(), 1.0 / top.size)
     _priors[key] = out
     return out
+
+
+def host_router(g: GGUFFile, router: str, norm: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer's router as the read-ahead applies it on the host: (n_embd, E) float32 with the
+    FFN norm's weights folded in, and gpt-oss's router bias (E,) or None."""
+    w = _host(g, router).reshape(g.tensors[router].shape[1], -1) * _host(g, norm)
+    bias = router.replace(".weight", ".bias")
+    return np.ascontiguousarray(w.T), _host(g, bias) if bias in g.tensors else None
 
 
 def _host(g: GGUFFile, name: str) -> np.ndarray:
@@ -376,13 +391,12 @@ def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
     from flexinfer.planner import ExpertCost
     total = sum(layer_expert_bytes(g, names).values())
     k_share = cfg.n_expert_used / cfg.n_expert
-    rates = _hit_rates(g, names, capacity, counts_file, cfg.n_expert_used, n_seq)
-    miss = 1.0 - max(rates)
+    hit, share = _best(g, names, capacity, counts_file, cfg.n_expert_used, n_seq)
+    miss = 1.0 - hit
     rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
     big = max(g.tensors[n].nbytes // g.tensors[n].shape[2] for n in names)
     layers = len(layer_expert_bytes(g, names)) * (1.0 - (1.0 - miss) ** cfg.n_expert_used)
-    return ExpertCost(int(total * k_share), miss, layers, rp and not _two_loaders(big),
-                      PIN_SHARES[rates.index(max(rates))])
+    return ExpertCost(int(total * k_share), miss, layers, rp and not _two_loaders(big), share)
 
 
 def _stage_bytes(big: int) -> int:
@@ -733,11 +747,7 @@ class ExpertStore:
         if self.capacity >= self.total_bytes or not prefetch_bytes(self.g, self._names):
             return False
         for r, n in router_names(self._names, self.g):
-            layer = int(r.split(".")[1])
-            bias = r.replace(".weight", ".bias")  # gpt-oss's router bias (E,)
-            w = _host(self.g, r).reshape(self.n_expert, -1) * _host(self.g, n)  # ffn_norm folded in
-            self._routers[layer] = (np.ascontiguousarray(w.T),
-                                    _host(self.g, bias) if bias in self.g.tensors else None)
+            self._routers[int(r.split(".")[1])] = host_router(self.g, r, n)
         self._stage2 = Buffer(self._stage.size)
         self._bg = Background("expert read-ahead")
         return True

@@ -63,19 +63,27 @@ def record(model: str, a) -> tuple[list, dict]:
     return picks, residual
 
 
-def routers(model: str) -> tuple[dict[int, np.ndarray], dict[int, int], int]:
-    """(layer -> (n_embd, E) router with its FFN norm folded in, as the read-ahead holds them;
-    layer -> its experts' bytes; E)."""
+def routers(model: str) -> tuple[dict[int, tuple], dict[int, int], int, float]:
+    """(layer -> its router as the read-ahead holds it, experts.host_router; layer -> its
+    experts' bytes; E; the norm's epsilon)."""
     g = read_gguf(model)
-    names = ex.expert_names(specs_for(g, ModelConfig.from_gguf(g)))
-    out = {}
-    for r, nm in ex.router_names(names, g):
-        w = ex._host(g, r).reshape(ex.g_n_expert(g, names), -1) * ex._host(g, nm)
-        out[int(r.split(".")[1])] = np.ascontiguousarray(w.T)
-    return out, ex.layer_expert_bytes(g, names), ex.g_n_expert(g, names)
+    cfg = ModelConfig.from_gguf(g)
+    names = ex.expert_names(specs_for(g, cfg))
+    out = {int(r.split(".")[1]): ex.host_router(g, r, nm) for r, nm in ex.router_names(names, g)}
+    return out, ex.layer_expert_bytes(g, names), ex.g_n_expert(g, names), cfg.norm_eps
 
 
-def replay(picks, residual, R, unit: int, capacity: int, distances, ranks) -> dict:
+def guess_logits(x: np.ndarray, router: tuple, eps: float) -> np.ndarray:
+    """A router's logits for residual rows x, as ExpertStore.prefetch ranks them: the rms norm
+    only matters with a bias after it (gpt-oss)."""
+    wn, bias = router
+    logits = x @ wn
+    if bias is not None:
+        logits = logits / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps) + bias
+    return logits
+
+
+def replay(picks, residual, R, unit: int, capacity: int, distances, ranks, eps: float) -> dict:
     """{(d, r): [useful reads, reads, misses]} over the decode steps' layers d and up."""
     order: OrderedDict = OrderedDict()
     out = {(d, r): [0, 0, 0] for d in distances for r in ranks}
@@ -94,7 +102,7 @@ def replay(picks, residual, R, unit: int, capacity: int, distances, ranks) -> di
             j = i - d  # the fetch d layers before, in the same step
             if layer - d < 0 or j not in residual or picks[j][0] != layer - d:
                 continue
-            logits = residual[j][0] @ R[layer]
+            logits = guess_logits(residual[j][:1], R[layer], eps)[0]
             ranked = np.argsort(-logits)
             for r in ranks:
                 reads = set(ranked[:r].tolist()) - cached
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
         caches = [parse_size(c, "--caches") for c in a.caches.split(",")]
         distances = [int(d) for d in a.distances.split(",")]
         ranks = [int(r) for r in a.ranks.split(",")]
-        R, per_layer, n_expert = routers(a.model)
+        R, per_layer, n_expert, eps = routers(a.model)
         picks, residual = record(a.model, a)
     except (FlexInferError, ValueError) as e:
         print(f"expert_guesses: {e}", file=sys.stderr)
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
           "misses/token | recall of misses |")
     print("|---|---|---|---|---|---|---|---|")
     for cap in caches:
-        res = replay(picks, residual, R, unit, cap, distances, ranks)
+        res = replay(picks, residual, R, unit, cap, distances, ranks, eps)
         for (d, r), (used, reads, misses) in sorted(res.items()):
             print(f"| {cap / 1e9:.2f} GB | {d} | {r} | {reads / steps:.1f} | {used / steps:.1f} | "
                   f"{used / max(reads, 1):.2f} | {misses / steps:.1f} | "
