@@ -69,6 +69,8 @@ def routers(model: str) -> tuple[dict[int, tuple], dict[int, int], int, float]:
     g = read_gguf(model)
     cfg = ModelConfig.from_gguf(g)
     names = ex.expert_names(specs_for(g, cfg))
+    if not names:
+        raise FlexInferError(f"{model}: no expert tensors (not a mixture of experts)")
     out = {int(r.split(".")[1]): ex.host_router(g, r, nm) for r, nm in ex.router_names(names, g)}
     return out, ex.layer_expert_bytes(g, names), ex.g_n_expert(g, names), cfg.norm_eps
 
@@ -113,6 +115,18 @@ def replay(picks, residual, R, unit: int, capacity: int, distances, ranks, eps: 
     return out
 
 
+def counts(text: str, option: str) -> list[int]:
+    """'1,2' -> [1, 2]: positive whole numbers, else FlexInferError naming the option."""
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise FlexInferError(f"{option}: expected positive whole numbers separated by commas, "
+                             f"got {text!r}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -131,11 +145,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         caches = [parse_size(c, "--caches") for c in a.caches.split(",")]
-        distances = [int(d) for d in a.distances.split(",")]
-        ranks = [int(r) for r in a.ranks.split(",")]
+        distances, ranks = counts(a.distances, "--distances"), counts(a.ranks, "--ranks")
         R, per_layer, n_expert, eps = routers(a.model)
         picks, residual = record(a.model, a)
-    except (FlexInferError, ValueError) as e:
+    except FlexInferError as e:
         print(f"expert_guesses: {e}", file=sys.stderr)
         return 2
     if not R:
