@@ -51,10 +51,16 @@ class GraphSet:
     logits: Tensor
     n_out: int
     ffn: list = None  # expert streaming: each MoE layer's graph B (moe.ffn_graph), else None
+    parts: list = None  # ... and B in three parts (moe.up_part ...), or None (gpt-oss)
 
     def free(self) -> None:
-        for ops in [self.embed, self.head, *self.layers, *[f for f in self.ffn or () if f]]:
+        for ops in [self.embed, self.head, *self.layers, *_ffn_graphs(self.ffn, self.parts)]:
             ops.free()
+
+
+def _ffn_graphs(ffn, parts) -> list:
+    """Every graph B and part of B there is."""
+    return [f for f in ffn or () if f] + [p for ps in parts or () if ps for p in ps]
 
 
 class Engine:
@@ -102,7 +108,8 @@ class Engine:
             alloc = self.alloc if T <= self.n_decode else Allocator()
             for layout in self._worst(T):
                 worst = self._build(T, layout, min(T, MAX_LOGIT_ROWS), alloc=False)
-                for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
+                for ops in (worst.layers[0], worst.head,
+                            *_ffn_graphs(worst.ffn[:1], worst.parts[:1])):
                     alloc.reserve(ops)
                     work = max(work, ops.work_size(threads))
                 worst.free()
@@ -171,7 +178,7 @@ class Engine:
         most nodes and intermediates: what buffers are reserved for)."""
         cfg, a = self.cfg, self.inputs.addr
         weights = self.store.layers if weights is None else weights
-        layers, ffns = [], []
+        layers, ffns, parts = [], [], []
         for il in range(cfg.n_layer):
             ops = Ops(_node_budget(self.store.layers[il], 96 + moe.graph_nodes(cfg))
                       + 12 * len(layout))  # views, attention and a concat per sequence
@@ -180,19 +187,21 @@ class Engine:
             w = layer_weights(weights, il)
             if self.split:
                 ffns.append(self._split_layer(ops, il, w, x, batch))
+                parts.append(self._ffn_parts(il, w, T))
             else:
                 out = self.arch.build_layer(ops, cfg, il, w, x, batch, self.kv.k[il],
                                             self.kv.v[il])
                 ops.output(ops.cpy(out, x))
                 ffns.append(None)
+                parts.append(None)
             layers.append(ops)
             if not alloc:
                 break
         embed, head, logits = self._embed_graph(T), *self._head_graph(T, n_out, weights)
         if alloc:
-            for ops in (embed, *layers, *[f for f in ffns if f], head):
+            for ops in (embed, *layers, *_ffn_graphs(ffns, parts), head):
                 (self.alloc if T <= self.n_decode else self._prompt_alloc).alloc(ops)
-        return GraphSet(embed, layers, head, logits, n_out, ffns)
+        return GraphSet(embed, layers, head, logits, n_out, ffns, parts)
 
     def _split_layer(self, ops: Ops, il: int, w: dict, x: Tensor, batch: Batch) -> Ops:
         """Expert streaming: `ops` becomes layer il's graph A (attention and router, moe.attn_graph)
@@ -209,6 +218,33 @@ class Engine:
         moe.ffn_graph(ffn, cfg, w, ffn.input(TYPE_F32, (cfg.n_embd, T), a["xa"]),
                       ffn.input(TYPE_F32, (cfg.n_embd, T), a["x"]))
         return ffn
+
+    def _ffn_parts(self, il: int, w: dict, T: int) -> tuple[Ops, Ops, Ops] | None:
+        """Layer il's graph B in three parts (moe.up_part, gate_part, down_part), run while the
+        step's missing experts are read tensor by tensor; None for an arch with graphs of its
+        own (gpt-oss)."""
+        cfg, a = self.cfg, self.inputs.addr
+        if cfg.arch in moe.SPLIT:
+            return None
+        if self.experts is not None:
+            w = {**w, **self.experts.layers[il]}
+        e, k, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
+        nodes = self.store.layers[il]  # streamed row blocks of the router and shared expert
+        up, gate = Ops(_node_budget(nodes, 40)), Ops(16)
+        down = Ops(_node_budget(nodes, 40 + 2 * k))
+
+        def get(ops: Ops, name: str, t: int, shape: tuple) -> Tensor:
+            return ops.input(t, shape, a[name])
+        moe.up_part(up, cfg, w, get(up, "xa", TYPE_F32, (e, T)), get(up, "ids", TYPE_I32, (k, T)),
+                    get(up, "cur", TYPE_F32, (e, T)), get(up, "wts", TYPE_F32, (1, k, T)),
+                    get(up, "up", TYPE_F32, (ff, k, T)))
+        moe.gate_part(gate, cfg, w, get(gate, "cur", TYPE_F32, (e, T)),
+                      get(gate, "ids", TYPE_I32, (k, T)), get(gate, "gate", TYPE_F32, (ff, k, T)))
+        moe.down_part(down, cfg, w, get(down, "xa", TYPE_F32, (e, T)),
+                      get(down, "cur", TYPE_F32, (e, T)), get(down, "ids", TYPE_I32, (k, T)),
+                      get(down, "wts", TYPE_F32, (1, k, T)), get(down, "up", TYPE_F32, (ff, k, T)),
+                      get(down, "gate", TYPE_F32, (ff, k, T)), get(down, "x", TYPE_F32, (e, T)))
+        return up, gate, down
 
     def _embed_graph(self, T: int) -> Ops:
         ops, a = Ops(16), self.inputs.addr
@@ -242,7 +278,8 @@ class Engine:
             for worst_layout in self._worst(self.n_batch):
                 worst = self._build(self.n_batch, worst_layout,
                                     min(self.n_batch, MAX_LOGIT_ROWS), alloc=False)
-                for ops in (worst.layers[0], worst.head, *[f for f in worst.ffn[:1] if f]):
+                for ops in (worst.layers[0], worst.head,
+                            *_ffn_graphs(worst.ffn[:1], worst.parts[:1])):
                     self._prompt_alloc.reserve(ops)
                 worst.free()
         alloc = self.alloc if T <= self.n_decode else self._prompt_alloc
@@ -320,9 +357,7 @@ class Engine:
                 self.store.get(il)
                 self.backend.compute(ops.graph)
                 if gs.ffn[il] is not None:  # expert streaming: read the picked experts, then B
-                    self.experts.fetch(il, self.inputs.ids[:T * self.cfg.n_expert_used])
-                    self.experts.prefetch(il + 1, self.inputs.residual(T))  # read-ahead
-                    self.backend.compute(gs.ffn[il].graph)
+                    self._experts_step(gs, il, T)
                 self.store.release(il)
             self.store.get(self.cfg.n_layer)  # even when unused: the prefetch order includes it
             for i in range(0, len(wanted), gs.n_out):  # the head, n_out rows at a time
@@ -333,10 +368,28 @@ class Engine:
             self.store.release(self.cfg.n_layer)
         except BaseException:
             self.store.reset()  # the prefetcher restarts at layer 0 for the next forward pass
+            if self.experts is not None:
+                self.experts.abandon()
             raise
         if not out:
             return None
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _experts_step(self, gs: GraphSet, il: int, T: int) -> None:
+        """Graph B of MoE layer il: with every pick cached, at once; with misses, in three parts,
+        each once its tensor's slabs are read, the next tensor's being read meanwhile."""
+        ids = self.inputs.ids[:T * self.cfg.n_expert_used]
+        parts = gs.parts[il] if gs.parts else None
+        if parts is None:
+            self.experts.fetch(il, ids)
+        elif self.experts.begin(il, ids):
+            for ops, kind in zip(parts, moe.PART_TENSORS):
+                self.experts.wait(kind)
+                self.backend.compute(ops.graph)
+            self.experts.finish()
+            return
+        self.experts.prefetch(il + 1, self.inputs.residual(T))  # read-ahead
+        self.backend.compute(gs.ffn[il].graph)
 
     def close(self) -> None:
         for gs in self._sets.values():

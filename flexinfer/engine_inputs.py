@@ -81,7 +81,11 @@ class Inputs:
                 "out": 4 * n_ubatch, "mask": 2 * n_cells * t_pad,
                 **({"rows_swa": 8 * n_ubatch, "mask_swa": 2 * n_cells_swa * t_pad}
                    if n_cells_swa else {}),
-                **({"xa": 4 * cfg.n_embd * n_ubatch, "ids": 4 * cfg.n_expert_used * n_ubatch}
+                **({"xa": 4 * cfg.n_embd * n_ubatch, "ids": 4 * cfg.n_expert_used * n_ubatch,
+                    # graph B's parts' (moe.up_part): the normed input, weights, up and gate
+                    "cur": 4 * cfg.n_embd * n_ubatch, "wts": 4 * cfg.n_expert_used * n_ubatch,
+                    "up": 4 * cfg.n_ff_exp * cfg.n_expert_used * n_ubatch,
+                    "gate": 4 * cfg.n_ff_exp * cfg.n_expert_used * n_ubatch}
                    if cfg.n_expert else {})}  # expert streaming: graph A's outputs
 
     def __init__(self, cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,

@@ -518,7 +518,7 @@ def _expert_plan(p: Plan, budget: int, g, cfg: ModelConfig, o: Options, owned, l
         capacity = o.expert_cache
     capacity = max(least - ex.STAGE, capacity)  # ExpertStore raises it to the floor too
     return with_experts(p, ex.expert_cost(g, cfg, owned, capacity, repack, ex.counts_path(g),
-                                          o.n_seq), mach, capacity)
+                                          o.n_seq, o.expert_prefetch), mach, capacity)
 
 
 def _kv_and_masks(cfg: ModelConfig, n_ctx: int, n_seq: int, ubatch: int, types) -> tuple[int, int]:

@@ -611,6 +611,9 @@ class ExpertCost:
     miss_layers: float  # layers a token with at least one missed expert
     converted: bool
     pin_share: float = 0.0  # of the cache pinned to the experts counted most (experts.pin_share)
+    layers: int = 0  # layers with experts
+    overlapped: bool = False  # the up and gate products compute while the misses are read
+    # (ExpertStore.begin; not for gpt-oss's graphs, nor with the read-ahead)
 
     @property
     def missed_bytes(self) -> float:
@@ -628,17 +631,28 @@ MISS_LATENCY = 1.1e-3  # s a layer with misses waits beyond reading them at disk
 # layer gave every point within 10%; the read-ahead's overlap is not counted
 
 
+OVERLAP_SHARE = 2 / 3  # of a layer's expert compute and of its misses' reads that can overlap: a
+# step with misses reads them up, gate, down, computing the up product while the gate slabs are
+# read and the gate product while the down slabs are (models/moe.py up_part ...)
+
+
 def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
     active experts (at compute_bw / MOE_COMPUTE_SLOWDOWN) and, on the computing thread, reading
-    the missed ones (MISS_LATENCY a layer on top), converting them too with one loader. A Plan's
+    the missed ones (MISS_LATENCY a layer on top), converting them too with one loader, less what
+    of both overlaps in a layer with misses (OVERLAP_SHARE of the shorter of its compute and its
+    reads, when cost.overlapped). A Plan's
     bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw), with the active experts
     at compute_bw; it records the cache's `capacity` (expert_cache_bytes)."""
     t_cpu = cost.active_bytes / machine.compute_bw * MOE_COMPUTE_SLOWDOWN
     t_io = cost.missed_bytes / machine.disk_bw + cost.miss_layers * MISS_LATENCY
     conv = cost.missed_bytes / machine.repack_bw if cost.converted else 0.0
+    hidden = 0.0
+    if cost.overlapped and cost.layers and cost.miss_layers:
+        per_read = cost.missed_bytes / machine.disk_bw / cost.miss_layers  # a layer with misses
+        hidden = cost.miss_layers * OVERLAP_SHARE * min(t_cpu / cost.layers, per_read)
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
-                              predicted_s=p.predicted_s + t_cpu + t_io + conv)
+                              predicted_s=p.predicted_s + t_cpu + t_io + conv - hidden)
     if isinstance(p, Plan):
         out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + cost.active_bytes /
                                   machine.compute_bw, expert_cache_bytes=capacity,

@@ -273,28 +273,28 @@ class ReadPool:
 
 
 class Workers:
-    """A caller's work shared with `n` pool threads (the expert store's loads of a step's missing
-    experts, experts.py): run(fn) calls fn(0) on the caller's thread and fn(1)..fn(n) on the pool's
-    at once, each pulling work from a queue of the caller's, so one reads while another converts.
-    It returns once every call has ended (none may still write into a buffer the caller reuses)
-    and raises the first error: the caller's own, else a FlexInferError as it is, anything else as
-    a StreamError."""
+    """Work shared by n + 1 pool threads while the caller goes on (the expert store's loads of a
+    step's missing experts, experts.py): start(fn) calls fn(0)..fn(n) there at once, each pulling
+    work from a queue of the caller's, so one reads while another converts, and returns join().
+    join returns once every call has ended (none may still write into a buffer the caller reuses)
+    and raises the first error: a FlexInferError as it is, anything else as a StreamError."""
 
     def __init__(self, name: str, n: int):
         self._name, self.n = name, n
         self._pool: ThreadPoolExecutor | None = None
 
-    def run(self, fn: Callable[[int], Any]) -> None:
+    def start(self, fn: Callable[[int], Any]) -> Callable[[], None]:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.n, thread_name_prefix=f"flexinfer-{self._name}")
-        futures = [self._pool.submit(fn, i) for i in range(1, self.n + 1)]
-        try:
-            fn(0)
-        finally:
+            self._pool = ThreadPoolExecutor(self.n + 1,
+                                            thread_name_prefix=f"flexinfer-{self._name}")
+        futures = [self._pool.submit(fn, i) for i in range(self.n + 1)]
+
+        def join() -> None:
             for f in futures:
                 f.exception()
-        for f in futures:
-            _result(self._name, f)
+            for f in futures:
+                _result(self._name, f)
+        return join
 
     def close(self) -> None:
         if self._pool is not None:

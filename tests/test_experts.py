@@ -382,6 +382,63 @@ def test_a_failed_loader_is_reported_and_its_experts_not_cached(resident, monkey
         assert np.array_equal(m.logits(PROMPT), want[:len(PROMPT)])
 
 
+def test_a_steps_misses_are_read_while_its_experts_compute(resident, monkeypatch):
+    """A step with misses reads them tensor by tensor (up, gate, down) while graph B runs in three
+    parts: here the gate and down slabs are not read until the engine asks for the gate's, which
+    it does only after computing the up product, so reading every miss before computing (fetch)
+    would wait here for ever (10 s, then fail). The logits are exact."""
+    import threading
+    path, want = resident
+    real_read, real_wait = ex.ExpertStore._read_run, ex.ExpertStore.wait
+    asked, log = threading.Event(), []
+
+    def read(self, s, run, stage, headers):
+        if s.kind != "ffn_up_exps" and not asked.wait(10):
+            raise AssertionError(f"{s.kind} read before the gate part asked for it")
+        log.append(s.kind)
+        return real_read(self, s, run, stage, headers)
+
+    def wait(self, kind):
+        if kind == "ffn_gate_exps":
+            log.append("gate part")
+            asked.set()
+        real_wait(self, kind)
+        if kind == "ffn_down_exps":
+            asked.clear()  # the next step's gate and down reads wait again
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", read)
+    monkeypatch.setattr(ex.ExpertStore, "wait", wait)
+    got, stats, _ = _run(path, expert_cache=0)
+    assert np.array_equal(got, want)
+    assert stats["misses"] > 0 and log.count("gate part") > 0
+    first = log.index("gate part")
+    assert set(log[:first]) == {"ffn_up_exps"}  # only up slabs before the first gate part
+    assert log[first + 1:].count("ffn_gate_exps") > 0
+
+
+def test_a_step_failing_between_its_parts_leaves_no_loader_behind(resident, monkeypatch):
+    """An error between begin and finish (here the wait for the gate slabs): the loaders stop and
+    are joined before the error leaves the step, the misses are not counted as cached, and the
+    step run again is exact."""
+    path, want = resident
+    real_wait, failed = ex.ExpertStore.wait, []
+
+    def wait(self, kind):
+        if kind == "ffn_gate_exps" and not failed:
+            failed.append(self._loads.layer)
+            raise RuntimeError("interrupted")
+        real_wait(self, kind)
+    monkeypatch.setattr(ex.ExpertStore, "wait", wait)
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
+                 expert_prefetch=False) as m:
+        st = m._experts
+        with pytest.raises(RuntimeError, match="interrupted"):
+            m.logits(PROMPT)
+        assert st._loads is None
+        assert st.resident(failed[0]) == []
+        assert st.used_bytes == sum(st.unit_bytes[l] for (l, _) in st._resident)
+        assert np.array_equal(m.logits(PROMPT), want[:len(PROMPT)])
+
+
 def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     """The planner's MoE cost: a decode token computes K/E of the expert bytes and reads the
     expected misses: capacity / expert bytes hit without counts, a replay of the picks an earlier
@@ -425,11 +482,20 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     assert got.expert_pin_share == warm.pin_share == ex.pin_share(
         g, names, floor, ex.counts_path(g), cfg.n_expert_used)
     # two loaders convert while they read: only the compute and the reads count
-    assert not warm.converted and m._experts._loaders is not None
+    assert not warm.converted and m._experts._loaders.n == 1
     assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw * MOE_COMPUTE_SLOWDOWN)
-    assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io)
     layers = cfg.n_layer * (1 - (1 - warm.miss_rate) ** cfg.n_expert_used)
     assert got.t_io == pytest.approx(warm.missed_bytes / mach.disk_bw + layers * MISS_LATENCY)
+    # a layer with misses computes its up and gate products while the next tensor is read: two
+    # thirds of the shorter of its compute and its reads are not waited for
+    assert warm.overlapped and warm.layers == cfg.n_layer
+    hidden = layers * 2 / 3 * min(got.t_cpu / cfg.n_layer, warm.missed_bytes / mach.disk_bw / layers)
+    assert hidden > 0
+    assert got.predicted_s == pytest.approx(got.t_cpu + got.t_io - hidden)
+    serial = dataclasses.replace(warm, overlapped=False)  # the read-ahead's steps, gpt-oss
+    assert with_experts(base, serial, mach).predicted_s == pytest.approx(got.t_cpu + got.t_io)
+    assert not ex.expert_cost(g, cfg, names, floor, True, ex.counts_path(g),
+                              read_ahead=True).overlapped
     one = dataclasses.replace(warm, converted=True)  # one loader: converting waits too
     assert with_experts(base, one, mach).t_cpu == pytest.approx(
         got.t_cpu + warm.missed_bytes / mach.repack_bw)

@@ -444,20 +444,22 @@ def test_read_pool_runs_calls_at_once_in_order_and_joins(no_thread_left_behind):
                    for t in threading.enumerate())
 
 
-def test_workers_share_the_callers_work_and_join(no_thread_left_behind):
-    """Workers.run: fn(0) on the caller's thread and fn(1) on the pool's, at once; a worker's
-    error is raised (as a StreamError, a FlexInferError as it is) only once every call ended;
-    the caller's own error as it is."""
+def test_workers_share_the_work_and_join(no_thread_left_behind):
+    """Workers.start: fn(0) and fn(1) on the pool's threads, at once, while the caller goes on;
+    join() raises a call's error (as a StreamError, a FlexInferError as it is) only once every
+    call ended."""
     from flexinfer.prefetch import Workers
     w = Workers("loads", 1)
-    both = threading.Barrier(2, timeout=5)  # only passes if the two calls run together
+    both = threading.Barrier(3, timeout=5)  # only passes if both calls run with the caller
     seen = {}
 
     def fn(i):
         both.wait()
         seen[i] = threading.current_thread() is threading.main_thread()
-    w.run(fn)
-    assert seen == {0: True, 1: False}
+    join = w.start(fn)
+    both.wait()  # the caller went on while they ran
+    join()
+    assert seen == {0: False, 1: False}
     ended = []
 
     def fails(who, err):  # call `who` raises err; the other ends 0.3 s later
@@ -468,13 +470,13 @@ def test_workers_share_the_callers_work_and_join(no_thread_left_behind):
             ended.append(i)
         return fn
     with pytest.raises(StreamError, match="loads failed: OSError: disk gone"):
-        w.run(fails(1, OSError("disk gone")))
+        w.start(fails(1, OSError("disk gone")))()
     assert ended == [0]
-    with pytest.raises(ValueError, match="bad"):
-        w.run(fails(0, ValueError("bad")))
-    assert ended == [0, 1]  # the helper's call ended before the caller's error was raised
+    with pytest.raises(StreamError, match="loads failed: ValueError: bad"):
+        w.start(fails(0, ValueError("bad")))()
+    assert ended == [0, 1]  # the other call ended before the error was raised
     with pytest.raises(FlexInferError, match="as is"):
-        w.run(fails(1, FlexInferError("as is")))
+        w.start(fails(1, FlexInferError("as is")))()
     w.close()
     assert not any(t.name.startswith("flexinfer-loads") and t.is_alive()
                    for t in threading.enumerate())

@@ -23,7 +23,9 @@ llama.cpp's qwen2moe graph.
 The router and the shared expert are matrices like any other (split in row blocks when streamed).
 The *_exps tensors are either planned whole with the rest (mmap, or --experts whole) or owned by
 an ExpertStore (experts.py), which reads only the slabs of the chosen experts: then the engine
-computes a layer in two graphs, attn_graph and ffn_graph, split after the router.
+computes a layer in two graphs, attn_graph and ffn_graph, split after the router, and a step whose
+picks are not all cached runs ffn_graph as three parts (up_part, gate_part, down_part), each once
+its tensor's missing slabs are read.
 """
 
 from __future__ import annotations
@@ -142,6 +144,52 @@ def ffn_graph(ops: Ops, cfg: ModelConfig, w: dict, xa: Tensor, x: Tensor) -> Non
     if cfg.arch in SPLIT:
         return SPLIT[cfg.arch].ffn_graph(ops, cfg, w, xa, x)
     ops.output(ops.cpy(residual_ffn(ops, cfg, w, xa), x))
+
+
+# ---- graph B in three parts, for a step whose missing experts are being read (experts.begin):
+# each part multiplies by one *_exps tensor once its slabs are in, while the next is read. The
+# parts pass what they share through engine memory (f32, so nothing rounds differently): the
+# normed input, the K weights, the up and gate products; the picks are graph A's ids.
+
+PART_TENSORS = ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps")  # each part's, in order
+
+
+def up_part(ops: Ops, cfg: ModelConfig, w: dict, xa: Tensor, ids: Tensor, cur_o: Tensor,
+            wts_o: Tensor, up_o: Tensor) -> None:
+    """Part 1: the normed input, the picks' weights and the up product, as ffn_moe makes them."""
+    e, n, k = cfg.n_embd, cfg.n_expert, cfg.n_expert_used
+    T = ggml_ops.ne(xa, 1)
+    cur = base.rms_norm(ops, cfg, xa, w["ffn_norm.weight"])
+    probs, _ = route(ops, cfg, w, cur)
+    weights = ops.get_rows(ops.reshape_3d(probs, 1, n, T), ids)  # (1, K, T)
+    if NORMALIZED[cfg.arch]:
+        weights = ops.reshape_2d(weights, k, T)
+        total = ops.clamp(ops.sum_rows(weights), F16_TINY, float("inf"))  # (1, T)
+        weights = ops.reshape_3d(ops.div(weights, total), 1, k, T)
+    ops.output(ops.cpy(cur, cur_o))
+    ops.output(ops.cpy(weights, wts_o))
+    ops.output(ops.cpy(ops.mul_mat_id(w["ffn_up_exps.weight"], ops.reshape_3d(cur, e, 1, T), ids),
+                       up_o))
+
+
+def gate_part(ops: Ops, cfg: ModelConfig, w: dict, cur: Tensor, ids: Tensor,
+              gate_o: Tensor) -> None:
+    """Part 2: the gate product."""
+    T = ggml_ops.ne(cur, 1)
+    x = ops.reshape_3d(cur, cfg.n_embd, 1, T)
+    ops.output(ops.cpy(ops.mul_mat_id(w["ffn_gate_exps.weight"], x, ids), gate_o))
+
+
+def down_part(ops: Ops, cfg: ModelConfig, w: dict, xa: Tensor, cur: Tensor, ids: Tensor,
+              wts: Tensor, up: Tensor, gate: Tensor, x_o: Tensor) -> None:
+    """Part 3: the down product, weighted and summed in top-K order, the shared expert where the
+    arch has one, and the residual: written to x, as ffn_graph writes it."""
+    T = ggml_ops.ne(cur, 1)
+    experts = ops.mul_mat_id(w["ffn_down_exps.weight"], ops.swiglu(gate, up), ids)
+    out = sum_experts(ops, cfg, ops.mul(experts, wts), T)
+    if cfg.arch in SHARED_EXPERT:
+        out = ops.add(out, shared_expert(ops, w, cur))
+    ops.output(ops.cpy(ops.add(out, xa), x_o))
 
 
 def residual_ffn(ops: Ops, cfg: ModelConfig, w: dict, h: Tensor) -> Tensor:
