@@ -23,8 +23,9 @@ adjacent experts of a tensor in one read of at most STAGE bytes, through a stagi
 by tensor in the order the FFN multiplies them (LOAD_ORDER: up, gate, down), and returns; the
 engine computes the layer's experts in three parts (models/moe.py up_part, gate_part, down_part),
 each after wait(its tensor), so the up and gate products compute while the next tensor's slabs are
-read (synthetic Qwen3-30B-A3B at 2 GB, reads capped at 1 GB/s: 3.56 tok/s reading all first,
-4.13 overlapped, 96% of the MoE bound); finish marks them cached. Two loaders (prefetch.Workers
+read (synthetic Qwen3-30B-A3B, reads capped at 1 GB/s, interleaved A/B medians: zipf:1 2.78 ->
+3.32 tok/s at 2 GB and 7.92 -> 9.42 at 4 GB; uniform 3.27 -> 3.26 and 9.42 -> 8.52, within this
+machine's noise; docs/benchmarks.md, twelfth session); finish marks them cached. Two loaders (prefetch.Workers
 threads) take the runs in turn, each through half of the stage, so the disk reads one run while
 the other is converted (at 2 GB it was idle 15% of a token with one loader, 4% with two). fetch
 reads them all before returning, on the same loaders: the read-ahead's steps, and gpt-oss, whose
