@@ -186,6 +186,8 @@ class Engine:
             x = ops.input(TYPE_F32, (cfg.n_embd, T), a["x"])
             w = layer_weights(weights, il)
             if self.split:
+                if self.experts is not None:  # the store's headers for the *_exps tensors
+                    w = {**w, **self.experts.layers[il]}
                 ffns.append(self._split_layer(ops, il, w, x, batch))
                 parts.append(self._ffn_parts(il, w, T))
             else:
@@ -205,11 +207,8 @@ class Engine:
 
     def _split_layer(self, ops: Ops, il: int, w: dict, x: Tensor, batch: Batch) -> Ops:
         """Expert streaming: `ops` becomes layer il's graph A (attention and router, moe.attn_graph)
-        and the returned Ops its graph B (the experts, moe.ffn_graph), with the expert store's
-        headers for the *_exps tensors."""
+        and the returned Ops its graph B (the experts, moe.ffn_graph)."""
         cfg, a, T = self.cfg, self.inputs.addr, batch.n_tokens
-        if self.experts is not None:
-            w = {**w, **self.experts.layers[il]}
         xa = ops.input(TYPE_F32, (cfg.n_embd, T), a["xa"])
         ids = ops.input(TYPE_I32, (cfg.n_expert_used, T), a["ids"])
         moe.attn_graph(ops, self.arch, cfg, w, x, batch, self.kv.k[il], self.kv.v[il], xa, ids,
@@ -226,8 +225,6 @@ class Engine:
         cfg, a = self.cfg, self.inputs.addr
         if cfg.arch in moe.SPLIT:
             return None
-        if self.experts is not None:
-            w = {**w, **self.experts.layers[il]}
         e, k, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
         nodes = self.store.layers[il]  # streamed row blocks of the router and shared expert
         up, gate = Ops(_node_budget(nodes, 40)), Ops(16)
@@ -379,7 +376,7 @@ class Engine:
         """Graph B of MoE layer il: with every pick cached, at once; with misses, in three parts,
         each once its tensor's slabs are read, the next tensor's being read meanwhile."""
         ids = self.inputs.ids[:T * self.cfg.n_expert_used]
-        parts = gs.parts[il] if gs.parts else None
+        parts = gs.parts[il]
         if parts is None:
             self.experts.fetch(il, ids)
         elif self.experts.begin(il, ids):

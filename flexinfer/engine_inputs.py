@@ -16,6 +16,7 @@ from flexinfer.batch import TokenBatch
 from flexinfer.config import ModelConfig
 from flexinfer.ggml_ops import KQ_MASK_PAD, Buffer
 from flexinfer.kv_cache import CacheLayout
+from flexinfer.models import moe
 
 
 def pad(n: int, m: int) -> int:
@@ -81,12 +82,14 @@ class Inputs:
                 "out": 4 * n_ubatch, "mask": 2 * n_cells * t_pad,
                 **({"rows_swa": 8 * n_ubatch, "mask_swa": 2 * n_cells_swa * t_pad}
                    if n_cells_swa else {}),
-                **({"xa": 4 * cfg.n_embd * n_ubatch, "ids": 4 * cfg.n_expert_used * n_ubatch,
-                    # graph B's parts' (moe.up_part): the normed input, weights, up and gate
-                    "cur": 4 * cfg.n_embd * n_ubatch, "wts": 4 * cfg.n_expert_used * n_ubatch,
+                **({"xa": 4 * cfg.n_embd * n_ubatch, "ids": 4 * cfg.n_expert_used * n_ubatch}
+                   if cfg.n_expert else {}),  # expert streaming: graph A's outputs
+                # graph B's parts' (moe.up_part): the normed input, weights, up and gate products
+                # (not gpt-oss's, whose graph B is never cut: moe.SPLIT)
+                **({"cur": 4 * cfg.n_embd * n_ubatch, "wts": 4 * cfg.n_expert_used * n_ubatch,
                     "up": 4 * cfg.n_ff_exp * cfg.n_expert_used * n_ubatch,
                     "gate": 4 * cfg.n_ff_exp * cfg.n_expert_used * n_ubatch}
-                   if cfg.n_expert else {})}  # expert streaming: graph A's outputs
+                   if cfg.n_expert and cfg.arch not in moe.SPLIT else {})}
 
     def __init__(self, cfg: ModelConfig, n_cells: int, n_cells_swa: int, n_ubatch: int,
                  embd_row_bytes: int):

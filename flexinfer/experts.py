@@ -398,16 +398,16 @@ def expert_cost(g: GGUFFile, cfg, names, capacity: int, repack: bool,
     read-ahead, a step's misses are read before its experts compute: fetch)."""
     from flexinfer.models import moe
     from flexinfer.planner import ExpertCost
-    total = sum(layer_expert_bytes(g, names).values())
+    per_layer = layer_expert_bytes(g, names)
+    total = sum(per_layer.values())
     k_share = cfg.n_expert_used / cfg.n_expert
     hit, share = _best(g, names, capacity, counts_file, cfg.n_expert_used, n_seq)
     miss = 1.0 - hit
     rp = repack and any(ggml_ops.repacks(g.tensors[n].type, g.tensors[n].shape) for n in names)
     big = max(g.tensors[n].nbytes // g.tensors[n].shape[2] for n in names)
-    layers = len(layer_expert_bytes(g, names)) * (1.0 - (1.0 - miss) ** cfg.n_expert_used)
-    n = len(layer_expert_bytes(g, names))
+    layers = len(per_layer) * (1.0 - (1.0 - miss) ** cfg.n_expert_used)
     return ExpertCost(int(total * k_share), miss, layers, rp and not _two_loaders(big), share,
-                      n, not read_ahead and cfg.arch not in moe.SPLIT)
+                      len(per_layer), not read_ahead and cfg.arch not in moe.SPLIT)
 
 
 def _stage_bytes(big: int) -> int:
@@ -466,7 +466,9 @@ class ExpertStore:
         self.g, self.cfg, self.reader, self.note = g, cfg, reader, note or (lambda s: None)
         self.n_seq = n_seq  # sequences decoded together: what the pins are chosen for
         self.n_expert = cfg.n_expert
-        names = sorted(names, key=lambda n: (int(n.split(".")[1]), n))
+        # a layer's tensors in LOAD_ORDER: _runs gives a step's reads in the order begin wants
+        names = sorted(names, key=lambda n: (int(n.split(".")[1]),
+                                             LOAD_ORDER.get(n.split(".")[2], len(LOAD_ORDER)), n))
         self._names = names
         self._lock = threading.Lock()
         self._table = TensorTable(len(names) + 1)
@@ -700,8 +702,7 @@ class ExpertStore:
     def _start(self, layer: int, experts: list[int]) -> None:
         """Begin reading `experts` (sorted) of the layer on the loaders, tensor by tensor."""
         room = self._half - 2 * ALIGN if self._loaders.n else STAGE
-        runs = sorted(self._runs(layer, experts, room), key=lambda r: LOAD_ORDER.get(r[0].kind, 9))
-        loads = self._loads = _Loads(layer, experts, runs)
+        loads = self._loads = _Loads(layer, experts, self._runs(layer, experts, room))
         loads.join = self._loaders.start(lambda i: self._loader(loads, i))
 
     def _loader(self, loads: _Loads, i: int) -> None:
