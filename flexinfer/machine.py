@@ -2,7 +2,9 @@
 
 Measured once and cached in $FLEXINFER_HOME/machine.json, keyed by CPU model, thread count, weight
 type and disk device, so a later run plans without measuring. Disk bandwidth is read with O_DIRECT
-(no page cache involved); compute is timed on a 4096x4096 matrix of the model's main weight type.
+(no page cache involved); compute is timed on a matrix of the model's main weight type: 4096x4096
+for a model whose token reads fewer weights than the CPU's last-level cache holds, and one larger
+than that cache otherwise, so the weights come from memory as the model's do (cache_bytes).
 """
 
 from __future__ import annotations
@@ -20,12 +22,20 @@ from flexinfer.ggml_ops import TYPE_F32, Backend, Buffer, Ops, TensorTable
 from flexinfer.errors import FlexInferError
 from flexinfer.gguf_file import GGUFFile, read_gguf, row_bytes
 from flexinfer.hub import home
-from flexinfer.planner import CAP_PAUSE_CREDIT_S, MOE_COMPUTE_SLOWDOWN, Machine
+from flexinfer.planner import CAP_PAUSE_CREDIT_S, MOE_LAYER_S, Machine
 
 DISK_SAMPLE = 256 << 20  # bytes read to measure the disk (about 0.15 s at 1.6 GB/s)
 CHUNK = 8 << 20  # bytes per O_DIRECT read, as the streaming reads of large tensors
 CAL_DIM = 4096  # the calibration matrix is CAL_DIM x CAL_DIM
 COMPUTE_REPS = 20  # mat-vecs timed one by one; the fastest counts
+# A model whose token computes more weight bytes than the last-level cache holds is timed on a
+# matrix of the cache's size at least (MEMORY_CAL_MIN..MEMORY_CAL_MAX bytes): on a 2-core VM with a
+# 260 MB L3, a 9 MB Q4_0 matrix multiplied at 28 GB/s from the cache and a 151-604 MB one at 15
+# GB/s from memory, and a 3.8 GB 7B decoded at 3.5 tok/s in RAM where the small matrix's rate
+# predicted 8.3
+MEMORY_CAL_MIN = 64 << 20
+MEMORY_CAL_MAX = 512 << 20
+CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
 
 
 def cpu_model() -> str:
@@ -68,21 +78,27 @@ def measure_disk(path: str, size: int) -> float:
         reader.close()
 
 
-def measure_compute(type_id: int, repack: bool, n_threads: int) -> tuple[float, float]:
-    """(weight bytes/s of a mat-vec, repack bytes/s) for a CAL_DIM^2 matrix of this type."""
+def measure_compute(type_id: int, repack: bool, n_threads: int,
+                    rows: int = CAL_DIM) -> tuple[float, float]:
+    """(weight bytes/s of a mat-vec, repack bytes/s) for a CAL_DIM x `rows` matrix of this type.
+    The repack rate is timed on the first CAL_DIM rows; the rest are zeros, as uploaded ones are."""
     table, backend = TensorTable(4), Backend(n_threads)
-    shape = (CAL_DIM, CAL_DIM)
+    shape = (CAL_DIM, rows)
     use_repack = repack and ggml_ops.repacks(type_id, shape)
-    nbytes = row_bytes(type_id, CAL_DIM) * CAL_DIM
-    w, buf, src = table.new("w", type_id, shape), Buffer(nbytes, use_repack), Buffer(nbytes)
-    xbuf = Buffer(4 * CAL_DIM)
+    rb = row_bytes(type_id, CAL_DIM)
+    nbytes, small = rb * rows, rb * min(rows, CAL_DIM)
+    w, buf = table.new("w", type_id, shape), Buffer(nbytes, use_repack)
+    part = table.new("part", type_id, (CAL_DIM, min(rows, CAL_DIM)))
+    src, xbuf = Buffer(small), Buffer(4 * CAL_DIM)
     try:
         src.clear()  # zeros: finite in every type
-        ggml_ops.place(w, buf, buf.base)
-        ggml_ops.upload(w, src.base, nbytes)  # first touch
+        buf.clear()  # every page touched before timing (zeros are zeros in the repacked layout too)
+        ggml_ops.place(part, buf, buf.base)
+        ggml_ops.upload(part, src.base, small)  # first touch
         t0 = time.perf_counter()
-        ggml_ops.upload(w, src.base, nbytes)
-        repack_bw = nbytes / max(time.perf_counter() - t0, 1e-9)
+        ggml_ops.upload(part, src.base, small)
+        repack_bw = small / max(time.perf_counter() - t0, 1e-9)
+        ggml_ops.place(w, buf, buf.base)
         ops = Ops(8)
         ops.output(ops.mul_mat(w, ops.input(TYPE_F32, (CAL_DIM, 1), xbuf.base)))
         alloc = ggml_ops.Allocator()
@@ -123,21 +139,65 @@ def disk_key(path: str, disk_rate: int | None = None) -> str:
     return f"disk|{os.stat(path).st_dev}" + (f"|cap{int(rate)}" if rate else "")
 
 
+def cache_bytes(root: str = CACHE_DIR) -> int | None:
+    """The size of the CPU's largest (last-level) cache, from sysfs; None where it does not say."""
+    best = None
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return None
+    for d in entries:
+        try:
+            with open(os.path.join(root, d, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        try:
+            n = int(text.rstrip("KkMmGg")) * unit
+        except ValueError:
+            continue
+        best = n if best is None else max(best, n)
+    return best
+
+
+def calibration_rows(g: GGUFFile) -> int:
+    """Rows of the calibration matrix for this model: CAL_DIM when a token's weights fit the
+    last-level cache (or its size is unknown), else enough that the matrix outgrows it."""
+    llc = cache_bytes()
+    if not llc or token_bytes(g) <= llc:
+        return CAL_DIM
+    rb = row_bytes(main_type(g), CAL_DIM)
+    want = min(max(llc, MEMORY_CAL_MIN), MEMORY_CAL_MAX)
+    return max(CAL_DIM, -(-want // rb // 64) * 64)
+
+
 def _compute_key(g: GGUFFile, repack: bool, n_threads: int) -> str:
-    return f"{cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}"
+    rows = calibration_rows(g)
+    where = "" if rows == CAL_DIM else "|memory"  # timed from memory, not from the cache
+    return f"{cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}{where}"
 
 
-def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False) -> Machine:
+def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False,
+              room: int | None = None) -> Machine:
+    """This machine's rates for g, measured once and cached. `room`: the bytes the process may
+    still allocate (its budget less what it holds); a calibration matrix that does not fit is
+    measured at CAL_DIM instead, for this plan only (not cached)."""
     cache = _load_cache()
     tid = main_type(g)
     ckey = _compute_key(g, repack, n_threads)
     dkey = disk_key(g.path)
+    rows = calibration_rows(g)
+    compute = None
     if refresh or ckey not in cache:
-        cache[ckey] = measure_compute(tid, repack, n_threads)
+        if room is not None and rows > CAL_DIM and row_bytes(tid, CAL_DIM) * rows * 2 > room:
+            compute = measure_compute(tid, repack, n_threads)  # the cache's rate: too fast
+        else:
+            cache[ckey] = measure_compute(tid, repack, n_threads, rows)
     if refresh or dkey not in cache:
         cache[dkey] = measure_disk(g.path, g.file_size)
     _save_cache(cache)
-    compute_bw, repack_bw = cache[ckey]
+    compute_bw, repack_bw = compute or cache[ckey]
     capped = bool(os.environ.get("FLEXINFER_DISK_RATE"))  # a blkio cap refunds pauses
     return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw,
                    pause_credit_s=CAP_PAUSE_CREDIT_S if capped else 0.0)
@@ -150,10 +210,11 @@ def calibrate_compute(g: GGUFFile, repack: bool, n_threads: int, rounds: int,
     held a core gave half the speed (22 against 41 GB/s for Q4_0 here, between two benchmark
     runs), and every plan after it predicted half the tok/s. Returns the bytes/s kept."""
     best = None
+    rows = calibration_rows(g)
     for i in range(rounds):
         if i:
             time.sleep(pause)
-        m = measure_compute(main_type(g), repack, n_threads)
+        m = measure_compute(main_type(g), repack, n_threads, rows)
         if best is None or m[0] > best[0]:
             best = m
     cache = _load_cache()
@@ -176,17 +237,24 @@ def record_calibration(path: str, n_threads: int, disk_bw: float | None,
         cache[disk_key(path, disk_rate)] = disk_bw
     ckey = _compute_key(g, repack, n_threads)
     if t_cpu and ckey in cache:
-        cache[ckey] = [compute_bytes(g) / t_cpu, cache[ckey][1]]
+        cache[ckey] = [token_bytes(g) / compute_seconds(g, t_cpu), cache[ckey][1]]
     _save_cache(cache)
 
 
-def compute_bytes(g: GGUFFile) -> float:
-    """The weight bytes a decode token's compute takes, as the planner charges them at compute_bw:
-    every matrix (the embedding only when it is the head too) and, in a mixture of experts, the
-    K of E experts a token picks (each 3-D *_exps tensor's K/E) times MOE_COMPUTE_SLOWDOWN. A
-    T_cpu measured on an MoE model also spends its time on those experts: divided by the matrices
-    alone it gave a compute_bw several times too low, which every later plan of a model of that
-    weight type on this machine then used."""
+def compute_seconds(g: GGUFFile, t_cpu: float) -> float:
+    """Of a decode token's measured compute seconds, those the planner charges at compute_bw: all
+    but MOE_LAYER_S for each layer with experts (a mixture of experts' fixed cost a layer). A T_cpu
+    measured on an MoE model divided by the matrices alone gave a compute_bw several times too
+    low, which every later plan of a model of that weight type on this machine then used."""
+    layers = len({t.name.split(".")[1] for t in g.tensors.values()
+                  if len(t.shape) == 3 and t.name.startswith("blk.")})
+    return max(t_cpu - layers * MOE_LAYER_S, t_cpu / 4)
+
+
+def token_bytes(g: GGUFFile, expert_weight: float = 1.0) -> float:
+    """The weight bytes a decode token multiplies: every matrix (the embedding only when it is the
+    head too) and, in a mixture of experts, the K of E experts it picks (each 3-D *_exps tensor's
+    K/E), these counted `expert_weight` times."""
     dense = sum(t.nbytes for t in g.tensors.values()
                 if len(t.shape) == 2 and (t.name != "token_embd.weight"
                                           or "output.weight" not in g.tensors))
@@ -198,4 +266,4 @@ def compute_bytes(g: GGUFFile) -> float:
     except FlexInferError:
         return dense
     share = cfg.n_expert_used / cfg.n_expert if cfg.n_expert else 1.0
-    return dense + experts * share * MOE_COMPUTE_SLOWDOWN
+    return dense + experts * share * expert_weight

@@ -457,7 +457,7 @@ def _make_plan(g, cfg: ModelConfig, specs, o: Options, n_ctx: int, n_threads: in
     gc.collect()  # the parser's and tokenizer builder's garbage, then the heap it leaves behind
     ggml_ops.trim_heap()
     runtime = rss_bytes()  # interpreter, libraries, tokenizer: resident now
-    mach = machine.calibrate(g, repack, n_threads)
+    mach = machine.calibrate(g, repack, n_threads, room=budget - runtime - HEADROOM)
 
     measured: dict[int, tuple[int, int]] = {}
 

@@ -620,10 +620,13 @@ class ExpertCost:
         return self.active_bytes * self.miss_rate
 
 
-MOE_COMPUTE_SLOWDOWN = 2.0  # the active experts' bytes compute this much slower than a mat-vec's:
-# each layer runs two graphs (98 a token for Qwen3-30B-A3B), mul_mat_id over the picks, routing
-# and top-k; measured 0.071-0.092 s a token of compute there against 0.053 s predicted from
-# compute_bw for the same bytes, i.e. the expert part 1.6-2.2x slower
+MOE_LAYER_S = 0.5e-3  # s a token's MoE layer costs beyond multiplying its picked experts' bytes at
+# compute_bw: two graphs a layer instead of one, the router's picks brought to the host, top-k and
+# mul_mat_id's grouping. Fitted on Qwen3-30B-A3B synthetic (48 layers) on two machines: one
+# multiplying at 41 GB/s (from cache and memory alike) computed 0.063-0.092 s a token where its
+# 1.75 GB at that rate take 0.043; one at 13-15 GB/s from memory, 0.146-0.166 where they take
+# 0.117-0.135. An extra ~24 ms a token fits both within 10%; the multiplier it replaces (2x the
+# experts' bytes), fitted on the first, predicted 0.213 s on the second
 MISS_LATENCY = 1.1e-3  # s a layer with misses waits beyond reading them at disk_bw: the first
 # read's latency and the last slab's conversion, which nothing overlaps. Fitted on six capped
 # runs (Qwen3-30B-A3B synthetic, uniform and zipf:1, 2/4/8 GB, disk capped at 1 GB/s; measured
@@ -638,13 +641,13 @@ OVERLAP_SHARE = 2 / 3  # of a layer's expert compute and of its misses' reads th
 
 def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
-    active experts (at compute_bw / MOE_COMPUTE_SLOWDOWN) and, on the computing thread, reading
+    active experts (at compute_bw, MOE_LAYER_S a layer on top) and, on the computing thread, reading
     the missed ones (MISS_LATENCY a layer on top), converting them too with one loader, less what
     of both overlaps in a layer with misses (OVERLAP_SHARE of the shorter of its compute and its
     reads, when cost.overlapped). A Plan's
     bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw), with the active experts
     at compute_bw; it records the cache's `capacity` (expert_cache_bytes)."""
-    t_cpu = cost.active_bytes / machine.compute_bw * MOE_COMPUTE_SLOWDOWN
+    t_cpu = cost.active_bytes / machine.compute_bw + cost.layers * MOE_LAYER_S
     t_io = cost.missed_bytes / machine.disk_bw + cost.miss_layers * MISS_LATENCY
     conv = cost.missed_bytes / machine.repack_bw if cost.converted else 0.0
     hidden = 0.0

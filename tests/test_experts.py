@@ -446,7 +446,7 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     from flexinfer.gguf_file import read_gguf
     from flexinfer.config import ModelConfig
     from flexinfer.models import specs_for
-    from flexinfer.planner import MISS_LATENCY, MOE_COMPUTE_SLOWDOWN, with_experts
+    from flexinfer.planner import MISS_LATENCY, MOE_LAYER_S, with_experts
     path, _ = resident
     g = read_gguf(path)
     cfg = ModelConfig.from_gguf(g)
@@ -483,7 +483,8 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
         g, names, floor, ex.counts_path(g), cfg.n_expert_used)
     # two loaders convert while they read: only the compute and the reads count
     assert not warm.converted and m._experts._loaders.n == 1
-    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw * MOE_COMPUTE_SLOWDOWN)
+    assert warm.layers == cfg.n_layer
+    assert got.t_cpu == pytest.approx(warm.active_bytes / mach.compute_bw + warm.layers * MOE_LAYER_S)
     layers = cfg.n_layer * (1 - (1 - warm.miss_rate) ** cfg.n_expert_used)
     assert got.t_io == pytest.approx(warm.missed_bytes / mach.disk_bw + layers * MISS_LATENCY)
     # a layer with misses computes its up and gate products while the next tensor is read: two
