@@ -55,6 +55,13 @@ def _model_args(p) -> None:
                             "slower on the machines measured, docs/benchmarks.md)")
     ahead.add_argument("--no-expert-prefetch", dest="expert_prefetch", action="store_false",
                        help="MoE: no read-ahead (the default)")
+    fill = p.add_mutually_exclusive_group()
+    fill.add_argument("--expert-fill", dest="expert_fill", action="store_true", default=None,
+                      help="MoE: fill the expert cache at load with the experts earlier runs used "
+                           "most (the default for serve: a longer load, fewer misses after it)")
+    fill.add_argument("--no-expert-fill", dest="expert_fill", action="store_false",
+                      help="MoE: load only the pinned experts; misses fill the rest (the default "
+                           "for run and batch)")
     for which in ("k", "v"):
         p.add_argument(f"--cache-type-{which}", "-ct" + which, default="f16",
                        choices=("f16", "q8_0", "q4_0"), help=f"KV cache type for {which.upper()}")
@@ -67,6 +74,7 @@ def _options(a) -> dict:
                 cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
                 n_seq=getattr(a, "parallel", 1), experts=a.experts,
                 expert_prefetch=a.expert_prefetch,
+                expert_fill=a.expert_fill if a.expert_fill is not None else a.command == "serve",
                 expert_cache=_size(a.expert_cache, "--expert-cache", zero=True))
 
 

@@ -62,6 +62,8 @@ class Options:
     # (at least one layer's experts; an ablation and for tests)
     expert_prefetch: bool = False  # read layer l+1's likely experts while layer l's compute:
     # off by default, slower at every budget measured on two cores (docs/benchmarks.md)
+    expert_fill: bool = False  # fill the expert cache at load with the experts earlier runs
+    # counted most (ExpertStore.fill): a longer load for fewer misses in the first tokens
 
 
 def _check_options(o: Options) -> None:
@@ -135,6 +137,9 @@ class Model:
                                            repack=repack, counts_file=ex.counts_path(self.g),
                                            note=self._note, n_seq=o.n_seq)
             self._experts.warm()
+            if o.expert_fill:
+                self._note(f"expert cache: {self._experts.fill()} experts read at load "
+                           "(--expert-fill)")
             self._experts.make_pool()  # the rest of the cache, faulted in now, not per token
             if planned.expert_prefetch:
                 self._experts.enable_prefetch()

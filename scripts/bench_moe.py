@@ -62,6 +62,7 @@ def flexinfer_argv(a, model: str, budget: int) -> list[str]:
     return [sys.executable, "-m", "flexinfer", "run", model, "--json", "-n", str(a.tokens),
             "-t", str(a.threads), "-c", str(a.ctx), "--temp", str(a.temp), "-s", str(a.seed),
             "--ignore-eos", *(["--expert-prefetch"] if getattr(a, "expert_prefetch", None) else []),
+            *(["--expert-fill"] if getattr(a, "expert_fill", None) else []),
             "--memory-budget", str(budget), "-p", getattr(a, "prompt", None) or
             prompt_text(a.prompt_tokens)]
 
@@ -193,6 +194,8 @@ def main(argv=None) -> int:
                    "run and the range. llama.cpp runs once: under a cap its mmap is disk-bound")
     p.add_argument("--expert-prefetch", action="store_true", help="flexinfer with its expert "
                    "read-ahead (off by default), for the A/B of the ninth session's table")
+    p.add_argument("--expert-fill", action="store_true", help="flexinfer fills its expert cache "
+                   "at load (off by default for run), for the thirteenth session's A/B")
     p.add_argument("--cold", action="store_true", help="no expert counts carried between points")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--t-cpu", type=float, help="decode s/token with every weight resident (the "

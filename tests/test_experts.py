@@ -18,6 +18,7 @@ import pytest
 import flexinfer.model as fm
 from flexinfer import experts as ex
 from flexinfer.errors import FlexInferError
+from flexinfer.gguf_file import read_gguf
 from tests.test_engine import BUDGET, _squeeze_budget
 from tests.test_moe import PROMPT, small  # noqa: F401 (a fixture)
 
@@ -130,6 +131,48 @@ def test_counts_are_saved_and_warm_the_next_run(resident, home, monkeypatch):
     assert np.array_equal(got2, want)
     assert second["pin_share"] == 0.5
     assert second["pinned"] > 0 and second["hits"] > first["hits"], (first, second)
+
+
+def test_the_fill_loads_the_experts_counted_most_into_the_cache(resident, home):
+    """--expert-fill: at load the room the pins leave is filled with the experts earlier runs
+    counted most (then the router's prior), unpinned and first to be evicted; the cache is full
+    before the first step, which then hits more than without it, and the logits are the same."""
+    path, want = resident
+    _run(path, expert_cache=0)  # writes the counts
+    total = sum(read_gguf(path).tensors[n].nbytes for n in ex.expert_names(
+        fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, experts="whole").specs))
+    half = total // 2
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=half,
+                 expert_fill=True) as m:
+        st = m._experts
+        unit = max(st.unit_bytes.values())
+        assert st.used_bytes <= st.capacity < st.used_bytes + unit  # full
+        saved, k = st._saved, st.cfg.n_expert_used
+        prior = ex.router_prior(st.g, st._names, k)
+        score = {key: saved[key] * (k + 1) + (prior[key] if prior is not None else 0)
+                 for key in ((l, e) for l in st._slabs for e in range(st.n_expert))}
+        filled = st._resident - st._pinned
+        assert filled and not filled & st._pinned
+        out = [key for key in score if key not in st._resident]
+        assert min(score[key] for key in filled) >= max(score[key] for key in out)
+        front = list(st._order)[:len(filled)]  # the guesses: evicted before anything used
+        assert set(front) == filled
+        assert [score[key] for key in front] == sorted(score[key] for key in front)
+        assert any("read at load (--expert-fill)" in n for n in m.stats.notes)
+    got, filled_stats, _ = _run(path, expert_cache=half, expert_fill=True)
+    _, empty_stats, _ = _run(path, expert_cache=half)
+    assert np.array_equal(got, want)
+    assert filled_stats["hits"] > empty_stats["hits"], (filled_stats, empty_stats)
+    assert filled_stats["cached_bytes"] <= filled_stats["capacity_bytes"]
+
+
+def test_the_fill_is_on_for_serve_and_off_for_run_unless_asked():
+    from flexinfer.cli import _options, build_parser
+    p = build_parser()
+    assert _options(p.parse_args(["serve", "m.gguf"]))["expert_fill"] is True
+    assert _options(p.parse_args(["serve", "m.gguf", "--no-expert-fill"]))["expert_fill"] is False
+    assert _options(p.parse_args(["run", "m.gguf"]))["expert_fill"] is False
+    assert _options(p.parse_args(["run", "m.gguf", "--expert-fill"]))["expert_fill"] is True
 
 
 def test_a_corrupt_counts_file_is_ignored_in_one_line(resident, home, capsys):
