@@ -58,7 +58,7 @@ def _model_args(p) -> None:
     fill = p.add_mutually_exclusive_group()
     fill.add_argument("--expert-fill", dest="expert_fill", action="store_true", default=None,
                       help="MoE: fill the expert cache at load with the experts earlier runs used "
-                           "most (the default for serve: a longer load, fewer misses after it)")
+                           "most (the default for serve: more read at load, fewer misses after it)")
     fill.add_argument("--no-expert-fill", dest="expert_fill", action="store_false",
                       help="MoE: load only the pinned experts; misses fill the rest (the default "
                            "for run and batch)")

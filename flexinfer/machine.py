@@ -190,6 +190,7 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False,
     rows = calibration_rows(g)
     compute = None
     if refresh or ckey not in cache:
+        # twice the matrix: a margin for what the process allocates besides
         if room is not None and rows > CAL_DIM and row_bytes(tid, CAL_DIM) * rows * 2 > room:
             compute = measure_compute(tid, repack, n_threads)  # the cache's rate: too fast
         else:
@@ -251,10 +252,10 @@ def compute_seconds(g: GGUFFile, t_cpu: float) -> float:
     return max(t_cpu - layers * MOE_LAYER_S, t_cpu / 4)
 
 
-def token_bytes(g: GGUFFile, expert_weight: float = 1.0) -> float:
+def token_bytes(g: GGUFFile) -> float:
     """The weight bytes a decode token multiplies: every matrix (the embedding only when it is the
     head too) and, in a mixture of experts, the K of E experts it picks (each 3-D *_exps tensor's
-    K/E), these counted `expert_weight` times."""
+    K/E)."""
     dense = sum(t.nbytes for t in g.tensors.values()
                 if len(t.shape) == 2 and (t.name != "token_embd.weight"
                                           or "output.weight" not in g.tensors))
@@ -266,4 +267,4 @@ def token_bytes(g: GGUFFile, expert_weight: float = 1.0) -> float:
     except FlexInferError:
         return dense
     share = cfg.n_expert_used / cfg.n_expert if cfg.n_expert else 1.0
-    return dense + experts * share * expert_weight
+    return dense + experts * share

@@ -63,7 +63,7 @@ class Options:
     expert_prefetch: bool = False  # read layer l+1's likely experts while layer l's compute:
     # off by default, slower at every budget measured on two cores (docs/benchmarks.md)
     expert_fill: bool = False  # fill the expert cache at load with the experts earlier runs
-    # counted most (ExpertStore.fill): a longer load for fewer misses in the first tokens
+    # counted most (ExpertStore.fill): more read at load, fewer misses in the first tokens
 
 
 def _check_options(o: Options) -> None:
