@@ -74,7 +74,12 @@ def test_a_growing_cache_stays_under_the_limit(smollm2_path):
     more = ("-n", "90", "--ignore-eos")
     resident, _ = _run(smollm2_path, None, *more)
     full = _plan(smollm2_path, 1 << 40)
-    budget = _plan(smollm2_path, full["fixed_bytes"] + int(0.6 * full["resident_bytes"]))
+    # a budget whose plan gives up rows at 64 positions: whether staging pays at a given share of
+    # the weights depends on the machine's calibration (0.6 on one machine, 0.5 and 0.7 on another)
+    for share in (0.6, 0.5, 0.7, 0.4, 0.9):
+        budget = _plan(smollm2_path, full["fixed_bytes"] + int(share * full["resident_bytes"]))
+        if [s["up_to_positions"] for s in budget["stages"]] == [64, 256]:
+            break
     assert [s["up_to_positions"] for s in budget["stages"]] == [64, 256]
     out, run = _run(smollm2_path, budget["budget_bytes"], *more)
     assert out["plan"]["stages"] == 2 and out["stage"] == 1
