@@ -622,9 +622,10 @@ class ExpertStore:
             want.setdefault(key[0], []).append(key[1])
         for layer, es in want.items():
             self._load(layer, sorted(es))
-        for key in keys[:sum(map(len, want.values()))]:  # the least counted ends first in line
+        n = sum(map(len, want.values()))  # keys[:n]: the ones loaded
+        for key in keys[:n]:  # the least counted ends first in line
             self._order.move_to_end(key, last=False)
-        return sum(map(len, want.values()))
+        return n
 
     def make_pool(self) -> int:
         """Fault in, at load, the pages the cache has left to fill (capacity less what warm()

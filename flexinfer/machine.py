@@ -172,8 +172,8 @@ def calibration_rows(g: GGUFFile) -> int:
     return max(CAL_DIM, -(-want // rb // 64) * 64)
 
 
-def _compute_key(g: GGUFFile, repack: bool, n_threads: int) -> str:
-    rows = calibration_rows(g)
+def _compute_key(g: GGUFFile, repack: bool, n_threads: int, rows: int | None = None) -> str:
+    rows = calibration_rows(g) if rows is None else rows
     where = "" if rows == CAL_DIM else "|memory"  # timed from memory, not from the cache
     return f"{cpu_model()}|t{n_threads}|type{main_type(g)}|repack{int(repack)}{where}"
 
@@ -185,9 +185,9 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False,
     measured at CAL_DIM instead, for this plan only (not cached)."""
     cache = _load_cache()
     tid = main_type(g)
-    ckey = _compute_key(g, repack, n_threads)
-    dkey = disk_key(g.path)
     rows = calibration_rows(g)
+    ckey = _compute_key(g, repack, n_threads, rows)
+    dkey = disk_key(g.path)
     compute = None
     if refresh or ckey not in cache:
         # twice the matrix: a margin for what the process allocates besides
@@ -219,7 +219,7 @@ def calibrate_compute(g: GGUFFile, repack: bool, n_threads: int, rounds: int,
         if best is None or m[0] > best[0]:
             best = m
     cache = _load_cache()
-    cache[_compute_key(g, repack, n_threads)] = list(best)
+    cache[_compute_key(g, repack, n_threads, rows)] = list(best)
     _save_cache(cache)
     return best[0]
 
