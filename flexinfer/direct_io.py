@@ -80,16 +80,13 @@ class DirectReader:
             raise StreamError(f"{self.path}: the file was modified while in use (size "
                               f"{self._identity[0]} -> {st.st_size} bytes)")
 
-    def read_span(self, dst: int, offset: int, nbytes: int, pieces: int = 1) -> int:
+    def read_span(self, dst: int, offset: int, nbytes: int) -> int:
         """Read the aligned span covering [offset, offset+nbytes) into dst (ALIGN-aligned, with
-        room for span(offset, nbytes)[1] bytes), in READ_CHUNK reads, or in at least `pieces`
-        when that is more (a span smaller than a chunk read at the reader's depth). Returns the
-        address where the bytes start."""
+        room for span(offset, nbytes)[1] bytes). Returns the address where the bytes start."""
         self.check_unchanged()
         start, length = span(offset, nbytes)
         need = offset + nbytes - start  # the span may run past EOF; those bytes are not needed
-        chunk = min(READ_CHUNK, -(-need // max(pieces, 1) // ALIGN) * ALIGN or ALIGN)
-        got = self._pread_full(dst, start, length, need, chunk)
+        got = self._pread_full(dst, start, length, need)
         if got < need:
             raise StreamError(f"{self.path}: short read at offset {offset}: {got - (offset - start)}"
                               f" of {nbytes} bytes (file truncated or changed while in use?)")
@@ -99,11 +96,10 @@ class DirectReader:
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
         return dst + (offset - start)
 
-    def _pread_full(self, dst: int, start: int, length: int, need: int,
-                    chunk: int = READ_CHUNK) -> int:
-        """Bytes read from start on, in `chunk` pieces, READ_DEPTH of them in flight; stops at
-        the end of the file (the count of contiguous bytes read is returned)."""
-        chunks = [(off, min(chunk, length - off)) for off in range(0, need, chunk)]
+    def _pread_full(self, dst: int, start: int, length: int, need: int) -> int:
+        """Bytes read from start on, in READ_CHUNK pieces, READ_DEPTH of them in flight; stops
+        at the end of the file (the count of contiguous bytes read is returned)."""
+        chunks = [(off, min(READ_CHUNK, length - off)) for off in range(0, need, READ_CHUNK)]
         if self._pool is None or len(chunks) < 2:
             got = [self._pread_chunk(dst, start, c) for c in chunks]
         else:

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from flexinfer import ggml_ops
-from flexinfer.direct_io import ALIGN, READ_DEPTH, DirectReader, span
+from flexinfer.direct_io import ALIGN, DirectReader, span
 from flexinfer.errors import StreamError  # noqa: F401 (raised by the read-ahead)
 from flexinfer.gguf_file import GGUFFile, row_bytes
 from flexinfer.ggml_ops import Buffer, LazyMemory, TensorTable
@@ -741,10 +741,9 @@ class ExpertStore:
 
     def _loader(self, loads: _Loads, i: int) -> None:
         """Loader i: takes the runs in order, each through its part of the stage. The loaders
-        read one run at a time, in the runs' order, each in READ_DEPTH reads at once, and
-        convert while the other reads: two loaders reading at once, the up and gate slabs of a
-        step's one miss shared the disk and both arrived when up alone could have, so the up
-        product waited for the gate's read too."""
+        read one at a time, in the runs' order, and convert while the other reads: read at once,
+        the up and gate slabs of a step's one miss shared the disk and both arrived when up alone
+        could have, so the up product waited for the gate's read too."""
         base = self._stage.base + i * self._half
         while True:
             try:
@@ -1093,7 +1092,7 @@ class ExpertStore:
     def _read(self, s: _Slab, run: list[int], stage: int) -> int:
         """The run's bytes read into the staging memory at `stage`; returns their address."""
         n = len(run) * s.nb2
-        src = self.reader.read_span(stage, s.offset + run[0] * s.nb2, n, pieces=READ_DEPTH)
+        src = self.reader.read_span(stage, s.offset + run[0] * s.nb2, n)
         with self._lock:  # the read-ahead thread counts too
             self.bytes_read += n
         return src

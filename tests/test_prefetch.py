@@ -504,39 +504,3 @@ def test_reads_in_flight_give_the_same_bytes(tmp_path, no_thread_left_behind, of
             buf.free()
             reader.close()
     assert got[0] == got[1] == data[offset:offset + nbytes]
-
-
-@pytest.mark.parametrize("offset, nbytes", [(0, 884736), (5000, 884736), (100, 3000), (0, 9 << 20)])
-def test_a_span_read_in_pieces_gives_the_same_bytes(tmp_path, monkeypatch, no_thread_left_behind,
-                                                   offset, nbytes):
-    """read_span(..., pieces=2) (an expert slab, smaller than a chunk): two reads of whole pages
-    (one for a span of one page), the same bytes as one read; a span of several chunks is read in
-    chunks."""
-    import os
-
-    import flexinfer.direct_io as dio
-    from flexinfer.ggml_ops import Buffer, memview
-    data = os.urandom((12 << 20) + 1234)
-    path = tmp_path / "w.bin"
-    path.write_bytes(data)
-    real, sizes = os.preadv, []
-
-    def counted(fd, bufs, at):
-        sizes.append(sum(len(b) for b in bufs))
-        return real(fd, bufs, at)
-    monkeypatch.setattr(dio.os, "preadv", counted)
-    got = []
-    for pieces in (1, 2):
-        sizes.clear()
-        reader = dio.DirectReader(str(path), len(data), depth=2)
-        buf = Buffer(dio.span(offset, nbytes)[1] + 8192)
-        try:
-            at = reader.read_span(buf.base, offset, nbytes, pieces=pieces)
-            got.append(bytes(memview(at, nbytes)))
-        finally:
-            buf.free()
-            reader.close()
-        length = dio.span(offset, nbytes)[1]  # no piece smaller than a page
-        want = max(min(pieces, length // dio.ALIGN), -(-length // dio.READ_CHUNK))
-        assert len(sizes) == want and all(s % dio.ALIGN == 0 for s in sizes[:-1])
-    assert got[0] == got[1] == data[offset:offset + nbytes]
