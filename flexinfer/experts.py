@@ -471,7 +471,6 @@ class ExpertStore:
                                              LOAD_ORDER.get(n.split(".")[2], len(LOAD_ORDER)), n))
         self._names = names
         self._lock = threading.Lock()
-        self._disk = threading.Lock()  # held by a loader while it reads (_loader)
         self._table = TensorTable(len(names) + 1)
         self.layers: list[dict] = [{} for _ in range(cfg.n_layer + 1)]
         self._slabs: dict[int, list[_Slab]] = {}
@@ -740,20 +739,15 @@ class ExpertStore:
         loads.join = self._loaders.start(lambda i: self._loader(loads, i))
 
     def _loader(self, loads: _Loads, i: int) -> None:
-        """Loader i: takes the runs in order, each through its part of the stage. The loaders
-        read one at a time, in the runs' order, and convert while the other reads: read at once,
-        the up and gate slabs of a step's one miss shared the disk and both arrived when up alone
-        could have, so the up product waited for the gate's read too."""
+        """Loader i: takes the runs in order, each through its part of the stage."""
         base = self._stage.base + i * self._half
         while True:
+            with loads.done:
+                if loads.failed or not loads.runs:
+                    return
+                s, run = loads.runs.pop(0)
             try:
-                with self._disk:
-                    with loads.done:
-                        if loads.failed or not loads.runs:
-                            return
-                        s, run = loads.runs.pop(0)
-                    src = self._read(s, run, base)
-                self._place(s, run, src, self._converts[i])
+                self._read_run(s, run, base, self._converts[i])
             except BaseException:
                 with loads.done:
                     loads.failed = True
@@ -1087,20 +1081,10 @@ class ExpertStore:
     def _read_run(self, s: _Slab, run: list[int], stage: int, headers: dict) -> None:
         """Slabs run[0]..run[-1] (adjacent) of s: one read into the staging memory at `stage`,
         then each slab copied (or converted, with these scratch headers) to its home."""
-        self._place(s, run, self._read(s, run, stage), headers)
-
-    def _read(self, s: _Slab, run: list[int], stage: int) -> int:
-        """The run's bytes read into the staging memory at `stage`; returns their address."""
         n = len(run) * s.nb2
         src = self.reader.read_span(stage, s.offset + run[0] * s.nb2, n)
         with self._lock:  # the read-ahead thread counts too
             self.bytes_read += n
-        return src
-
-    def _place(self, s: _Slab, run: list[int], src: int, headers: dict) -> None:
-        """The run's slabs, read to `src`, copied (or converted, with these scratch headers) to
-        their home."""
-        n = len(run) * s.nb2
         dst = s.home + run[0] * s.nb2
         if self._recycle:
             for i in range(len(run)):

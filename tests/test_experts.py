@@ -76,13 +76,13 @@ def test_a_wrong_slab_is_caught(resident, monkeypatch):
     """Break it on purpose: reading each run's neighbour slab changes the logits (the tests above
     would fail)."""
     path, want = resident
-    real = ex.ExpertStore._read
+    real = ex.ExpertStore._read_run
 
-    def shifted(self, s, run, stage):  # the next expert's bytes (the previous one's for
+    def shifted(self, s, run, stage, headers):  # the next expert's bytes (the previous one's for
         d = s.nb2 if run[-1] + 1 < self.n_expert else -s.nb2  # the last)
         return real(self, ex._Slab(s.header, s.offset + d, s.nb2, s.rows, s.rb, s.home, s.repack),
-                    run, stage)
-    monkeypatch.setattr(ex.ExpertStore, "_read", shifted)
+                    run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", shifted)
     got = _run(path, expert_cache=0)[0]
     assert not np.array_equal(got, want)
     assert np.abs(got - want).max() > 0.1
@@ -292,7 +292,7 @@ def _wrong_and_slow_read_ahead(monkeypatch):
     import threading
     stopped = threading.Event()
     real_prefetch, real_settle = ex.ExpertStore.prefetch, ex.ExpertStore._settle
-    real_read = ex.ExpertStore._read
+    real_read = ex.ExpertStore._read_run
 
     def prefetch(self, layer, xa):
         stopped.clear()
@@ -310,14 +310,14 @@ def _wrong_and_slow_read_ahead(monkeypatch):
         finally:
             stopped.set()
 
-    def slow(self, s, run, stage):
+    def slow(self, s, run, stage, headers):
         ahead = getattr(self, "_stage2", None)  # made once the read-ahead is enabled
         if ahead is not None and stage == ahead.base:
             stopped.wait(5)
-        return real_read(self, s, run, stage)
+        return real_read(self, s, run, stage, headers)
     monkeypatch.setattr(ex.ExpertStore, "prefetch", prefetch)
     monkeypatch.setattr(ex.ExpertStore, "_settle", settle)
-    monkeypatch.setattr(ex.ExpertStore, "_read", slow)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", slow)
 
 
 def _run_checking_cache(path, want):
@@ -366,14 +366,14 @@ def test_a_failed_read_ahead_is_reported_and_forgotten(resident, monkeypatch):
     """A read-ahead that fails raises a StreamError at the next fetch, and what it was reading is
     not kept as cached: the step run again reads those experts and is exact."""
     path, want = resident
-    real, calls = ex.ExpertStore._read, []
+    real, calls = ex.ExpertStore._read_run, []
 
-    def failing(self, s, run, stage):
+    def failing(self, s, run, stage, headers):
         if stage == self._stage2.base and not calls:  # the read-ahead's
             calls.append((next(l for l, ss in self._slabs.items() if s in ss), list(run)))
             raise OSError("disk gone")
-        return real(self, s, run, stage)
-    monkeypatch.setattr(ex.ExpertStore, "_read", failing)
+        return real(self, s, run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", failing)
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
                  expert_prefetch=True) as m:
         m.logits(PROMPT)
@@ -392,90 +392,29 @@ def test_two_loaders_share_a_steps_misses(resident, monkeypatch):
     """fetch's misses are read by two loaders at once, each through its half of the stage (one
     reads while the other converts); at the cache's floor both take part and the run is exact."""
     path, want = resident
-    real, seen = ex.ExpertStore._read, set()
+    real, seen = ex.ExpertStore._read_run, set()
 
-    def watched(self, s, run, stage):
+    def watched(self, s, run, stage, headers):
         seen.add((stage - self._stage.base) // self._half)  # no read-ahead: fetch's loads only
-        return real(self, s, run, stage)
-    monkeypatch.setattr(ex.ExpertStore, "_read", watched)
+        return real(self, s, run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", watched)
     got, stats, _ = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
     assert {0, 1} <= seen and stats["misses"] > 0
-
-
-_READ, _START = ex.ExpertStore._read, ex.ExpertStore._start
-
-
-def _loader_reads(path, monkeypatch, serial: bool):
-    """Run _run's steps at the cache's floor with every read taking 20 ms; returns (the most
-    reads in flight at once, each begin's tensors in the order their reads began, the logits).
-    serial=False breaks the loaders' turn-taking on purpose."""
-    import contextlib
-    import threading
-    real, real_start, lock = _READ, _START, threading.Lock()  # unpatched, however often called
-    now, most, kinds = [0], [0], []
-
-    def read(self, s, run, stage):
-        with lock:
-            now[0] += 1
-            most[0] = max(most[0], now[0])
-            kinds.append(s.kind)
-        time.sleep(0.02)
-        try:
-            return real(self, s, run, stage)
-        finally:
-            with lock:
-                now[0] -= 1
-
-    def start(self, layer, experts):
-        kinds.append("begin")
-        return real_start(self, layer, experts)
-    monkeypatch.setattr(ex.ExpertStore, "_read", read)
-    monkeypatch.setattr(ex.ExpertStore, "_start", start)
-    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
-                 expert_prefetch=False) as m:
-        assert m._experts._loaders.n == 1
-        if not serial:
-            m._experts._disk = contextlib.nullcontext()
-        out = [m.logits(PROMPT)]
-        for t in DECODE:
-            out.append(m.evaluate([t], len(m.cache.tokens[0])))
-    steps, step = [], []
-    for k in kinds + ["begin"]:
-        if k == "begin":
-            if step:
-                steps.append(step)
-            step = []
-        else:
-            step.append(ex.LOAD_ORDER[k])
-    return most[0], steps, np.concatenate(out)
-
-
-def test_the_loaders_read_one_at_a_time_in_order(resident, monkeypatch):
-    """The two loaders take turns at the disk, in the order of the runs (up, gate, down), and
-    convert while the other reads: a step's up slabs arrive before any gate slab is begun, so the
-    up product does not wait for the gate's reads. Broken on purpose (no turns), reads overlap."""
-    path, want = resident
-    most, steps, got = _loader_reads(path, monkeypatch, serial=True)
-    assert np.array_equal(got, want)
-    assert most == 1 and len(steps) > 1
-    assert all(s == sorted(s) for s in steps), steps
-    most, _, got = _loader_reads(path, monkeypatch, serial=False)
-    assert np.array_equal(got, want) and most == 2
 
 
 def test_a_failed_loader_is_reported_and_its_experts_not_cached(resident, monkeypatch):
     """The second loader's read fails: fetch raises a StreamError once both loaders ended, none of
     the step's misses counts as cached, and the step run again is exact."""
     path, want = resident
-    real, calls = ex.ExpertStore._read, []
+    real, calls = ex.ExpertStore._read_run, []
 
-    def failing(self, s, run, stage):
+    def failing(self, s, run, stage, headers):
         if stage == self._stage.base + self._half and not calls:
             calls.append(next(l for l, ss in self._slabs.items() if s in ss))
             raise OSError("disk gone")
-        return real(self, s, run, stage)
-    monkeypatch.setattr(ex.ExpertStore, "_read", failing)
+        return real(self, s, run, stage, headers)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", failing)
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0,
                  expert_prefetch=False) as m:
         st = m._experts
@@ -493,14 +432,14 @@ def test_a_steps_misses_are_read_while_its_experts_compute(resident, monkeypatch
     would wait here for ever (10 s, then fail). The logits are exact."""
     import threading
     path, want = resident
-    real_read, real_wait = ex.ExpertStore._read, ex.ExpertStore.wait
+    real_read, real_wait = ex.ExpertStore._read_run, ex.ExpertStore.wait
     asked, log = threading.Event(), []
 
-    def read(self, s, run, stage):
+    def read(self, s, run, stage, headers):
         if s.kind != "ffn_up_exps" and not asked.wait(10):
             raise AssertionError(f"{s.kind} read before the gate part asked for it")
         log.append(s.kind)
-        return real_read(self, s, run, stage)
+        return real_read(self, s, run, stage, headers)
 
     def wait(self, kind):
         if kind == "ffn_gate_exps":
@@ -509,7 +448,7 @@ def test_a_steps_misses_are_read_while_its_experts_compute(resident, monkeypatch
         real_wait(self, kind)
         if kind == "ffn_down_exps":
             asked.clear()  # the next step's gate and down reads wait again
-    monkeypatch.setattr(ex.ExpertStore, "_read", read)
+    monkeypatch.setattr(ex.ExpertStore, "_read_run", read)
     monkeypatch.setattr(ex.ExpertStore, "wait", wait)
     got, stats, _ = _run(path, expert_cache=0)
     assert np.array_equal(got, want)
