@@ -26,7 +26,8 @@ speed); the plans read the disk at the bench's own measurement of it, the bound'
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
 the table: another prompt, WARMUP_PROMPT, at the largest budget) writes counts, and every point starts
-from exactly those (restored before each point); --cold starts every point from none.
+from exactly those (restored before each point); --cold starts every point from none. The points
+decode after POINT_PROMPT, a sentence of another text (--prompt, --prompt-tokens).
 
 Single runs here move by up to 15%: --repeats N runs each flexinfer point N times (every point
 once, then again, so a point's runs are minutes apart) and the table gives its median run (that
@@ -63,18 +64,33 @@ def flexinfer_argv(a, model: str, budget: int) -> list[str]:
             "-t", str(a.threads), "-c", str(a.ctx), "--temp", str(a.temp), "-s", str(a.seed),
             "--ignore-eos", *(["--expert-prefetch"] if getattr(a, "expert_prefetch", None) else []),
             *(["--expert-fill"] if getattr(a, "expert_fill", None) else []),
-            "--memory-budget", str(budget), "-p", getattr(a, "prompt", None) or
-            prompt_text(a.prompt_tokens)]
+            "--memory-budget", str(budget), "-p", point_prompt(a)]
 
 
 WARMUP_PROMPT = ("Once upon a time in a small village by the sea, an old sailor told the children "
                  "stories of storms, islands, whales and lighthouses, and of the long way home")
+POINT_PROMPT = ("The committee met on Tuesday morning to review the budget for the new public "
+                "library, and after a long debate they agreed to")  # 24 tokens, not the warm-up's:
+# the counts the points start from are another text's. Until the fifteenth session the points'
+# prompt was "the" 16 times (--prompt-tokens 16): a context of one token repeated, whose routing
+# repeats too. At 2 GB it held 0.77 / 0.71 of a token's picks (uniform / zipf:1 router) where this
+# text holds 0.69 / 0.62, as the warm-up's own picks replayed (the plans' estimate) predict
+
+
+def point_prompt(a) -> str:
+    """The prompt of a point: a.prompt (the warm-up's, or --prompt), else 'the' --prompt-tokens
+    times when given, else POINT_PROMPT."""
+    if getattr(a, "prompt", None):
+        return a.prompt
+    if getattr(a, "prompt_tokens", None):
+        return prompt_text(a.prompt_tokens)
+    return POINT_PROMPT
 
 
 def peer_argv(a, model: str) -> list[str]:
     return [sys.executable, "-m", "flexinfer.bench.peer_llamacpp", model, "--tokens",
             str(a.peer_tokens or a.tokens), "--threads", str(a.threads), "--ctx", str(a.ctx),
-            "--temp", str(a.temp), "--seed", str(a.seed), "-p", prompt_text(a.prompt_tokens)]
+            "--temp", str(a.temp), "--seed", str(a.seed), "-p", point_prompt(a)]
 
 
 def expert_piece(model: str) -> int:
@@ -182,7 +198,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", "-t", type=int, default=2)
     p.add_argument("--ctx", "-c", type=int, default=256)
     p.add_argument("--tokens", "-n", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--prompt", help="the points' prompt, both engines (default: POINT_PROMPT, "
+                   "a sentence; the warm-up keeps its own, WARMUP_PROMPT)")
+    p.add_argument("--prompt-tokens", type=int, help="the points' prompt is instead the word "
+                   "'the' this many times, as before the fifteenth session (a context of one "
+                   "token repeated, whose routing repeats too)")
     p.add_argument("--peer-tokens", type=int, help="tokens llama.cpp decodes (default: -n); "
                    "mmap re-reads the model every token, 13 s a token at 2 GB")
     p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
@@ -218,7 +238,7 @@ def main(argv=None) -> int:
     if a.temp < 0:
         print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
         return 2
-    for name in ("tokens", "peer_tokens", "warmup_tokens", "repeats"):
+    for name in ("tokens", "peer_tokens", "warmup_tokens", "repeats", "prompt_tokens"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             print(f"bench_moe: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -232,7 +252,8 @@ def main(argv=None) -> int:
             return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"command": " ".join(sys.argv), "machine": machine_info(), "disk": {}, "rows": []}
+    results = {"command": " ".join(sys.argv), "machine": machine_info(), "disk": {}, "rows": [],
+               "prompt": point_prompt(a), "warmup_prompt": None if a.cold else WARMUP_PROMPT}
     modes = ["flexinfer"] + ([] if a.no_peer else ["llama.cpp-mmap"])
     # expert counts and calibration of this run: compute and the disk (under the cap) are
     # calibrated here, afresh, so plans never predict from an old measurement

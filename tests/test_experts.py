@@ -812,6 +812,32 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
     assert len(lines) == 6 and "| 5.000 (1.000-7.000, 3 runs) |" in lines[2]
 
 
+def test_the_moe_bench_prompt_reaches_both_engines_not_the_warm_up():
+    """scripts/bench_moe.py: the points of both engines decode after POINT_PROMPT, or --prompt, or
+    'the' --prompt-tokens times; the warm-up keeps its own prompt (given as a.prompt)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", Path(__file__).parent.parent / "scripts" / "bench_moe.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    text = "The weather was mild for the season"
+
+    def prompts(**kw):
+        a = b.argparse.Namespace(**{"prompt": None, "prompt_tokens": None, "tokens": 8,
+                                    "threads": 2, "ctx": 64, "temp": 1.0, "seed": 1,
+                                    "peer_tokens": None, **kw})
+        got = {argv[argv.index("-p") + 1] for argv in
+               (b.flexinfer_argv(a, "m.gguf", 10**9), b.peer_argv(a, "m.gguf"))}
+        assert len(got) == 1  # both engines alike
+        return got.pop()
+
+    assert prompts() == b.POINT_PROMPT != b.WARMUP_PROMPT
+    assert prompts(prompt=text) == text
+    assert prompts(prompt_tokens=4) == "the the the the"
+    assert prompts(prompt=b.WARMUP_PROMPT, prompt_tokens=4) == b.WARMUP_PROMPT  # the warm-up
+
+
 def test_eviction_takes_the_least_recently_used_and_pinned_last(resident):
     """The cache evicts the least recently used expert first, never one the step needs, and
     pinned experts (the saved counts' most used) only when no other is left."""
