@@ -639,12 +639,27 @@ OVERLAP_SHARE = 2 / 3  # of a layer's expert compute and of its misses' reads th
 # read and the gate product while the down slabs are (models/moe.py up_part ...)
 
 
+def _miss_refund(cost: ExpertCost, machine: Machine, idle: float) -> float:
+    """Seconds of a token's miss reads that a disk refunding pauses (machine.pause_credit_s: a
+    blkio cap) gives back. Between two layers' misses the disk idles, `idle` seconds a token in
+    all (what the computing thread does that no read overlaps, MISS_LATENCY included); each such
+    pause no longer than the credit lets the next layer's reads run faster than disk_bw, down to
+    CREDIT_FLOOR of their time (refunded, as for a dense model's reads under the cap). 0 on a
+    real disk."""
+    n = cost.miss_layers
+    if not machine.pause_credit_s or n <= 0 or idle <= 0:
+        return 0.0
+    io = cost.missed_bytes / machine.disk_bw / n  # a layer's misses
+    return n * (io - refunded(io, idle / n, machine.pause_credit_s))
+
+
 def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     """p (a Plan or a Stage) with the expert cache's time added to its cost model: computing the
     active experts (at compute_bw, MOE_LAYER_S a layer on top) and, on the computing thread, reading
     the missed ones (MISS_LATENCY a layer on top), converting them too with one loader, less what
     of both overlaps in a layer with misses (OVERLAP_SHARE of the shorter of its compute and its
-    reads, when cost.overlapped). A Plan's
+    reads, when cost.overlapped), less what a blkio cap refunds of the reads for the disk's pauses
+    between them (_miss_refund; none on a real disk). A Plan's
     bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw), with the active experts
     at compute_bw; it records the cache's `capacity` (expert_cache_bytes)."""
     t_cpu = cost.active_bytes / machine.compute_bw + cost.layers * MOE_LAYER_S
@@ -654,8 +669,13 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     if cost.overlapped and cost.layers and cost.miss_layers:
         per_read = cost.missed_bytes / machine.disk_bw / cost.miss_layers  # a layer with misses
         hidden = cost.miss_layers * OVERLAP_SHARE * min(t_cpu / cost.layers, per_read)
+    # the disk idles while the computing thread does what no read overlaps: the dense part too,
+    # unless it streams (then the disk reads it meanwhile)
+    dense = p.t_cpu if not p.t_io else 0.0
+    refund = _miss_refund(cost, machine, dense + t_cpu + conv - hidden +
+                          cost.miss_layers * MISS_LATENCY)
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
-                              predicted_s=p.predicted_s + t_cpu + t_io + conv - hidden)
+                              predicted_s=p.predicted_s + t_cpu + t_io + conv - hidden - refund)
     if isinstance(p, Plan):
         out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + cost.active_bytes /
                                   machine.compute_bw, expert_cache_bytes=capacity,

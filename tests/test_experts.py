@@ -543,6 +543,34 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
     one = dataclasses.replace(warm, converted=True)  # one loader: converting waits too
     assert with_experts(base, one, mach).t_cpu == pytest.approx(
         got.t_cpu + warm.missed_bytes / mach.repack_bw)
+    # under a blkio cap the disk refunds its pauses between layers' misses (the compute no read
+    # overlaps, the dense part's and the miss latency included): each layer's reads run faster,
+    # down to CREDIT_FLOOR of their time; the bound and t_io are the disk's as before
+    from flexinfer.planner import CAP_PAUSE_CREDIT_S, CREDIT_FLOOR
+    assert mach.pause_credit_s == 0  # no cap in the tests' environment
+    dense = dataclasses.replace(base, t_cpu=0.01, predicted_s=0.01)
+    for disk in (mach.disk_bw, mach.disk_bw / 1000):  # pauses short or long against the reads
+        real = dataclasses.replace(mach, disk_bw=disk)
+        capped = dataclasses.replace(real, pause_credit_s=CAP_PAUSE_CREDIT_S)
+        off_cap, on_cap = with_experts(dense, warm, real), with_experts(dense, warm, capped)
+        io = warm.missed_bytes / disk / layers  # a layer's reads
+        hid = layers * 2 / 3 * min(got.t_cpu / cfg.n_layer, io)
+        gap = (0.01 + got.t_cpu - hid + layers * MISS_LATENCY) / layers  # the disk's pause
+        refund = layers * min(gap, (1 - CREDIT_FLOOR) * io)
+        assert refund > 0
+        assert on_cap.predicted_s == pytest.approx(off_cap.predicted_s - refund)
+        assert (on_cap.t_io, on_cap.t_io_bound, on_cap.bound_tok_s) == \
+            (off_cap.t_io, off_cap.t_io_bound, off_cap.bound_tok_s)
+        # a dense part that streams keeps the disk busy in those pauses: only the experts' count
+        streaming = dataclasses.replace(dense, t_io=0.5, predicted_s=0.51)
+        gap -= 0.01 / layers
+        assert with_experts(streaming, warm, capped).predicted_s == pytest.approx(
+            with_experts(streaming, warm, real).predicted_s -
+            layers * min(gap, (1 - CREDIT_FLOOR) * io))
+        # pauses longer than the credit are not refunded (a new throttle slice)
+        slow = dataclasses.replace(dense, t_cpu=layers * CAP_PAUSE_CREDIT_S * 2, predicted_s=1.0)
+        assert with_experts(slow, warm, capped).predicted_s == pytest.approx(
+            with_experts(slow, warm, real).predicted_s)
 
 
 def _one_layer(tmp_path, counts, capacity, trace, share=None):
