@@ -132,6 +132,16 @@ class Buffer:
             self._buf = self.handle = None
 
 
+X86_SETS = ("AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
+            "AVX512_BF16", "AVX_VNNI")  # as llama.cpp's system info names them
+
+
+def instruction_sets() -> tuple[str, ...]:
+    """The x86 instruction sets this ggml was built to use (ggml_cpu_has_*), named as llama.cpp's
+    system info names them: which kernels compute, and so how the last bits of a result round."""
+    return tuple(n for n in X86_SETS if getattr(ggml, f"ggml_cpu_has_{n.lower()}")())
+
+
 def memview(addr: int, nbytes: int) -> memoryview:
     """A writable memoryview over native memory, for os.preadv and numpy."""
     return memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")

@@ -1,5 +1,5 @@
-"""Writes tests/data/reference_*.json: what llama.cpp computes, so tests/test_fidelity.py can hold
-flexinfer to it without llama.cpp installed.
+"""Writes tests/data/reference_*.json (tests/data/avx2/ from a llama.cpp built for AVX2 alone): what
+llama.cpp computes, so tests/test_fidelity.py can hold flexinfer to it without llama.cpp installed.
 
     pip install .[peers]        # llama-cpp-python, dev only; build flags in docs/fidelity.md
     python scripts/make_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [reference_X.json ...]
@@ -35,8 +35,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from flexinfer.bench.synth import SynthSpec, write_synthetic
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.references import llamacpp_sets, reference_dir  # noqa: E402
+
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTINGS = dict(n_ctx=512, n_threads=2, n_batch=512, logits_all=True, flash_attn=True)
 MAX_TOKENS = 32  # greedy continuation length
@@ -336,10 +337,14 @@ def synth_reference(name: str, spec: SynthSpec, tmp: Path) -> dict:
 
 
 def write(name: str, data: dict) -> None:
-    (DATA / name).write_text(dump(data), encoding="utf-8")
+    """Into the directory of the instruction sets this llama.cpp computes with (tests/references.py:
+    tests/data for AVX-512, tests/data/avx2 for AVX2 alone)."""
+    out = reference_dir(llamacpp_sets(data["llama_cpp_system_info"]))
+    out.mkdir(exist_ok=True)
+    (out / name).write_text(dump(data), encoding="utf-8")
     forced = data["teacher_forced"]["flash_attn_off_vs_on"]
     stops = [c["stop"] for c in data["greedy"]["cases"]]
-    print(f"wrote {name}: stops {stops}; llama.cpp flash attention off vs on: {forced}")
+    print(f"wrote {out / name}: stops {stops}; llama.cpp flash attention off vs on: {forced}")
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import flexinfer.model as fm
 from flexinfer.bench.synth import SynthSpec, shared_dir, write_synthetic
 from flexinfer.errors import FlexInferError
 from flexinfer.generate import chat_prompt
+from tests.references import load_reference
 
-DATA = Path(__file__).parent / "data"
 REFERENCES = ("reference_smollm2.json", "reference_qwen2_synth.json",
               "reference_llama_tied_synth.json", "reference_llama_rope_freqs_synth.json",
               "reference_qwen3_synth.json", "reference_gemma3_synth.json",
@@ -57,7 +57,7 @@ def load(path: Path, s: dict, **kw):
 
 def checked_file(name: str, request, tmp_path_factory) -> tuple[dict, Path]:
     """The reference and its model file, whose digest must be the reference's."""
-    ref = json.loads((DATA / name).read_text(encoding="utf-8"))
+    ref = load_reference(name)
     path = model_file(ref, request, tmp_path_factory)
     assert sha256(path) == ref["sha256"], (
         f"{path} is not the model {name} was made from (a synthetic writer change, or "
@@ -274,3 +274,22 @@ def test_teacher_forced_length_not_a_multiple_of_64_is_bit_identical(request, tm
         agree, diff = compare(model.logits(tf["ids"][:250]), tf["top8_flash_attn_on"][:250])
     print(f"\n250 positions: top-1 {agree:.4f}, max logit diff {diff:.3g}")
     assert diff == 0
+
+
+def test_each_instruction_set_has_every_reference_made_with_it():
+    """tests/data holds the references of llama.cpp built for AVX-512 (VNNI, BF16, VBMI),
+    tests/data/avx2 the same files from a build for AVX2 alone; each records the sets it was made
+    with, and a ggml is held to the directory of its own (tests/references.py)."""
+    from tests.references import ROOT, llamacpp_sets, reference_dir
+    names = sorted(p.name for p in ROOT.glob("reference_*.json"))
+    assert len(names) >= len(REFERENCES) and set(REFERENCES) <= set(names)
+    assert sorted(p.name for p in (ROOT / "avx2").glob("reference_*.json")) == names
+    for where, want in ((ROOT, {"AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX512_VBMI"}),
+                        (ROOT / "avx2", set())):
+        for name in names:
+            info = json.loads((where / name).read_text(encoding="utf-8"))["llama_cpp_system_info"]
+            sets = llamacpp_sets(info)
+            assert {"AVX", "AVX2", "FMA", "F16C"} <= set(sets), (where, name, info)
+            assert set(sets) & {"AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX512_VBMI",
+                                "AVX_VNNI"} == want, (where, name, info)
+            assert reference_dir(sets) == where

@@ -11,11 +11,9 @@ logits far past the fidelity limits when left out (test_a_broken_feature_is_caug
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +28,10 @@ from flexinfer.ggml_ops import Ops
 from flexinfer.gguf_file import read_gguf
 from flexinfer.models import base, gptoss
 from tests.test_engine import _squeeze_budget
+from tests.references import load_reference
 from tests.test_fidelity import compare, greedy_mismatches, sha256
 from tests.test_moe import PROMPT, decode_run
 
-DATA = Path(__file__).parent / "data"
 REFERENCE = "reference_gptoss_synth.json"
 MIN_TOP1_AGREEMENT = 0.99  # over the 256 teacher-forced positions
 MAX_LOGIT_DIFF = 0.5  # on llama.cpp's top-8 ids
@@ -48,7 +46,7 @@ def built(tmp_path_factory):
         shared_dir()
     except FlexInferError as e:
         pytest.skip(str(e))
-    ref = json.loads((DATA / REFERENCE).read_text(encoding="utf-8"))
+    ref = load_reference(REFERENCE)
     spec = SynthSpec(**ref["spec"])
     path = write_synthetic(tmp_path_factory.mktemp("gptoss") / "gpt-oss.gguf", spec)
     assert sha256(path) == ref["sha256"], (

@@ -11,7 +11,6 @@ or without normalizing their weights is caught (test_a_broken_router_is_caught).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,9 @@ from flexinfer.errors import FlexInferError, GGUFError
 from flexinfer.gguf_file import read_gguf
 from flexinfer.models import moe
 from tests.test_engine import _squeeze_budget
+from tests.references import load_reference
 from tests.test_fidelity import compare, greedy_mismatches, sha256
 
-DATA = Path(__file__).parent / "data"
 REFERENCES = ("reference_qwen3moe_synth.json", "reference_qwen2moe_synth.json",
               "reference_mixtral_synth.json")
 MIN_TOP1_AGREEMENT = 0.99  # over the 256 teacher-forced positions
@@ -36,7 +35,7 @@ N_CTX = 512
 
 
 def _spec(name: str) -> SynthSpec:
-    ref = json.loads((DATA / name).read_text(encoding="utf-8"))
+    ref = load_reference(name)
     return SynthSpec(**ref["spec"])
 
 
@@ -47,7 +46,7 @@ def built(request, tmp_path_factory):
         shared_dir()
     except FlexInferError as e:
         pytest.skip(str(e))
-    ref = json.loads((DATA / request.param).read_text(encoding="utf-8"))
+    ref = load_reference(request.param)
     spec = SynthSpec(**ref["spec"])
     path = write_synthetic(tmp_path_factory.mktemp("moe") / f"{spec.arch}.gguf", spec)
     assert sha256(path) == ref["sha256"], (

@@ -31,16 +31,18 @@ from flexinfer.gguf_file import read_gguf
 from flexinfer.models import moe, olmoe
 from tests.test_engine import _squeeze_budget
 from tests.test_fidelity import compare, greedy_mismatches, sha256
+from tests.references import load_reference, reference_dir
 from tests.test_moe import MAX_LOGIT_DIFF, MIN_TOP1_AGREEMENT, N_CTX, PROMPT, decode_run
 
-DATA = Path(__file__).parent / "data"
-REFERENCE = json.loads((DATA / "reference_olmoe_synth.json").read_text(encoding="utf-8"))
+NAME = "reference_olmoe_synth.json"
+REFERENCE = json.loads((reference_dir() / NAME).read_text(encoding="utf-8"))
 SPEC = SynthSpec(**REFERENCE["spec"])
 
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory) -> Path:
     """The reference's model, rebuilt from its spec and seed."""
+    load_reference(NAME)  # made with this ggml's instruction sets
     try:
         shared_dir()
     except FlexInferError as e:
