@@ -639,18 +639,17 @@ OVERLAP_SHARE = 2 / 3  # of a layer's expert compute and of its misses' reads th
 # read and the gate product while the down slabs are (models/moe.py up_part ...)
 
 
-def _miss_refund(cost: ExpertCost, machine: Machine, idle: float) -> float:
-    """Seconds of a token's miss reads that a disk refunding pauses (machine.pause_credit_s: a
-    blkio cap) gives back. Between two layers' misses the disk idles, `idle` seconds a token in
-    all (what the computing thread does that no read overlaps, MISS_LATENCY included); each such
-    pause no longer than the credit lets the next layer's reads run faster than disk_bw, down to
-    CREDIT_FLOOR of their time (refunded, as for a dense model's reads under the cap). 0 on a
-    real disk."""
-    n = cost.miss_layers
-    if not machine.pause_credit_s or n <= 0 or idle <= 0:
+def _miss_refund(read: float, layers: float, idle: float, credit: float) -> float:
+    """Seconds of a token's miss reads (`read` seconds at disk_bw, in `layers` layers) that a disk
+    refunding pauses of up to `credit` seconds (machine.pause_credit_s: a blkio cap) gives back.
+    Between two layers' misses the disk idles, `idle` seconds a token in all (what the computing
+    thread does that no read overlaps, MISS_LATENCY included); each such pause no longer than the
+    credit lets the next layer's reads run faster than disk_bw, down to CREDIT_FLOOR of their time
+    (refunded, as for a dense model's reads under the cap). 0 on a real disk."""
+    if not credit or layers <= 0 or idle <= 0:
         return 0.0
-    io = cost.missed_bytes / machine.disk_bw / n  # a layer's misses
-    return n * (io - refunded(io, idle / n, machine.pause_credit_s))
+    io = read / layers  # a layer's misses
+    return layers * (io - refunded(io, idle / layers, credit))
 
 
 def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
@@ -663,17 +662,19 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw), with the active experts
     at compute_bw; it records the cache's `capacity` (expert_cache_bytes)."""
     t_cpu = cost.active_bytes / machine.compute_bw + cost.layers * MOE_LAYER_S
-    t_io = cost.missed_bytes / machine.disk_bw + cost.miss_layers * MISS_LATENCY
+    read = cost.missed_bytes / machine.disk_bw
+    latency = cost.miss_layers * MISS_LATENCY
+    t_io = read + latency
     conv = cost.missed_bytes / machine.repack_bw if cost.converted else 0.0
     hidden = 0.0
     if cost.overlapped and cost.layers and cost.miss_layers:
-        per_read = cost.missed_bytes / machine.disk_bw / cost.miss_layers  # a layer with misses
+        per_read = read / cost.miss_layers  # a layer with misses
         hidden = cost.miss_layers * OVERLAP_SHARE * min(t_cpu / cost.layers, per_read)
     # the disk idles while the computing thread does what no read overlaps: the dense part too,
     # unless it streams (then the disk reads it meanwhile)
     dense = p.t_cpu if not p.t_io else 0.0
-    refund = _miss_refund(cost, machine, dense + t_cpu + conv - hidden +
-                          cost.miss_layers * MISS_LATENCY)
+    refund = _miss_refund(read, cost.miss_layers, dense + t_cpu + conv - hidden + latency,
+                          machine.pause_credit_s)
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
                               predicted_s=p.predicted_s + t_cpu + t_io + conv - hidden - refund)
     if isinstance(p, Plan):
@@ -681,6 +682,6 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
                                   machine.compute_bw, expert_cache_bytes=capacity,
                                   expert_hit_rate=1.0 - cost.miss_rate,
                                   expert_pin_share=cost.pin_share,
-                                  t_io_bound=p.t_io_bound + cost.missed_bytes / machine.disk_bw,
+                                  t_io_bound=p.t_io_bound + read,
                                   stages=tuple(with_experts(s, cost, machine) for s in p.stages))
     return out
