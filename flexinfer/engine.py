@@ -385,7 +385,8 @@ class Engine:
                 self.backend.compute(ops.graph)
             self.experts.finish()
             return
-        self.experts.prefetch(il + 1, self.inputs.residual(T))  # read-ahead
+        if self.experts.reads_ahead:
+            self.experts.prefetch(il + 1, self.inputs.residual(T))
         self.backend.compute(gs.ffn[il].graph)
 
     def close(self) -> None:

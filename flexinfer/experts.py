@@ -65,6 +65,9 @@ PIN_SHARES = (0.0, 0.25, 0.5)  # of the capacity, at most, pinned to the experts
 ROUTER_TYPES = {0: np.float32, 1: np.float16}  # GGML F32, F16: routers read to the host as they are
 TRACE_LEN = 48 * 256  # fetches kept (a layer's picks each) for the planner's replay: 256 steps of
 # a 48-layer model, ~100,000 numbers in the counts file
+SMALL_STEP = 64  # picks of a step counted in Python below this many (a decode step's K a sequence):
+# numpy's cost per call, 25-60 us on a core just out of a layer's matmuls (against 5-10 us
+# measured alone), made counting a hit layer's eight picks 180 us (docs/benchmarks.md)
 PREFETCH_SHARE = 0.5  # read ahead only when a step's predicted picks are at most this share of E
 # (a decode step's K of E; a prompt batch picks most experts anyway)
 
@@ -496,7 +499,9 @@ class ExpertStore:
         self._half = self._stage.size // 2 // ALIGN * ALIGN
         self._loaders = Workers("expert loads", 1 if _two_loaders(big) else 0)
         self._loads: _Loads | None = None  # misses being read while the step computes (begin)
-        self.counts = np.zeros((cfg.n_layer, self.n_expert), dtype=np.int64)
+        # picks of each expert by each layer in this run (counts), as Python lists: a decode
+        # step adds its few picks faster to a list than to an array (SMALL_STEP)
+        self._tally = [[0] * self.n_expert for _ in range(cfg.n_layer)]
         self._saved = np.zeros_like(self.counts)  # counts of earlier runs, read from the file
         self._trace: list[list[int]] = []  # [layer, picked experts...] of each fetch, in order
         self.counts_file = counts_file
@@ -652,7 +657,7 @@ class ExpertStore:
             pool.free()
 
     def _read_counts(self) -> np.ndarray:
-        zero = np.zeros_like(self.counts)
+        zero = np.zeros((self.cfg.n_layer, self.n_expert), dtype=np.int64)
         f = self.counts_file
         if f is None or not f.is_file():
             return zero
@@ -670,9 +675,10 @@ class ExpertStore:
     def save_counts(self) -> None:
         """Add this run's counts to the saved ones (written atomically, by rename)."""
         f = self.counts_file
-        if f is None or not self.counts.any():
+        counts = self.counts
+        if f is None or not counts.any():
             return
-        total = self._read_counts() + self.counts
+        total = self._read_counts() + counts
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".{os.getpid()}.tmp")
@@ -681,36 +687,58 @@ class ExpertStore:
                                        "counts": total.tolist(), "trace": trace}),
                            encoding="utf-8")
             os.replace(tmp, f)
-            self.counts[:] = 0
+            self._tally = [[0] * self.n_expert for _ in self._tally]
             self._trace = []
         except OSError as e:
             self.note(f"{f}: expert counts not saved ({e.strerror or e})")
 
     # ---- use
     def _count(self, layer: int, ids: np.ndarray) -> list[int]:
-        """Count the step's picks of the layer (and record them); returns the experts picked."""
-        picks = np.asarray(ids, dtype=np.int64).ravel()
-        if picks.size and (picks.min() < 0 or picks.max() >= self.n_expert):
-            raise RuntimeError(f"layer {layer}: router picked expert {picks.max()} of "
-                               f"{self.n_expert}")
-        np.add.at(self.counts[layer], picks, 1)
-        need = np.unique(picks).tolist()
+        """Count the step's picks of the layer (and record them); returns the experts picked,
+        sorted. A decode step's few picks are counted in Python (SMALL_STEP)."""
+        picks = np.asarray(ids).ravel()
+        if picks.size <= SMALL_STEP:
+            flat = picks.tolist()
+            need = sorted(set(flat))
+            if need and (need[0] < 0 or need[-1] >= self.n_expert):
+                self._bad_pick(layer, need[0] if need[0] < 0 else need[-1])
+            tally = self._tally[layer]
+            for e in flat:
+                tally[e] += 1
+        else:
+            picks = picks.astype(np.int64)
+            if picks.min() < 0 or picks.max() >= self.n_expert:
+                self._bad_pick(layer, picks.min() if picks.min() < 0 else picks.max())
+            experts, n = np.unique(picks, return_counts=True)
+            need = experts.tolist()
+            tally = self._tally[layer]
+            for e, c in zip(need, n.tolist()):
+                tally[e] += c
         if len(self._trace) < TRACE_LEN:
             self._trace.append([layer] + need)
         self._now = set()
         return need
 
+    @property
+    def counts(self) -> np.ndarray:
+        """This run's picks of each expert by each layer, (n_layer, E) int64 (a copy)."""
+        return np.array(self._tally, dtype=np.int64)
+
+    def _bad_pick(self, layer: int, e: int) -> None:
+        raise RuntimeError(f"layer {layer}: router picked expert {e} of {self.n_expert}")
+
     def _lookup(self, layer: int, need: list[int]) -> list[int]:
         """Count hits and misses of the picked experts; returns the missing ones."""
-        missing = []
+        missing, resident, now, pinned = [], self._resident, self._now, self._pinned
         for e in need:
             key = (layer, e)
-            if key in self._resident:  # cached, or read (or being read) ahead: a hit
-                self.hits += 1
-                self._touch(key)
+            if key in resident:  # cached, or read (or being read) ahead: a hit
+                now.add(key)  # _touch, for a key already resident
+                (self._pinned_order if key in pinned else self._order).move_to_end(key)
             else:
-                self.misses += 1
                 missing.append(e)
+        self.hits += len(need) - len(missing)
+        self.misses += len(missing)
         return missing
 
     def begin(self, layer: int, ids: np.ndarray) -> bool:
@@ -912,6 +940,11 @@ class ExpertStore:
         self.used_bytes -= self.unit_bytes[key[0]]
 
     # ---- read-ahead: layer l+1's likely experts while layer l's experts compute
+    @property
+    def reads_ahead(self) -> bool:
+        """The read-ahead is on (enable_prefetch): prefetch wants each layer's residual."""
+        return self._bg is not None
+
     def enable_prefetch(self) -> bool:
         """Read every layer's router and ffn_norm to the host (prefetch_bytes); False (and no
         read-ahead) when a router's type is not F32/F16 or the cache holds every expert."""
@@ -1051,6 +1084,8 @@ class ExpertStore:
     def _release_spares(self) -> None:
         """Give back the pages of evicted slabs no load took."""
         with self._lock:
+            if not self._spare:  # a step without misses: nothing was evicted
+                return
             left = [(a, n) for n, b in self._spare.items() for a in b]
             self._spare = {}
         for a, n in left:

@@ -948,3 +948,26 @@ def test_expert_shaped_reads_are_measured(tmp_path):
     small.write_bytes(b"\1" * 4096)
     with pytest.raises(FlexInferError, match="too small to measure reads of 5000 bytes"):
         measure_expert_reads(small, 5000)
+
+
+@pytest.mark.parametrize("n", [6, 200])
+def test_a_steps_picks_are_counted_whatever_their_number(resident, n):
+    """A decode step's few picks are counted in Python, a prompt batch's many with numpy
+    (experts.SMALL_STEP): either way each pick counts once, in its layer only, the experts picked
+    come back sorted, and a pick outside the router's experts is refused, naming it."""
+    path, _ = resident
+    assert (n <= ex.SMALL_STEP) == (n == 6)
+    with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0) as m:
+        st, n_expert = m._experts, m.cfg.n_expert
+        ids = np.random.default_rng(n).integers(0, n_expert, size=n).astype(np.int32)
+        before = st.counts
+        assert st._count(1, ids) == sorted(set(ids.tolist()))
+        delta = st.counts - before
+        assert delta[1].tolist() == np.bincount(ids, minlength=n_expert).tolist()
+        assert not delta[0].any()
+        for bad in (-1, n_expert):
+            ids[3] = bad
+            with pytest.raises(RuntimeError, match=f"layer 1: router picked expert {bad} of "
+                                                   f"{n_expert}$"):
+                st._count(1, ids)
+        assert (st.counts - before).tolist() == delta.tolist()  # nothing counted on the way
