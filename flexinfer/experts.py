@@ -696,7 +696,7 @@ class ExpertStore:
     def _count(self, layer: int, ids: np.ndarray) -> list[int]:
         """Count the step's picks of the layer (and record them); returns the experts picked,
         sorted. A decode step's few picks are counted in Python (SMALL_STEP)."""
-        picks = np.asarray(ids).ravel()
+        picks = ids if isinstance(ids, np.ndarray) and ids.ndim == 1 else np.asarray(ids).ravel()
         if picks.size <= SMALL_STEP:
             flat = picks.tolist()
             need = sorted(set(flat))

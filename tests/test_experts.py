@@ -950,24 +950,26 @@ def test_expert_shaped_reads_are_measured(tmp_path):
         measure_expert_reads(small, 5000)
 
 
-@pytest.mark.parametrize("n", [6, 200])
-def test_a_steps_picks_are_counted_whatever_their_number(resident, n):
+@pytest.mark.parametrize("n,rows", [(6, 1), (6, 2), (200, 1), (200, 8)])
+def test_a_steps_picks_are_counted_whatever_their_number(resident, n, rows):
     """A decode step's few picks are counted in Python, a prompt batch's many with numpy
-    (experts.SMALL_STEP): either way each pick counts once, in its layer only, the experts picked
-    come back sorted, and a pick outside the router's experts is refused, naming it."""
+    (experts.SMALL_STEP), the ids flat (the engine's) or in rows (T, K): either way each pick
+    counts once, in its layer only, the experts picked come back sorted, and a pick outside the
+    router's experts is refused, naming it."""
     path, _ = resident
     assert (n <= ex.SMALL_STEP) == (n == 6)
     with fm.load(path, n_ctx=64, n_threads=2, memory_budget=BUDGET, expert_cache=0) as m:
         st, n_expert = m._experts, m.cfg.n_expert
         ids = np.random.default_rng(n).integers(0, n_expert, size=n).astype(np.int32)
+        shaped = ids.reshape(rows, -1) if rows > 1 else ids
         before = st.counts
-        assert st._count(1, ids) == sorted(set(ids.tolist()))
+        assert st._count(1, shaped) == sorted(set(ids.tolist()))
         delta = st.counts - before
         assert delta[1].tolist() == np.bincount(ids, minlength=n_expert).tolist()
         assert not delta[0].any()
         for bad in (-1, n_expert):
-            ids[3] = bad
+            ids[3] = bad  # shaped is a view of ids
             with pytest.raises(RuntimeError, match=f"layer 1: router picked expert {bad} of "
                                                    f"{n_expert}$"):
-                st._count(1, ids)
+                st._count(1, shaped)
         assert (st.counts - before).tolist() == delta.tolist()  # nothing counted on the way
