@@ -65,9 +65,9 @@ PIN_SHARES = (0.0, 0.25, 0.5)  # of the capacity, at most, pinned to the experts
 ROUTER_TYPES = {0: np.float32, 1: np.float16}  # GGML F32, F16: routers read to the host as they are
 TRACE_LEN = 48 * 256  # fetches kept (a layer's picks each) for the planner's replay: 256 steps of
 # a 48-layer model, ~100,000 numbers in the counts file
-SMALL_STEP = 64  # picks of a step counted in Python below this many (a decode step's K a sequence):
-# numpy's cost per call, 25-60 us on a core just out of a layer's matmuls (against 5-10 us
-# measured alone), made counting a hit layer's eight picks 180 us (docs/benchmarks.md)
+SMALL_STEP = 64  # a step of at most this many picks (a decode step's K a sequence) is counted in
+# Python: numpy's cost per call, 25-60 us on a core just out of a layer's matmuls (against 5-10
+# us measured alone), made counting a layer's eight picks 160-180 us (docs/benchmarks.md)
 PREFETCH_SHARE = 0.5  # read ahead only when a step's predicted picks are at most this share of E
 # (a decode step's K of E; a prompt batch picks most experts anyway)
 
