@@ -34,11 +34,22 @@ def llamacpp_sets(system_info: str) -> tuple[str, ...]:
 def load_reference(name: str) -> dict:
     """A reference of this ggml's set; the test fails, saying why, when llama.cpp made it with
     other instruction sets than this ggml computes with."""
-    ref = json.loads((reference_dir() / name).read_text(encoding="utf-8"))
+    ref = read_reference(name)
+    check_sets(name, ref)
+    return ref
+
+
+def read_reference(name: str) -> dict:
+    """A reference of this ggml's set, unchecked (a module's constant: check_sets in its tests)."""
+    return json.loads((reference_dir() / name).read_text(encoding="utf-8"))
+
+
+def check_sets(name: str, ref: dict) -> None:
+    """Fail the test, saying why, when llama.cpp made `ref` with other instruction sets than this
+    ggml computes with."""
     made, here = llamacpp_sets(ref["llama_cpp_system_info"]), ggml_ops.instruction_sets()
     if set(made) - {"BMI2"} != set(here) - {"BMI2"}:  # BMI2 changes no float result
         pytest.fail(f"{name}: llama.cpp made it computing with {', '.join(made)}; this ggml "
                     f"computes with {', '.join(here) or 'none of ' + ', '.join(ggml_ops.X86_SETS)}"
                     ": build ggml as scripts/test.sh does, or make references for these sets "
                     "(scripts/make_reference.py, with llama.cpp built as DEVELOPERS.md says)")
-    return ref

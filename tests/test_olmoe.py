@@ -14,7 +14,6 @@ instead: top-1 ~0.65, largest difference ~2.3), the expert weights left unnormal
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +30,18 @@ from flexinfer.gguf_file import read_gguf
 from flexinfer.models import moe, olmoe
 from tests.test_engine import _squeeze_budget
 from tests.test_fidelity import compare, greedy_mismatches, sha256
-from tests.references import load_reference, reference_dir
+from tests.references import check_sets, read_reference
 from tests.test_moe import MAX_LOGIT_DIFF, MIN_TOP1_AGREEMENT, N_CTX, PROMPT, decode_run
 
 NAME = "reference_olmoe_synth.json"
-REFERENCE = json.loads((reference_dir() / NAME).read_text(encoding="utf-8"))
+REFERENCE = read_reference(NAME)
 SPEC = SynthSpec(**REFERENCE["spec"])
 
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory) -> Path:
     """The reference's model, rebuilt from its spec and seed."""
-    load_reference(NAME)  # made with this ggml's instruction sets
+    check_sets(NAME, REFERENCE)  # made with this ggml's instruction sets
     try:
         shared_dir()
     except FlexInferError as e:
