@@ -4,8 +4,8 @@
         --caches 1.04G,3.04G,7.04G -n 32 --temp 1
 
 Decodes the MoE bench's prompt (bench_moe.py's: 16 tokens, then -n tokens, seeded sampling) in
-this process, recording each layer's picks (ExpertStore.fetch) and the residual its attention
-made (the read-ahead's input, ExpertStore.prefetch). Then, for caches of the given sizes (least
+this process, recording each layer's picks and the residual its attention made (the read-ahead's
+input), as the engine hands them to the expert store. Then, for caches of the given sizes (least
 recently used, empty before the prompt, as the bench's points at 2 and 4 GB pin nothing), it
 replays the picks and asks, for each decode step's layer l: had layer l's router been applied to
 the residual of layer l - d (d layers ahead, as `--expert-prefetch` does with d = 1) and its
@@ -14,7 +14,7 @@ and how many of the step's misses would they have covered (recall)?
 
 A miss costs its read on the computing thread (2.65 ms at 1 GB/s for Qwen3-30B-A3B, about two
 layers' compute); a guess read in time hides it, a wrong one holds the disk from the next miss.
-The wrapped methods are the store's own; nothing else in the run changes.
+The wrapped method is the engine's own; nothing else in the run changes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flexinfer  # noqa: E402
+import flexinfer.engine as en  # noqa: E402
 import flexinfer.experts as ex  # noqa: E402
 from flexinfer.bench.sweep import prompt_text  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
@@ -39,19 +40,18 @@ from flexinfer.models import specs_for  # noqa: E402
 
 
 def record(model: str, a) -> tuple[list, dict]:
-    """[(layer, (T, K) picks)] of every fetch and {fetch index: (T, n_embd) residual}."""
+    """[(layer, (T, K) picks)] of every MoE step and {step index: (T, n_embd) residual}, as the
+    engine hands them to the expert store (Engine._experts_step, after graph A)."""
     picks, residual = [], {}
-    fetch, prefetch = ex.ExpertStore.fetch, ex.ExpertStore.prefetch
+    step = en.Engine._experts_step
 
-    def on_fetch(self, layer, ids):
-        picks.append((layer, np.array(ids, dtype=np.int64).reshape(-1, self.cfg.n_expert_used)))
-        return fetch(self, layer, ids)
+    def on_step(self, gs, il, T):
+        k = self.cfg.n_expert_used
+        picks.append((il, np.array(self.inputs.ids[:T * k], dtype=np.int64).reshape(T, k)))
+        residual[len(picks) - 1] = np.array(self.inputs.residual(T), dtype=np.float32)
+        return step(self, gs, il, T)
 
-    def on_prefetch(self, layer, xa):  # called right after fetch(layer - 1), with its residual
-        residual[len(picks) - 1] = np.array(xa, dtype=np.float32)
-        return prefetch(self, layer, xa)
-
-    ex.ExpertStore.fetch, ex.ExpertStore.prefetch = on_fetch, on_prefetch
+    en.Engine._experts_step = on_step
     try:
         with flexinfer.load(model, n_ctx=a.ctx, n_threads=a.threads,
                             memory_budget=a.budget) as m:
@@ -59,7 +59,7 @@ def record(model: str, a) -> tuple[list, dict]:
                                 temperature=a.temp, seed=a.seed, ignore_eos=True):
                 pass
     finally:
-        ex.ExpertStore.fetch, ex.ExpertStore.prefetch = fetch, prefetch
+        en.Engine._experts_step = step
     return picks, residual
 
 
@@ -156,6 +156,10 @@ def main(argv=None) -> int:
         return 2
     unit = max(per_layer.values()) // n_expert
     steps = sum(1 for _, ids in picks if ids.shape[0] == 1) / len(per_layer)
+    if not steps:
+        print(f"expert_guesses: {a.model}: no decode step was recorded (-n {a.tokens})",
+              file=sys.stderr)
+        return 2
     print(f"{Path(a.model).name}: {steps:.0f} decode tokens, an expert {unit / 1e6:.2f} MB\n")
     print("| cache | layers ahead | top r read | reads/token | of them used | precision | "
           "misses/token | recall of misses |")

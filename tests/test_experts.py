@@ -286,6 +286,30 @@ def test_a_read_ahead_stopped_early_forgets_what_it_did_not_read(resident, monke
     assert st.used_bytes == sum(st.unit_bytes[l] for (l, _) in st._resident)
 
 
+def test_the_guess_replay_records_every_decode_step(resident):
+    """scripts/expert_guesses.py records each MoE step the engine runs (it once wrapped store
+    methods the decode steps no longer called, recorded nothing and divided by zero): its table
+    counts the decode tokens asked for, misses in a cache of two experts, and a recall <= 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    path, _ = resident
+    script = Path(__file__).parent.parent / "scripts" / "expert_guesses.py"
+    r = subprocess.run([sys.executable, str(script), str(path), "--caches", "60000",
+                        "--distances", "1", "--ranks", "2", "-n", "4", "-c", "64"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ": 4 decode tokens" in r.stdout, r.stdout
+    row = [line for line in r.stdout.splitlines() if line.startswith("| 0.00 GB")]
+    assert len(row) == 1, r.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[6]) > 0 and 0 <= float(cells[7]) <= 1, row  # misses/token, recall
+    none = subprocess.run([sys.executable, str(script), str(path), "-n", "0", "-c", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert none.returncode == 2 and "no decode step" in none.stderr, none.stderr
+    assert "Traceback" not in none.stderr
+
+
 def _wrong_and_slow_read_ahead(monkeypatch):
     """The read-ahead guesses the least likely experts (the residual negated), and its first slab
     is read only once fetch has stopped it: fetch stops it mid-expert, mostly one not picked."""
