@@ -23,21 +23,16 @@ replay counts what the guesses could cover, not what a disk would read in time.
 import argparse
 import os
 import sys
-import tempfile
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
-os.environ["FLEXINFER_HOME"] = tempfile.mkdtemp(prefix="replay-")
-import flexinfer  # noqa: E402
-import flexinfer.engine as en  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+from decode_timing import decode  # noqa: E402  (the working directory's flexinfer)
 from expert_guesses import guess_logits, routers  # noqa: E402
+import flexinfer.engine as en  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
-
-PROMPT = ("The committee met on Tuesday morning to review the budget for the new public "
-          "library, and after a long debate they agreed to")
 
 
 def record(model: str, k: int) -> list:
@@ -50,10 +45,7 @@ def record(model: str, k: int) -> list:
         return real(self, gs, il, T)
     en.Engine._experts_step = step
     try:
-        with flexinfer.load(model, n_ctx=256, n_threads=2, memory_budget="8G") as m:
-            for _ in m.generate(PROMPT, max_tokens=33, temperature=1.0, seed=1,
-                                ignore_eos=True):
-                pass
+        decode(model, "8G")
     finally:
         en.Engine._experts_step = real
     return rec
