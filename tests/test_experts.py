@@ -289,7 +289,8 @@ def test_a_read_ahead_stopped_early_forgets_what_it_did_not_read(resident, monke
 def test_the_guess_replay_records_every_decode_step(resident):
     """scripts/expert_guesses.py records each MoE step the engine runs (it once wrapped store
     methods the decode steps no longer called, recorded nothing and divided by zero): its table
-    counts the decode tokens asked for, misses in a cache of two experts, and a recall <= 1."""
+    counts the decode tokens asked for, misses in a cache of one or two experts (by the model's
+    expert size), and a recall <= 1."""
     import subprocess
     import sys
     from pathlib import Path
