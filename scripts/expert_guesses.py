@@ -20,6 +20,7 @@ The wrapped method is the engine's own; nothing else in the run changes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -39,9 +40,11 @@ from flexinfer.gguf_file import read_gguf  # noqa: E402
 from flexinfer.models import specs_for  # noqa: E402
 
 
-def record(model: str, a) -> tuple[list, dict]:
-    """[(layer, (T, K) picks)] of every MoE step and {step index: (T, n_embd) residual}, as the
-    engine hands them to the expert store (Engine._experts_step, after graph A)."""
+@contextlib.contextmanager
+def recording():
+    """Inside, every MoE step the engine runs is recorded as it hands it to the expert store
+    (Engine._experts_step, after graph A): yields ([(layer, (T, K) picks)], {step index: (T,
+    n_embd) residual}), filled as the steps run."""
     picks, residual = [], {}
     step = en.Engine._experts_step
 
@@ -53,13 +56,19 @@ def record(model: str, a) -> tuple[list, dict]:
 
     en.Engine._experts_step = on_step
     try:
+        yield picks, residual
+    finally:
+        en.Engine._experts_step = step
+
+
+def record(model: str, a) -> tuple[list, dict]:
+    """recording()'s picks and residuals of a decode of the bench's prompt."""
+    with recording() as (picks, residual):
         with flexinfer.load(model, n_ctx=a.ctx, n_threads=a.threads,
                             memory_budget=a.budget) as m:
             for _ in m.generate(prompt_text(a.prompt_tokens), max_tokens=a.tokens,
                                 temperature=a.temp, seed=a.seed, ignore_eos=True):
                 pass
-    finally:
-        en.Engine._experts_step = step
     return picks, residual
 
 

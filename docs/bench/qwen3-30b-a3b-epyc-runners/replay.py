@@ -30,25 +30,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
 from decode_timing import decode  # noqa: E402  (the working directory's flexinfer)
-from expert_guesses import guess_logits, routers  # noqa: E402
-import flexinfer.engine as en  # noqa: E402
+from expert_guesses import guess_logits, recording, routers  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
 
 
-def record(model: str, k: int) -> list:
+def record(model: str) -> list:
     """[(layer, (T, K) picks, the last token's residual (1, n_embd))] of every MoE step."""
-    rec, real = [], en.Engine._experts_step
-
-    def step(self, gs, il, T):
-        ids = np.array(self.inputs.ids[:T * k], dtype=np.int64).reshape(T, k)
-        rec.append((il, ids, np.array(self.inputs.residual(T)[-1:], dtype=np.float32)))
-        return real(self, gs, il, T)
-    en.Engine._experts_step = step
-    try:
+    with recording() as (picks, residual):
         decode(model, "8G")
-    finally:
-        en.Engine._experts_step = real
-    return rec
+    return [(il, ids, residual[i][-1:]) for i, (il, ids) in enumerate(picks)]
 
 
 def replay(rec, ranked, unit: int, capacity: float, k: int, r: int, policy: str):
@@ -56,8 +46,8 @@ def replay(rec, ranked, unit: int, capacity: float, k: int, r: int, policy: str)
     misses = covered = reads = tokens = 0
     for (il, ids, _), rank in zip(rec, ranked):
         need = set(ids.reshape(-1).tolist())
-        decode = ids.shape[0] == 1
-        if decode:
+        stepping = ids.shape[0] == 1  # a decode step, not the prompt's batch
+        if stepping:
             tokens += il == 0
             misses += sum((il, e) not in order for e in need)
             covered += sum((il, e) in guessed for e in need)
@@ -71,7 +61,7 @@ def replay(rec, ranked, unit: int, capacity: float, k: int, r: int, policy: str)
             order[(il, e)] = None
             order.move_to_end((il, e), last=policy == "warm")
             guessed.add((il, e))
-            reads += decode
+            reads += stepping
         while len(order) * unit > capacity:
             guessed.discard(order.popitem(last=False)[0])
     return misses / tokens, covered / tokens, reads / tokens
@@ -88,7 +78,7 @@ def main() -> int:
     from flexinfer.gguf_file import read_gguf
     k = ModelConfig.from_gguf(read_gguf(a.model)).n_expert_used
     unit = max(per_layer.values()) // n_expert
-    rec = record(a.model, k)
+    rec = record(a.model)
     ranked = [np.argsort(-guess_logits(x, R[il], eps)[0], kind="stable").tolist()
               for il, _, x in rec]
     same = sum(set(rk[:k]) == set(ids[-1].tolist()) for (_, ids, _), rk in zip(rec, ranked))
