@@ -35,8 +35,9 @@ The cache. `capacity` bytes (the planner gives what the budget leaves after the 
 least one layer's E experts: a prompt may need them all). Experts counted most often in earlier
 runs (saved per model under $FLEXINFER_HOME/experts, hub.home()) are read at load, up to the share
 of the capacity pin_share chooses (none, a quarter or half: the one with the highest expected hit
-rate, when it clearly beats none), and pinned while the rest of the cache is least recently used. Counts are per layer
-(picks of each expert by the tokens of each step) and are saved when the store closes.
+rate, when it clearly beats none), and pinned while the rest of the cache is least recently used.
+Counts are per layer (picks of each expert by the tokens of each step) and are saved when the
+store closes.
 """
 
 from __future__ import annotations
@@ -140,12 +141,12 @@ def pin_share(g: GGUFFile, names, capacity: int, counts_file: Path | None, n_use
               n_seq: int = 1) -> float:
     """The share of the capacity warm() pins: of PIN_SHARES, the one whose expected hit rate is
     highest (the smaller on a tie), when its expected misses are at most 1 - PIN_MARGIN of no
-    pins' (_best). Pins always hit but take their room from the
-    least-recently-used part, which holds the picks of the token before only while its room
-    outlasts a token's picks (K x layers experts): the synthetic Qwen3-30B-A3B at 2 GB (a cache of
-    391 experts, a token picking 384) held 78% of a decode's picks with no pins and 3% with half
-    of the cache pinned; at 8 GB the pins, read at load, spare the first uses' misses. Several
-    sequences decoding together pick more a step: the LRU part must outlast all their picks."""
+    pins' (_best). Pins always hit but take their room from the least-recently-used part, which
+    holds the picks of the token before only while its room outlasts a token's picks (K x layers
+    experts): the synthetic Qwen3-30B-A3B at 2 GB (a cache of 391 experts, a token picking 384)
+    held 78% of a decode's picks with no pins and 3% with half of the cache pinned; at 8 GB the
+    pins, read at load, spare the first uses' misses. Several sequences decoding together pick
+    more a step: the LRU part must outlast all their picks."""
     return _best(g, names, capacity, counts_file, n_used, n_seq)[1]
 
 
