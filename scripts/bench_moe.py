@@ -20,8 +20,8 @@ and weight reads) and the missed bytes what its expert cache read per decode
 token; the point's hit rate, its plan's predicted tok/s and the prediction's error.
 
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
-fastest kept for every point's plan (the plans' own calibration once caught the machine at half
-speed); the plans read the disk at the bench's own measurement of it, the bound's.
+median kept for every point's plan (one calibration once caught the machine at half speed, and the
+fastest of five made plans 13-22% optimistic); the plans read the disk at the bench's own measurement of it, the bound's.
 
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
@@ -56,7 +56,7 @@ from flexinfer.errors import FlexInferError  # noqa: E402
 from flexinfer.gguf_file import read_gguf  # noqa: E402
 from flexinfer.machine import calibrate_compute, record_calibration  # noqa: E402
 
-COMPUTE_ROUNDS = 5  # compute calibrations, a second apart, before a model's points: the fastest
+COMPUTE_ROUNDS = 5  # compute calibrations, a second apart, before a model's points: the median
 
 
 def flexinfer_argv(a, model: str, budget: int) -> list[str]:
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=48, help="tokens of the warm-up run "
                    "whose counts and picks every point starts from (the plan replays its picks)")
     p.add_argument("--no-peer", action="store_true", help="flexinfer points only")
+    p.add_argument("--peer-budgets", help="the budgets llama.cpp runs at (default: all of "
+                   "--budgets); under a slow cap its mmap takes minutes a token")
     p.add_argument("--repeats", "--repeat", type=int, default=1, help="runs of each flexinfer "
                    "point (as `flexinfer bench --repeats`; fresh "
                    "processes, the same counts restored before each); the table gives the median "
@@ -232,8 +234,14 @@ def main(argv=None) -> int:
     try:
         a.disk_rate = parse_size(a.disk_rate, "--disk-rate") if a.disk_rate else None
         budgets = [parse_size(b, "--budgets") for b in a.budgets.split(",")]
+        peer_budgets = set(budgets if a.peer_budgets is None else
+                           (parse_size(b, "--peer-budgets") for b in a.peer_budgets.split(",")))
     except FlexInferError as e:
         print(f"bench_moe: {e}", file=sys.stderr)
+        return 2
+    if not peer_budgets <= set(budgets):
+        print(f"bench_moe: --peer-budgets {a.peer_budgets}: each must be one of --budgets "
+              f"{a.budgets}", file=sys.stderr)
         return 2
     if a.temp < 0:
         print(f"bench_moe: --temp must be >= 0, got {a.temp}", file=sys.stderr)
@@ -261,7 +269,7 @@ def main(argv=None) -> int:
     os.environ["FLEXINFER_HOME"] = home  # where this process's compute calibration goes too
     try:
         for m in a.models:
-            # the fastest of COMPUTE_ROUNDS a second apart: a plan's compute is measured in ~5 ms,
+            # the median of COMPUTE_ROUNDS a second apart: a plan's compute is measured in ~5 ms,
             # and once it caught the machine at half speed and every point's plan with it
             results.setdefault("compute_bytes_per_s", {})[os.path.basename(m)] = \
                 calibrate_compute(read_gguf(m), True, a.threads, COMPUTE_ROUNDS, 1.0)
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
             for i in range(a.repeats):  # every point once, then again: a point's runs fall
                 # minutes apart, so a slow spell of the machine does not take all of them
                 for budget, mode in ((b, md) for b in budgets for md in modes
-                                     if md == "flexinfer" or i == 0):
+                                     if md == "flexinfer" or i == 0 and b in peer_budgets):
                     shutil.rmtree(counts, ignore_errors=True)
                     if not a.cold:
                         shutil.copytree(Path(home) / "warm", counts)

@@ -882,6 +882,45 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
     assert len(lines) == 6 and "| 5.000 (1.000-7.000, 3 runs) |" in lines[2]
 
 
+def test_the_moe_bench_runs_llama_cpp_only_at_the_peer_budgets(tmp_path, monkeypatch, capsys):
+    """scripts/bench_moe.py --peer-budgets: llama.cpp runs at those budgets alone (flexinfer at
+    all); a peer budget that is not one of --budgets is refused in one line."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", Path(__file__).parent.parent / "scripts" / "bench_moe.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    ran = []
+
+    def point(a, m, mode, budget, bw, home, ebw=None):
+        ran.append((budget // 10**9, mode))
+        return {"model": "m.gguf", "mode": mode, "budget_bytes": budget, "status": "ok",
+                "cgroup_peak_bytes": budget, "decode_tokens_per_s": 1.0}
+
+    monkeypatch.setattr(b, "run_point", point)
+    monkeypatch.setattr(b, "cgroup_unavailable_reason", lambda: None)
+    monkeypatch.setattr(b, "calibrate_compute", lambda *a: 1e9)
+    monkeypatch.setattr(b, "read_gguf", lambda path: None)
+    monkeypatch.setattr(b, "measure_disk_capped", lambda *a: type("D", (), {"bytes_per_s": 1e9}))
+    monkeypatch.setattr(b, "measure_expert_reads_capped", lambda *a: 1e9)
+    monkeypatch.setattr(b, "expert_piece", lambda m: 1)
+    monkeypatch.setattr(b, "machine_info", dict)
+    monkeypatch.setattr(b, "record_calibration", lambda *a, **k: None)
+    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
+    assert b.main([str(model), "--budgets", "2G,4G,8G", "--peer-budgets", "4G", "--cold",
+                   "--out", str(tmp_path / "out")]) == 0
+    assert ran == [(2, "flexinfer"), (4, "flexinfer"), (4, "llama.cpp-mmap"), (8, "flexinfer")]
+    capsys.readouterr()
+    ran.clear()
+    assert b.main([str(model), "--budgets", "2G,4G", "--peer-budgets", "3G",
+                   "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--peer-budgets 3G" in err and ran == []
+
+
 def test_the_moe_bench_prompt_reaches_both_engines_not_the_warm_up():
     """scripts/bench_moe.py: the points of both engines decode after POINT_PROMPT, or --prompt, or
     'the' --prompt-tokens times; the warm-up keeps its own prompt (given as a.prompt)."""
