@@ -139,6 +139,12 @@ def disk_key(path: str, disk_rate: int | None = None) -> str:
     return f"disk|{os.stat(path).st_dev}" + (f"|cap{int(rate)}" if rate else "")
 
 
+def expert_read_key(path: str, disk_rate: int | None = None) -> str:
+    """The cache key of the rate an expert cache's misses read at on this disk (Machine.expert_bw),
+    under the same cap as disk_key."""
+    return disk_key(path, disk_rate) + "|expert-misses"
+
+
 def cache_bytes(root: str = CACHE_DIR) -> int | None:
     """The size of the CPU's largest (last-level) cache, from sysfs; None where it does not say."""
     best = None
@@ -201,7 +207,8 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False,
     compute_bw, repack_bw = compute or cache[ckey]
     capped = bool(os.environ.get("FLEXINFER_DISK_RATE"))  # a blkio cap refunds pauses
     return Machine(disk_bw=cache[dkey], compute_bw=compute_bw, repack_bw=repack_bw,
-                   pause_credit_s=CAP_PAUSE_CREDIT_S if capped else 0.0)
+                   pause_credit_s=CAP_PAUSE_CREDIT_S if capped else 0.0,
+                   expert_bw=cache.get(expert_read_key(g.path), 0.0))
 
 
 def calibrate_compute(g: GGUFFile, repack: bool, n_threads: int, rounds: int,
@@ -228,9 +235,10 @@ def calibrate_compute(g: GGUFFile, repack: bool, n_threads: int, rounds: int,
 
 def record_calibration(path: str, n_threads: int, disk_bw: float | None,
                        t_cpu: float | None, repack: bool = True,
-                       disk_rate: int | None = None) -> None:
-    """Store bandwidths measured elsewhere (the bench's disk passes, its resident decode run) as
-    this machine's calibration, so later plans predict from the same run's numbers."""
+                       disk_rate: int | None = None, expert_bw: float | None = None) -> None:
+    """Store bandwidths measured elsewhere (the bench's disk passes, its resident decode run, its
+    reads shaped like an expert cache's misses: expert_bw) as this machine's calibration, so later
+    plans predict from the same run's numbers."""
     try:
         g = read_gguf(path)
     except FlexInferError:
@@ -238,6 +246,8 @@ def record_calibration(path: str, n_threads: int, disk_bw: float | None,
     cache = _load_cache()
     if disk_bw:
         cache[disk_key(path, disk_rate)] = disk_bw
+    if expert_bw:
+        cache[expert_read_key(path, disk_rate)] = expert_bw
     ckey = _compute_key(g, repack, n_threads)
     if t_cpu and ckey in cache:
         cache[ckey] = [token_bytes(g) / compute_seconds(g, t_cpu), cache[ckey][1]]

@@ -96,6 +96,9 @@ class Machine:
     pause_credit_s: float = 0.0  # a reader's pause up to this long is refunded by the next reads
     # (they may run faster than disk_bw, down to CREDIT_FLOOR of their time): 0 for a real disk,
     # CAP_PAUSE_CREDIT_S under a blkio read cap, whose token bucket lends what a pause saved
+    expert_bw: float = 0.0  # bytes/s an expert cache's misses read at, measured as they come: a
+    # layer's few slabs at random offsets after the computing thread's pause (the MoE bench's
+    # measure_expert_reads with a pause). 0: unmeasured, disk_bw less what a cap refunds
 
 
 class RingSpec(NamedTuple):
@@ -657,12 +660,16 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     active experts (at compute_bw, MOE_LAYER_S a layer on top) and, on the computing thread, reading
     the missed ones (MISS_LATENCY a layer on top), converting them too with one loader, less what
     of both overlaps in a layer with misses (OVERLAP_SHARE of the shorter of its compute and its
-    reads, when cost.overlapped), less what a blkio cap refunds of the reads for the disk's pauses
-    between them (_miss_refund; none on a real disk). A Plan's
-    bound becomes the MoE bound, 1 / max(T_cpu, missed bytes / disk_bw), with the active experts
-    at compute_bw; it records the cache's `capacity` (expert_cache_bytes)."""
+    reads, when cost.overlapped). The misses read at machine.expert_bw where it was measured, and
+    a token then reads no faster than disk_bw on average (a cap's rate: its token bucket lends a
+    layer's few slabs after a pause the disk's own speed, never more than the cap over time);
+    else at disk_bw, less what a blkio cap refunds of the reads for the disk's pauses between them
+    (_miss_refund; none on a real disk). A Plan's bound becomes the MoE bound, 1 / max(T_cpu,
+    missed bytes / disk_bw), with the active experts at compute_bw; it records the cache's
+    `capacity` (expert_cache_bytes)."""
     t_cpu = cost.active_bytes / machine.compute_bw + cost.layers * MOE_LAYER_S
-    read = cost.missed_bytes / machine.disk_bw
+    sustained = cost.missed_bytes / machine.disk_bw
+    read = cost.missed_bytes / machine.expert_bw if machine.expert_bw else sustained
     latency = cost.miss_layers * MISS_LATENCY
     t_io = read + latency
     conv = cost.missed_bytes / machine.repack_bw if cost.converted else 0.0
@@ -673,15 +680,18 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     # the disk idles while the computing thread does what no read overlaps: the dense part too,
     # unless it streams (then the disk reads it meanwhile)
     dense = p.t_cpu if not p.t_io else 0.0
-    refund = _miss_refund(read, cost.miss_layers, dense + t_cpu + conv - hidden + latency,
-                          machine.pause_credit_s)
+    refund = 0.0 if machine.expert_bw else _miss_refund(
+        read, cost.miss_layers, dense + t_cpu + conv - hidden + latency, machine.pause_credit_s)
+    predicted = p.predicted_s + t_cpu + t_io + conv - hidden - refund
+    if machine.expert_bw:
+        predicted = max(predicted, p.t_io + sustained)
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
-                              predicted_s=p.predicted_s + t_cpu + t_io + conv - hidden - refund)
+                              predicted_s=predicted)
     if isinstance(p, Plan):
         out = dataclasses.replace(out, t_cpu_bound=p.t_cpu_bound + cost.active_bytes /
                                   machine.compute_bw, expert_cache_bytes=capacity,
                                   expert_hit_rate=1.0 - cost.miss_rate,
                                   expert_pin_share=cost.pin_share,
-                                  t_io_bound=p.t_io_bound + read,
+                                  t_io_bound=p.t_io_bound + sustained,
                                   stages=tuple(with_experts(s, cost, machine) for s in p.stages))
     return out

@@ -21,7 +21,8 @@ token; the point's hit rate, its plan's predicted tok/s and the prediction's err
 
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
 median kept for every point's plan (one calibration once caught the machine at half speed, and the
-fastest of five made plans 13-22% optimistic); the plans read the disk at the bench's own measurement of it, the bound's.
+fastest of five made plans 13-22% optimistic), and the rate of a layer's misses is measured as a
+decode step reads them (MISS_READS experts, each after MISS_PAUSE_S: planner.Machine.expert_bw); the plans read the disk at the bench's own measurement of it, the bound's.
 
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
@@ -56,6 +57,8 @@ from flexinfer.errors import FlexInferError  # noqa: E402
 from flexinfer.gguf_file import read_gguf  # noqa: E402
 from flexinfer.machine import calibrate_compute, record_calibration  # noqa: E402
 
+MISS_READS, MISS_PAUSE_S = 100, 0.02  # experts read, each after this pause, for the plans' rate of
+# a layer's misses: a decode token at 4 GB computes ~0.15 s between its 6-10 layers with misses
 COMPUTE_ROUNDS = 5  # compute calibrations, a second apart, before a model's points: the median
 
 
@@ -275,12 +278,17 @@ def main(argv=None) -> int:
                 calibrate_compute(read_gguf(m), True, a.threads, COMPUTE_ROUNDS, 1.0)
             bw = measure_disk_capped(m, a.disk_rate).bytes_per_s
             results["disk"][os.path.basename(m)] = bw
+            ebw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate)
+            results.setdefault("expert_reads", {})[os.path.basename(m)] = ebw
+            # the plans' rate for a layer's misses: read as a decode step reads them, a few
+            # slabs after a pause (under a cap: 0.50-0.62 GB/s after 5-50 ms at a 250 MB/s cap)
+            miss_bw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate,
+                                                  MISS_READS, MISS_PAUSE_S)
+            results.setdefault("miss_reads", {})[os.path.basename(m)] = miss_bw
             # the points' plans read the disk at the rate the bound uses (as flexinfer bench
             # stores its own), not at one 256 MB measurement of their own: under the same cap
             # that gave 0.76 GB/s in a plan where this gave 0.98
-            record_calibration(m, a.threads, bw, None, disk_rate=a.disk_rate)
-            ebw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate)
-            results.setdefault("expert_reads", {})[os.path.basename(m)] = ebw
+            record_calibration(m, a.threads, bw, None, disk_rate=a.disk_rate, expert_bw=miss_bw)
             counts = Path(home) / "experts"
             shutil.rmtree(counts, ignore_errors=True)
             if not a.cold:  # the warm-up: counts from another prompt, kept for every point

@@ -596,6 +596,25 @@ def test_the_plan_charges_k_of_e_expert_bytes(resident, home):
         slow = dataclasses.replace(dense, t_cpu=layers * CAP_PAUSE_CREDIT_S * 2, predicted_s=1.0)
         assert with_experts(slow, warm, capped).predicted_s == pytest.approx(
             with_experts(slow, warm, real).predicted_s)
+    # with the misses' rate measured as they are read (Machine.expert_bw: a few slabs after a
+    # pause, which a cap lets through at the disk's own speed) they read at it and nothing is
+    # refunded, but a token reads no faster than disk_bw on average; the bound stays the disk's
+    capped = dataclasses.replace(mach, pause_credit_s=CAP_PAUSE_CREDIT_S)
+    fast = dataclasses.replace(capped, expert_bw=mach.disk_bw * 2)
+    on_fast = with_experts(dense, warm, fast)
+    io = warm.missed_bytes / fast.expert_bw / layers
+    hid = layers * 2 / 3 * min(got.t_cpu / cfg.n_layer, io)
+    assert on_fast.t_io == pytest.approx(warm.missed_bytes / fast.expert_bw + layers * MISS_LATENCY)
+    assert on_fast.predicted_s == pytest.approx(0.01 + got.t_cpu + on_fast.t_io - hid)
+    # the cap's refund is not taken on top: at expert_bw = disk_bw, the uncapped disk's plan
+    assert with_experts(dense, warm, dataclasses.replace(capped, expert_bw=mach.disk_bw)
+                        ).predicted_s == pytest.approx(with_experts(dense, warm, mach).predicted_s)
+    assert with_experts(dense, warm, capped).predicted_s < with_experts(dense, warm,
+                                                                        mach).predicted_s
+    assert (on_fast.t_io_bound, on_fast.bound_tok_s) == (got.t_io_bound, got.bound_tok_s)
+    # a cap slower than what the token computes: the token waits for the cap's rate
+    slow_cap = dataclasses.replace(fast, disk_bw=warm.missed_bytes / 1.0)  # 1 s of misses
+    assert with_experts(dense, warm, slow_cap).predicted_s == pytest.approx(1.0)
 
 
 def _one_layer(tmp_path, counts, capacity, trace, share=None):
@@ -874,7 +893,7 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
     assert b.main([str(model), "--budgets", "2G,4G", "--cold", "--repeats", "3",
                    "--out", str(tmp_path / "out")]) == 0
     # the plans' disk is the bench's own measurement, the one the bound divides by
-    assert recorded == [((str(model), 2, 1e9, None), {"disk_rate": None})]
+    assert recorded == [((str(model), 2, 1e9, None), {"disk_rate": None, "expert_bw": 1e9})]
     assert ran == [(2, "flexinfer"), (2, "llama.cpp-mmap"), (4, "flexinfer"),
                    (4, "llama.cpp-mmap"), (2, "flexinfer"), (4, "flexinfer"), (2, "flexinfer"),
                    (4, "flexinfer")]
@@ -1018,13 +1037,30 @@ def test_a_move_of_the_wrong_pages_is_caught(aligned, monkeypatch):
     assert not np.array_equal(got, want)
 
 
-def test_expert_shaped_reads_are_measured(tmp_path):
-    """The bench's second disk figure: random reads of one slab each, three an expert; a file
+def test_expert_shaped_reads_are_measured(tmp_path, monkeypatch):
+    """The bench's second disk figure: random reads of one slab each, three an expert; with a
+    pause before each expert (the plans' rate of misses), the pauses are not timed; a file
     smaller than one read is refused in one line."""
+    from flexinfer.bench import machine as bm
     from flexinfer.bench.machine import measure_expert_reads
     f = tmp_path / "data"
     f.write_bytes(b"\1" * (1 << 20))
     assert measure_expert_reads(f, 5000, count=4) > 0
+    clock, slept = [0.0], []
+
+    def sleep(s):  # a pause the clock sees: were it timed, the rate would fall a thousandfold
+        slept.append(s)
+        clock[0] += 1000.0
+
+    def now():
+        clock[0] += 1e-3  # each call: a millisecond
+        return clock[0]
+
+    monkeypatch.setattr(bm.time, "sleep", sleep)
+    monkeypatch.setattr(bm.time, "perf_counter", now)
+    got = measure_expert_reads(f, 5000, count=4, pause=0.02)
+    assert slept == [0.02] * 4
+    assert got == pytest.approx(4 * 3 * 8192 / (4 * 1e-3))  # 4 experts: 1 ms of reads each
     small = tmp_path / "small"
     small.write_bytes(b"\1" * 4096)
     with pytest.raises(FlexInferError, match="too small to measure reads of 5000 bytes"):

@@ -77,6 +77,24 @@ def test_a_benchmark_calibrates_compute_on_its_median_round(tiny_llama_path, tmp
     assert (got.compute_bw, got.repack_bw) == (20e9, 3e9)
 
 
+def test_the_rate_of_expert_misses_is_recorded_for_its_disk_and_cap(tiny_llama_path, tmp_path,
+                                                                    monkeypatch):
+    """record_calibration's expert_bw reaches the next plan's machine under the same cap only;
+    without one, the machine's expert_bw is 0 (the misses read at disk_bw)."""
+    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path))
+    monkeypatch.setattr(machine, "measure_compute", lambda *a: (30e9, 2e9))
+    monkeypatch.setattr(machine, "measure_disk", lambda *a: 1e9)
+    g = read_gguf(tiny_llama_path)
+    assert machine.calibrate(g, repack=True, n_threads=2).expert_bw == 0
+    machine.record_calibration(str(tiny_llama_path), 2, 0.25e9, None, disk_rate=250_000_000,
+                               expert_bw=0.6e9)
+    monkeypatch.setenv("FLEXINFER_DISK_RATE", "250000000")
+    got = machine.calibrate(g, repack=True, n_threads=2)
+    assert (got.disk_bw, got.expert_bw) == (0.25e9, 0.6e9)
+    monkeypatch.setenv("FLEXINFER_DISK_RATE", "500000000")  # another cap: another disk
+    assert machine.calibrate(g, repack=True, n_threads=2).expert_bw == 0
+
+
 def test_the_last_level_cache_is_read_from_sysfs(tmp_path):
     for name, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "260M"),
                        ("index9", "garbage")):

@@ -67,13 +67,15 @@ def _capped_child(path, rate: int, args: list[str], what: str) -> dict:
 
 
 def measure_expert_reads(path, piece: int, pieces: int = 3, count: int = 500,
-                         seed: int = 0) -> float:
+                         seed: int = 0, pause: float = 0.0) -> float:
     """Bytes/s of reads shaped like an expert cache's misses: `count` experts, each `pieces`
     O_DIRECT reads of `piece` bytes (one slab of each of ffn_{gate,up,down}_exps) at random
     page-aligned offsets of the file, one after another. Random reads of this size wait on the
     disk's latency as well as its bandwidth: here 2.65 MB experts read at 0.6-0.7 GB/s where
     sequential reads ran at 0.96 GB/s under the same 1 GB/s cap. 500 experts of 2.65 MB read
-    1.3 GB: a cap lets a short burst through faster (64 experts measured 1.16 GB/s there)."""
+    1.3 GB: a cap lets a short burst through faster (64 experts measured 1.16 GB/s there).
+    `pause` > 0: the reader sleeps that many seconds before each expert, as a decode step's
+    computing does between two layers' misses, and only the reads are timed."""
     import random
     rng = random.Random(seed)
     drop_page_cache()
@@ -87,21 +89,26 @@ def measure_expert_reads(path, piece: int, pieces: int = 3, count: int = 500,
         top = (os.fstat(fd).st_size - length) // 4096
         if top <= 0:
             raise FlexInferError(f"{path}: too small to measure reads of {piece} bytes")
-        start, done = time.perf_counter(), 0
-        for _ in range(count * pieces):
-            done += os.preadv(fd, [buf], rng.randrange(top) * 4096)
-        seconds = time.perf_counter() - start
+        seconds, done = 0.0, 0
+        for _ in range(count):
+            if pause:
+                time.sleep(pause)
+            start = time.perf_counter()
+            for _ in range(pieces):
+                done += os.preadv(fd, [buf], rng.randrange(top) * 4096)
+            seconds += time.perf_counter() - start
     finally:
         os.close(fd)
         buf.close()
     return done / seconds if seconds > 0 else 0.0
 
 
-def measure_expert_reads_capped(path, piece: int, rate: int | None) -> float:
+def measure_expert_reads_capped(path, piece: int, rate: int | None, count: int = 500,
+                                pause: float = 0.0) -> float:
     """measure_expert_reads, in a child process capped at rate bytes/s (as measure_disk_capped)."""
     if rate is None:
-        return measure_expert_reads(path, piece)
-    return float(_capped_child(path, rate, ["--expert-reads", str(piece)],
+        return measure_expert_reads(path, piece, count=count, pause=pause)
+    return float(_capped_child(path, rate, ["--expert-reads", str(piece), str(count), str(pause)],
                                "expert-read measurement")["bytes_per_s"])
 
 
@@ -168,8 +175,10 @@ def machine_info() -> dict:
     }
 
 
-if __name__ == "__main__":  # python -m flexinfer.bench.machine MODEL [--expert-reads PIECE]: JSON
-    if len(sys.argv) == 4 and sys.argv[2] == "--expert-reads":
-        print(json.dumps({"bytes_per_s": measure_expert_reads(sys.argv[1], int(sys.argv[3]))}))
+if __name__ == "__main__":  # python -m flexinfer.bench.machine MODEL [--expert-reads PIECE COUNT
+    # PAUSE]: JSON
+    if len(sys.argv) == 6 and sys.argv[2] == "--expert-reads":
+        print(json.dumps({"bytes_per_s": measure_expert_reads(
+            sys.argv[1], int(sys.argv[3]), count=int(sys.argv[4]), pause=float(sys.argv[5]))}))
     else:
         print(json.dumps(asdict(measure_disk_bandwidth(sys.argv[1]))))
