@@ -203,6 +203,7 @@ def calibrate(g: GGUFFile, repack: bool, n_threads: int, refresh: bool = False,
             cache[ckey] = measure_compute(tid, repack, n_threads, rows)
     if refresh or dkey not in cache:
         cache[dkey] = measure_disk(g.path, g.file_size)
+        cache.pop(expert_read_key(g.path), None)  # measured with the old disk figure: stale
     _save_cache(cache)
     compute_bw, repack_bw = compute or cache[ckey]
     capped = bool(os.environ.get("FLEXINFER_DISK_RATE"))  # a blkio cap refunds pauses

@@ -20,9 +20,10 @@ and weight reads) and the missed bytes what its expert cache read per decode
 token; the point's hit rate, its plan's predicted tok/s and the prediction's error.
 
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
-median kept for every point's plan (one calibration once caught the machine at half speed, and the
-fastest of five made plans 13-22% optimistic), and the rate of a layer's misses is measured as a
-decode step reads them (MISS_READS experts, each after MISS_PAUSE_S: planner.Machine.expert_bw); the plans read the disk at the bench's own measurement of it, the bound's.
+median kept for every point's plan (one calibration once caught the machine at half speed, and
+the fastest of five made plans 13-22% optimistic). The plans read the disk at the bench's own
+measurement of it, the bound's, and a layer's misses at the rate measured as a decode step reads
+them (MISS_READS experts, each after MISS_PAUSE_S: planner.Machine.expert_bw).
 
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in

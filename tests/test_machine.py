@@ -79,8 +79,9 @@ def test_a_benchmark_calibrates_compute_on_its_median_round(tiny_llama_path, tmp
 
 def test_the_rate_of_expert_misses_is_recorded_for_its_disk_and_cap(tiny_llama_path, tmp_path,
                                                                     monkeypatch):
-    """record_calibration's expert_bw reaches the next plan's machine under the same cap only;
-    without one, the machine's expert_bw is 0 (the misses read at disk_bw)."""
+    """record_calibration's expert_bw reaches the next plan's machine under the same cap only,
+    until the disk is measured again; without one, the machine's expert_bw is 0 (the misses read
+    at disk_bw)."""
     monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path))
     monkeypatch.setattr(machine, "measure_compute", lambda *a: (30e9, 2e9))
     monkeypatch.setattr(machine, "measure_disk", lambda *a: 1e9)
@@ -93,6 +94,8 @@ def test_the_rate_of_expert_misses_is_recorded_for_its_disk_and_cap(tiny_llama_p
     assert (got.disk_bw, got.expert_bw) == (0.25e9, 0.6e9)
     monkeypatch.setenv("FLEXINFER_DISK_RATE", "500000000")  # another cap: another disk
     assert machine.calibrate(g, repack=True, n_threads=2).expert_bw == 0
+    monkeypatch.setenv("FLEXINFER_DISK_RATE", "250000000")  # measured again: the rate goes too
+    assert machine.calibrate(g, repack=True, n_threads=2, refresh=True).expert_bw == 0
 
 
 def test_the_last_level_cache_is_read_from_sysfs(tmp_path):
