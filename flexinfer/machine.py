@@ -218,8 +218,9 @@ def calibrate_compute(g: GGUFFile, repack: bool, n_threads: int, rounds: int,
     that follow (a benchmark's). One measurement takes ~5 ms: a moment when another process
     held a core gave half the speed (22 against 41 GB/s for Q4_0 here, between two benchmark
     runs), and every plan after it predicted half the tok/s. The fastest round is no better a
-    guess: on the AVX2 EPYC nine rounds ranged 10.8-15.8 GB/s (median 14.4), and a table whose
-    plans kept the fastest of five (18.0) predicted 13-22% more tok/s than its runs computed.
+    guess: on the AVX2 EPYC two sets of nine rounds ranged 10.8-15.8 GB/s (medians 14.1 and 14.4),
+    and a table whose plans kept the fastest of five (18.0) predicted up to 22% more tok/s than
+    its runs computed.
     Returns the bytes/s kept."""
     rows = calibration_rows(g)
     ms = []

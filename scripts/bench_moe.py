@@ -21,7 +21,7 @@ token; the point's hit rate, its plan's predicted tok/s and the prediction's err
 
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
 median kept for every point's plan (one calibration once caught the machine at half speed, and
-the fastest of five made plans 13-22% optimistic). The plans read the disk at the bench's own
+the fastest of five once made plans up to 22% optimistic). The plans read the disk at the bench's own
 measurement of it, the bound's, and a layer's misses at the rate measured as a decode step reads
 them (MISS_READS experts, each after MISS_PAUSE_S: planner.Machine.expert_bw).
 
