@@ -861,9 +861,9 @@ def test_the_moe_bench_table():
     assert b.table(failed).splitlines()[2].startswith("| m | 2.0 GB | flexinfer (oom) |  |")
 
 
-def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypatch):
-    """scripts/bench_moe.py --repeats: every point once (llama.cpp too), then the flexinfer
-    points again, so a point's runs are minutes apart; the table has one row a point."""
+def _offline_moe_bench(tmp_path, monkeypatch):
+    """scripts/bench_moe.py with its points and measurements faked: (module, model path, the
+    points run as (GB, mode), the calibrations recorded). Point n decodes at n tok/s."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
@@ -872,7 +872,7 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
     spec.loader.exec_module(b)
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x")
-    ran = []
+    ran, recorded = [], []
 
     def point(a, m, mode, budget, bw, home, ebw=None):
         ran.append((budget // 10**9, mode))
@@ -887,9 +887,15 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
     monkeypatch.setattr(b, "measure_expert_reads_capped", lambda *a: 1e9)
     monkeypatch.setattr(b, "expert_piece", lambda m: 1)
     monkeypatch.setattr(b, "machine_info", dict)
-    recorded = []
     monkeypatch.setattr(b, "record_calibration", lambda *a, **k: recorded.append((a, k)))
     monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
+    return b, model, ran, recorded
+
+
+def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypatch):
+    """scripts/bench_moe.py --repeats: every point once (llama.cpp too), then the flexinfer
+    points again, so a point's runs are minutes apart; the table has one row a point."""
+    b, model, ran, recorded = _offline_moe_bench(tmp_path, monkeypatch)
     assert b.main([str(model), "--budgets", "2G,4G", "--cold", "--repeats", "3",
                    "--out", str(tmp_path / "out")]) == 0
     # the plans' disk is the bench's own measurement, the one the bound divides by
@@ -904,31 +910,7 @@ def test_the_moe_bench_runs_every_point_before_repeating_one(tmp_path, monkeypat
 def test_the_moe_bench_runs_llama_cpp_only_at_the_peer_budgets(tmp_path, monkeypatch, capsys):
     """scripts/bench_moe.py --peer-budgets: llama.cpp runs at those budgets alone (flexinfer at
     all); a peer budget that is not one of --budgets is refused in one line."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "bench_moe", Path(__file__).parent.parent / "scripts" / "bench_moe.py")
-    b = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(b)
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"x")
-    ran = []
-
-    def point(a, m, mode, budget, bw, home, ebw=None):
-        ran.append((budget // 10**9, mode))
-        return {"model": "m.gguf", "mode": mode, "budget_bytes": budget, "status": "ok",
-                "cgroup_peak_bytes": budget, "decode_tokens_per_s": 1.0}
-
-    monkeypatch.setattr(b, "run_point", point)
-    monkeypatch.setattr(b, "cgroup_unavailable_reason", lambda: None)
-    monkeypatch.setattr(b, "calibrate_compute", lambda *a: 1e9)
-    monkeypatch.setattr(b, "read_gguf", lambda path: None)
-    monkeypatch.setattr(b, "measure_disk_capped", lambda *a: type("D", (), {"bytes_per_s": 1e9}))
-    monkeypatch.setattr(b, "measure_expert_reads_capped", lambda *a: 1e9)
-    monkeypatch.setattr(b, "expert_piece", lambda m: 1)
-    monkeypatch.setattr(b, "machine_info", dict)
-    monkeypatch.setattr(b, "record_calibration", lambda *a, **k: None)
-    monkeypatch.setenv("FLEXINFER_HOME", str(tmp_path / "home"))
+    b, model, ran, _ = _offline_moe_bench(tmp_path, monkeypatch)
     assert b.main([str(model), "--budgets", "2G,4G,8G", "--peer-budgets", "4G", "--cold",
                    "--out", str(tmp_path / "out")]) == 0
     assert ran == [(2, "flexinfer"), (4, "flexinfer"), (4, "llama.cpp-mmap"), (8, "flexinfer")]
