@@ -21,9 +21,9 @@ token; the point's hit rate, its plan's predicted tok/s and the prediction's err
 
 Before a model's points, compute is calibrated COMPUTE_ROUNDS times a second apart and the
 median kept for every point's plan (one calibration once caught the machine at half speed, and
-the fastest of five once made plans up to 22% optimistic). The plans read the disk at the bench's own
-measurement of it, the bound's, and a layer's misses at the rate measured as a decode step reads
-them (MISS_READS experts, each after MISS_PAUSE_S: planner.Machine.expert_bw).
+the fastest of five once made plans up to 22% optimistic). The plans read the disk at the
+bench's own measurement of it, the bound's, and a layer's misses at the rate measured as a decode
+step reads them (MISS_READS experts, each after MISS_PAUSE_S: planner.Machine.expert_bw).
 
 A flexinfer run saves its expert counts under $FLEXINFER_HOME (experts.py) and the next run starts
 warm from them. The bench runs in a FLEXINFER_HOME of its own: per model, one warm-up run (not in
@@ -279,12 +279,12 @@ def main(argv=None) -> int:
                 calibrate_compute(read_gguf(m), True, a.threads, COMPUTE_ROUNDS, 1.0)
             bw = measure_disk_capped(m, a.disk_rate).bytes_per_s
             results["disk"][os.path.basename(m)] = bw
-            ebw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate)
+            piece = expert_piece(m)  # reads the file's header: once a model
+            ebw = measure_expert_reads_capped(m, piece, a.disk_rate)
             results.setdefault("expert_reads", {})[os.path.basename(m)] = ebw
             # the plans' rate for a layer's misses: read as a decode step reads them, a few
             # slabs after a pause (under a cap: 0.50-0.62 GB/s after 5-50 ms at a 250 MB/s cap)
-            miss_bw = measure_expert_reads_capped(m, expert_piece(m), a.disk_rate,
-                                                  MISS_READS, MISS_PAUSE_S)
+            miss_bw = measure_expert_reads_capped(m, piece, a.disk_rate, MISS_READS, MISS_PAUSE_S)
             results.setdefault("miss_reads", {})[os.path.basename(m)] = miss_bw
             # the points' plans read the disk at the rate the bound uses (as flexinfer bench
             # stores its own), not at one 256 MB measurement of their own: under the same cap
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
             for i in range(a.repeats):  # every point once, then again: a point's runs fall
                 # minutes apart, so a slow spell of the machine does not take all of them
                 for budget, mode in ((b, md) for b in budgets for md in modes
-                                     if md == "flexinfer" or i == 0 and b in peer_budgets):
+                                     if md == "flexinfer" or (i == 0 and b in peer_budgets)):
                     shutil.rmtree(counts, ignore_errors=True)
                     if not a.cold:
                         shutil.copytree(Path(home) / "warm", counts)
