@@ -52,9 +52,8 @@ def warm_counts(model: str) -> np.ndarray:
     return np.asarray(json.loads(f.read_text())["counts"]), f
 
 
-def record(model: str, tokens: int):
-    """[(layer, sorted picks, a decode step?, the router's softmax (E,))] of the point's steps
-    (a prompt step's softmax: the largest over its tokens)."""
+def record_steps(model: str, tokens: int):
+    """[(layer, (T, K) picks, the router's softmax (T, E))] of the point's steps."""
     R, _, _, eps = routers(model)
     with recording() as (picks, residual):
         decode(model, "8G", tokens=tokens)
@@ -62,9 +61,20 @@ def record(model: str, tokens: int):
     for i, (il, ids) in enumerate(picks):
         lg = guess_logits(residual[i], R[il], eps)
         p = np.exp(lg - lg.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        out.append((il, sorted(set(ids.ravel().tolist())), ids.shape[0] == 1, p.max(axis=0)))
+        out.append((il, ids, p / p.sum(axis=1, keepdims=True)))
     return out
+
+
+def as_sets(steps):
+    """record_steps' steps as replay() takes them: [(layer, sorted picks, a decode step?, the
+    router's softmax (E,))] (a prompt step's softmax: the largest over its tokens)."""
+    return [(il, sorted(set(ids.ravel().tolist())), ids.shape[0] == 1, p.max(axis=0))
+            for il, ids, p in steps]
+
+
+def record(model: str, tokens: int):
+    """The point's steps, as replay() takes them."""
+    return as_sets(record_steps(model, tokens))
 
 
 def replay(steps, pins, slots: int, k: int, shape, key, update=None):

@@ -35,27 +35,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "qwen3-30b-a3b-epyc-pins"))
-sys.path.insert(0, str(HERE.parents[2] / "scripts"))
-from decode_timing import decode  # noqa: E402
-from expert_guesses import guess_logits, recording, routers  # noqa: E402
-from pins_replay import replay, warm_counts  # noqa: E402
+from pins_replay import as_sets, record_steps, replay, warm_counts  # noqa: E402
 
 from flexinfer import experts as ex  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
 from flexinfer.gguf_file import read_gguf  # noqa: E402
-
-
-def record(model: str, tokens: int):
-    """[(layer, (T, K) picks, the router's softmax (T, E))] of the point's steps."""
-    R, _, _, eps = routers(model)
-    with recording() as (picks, residual):
-        decode(model, "8G", tokens=tokens)
-    out = []
-    for i, (il, ids) in enumerate(picks):
-        lg = guess_logits(residual[i], R[il], eps)
-        p = np.exp(lg - lg.max(axis=1, keepdims=True))
-        out.append((il, ids, p / p.sum(axis=1, keepdims=True)))
-    return out
 
 
 class Policy:
@@ -330,12 +314,6 @@ def runners(steps, slots, r, warm) -> tuple[float, float]:
     return missed / tokens, guessed / tokens
 
 
-def as_sets(steps):
-    """pins_replay.replay's steps: (layer, sorted picks, a decode step?, softmax)."""
-    return [(il, sorted(set(ids.ravel().tolist())), ids.shape[0] == 1, p.max(axis=0))
-            for il, ids, p in steps]
-
-
 def lru_belady(sets, slots, k, shape) -> tuple[float, float]:
     return (replay(sets, set(), slots, k, shape, lambda x, t, s: t[x][0])[0],
             replay(sets, set(), slots, k, shape, lambda x, t, s: -t[x][1])[0])
@@ -352,7 +330,7 @@ def main() -> int:
     names = [n for n in g.tensors if n.endswith("_exps.weight")]
     unit = max(b // ex.g_n_expert(g, names) for b in ex.layer_expert_bytes(g, names).values())
     warm_counts(o.model)
-    steps = record(o.model, o.tokens)
+    steps = record_steps(o.model, o.tokens)
     sets = as_sets(steps)
     k, n_layer, n_expert = steps[-1][1].shape[1], max(s[0] for s in steps) + 1, steps[0][2].shape[1]
     shape = (n_layer, n_expert)
