@@ -680,11 +680,12 @@ def with_experts(p, cost: ExpertCost, machine: Machine, capacity: int = 0):
     # the disk idles while the computing thread does what no read overlaps: the dense part too,
     # unless it streams (then the disk reads it meanwhile)
     dense = p.t_cpu if not p.t_io else 0.0
-    refund = 0.0 if machine.expert_bw else _miss_refund(
-        read, cost.miss_layers, dense + t_cpu + conv - hidden + latency, machine.pause_credit_s)
-    predicted = p.predicted_s + t_cpu + t_io + conv - hidden - refund
-    if machine.expert_bw:
+    predicted = p.predicted_s + t_cpu + t_io + conv - hidden
+    if machine.expert_bw:  # measured as misses read: no refund, and no faster than disk_bw
         predicted = max(predicted, p.t_io + sustained)
+    else:
+        predicted -= _miss_refund(read, cost.miss_layers, dense + t_cpu + conv - hidden + latency,
+                                  machine.pause_credit_s)
     out = dataclasses.replace(p, t_cpu=p.t_cpu + t_cpu + conv, t_io=p.t_io + t_io,
                               predicted_s=predicted)
     if isinstance(p, Plan):

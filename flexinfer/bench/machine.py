@@ -175,8 +175,8 @@ def machine_info() -> dict:
     }
 
 
-if __name__ == "__main__":  # python -m flexinfer.bench.machine MODEL [--expert-reads PIECE COUNT
-    # PAUSE]: JSON
+# python -m flexinfer.bench.machine MODEL [--expert-reads PIECE COUNT PAUSE]: JSON on stdout
+if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[2] == "--expert-reads":
         print(json.dumps({"bytes_per_s": measure_expert_reads(
             sys.argv[1], int(sys.argv[3]), count=int(sys.argv[4]), pause=float(sys.argv[5]))}))

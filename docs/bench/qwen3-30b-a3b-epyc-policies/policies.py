@@ -135,12 +135,6 @@ class Ordered(Policy):
         return next(k for k in self.res if k not in now)
 
 
-class LRU(Ordered):
-    def touch(self, key, share, i, p):
-        self.res[key] = None
-        self.res.move_to_end(key)
-
-
 class BIP(Ordered):
     """A new expert goes to the recent end with probability eps, else to the old end."""
 
