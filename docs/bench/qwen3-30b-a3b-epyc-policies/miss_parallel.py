@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_moe import expert_piece  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
+from flexinfer.errors import FlexInferError  # noqa: E402
 from flexinfer.cgroup import drop_page_cache  # noqa: E402
 from flexinfer.disk_cap import capped  # noqa: E402
 
@@ -62,7 +63,9 @@ def main() -> int:
     a.add_argument("--count", type=int, default=60, help="experts a row")
     a.add_argument("--pause", type=float, default=20.0, help="ms before each expert")
     o = a.parse_args()
-    piece = expert_piece(o.model)
+    if o.count < 1 or o.pause < 0:
+        a.error(f"--count must be >= 1 and --pause >= 0, got {o.count} and {o.pause:g}")
+    rate, piece = parse_size(o.rate, "--rate"), expert_piece(o.model)
     if piece % 4096:
         print(f"{o.model}: slabs of {piece} bytes are not whole pages", file=sys.stderr)
         return 2
@@ -71,15 +74,18 @@ def main() -> int:
     print("|---|---|---|---|---|")
     seed = 0
     for threads, split in SHAPES:  # the two caps take turns, at fresh offsets each row
-        for rate in (None, parse_size(o.rate, "--rate")):
+        for cap in (None, rate):
             seed += 1
             drop_page_cache()
-            with capped(o.model, rate):
+            with capped(o.model, cap):
                 bw, ms = experts(o.model, piece, threads, split, o.count, o.pause / 1e3, seed)
-            label = f"{rate / 1e6:.0f} MB/s" if rate else "none"
+            label = f"{cap / 1e6:.0f} MB/s" if cap else "none"
             print(f"| {label} | {threads} | {split} | {bw:.3f} | {ms:.2f} |", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FlexInferError, OSError) as e:  # a bad model, size or rate: one line, not a traceback
+        sys.exit(f"{Path(__file__).name}: {e}")

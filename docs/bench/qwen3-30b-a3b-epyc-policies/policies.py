@@ -39,6 +39,7 @@ from pins_replay import as_sets, record_steps, replay, warm_counts  # noqa: E402
 
 from flexinfer import experts as ex  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
+from flexinfer.errors import FlexInferError  # noqa: E402
 from flexinfer.gguf_file import read_gguf  # noqa: E402
 
 
@@ -320,15 +321,19 @@ def main() -> int:
     a.add_argument("--cache", default="3.0245G")
     a.add_argument("--sizes", default="2.65G,3.32G,3.58G,3.98G,5.31G")
     o = a.parse_args()
+    cache = parse_size(o.cache, "--cache")  # before minutes of recording
+    sizes = [parse_size(x, "--sizes") for x in o.sizes.split(",")]
     g = read_gguf(o.model)
     names = [n for n in g.tensors if n.endswith("_exps.weight")]
+    if not names:
+        raise FlexInferError(f"{o.model}: no expert tensors (ffn_*_exps): not a mixture of experts")
     unit = max(b // ex.g_n_expert(g, names) for b in ex.layer_expert_bytes(g, names).values())
     warm_counts(o.model)
     steps = record_steps(o.model, o.tokens)
     sets = as_sets(steps)
     k, n_layer, n_expert = steps[-1][1].shape[1], max(s[0] for s in steps) + 1, steps[0][2].shape[1]
     shape = (n_layer, n_expert)
-    slots = parse_size(o.cache) // unit
+    slots = cache // unit
     prompt = {il: len(np.unique(ids)) for il, ids, p in steps if ids.shape[0] > 1}
     print(f"{os.path.basename(o.model)}: {o.tokens} tokens after the bench's prompt; a cache of "
           f"{slots} experts ({slots * unit / 1e9:.3f} GB); misses a decode token\n")
@@ -360,12 +365,15 @@ def main() -> int:
             print(f"| LRU + the next {r} of the router read ahead, to the "
                   f"{'recent' if warm else 'old'} end | {m:.2f} | {guesses:.2f} |", flush=True)
     print("\n| cache | experts | LRU | Belady |\n|---|---|---|---|")
-    for size in o.sizes.split(","):
-        n = parse_size(size) // unit
+    for size in sizes:
+        n = size // unit
         m, b = lru_belady(sets, n, k, shape)
         print(f"| {n * unit / 1e9:.2f} GB | {n} | {m:.2f} | {b:.2f} |", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FlexInferError, OSError) as e:  # a bad model, size or rate: one line, not a traceback
+        sys.exit(f"{Path(__file__).name}: {e}")
