@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_moe import expert_piece  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
-from flexinfer.errors import FlexInferError  # noqa: E402
+from one_line import run  # noqa: E402
 from flexinfer.cgroup import drop_page_cache  # noqa: E402
 from flexinfer.disk_cap import capped  # noqa: E402
 
@@ -85,7 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FlexInferError, OSError) as e:  # a bad model, size or rate: one line, not a traceback
-        sys.exit(f"{Path(__file__).name}: {e}")
+    run(main)

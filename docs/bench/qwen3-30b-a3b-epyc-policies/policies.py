@@ -40,6 +40,7 @@ from pins_replay import as_sets, record_steps, replay, warm_counts  # noqa: E402
 from flexinfer import experts as ex  # noqa: E402
 from flexinfer.budget import parse_size  # noqa: E402
 from flexinfer.errors import FlexInferError  # noqa: E402
+from one_line import run  # noqa: E402
 from flexinfer.gguf_file import read_gguf  # noqa: E402
 
 
@@ -373,7 +374,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FlexInferError, OSError) as e:  # a bad model, size or rate: one line, not a traceback
-        sys.exit(f"{Path(__file__).name}: {e}")
+    run(main)
